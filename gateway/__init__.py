@@ -1,0 +1,3 @@
+"""vllm-gateway: an OpenAI-compatible gateway for fleets of vLLM workers."""
+
+__version__ = "0.1.0"

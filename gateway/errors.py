@@ -1,0 +1,263 @@
+"""The gateway's error tree: every error a client can receive from the gateway itself.
+
+Each class knows its HTTP status, OpenAI ``type``, stable ``code`` and whether a request that
+failed with it may be retried on another worker (before commit only)::
+
+    GatewayError
+    ├── InvalidRequest (400)            invalid_json · invalid_body · invalid_field
+    │   ├── ModelNotFound (404)         model_not_found
+    │   ├── RouteNotFound (404)         route_not_found
+    │   ├── MethodNotAllowed (405)      method_not_allowed
+    │   ├── PayloadTooLarge (413)       request_too_large
+    │   └── UnsupportedMediaType (415)  unsupported_media_type
+    ├── Unavailable (503, Retry-After)  gateway_overloaded · no_healthy_worker · shutting_down
+    └── UpstreamError (502)             the worker failed us
+        ├── UpstreamConnectError        upstream_connect_error      retryable
+        ├── UpstreamDisconnected        upstream_disconnected       retryable before headers
+        ├── UpstreamStatusError         upstream_unavailable        retryable (429/502/503/504)
+        │                               upstream_http_<status>      any other error status
+        ├── UpstreamBadResponse         upstream_bad_response
+        ├── UpstreamStreamTruncated     upstream_stream_truncated
+        └── UpstreamTimeout (504)
+            ├── ConnectTimeout          connect_timeout             retryable
+            ├── FirstTokenTimeout       first_token_timeout         retryable
+            ├── IdleTimeout             idle_timeout
+            └── TotalTimeout            request_timeout
+    InternalError (500)                 internal_error  (a bug; details go to the log only)
+
+The body shape is ``{"error": {"message", "type", "param", "code"}}``, the one the OpenAI SDK and
+current vLLM use. Messages are written for the client: never exception text from lower layers.
+"""
+
+from __future__ import annotations
+
+import orjson
+
+
+class GatewayError(Exception):
+    """Base of every error the gateway renders itself."""
+
+    status: int = 500
+    type: str = "server_error"
+    code: str = "internal_error"
+    retryable: bool = False
+    default_message: str = "Internal error."
+
+    def __init__(self, message: str | None = None, *, param: str | None = None) -> None:
+        self.message = message or self.default_message
+        self.param = param
+        super().__init__(self.message)
+
+    def body(self) -> dict[str, object]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+    def body_bytes(self) -> bytes:
+        return orjson.dumps(self.body())
+
+    def headers(self) -> dict[str, str]:
+        return {}
+
+
+class InternalError(GatewayError):
+    pass
+
+
+# --- the client's fault -------------------------------------------------------------------
+
+
+class InvalidRequest(GatewayError):
+    status = 400
+    type = "invalid_request_error"
+    code = "invalid_body"
+    default_message = "The request body is invalid."
+
+
+class InvalidJSON(InvalidRequest):
+    code = "invalid_json"
+    default_message = "The request body is not valid JSON."
+
+
+class InvalidField(InvalidRequest):
+    code = "invalid_field"
+
+
+class ModelNotFound(InvalidRequest):
+    status = 404
+    code = "model_not_found"
+
+    def __init__(self, model: str) -> None:
+        super().__init__(f"The model '{model}' does not exist.", param="model")
+
+
+class RouteNotFound(InvalidRequest):
+    status = 404
+    code = "route_not_found"
+    default_message = "Unknown path."
+
+
+class MethodNotAllowed(InvalidRequest):
+    status = 405
+    code = "method_not_allowed"
+    default_message = "Method not allowed on this path."
+
+
+class PayloadTooLarge(InvalidRequest):
+    status = 413
+    code = "request_too_large"
+
+    def __init__(self, limit: int | None = None) -> None:
+        where = f" of {limit} bytes" if limit else ""
+        super().__init__(f"The request body exceeds the limit{where}.")
+
+
+class UnsupportedMediaType(InvalidRequest):
+    status = 415
+    code = "unsupported_media_type"
+    default_message = "Content-Type must be application/json."
+
+
+# --- the gateway cannot take the request now ----------------------------------------------
+
+
+class Unavailable(GatewayError):
+    """503 with ``Retry-After``: try again later (the OpenAI SDK retries these by itself)."""
+
+    status = 503
+    type = "server_error"
+    code = "unavailable"
+
+    def __init__(self, message: str | None = None, *, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)}
+
+
+class Overloaded(Unavailable):
+    code = "gateway_overloaded"
+    default_message = "The gateway is at capacity; retry after the indicated delay."
+
+
+class NoHealthyWorker(Unavailable):
+    code = "no_healthy_worker"
+    default_message = "No healthy worker serves this model right now."
+
+
+class ShuttingDown(Unavailable):
+    code = "shutting_down"
+    default_message = "The gateway is shutting down; retry on another replica."
+
+
+# --- the worker failed us -----------------------------------------------------------------
+
+
+class UpstreamError(GatewayError):
+    status = 502
+    type = "upstream_error"
+    code = "upstream_error"
+    default_message = "The model worker failed."
+
+
+class UpstreamConnectError(UpstreamError):
+    code = "upstream_connect_error"
+    retryable = True
+    default_message = "Could not connect to a model worker."
+
+
+class UpstreamDisconnected(UpstreamError):
+    code = "upstream_disconnected"
+    retryable = True
+    default_message = "The model worker closed the connection."
+
+
+class UpstreamStatusError(UpstreamError):
+    """A worker answered with an error status.
+
+    429/502/503/504 are retryable on another worker. When relayed to the client, it gets the
+    worker's own status and error body if that is OpenAI-shaped (vLLM's is: a context-length
+    400 reaches the client unchanged), else this error's body with the worker's status.
+    """
+
+    RETRYABLE_STATUSES = frozenset({429, 502, 503, 504})
+
+    default_message = "The model worker answered with an error."
+
+    def __init__(self, status: int, body: bytes, headers: dict[str, str]) -> None:
+        super().__init__()
+        self.status = status
+        self.retryable = status in self.RETRYABLE_STATUSES
+        self.code = "upstream_unavailable" if self.retryable else f"upstream_http_{status}"
+        if status < 500:
+            self.type = "invalid_request_error"
+        self.upstream_body = body
+        self.upstream_headers = headers
+
+    @property
+    def worker_at_fault(self) -> bool:
+        return self.status >= 500 or self.status == 429
+
+    def body_bytes(self) -> bytes:
+        return self.upstream_body if is_openai_error(self.upstream_body) else super().body_bytes()
+
+    def headers(self) -> dict[str, str]:
+        return self.upstream_headers
+
+
+class UpstreamBadResponse(UpstreamError):
+    code = "upstream_bad_response"
+    default_message = "The model worker sent an invalid response."
+
+
+class UpstreamStreamTruncated(UpstreamError):
+    code = "upstream_stream_truncated"
+    default_message = "The model worker ended the stream before it was complete."
+
+
+class UpstreamTimeout(UpstreamError):
+    status = 504
+    type = "timeout_error"
+    code = "upstream_timeout"
+
+
+class ConnectTimeout(UpstreamTimeout):
+    code = "connect_timeout"
+    retryable = True
+    default_message = "Timed out connecting to a model worker."
+
+
+class FirstTokenTimeout(UpstreamTimeout):
+    code = "first_token_timeout"
+    retryable = True
+    default_message = "Timed out waiting for the first token."
+
+
+class IdleTimeout(UpstreamTimeout):
+    code = "idle_timeout"
+    default_message = "The model worker stopped sending tokens."
+
+
+class TotalTimeout(UpstreamTimeout):
+    code = "request_timeout"
+    default_message = "The request took longer than the gateway allows."
+
+
+def is_openai_error(body: bytes) -> bool:
+    """True for ``{"error": {"message": ...}}`` and vLLM's older flat ``{"object": "error"}``."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return False
+    if not isinstance(data, dict):
+        return False
+    inner = data.get("error")
+    if isinstance(inner, dict):
+        return isinstance(inner.get("message"), str)
+    return data.get("object") == "error" and isinstance(data.get("message"), str)

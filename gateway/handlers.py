@@ -1,0 +1,56 @@
+"""Thin endpoint handlers: the OpenAI routes hand over to the proxy; the rest answer locally."""
+
+from __future__ import annotations
+
+import time
+
+import orjson
+from aiohttp import web
+from aiohttp.typedefs import Handler
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from gateway import keys
+from gateway.proxy import CHAT, COMPLETIONS, EMBEDDINGS, Route
+
+
+def _proxied(route: Route) -> Handler:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return await request.app[keys.PROXY].handle(request, route)
+
+    handler.__name__ = route.name
+    return handler
+
+
+chat_completions = _proxied(CHAT)
+completions = _proxied(COMPLETIONS)
+embeddings = _proxied(EMBEDDINGS)
+
+
+async def list_models(request: web.Request) -> web.Response:
+    """The union of the models served by healthy workers, in OpenAI's list shape."""
+    cards = request.app[keys.FLEET].model_cards()
+    now = int(time.time())
+    data = [{"object": "model", "created": now, "owned_by": "vllm", **card} for card in cards]
+    return web.Response(
+        body=orjson.dumps({"object": "list", "data": data}), content_type="application/json"
+    )
+
+
+async def health(request: web.Request) -> web.Response:
+    """Liveness: the process answers. It says nothing about workers, by design."""
+    return web.json_response({"status": "ok"})
+
+
+async def ready(request: web.Request) -> web.Response:
+    """Readiness: not draining, and at least one healthy worker to send requests to."""
+    lifecycle = request.app[keys.LIFECYCLE]
+    if lifecycle.draining:
+        return web.json_response({"status": "draining"}, status=503)
+    if not request.app[keys.FLEET].any_healthy():
+        return web.json_response({"status": "no healthy worker"}, status=503)
+    return web.json_response({"status": "ready"})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = generate_latest(request.app[keys.METRICS].registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

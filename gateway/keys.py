@@ -1,0 +1,17 @@
+"""Typed application keys: the one place that names what ``create_app`` puts on the app."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from gateway.lifecycle import Lifecycle
+from gateway.metrics import GatewayMetrics
+from gateway.proxy import Proxy
+from gateway.settings import Settings
+from gateway.workers import Fleet
+
+SETTINGS = web.AppKey("settings", Settings)
+FLEET = web.AppKey("fleet", Fleet)
+METRICS = web.AppKey("metrics", GatewayMetrics)
+LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
+PROXY = web.AppKey("proxy", Proxy)

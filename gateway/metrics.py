@@ -1,0 +1,87 @@
+"""Every metric the gateway exports: names, labels and buckets, on an injected registry.
+
+Names start with ``gateway_`` (never vLLM's ``vllm:``). Labels stay low-cardinality: model names
+come from configuration or discovery, worker labels are worker base URLs, codes are the stable
+error codes of ``errors.py``.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# From a millisecond to ten minutes: LLM latencies span first tokens in ms and whole answers in
+# minutes.
+LATENCY_BUCKETS = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+)  # fmt: skip
+
+
+class GatewayMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.requests = Counter(
+            "gateway_requests",
+            "Requests answered, by model, route, HTTP status and error code ('' on success).",
+            ["model", "route", "status", "code"],
+            registry=registry,
+        )
+        self.in_flight = Gauge(
+            "gateway_requests_in_flight",
+            "Requests admitted and not yet finished.",
+            registry=registry,
+        )
+        self.worker_in_flight = Gauge(
+            "gateway_worker_requests_in_flight",
+            "Requests in flight to each worker, as counted by the gateway.",
+            ["worker"],
+            registry=registry,
+        )
+        # Clock: starts when the gateway has the request body; stops when the first upstream SSE
+        # data event carrying content (or a finish, usage, error or [DONE]) is seen. Streams only.
+        self.time_to_first_token = Histogram(
+            "gateway_time_to_first_token_seconds",
+            "Time from request received to the first content event of a stream.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        # Clock: starts when the gateway has the request body; stops when the last byte has been
+        # written to the client (or the request failed).
+        self.request_duration = Histogram(
+            "gateway_request_duration_seconds",
+            "Time from request received to response finished.",
+            ["model", "route"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        # Clock: starts when the request asks for admission; stops when it is admitted or shed.
+        self.queue_wait = Histogram(
+            "gateway_queue_wait_seconds",
+            "Time spent waiting for admission.",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.rejections = Counter(
+            "gateway_rejections",
+            "Requests shed before reaching a worker, by reason (error code).",
+            ["reason"],
+            registry=registry,
+        )
+        self.retries = Counter(
+            "gateway_retries",
+            "Attempts repeated on another worker before commit, by the failure that caused them.",
+            ["reason"],
+            registry=registry,
+        )
+        self.upstream_errors = Counter(
+            "gateway_upstream_errors",
+            "Failed upstream attempts, by worker and kind (error code).",
+            ["worker", "kind"],
+            registry=registry,
+        )
+        self.worker_healthy = Gauge(
+            "gateway_worker_healthy",
+            "1 if the worker is taking requests, else 0.",
+            ["worker"],
+            registry=registry,
+        )

@@ -1,0 +1,86 @@
+"""Request middlewares: request ids, and rendering every error in the OpenAI shape.
+
+Every response carries ``X-Request-Id`` (the client's, if it sent a sane one, else a new one),
+also sent to the worker and put in every log line about the request. Every error that leaves
+the gateway is ``{"error": {"message", "type", "param", "code"}}``; unexpected exceptions are
+logged with the request id and answered with a bare 500 that reveals nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import uuid
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from gateway.errors import (
+    GatewayError,
+    InternalError,
+    InvalidRequest,
+    MethodNotAllowed,
+    PayloadTooLarge,
+    RouteNotFound,
+)
+from gateway.logs import request_id_var
+
+log = logging.getLogger(__name__)
+
+REQUEST_ID = web.RequestKey("request_id", str)
+_SANE_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+
+
+def error_response(err: GatewayError) -> web.Response:
+    return web.Response(
+        status=err.status,
+        body=err.body_bytes(),
+        content_type="application/json",
+        headers=err.headers(),
+    )
+
+
+@web.middleware
+async def request_id_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    incoming = request.headers.get("X-Request-Id", "")
+    request_id = incoming if _SANE_ID.fullmatch(incoming) else uuid.uuid4().hex
+    request[REQUEST_ID] = request_id
+    token = request_id_var.set(request_id)
+    try:
+        return await handler(request)
+    finally:
+        request_id_var.reset(token)
+
+
+async def add_request_id_header(request: web.BaseRequest, response: web.StreamResponse) -> None:
+    """on_response_prepare: runs for every response, streamed ones included."""
+    request_id = request.get(REQUEST_ID)
+    if request_id is not None:
+        response.headers["X-Request-Id"] = request_id
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except GatewayError as err:
+        return error_response(err)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return error_response(_from_http_exception(exc))
+    except Exception:
+        log.exception("unhandled error")
+        return error_response(InternalError())
+
+
+def _from_http_exception(exc: web.HTTPException) -> GatewayError:
+    if exc.status == 404:
+        return RouteNotFound()
+    if exc.status == 405:
+        return MethodNotAllowed()
+    if exc.status == 413:
+        return PayloadTooLarge()
+    if exc.status < 500:
+        return InvalidRequest(exc.reason)
+    return InternalError()

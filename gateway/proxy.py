@@ -1,0 +1,391 @@
+"""The request path: admit, pick a worker, send, relay; retries and the commit point.
+
+The commit point is the moment response headers go to the client (``StreamResponse.prepare``).
+Before it, a retryable failure moves the request to a worker it has not tried yet, and any
+failure becomes a clean OpenAI-shaped error status. After it, the status can't change: a stream
+ends with one in-band error event, and a plain body is cut off (the connection is closed, so the
+client sees an incomplete response rather than a complete-looking wrong one).
+
+A stream commits on its first content event, not on the worker's headers: vLLM sends 200 before
+prefill, so holding the few bytes before the first token back lets a first-token timeout or an
+early cut still fail over to another worker.
+
+Phases: ``queue`` (admission), ``connect`` (in ``upstream``), ``first_token`` (attempt start to
+the first content event, streams only), ``idle`` (largest gap between chunks), ``total`` (the
+whole request, every attempt included).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+
+import orjson
+from aiohttp import web
+from multidict import CIMultiDict
+
+from gateway.balancer import LeastInFlight
+from gateway.errors import (
+    FirstTokenTimeout,
+    GatewayError,
+    IdleTimeout,
+    InvalidField,
+    InvalidJSON,
+    InvalidRequest,
+    ModelNotFound,
+    NoHealthyWorker,
+    PayloadTooLarge,
+    ShuttingDown,
+    TotalTimeout,
+    Unavailable,
+    UnsupportedMediaType,
+    UpstreamDisconnected,
+    UpstreamError,
+    UpstreamStatusError,
+    UpstreamStreamTruncated,
+)
+from gateway.lifecycle import Lifecycle
+from gateway.limits import Admission
+from gateway.metrics import GatewayMetrics
+from gateway.middleware import REQUEST_ID, error_response
+from gateway.settings import Settings
+from gateway.sse import StreamObserver, encode_error_event
+from gateway.upstream import ClientResponse, Upstream, forward_headers
+from gateway.workers import Fleet, Worker
+
+log = logging.getLogger(__name__)
+access_log = logging.getLogger("gateway.access")
+
+SSE_HEADERS = {
+    "Content-Type": "text/event-stream",
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",
+}
+DONE_EVENT = b"data: [DONE]\n\n"
+# Bytes held back before a stream's first token (role chunk, keep-alive comments); past this
+# the stream commits anyway so a chatty worker cannot make the gateway buffer without end.
+HOLD_LIMIT = 64 * 1024
+ERROR_BODY_LIMIT = 64 * 1024
+IN_BAND_WRITE_TIMEOUT = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    name: str  # metric label
+    path: str  # path on the worker
+    can_stream: bool
+
+
+CHAT = Route("chat_completions", "/v1/chat/completions", can_stream=True)
+COMPLETIONS = Route("completions", "/v1/completions", can_stream=True)
+EMBEDDINGS = Route("embeddings", "/v1/embeddings", can_stream=False)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestMeta:
+    model: str
+    stream: bool
+
+
+def parse_request(body: bytes, route: Route) -> RequestMeta:
+    """Read only what routing needs; the body itself is forwarded untouched."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise InvalidJSON() from None
+    if not isinstance(data, dict):
+        raise InvalidRequest("The request body must be a JSON object.")
+    model = data.get("model")
+    if not isinstance(model, str) or not model:
+        raise InvalidField("'model' is required and must be a non-empty string.", param="model")
+    stream = data.get("stream", False)
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise InvalidField("'stream' must be a boolean.", param="stream")
+    return RequestMeta(model=model, stream=stream and route.can_stream)
+
+
+@dataclass(slots=True, eq=False)
+class Exchange:
+    """What one client request has gone through so far; read by the final observation."""
+
+    request: web.Request
+    route: Route
+    started: float
+    model: str = ""
+    stream: bool = False
+    response: web.StreamResponse | None = None
+    worker: Worker | None = None
+    status: int = 0
+    code: str = ""
+    attempts: int = 0
+    first_token_at: float | None = None
+    tried: list[Worker] = field(default_factory=list)
+
+    @property
+    def committed(self) -> bool:
+        return self.response is not None and self.response.prepared
+
+
+class Proxy:
+    def __init__(
+        self,
+        settings: Settings,
+        fleet: Fleet,
+        upstream: Upstream,
+        metrics: GatewayMetrics,
+        lifecycle: Lifecycle,
+    ) -> None:
+        self._settings = settings
+        self._timeouts = settings.timeouts
+        self._fleet = fleet
+        self._upstream = upstream
+        self._metrics = metrics
+        self._lifecycle = lifecycle
+        self._balancer = LeastInFlight()
+        limits = settings.limits
+        self._admission = Admission(
+            limits.max_in_flight, settings.timeouts.queue, limits.retry_after
+        )
+
+    async def handle(self, request: web.Request, route: Route) -> web.StreamResponse:
+        loop = asyncio.get_running_loop()
+        ex = Exchange(request=request, route=route, started=loop.time())
+        task = asyncio.current_task()
+        assert task is not None
+        self._lifecycle.enter(task)
+        try:
+            return await self._run(ex)
+        except asyncio.CancelledError:
+            if not self._lifecycle.aborted(task):
+                ex.status, ex.code = 499, "client_disconnected"
+                raise
+            task.uncancel()
+            return await self._fail(ex, ShuttingDown())
+        except GatewayError as err:
+            return await self._fail(ex, err)
+        finally:
+            self._lifecycle.leave(task)
+            self._observe(ex, loop.time())
+
+    async def _run(self, ex: Exchange) -> web.StreamResponse:
+        if not self._lifecycle.accepting:
+            raise ShuttingDown()
+        body = await self._read_body(ex.request)
+        meta = parse_request(body, ex.route)
+        ex.model, ex.stream = meta.model, meta.stream
+        if not self._fleet.serves(meta.model):
+            raise ModelNotFound(meta.model)
+        loop = asyncio.get_running_loop()
+        queued = loop.time()
+        async with self._admission.slot():
+            self._metrics.queue_wait.observe(loop.time() - queued)
+            self._metrics.in_flight.inc()
+            try:
+                await self._forward_within_deadline(ex, body)
+            finally:
+                self._metrics.in_flight.dec()
+        assert ex.response is not None
+        return ex.response
+
+    async def _read_body(self, request: web.Request) -> bytes:
+        if request.content_type != "application/json":
+            raise UnsupportedMediaType()
+        limit = self._settings.server.max_body_bytes
+        if request.content_length is not None and request.content_length > limit:
+            raise PayloadTooLarge(limit)
+        try:
+            return await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise PayloadTooLarge(limit) from None
+
+    async def _forward_within_deadline(self, ex: Exchange, body: bytes) -> None:
+        try:
+            async with asyncio.timeout(self._timeouts.total) as deadline:
+                await self._forward(ex, body)
+        except TimeoutError:
+            if deadline.expired():
+                raise TotalTimeout() from None
+            raise
+
+    async def _forward(self, ex: Exchange, body: bytes) -> None:
+        headers = forward_headers(ex.request.headers, ex.request[REQUEST_ID])
+        last: UpstreamError | None = None
+        for _ in range(self._settings.retry.max_attempts):
+            worker = self._balancer.pick(self._fleet.candidates(ex.model, ex.tried))
+            if worker is None:
+                break
+            if last is not None:
+                self._metrics.retries.labels(last.code).inc()
+            ex.tried.append(worker)
+            ex.worker, ex.attempts = worker, ex.attempts + 1
+            try:
+                await self._attempt(ex, worker, body, headers)
+            except UpstreamError as err:
+                self._count_failure(worker, err)
+                if ex.committed or not err.retryable:
+                    raise
+                last = err
+            else:
+                self._fleet.record_success(worker)
+                return
+        if last is not None:
+            raise last
+        raise NoHealthyWorker(retry_after=self._settings.limits.retry_after)
+
+    def _count_failure(self, worker: Worker, err: UpstreamError) -> None:
+        if isinstance(err, UpstreamStatusError) and not err.worker_at_fault:
+            return  # a 4xx is the client's doing, not a sign of a sick worker
+        self._metrics.upstream_errors.labels(worker.url, err.code).inc()
+        self._fleet.record_failure(worker)
+
+    async def _attempt(
+        self, ex: Exchange, worker: Worker, body: bytes, headers: CIMultiDict[str]
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        worker.in_flight += 1
+        gauge = self._metrics.worker_in_flight.labels(worker.url)
+        gauge.inc()
+        response: ClientResponse | None = None
+        finished = False
+        first_token_deadline = loop.time() + self._timeouts.first_token if ex.stream else None
+        try:
+            async with asyncio.timeout_at(first_token_deadline) as phase:
+                response = await self._upstream.send(worker, ex.route.path, body, headers)
+                if response.status != 200:
+                    await self._raise_status(response)
+                elif ex.stream:
+                    await self._relay_stream(ex, response, phase)
+                else:
+                    await self._relay_body(ex, response, phase)
+                finished = True
+        except TimeoutError:
+            if not phase.expired():
+                raise
+            if ex.first_token_at is None and ex.stream:
+                raise FirstTokenTimeout() from None
+            raise IdleTimeout() from None
+        finally:
+            worker.in_flight -= 1
+            gauge.dec()
+            if response is not None:
+                # release() keeps a fully read connection for reuse; close() drops it, which is
+                # what tells vLLM to abort the request when we stop early.
+                response.release() if finished else response.close()
+
+    async def _raise_status(self, response: ClientResponse) -> None:
+        data = await self._upstream.read_body(response, ERROR_BODY_LIMIT)
+        headers = {"Content-Type": response.headers.get("Content-Type", "application/json")}
+        if "Retry-After" in response.headers:
+            headers["Retry-After"] = response.headers["Retry-After"]
+        raise UpstreamStatusError(response.status, data, headers)
+
+    async def _relay_stream(
+        self, ex: Exchange, response: ClientResponse, phase: asyncio.Timeout
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        observer = StreamObserver()
+        held: list[bytes] = []
+        held_size = 0
+        while not observer.first_token and held_size <= HOLD_LIMIT:
+            chunk = await self._upstream.read_chunk(response)
+            if not chunk:
+                raise UpstreamDisconnected("The model worker ended the stream before any token.")
+            observer.feed(chunk)
+            held.append(chunk)
+            held_size += len(chunk)
+        ex.first_token_at = loop.time()
+        self._metrics.time_to_first_token.labels(self._model_label(ex)).observe(
+            ex.first_token_at - ex.started
+        )
+        idle = self._timeouts.idle
+        phase.reschedule(loop.time() + idle)
+        client = await self._commit(ex, web.StreamResponse(status=200, headers=SSE_HEADERS))
+        await client.write(b"".join(held))
+        while not observer.done:
+            chunk = await self._upstream.read_chunk(response)
+            if not chunk:
+                break
+            phase.reschedule(loop.time() + idle)
+            observer.feed(chunk)
+            await client.write(chunk)
+        observer.finish()
+        if not observer.done:
+            if observer.finish_reason is None and observer.error is None:
+                raise UpstreamStreamTruncated()
+            await client.write(DONE_EVENT)  # the answer was complete; only the marker was lost
+        await client.write_eof()
+
+    async def _relay_body(
+        self, ex: Exchange, response: ClientResponse, phase: asyncio.Timeout
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        idle = self._timeouts.idle
+        phase.reschedule(loop.time() + idle)
+        out = web.StreamResponse(status=200)
+        out.headers["Content-Type"] = response.headers.get("Content-Type", "application/json")
+        if response.content_length is not None:
+            out.content_length = response.content_length
+        client = await self._commit(ex, out)
+        while chunk := await self._upstream.read_chunk(response):
+            phase.reschedule(loop.time() + idle)
+            await client.write(chunk)
+        await client.write_eof()
+
+    async def _commit(self, ex: Exchange, response: web.StreamResponse) -> web.StreamResponse:
+        ex.response = response
+        ex.status = response.status
+        await response.prepare(ex.request)
+        return response
+
+    async def _fail(self, ex: Exchange, err: GatewayError) -> web.StreamResponse:
+        ex.code = err.code
+        if isinstance(err, Unavailable):
+            self._metrics.rejections.labels(err.code).inc()
+        if not ex.committed:
+            ex.status = err.status
+            response = error_response(err)
+            if isinstance(err, ShuttingDown):
+                response.force_close()
+            return response
+        assert ex.response is not None
+        log.warning("request failed after commit: %s", err.code)
+        if ex.stream:
+            await self._write_in_band(ex.response, err)
+        elif ex.request.transport is not None:
+            ex.request.transport.close()  # cut the body short: never a complete-looking answer
+        return ex.response
+
+    async def _write_in_band(self, response: web.StreamResponse, err: GatewayError) -> None:
+        try:
+            async with asyncio.timeout(IN_BAND_WRITE_TIMEOUT):
+                await response.write(encode_error_event(err.body()))
+                await response.write_eof()
+        except (ConnectionError, TimeoutError):
+            pass  # the client is gone or not reading; nothing more can be told
+
+    def _model_label(self, ex: Exchange) -> str:
+        # Only known model names become label values: clients choose the string.
+        return ex.model if ex.model and self._fleet.serves(ex.model) else "unknown"
+
+    def _observe(self, ex: Exchange, now: float) -> None:
+        model = self._model_label(ex)
+        duration = now - ex.started
+        self._metrics.requests.labels(model, ex.route.name, str(ex.status), ex.code).inc()
+        self._metrics.request_duration.labels(model, ex.route.name).observe(duration)
+        access_log.info(
+            "request",
+            extra={
+                "route": ex.route.name,
+                "model": model,
+                "stream": ex.stream,
+                "worker": ex.worker.url if ex.worker else None,
+                "attempts": ex.attempts,
+                "status": ex.status,
+                "code": ex.code,
+                "ttft": round(ex.first_token_at - ex.started, 4) if ex.first_token_at else None,
+                "duration": round(duration, 4),
+            },
+        )

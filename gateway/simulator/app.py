@@ -1,0 +1,156 @@
+"""The aiohttp application of one simulated vLLM worker: routes, request-level faults, and
+the app keys that hold its state (no module globals: each `create_app` is independent)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from . import shapes
+from .config import FaultSpec, FaultSpecError, SimConfig, parse_fault
+from .engine import Engine
+from .errors import SimError, bad_request
+from .generate import Sim, complete, forever, overloaded, stream
+from .metrics import SimMetrics
+from .protocol import GenerationRequest, parse_chat, parse_completion, parse_embedding
+from .text import embedding
+
+SIM = web.AppKey("sim", Sim)
+ENGINE = web.AppKey("sim_engine", Engine)
+FAULT_HEADER = "X-Sim-Fault"
+REQUEST_ID_HEADER = "X-Request-Id"
+NO_FAULT = FaultSpec()
+
+Parser = Callable[[dict[str, Any], SimConfig], GenerationRequest]
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def create_app(config: SimConfig, registry: CollectorRegistry | None = None) -> web.Application:
+    """A worker serving `config.models`; metrics go to `registry` (a fresh one by default)."""
+    registry = registry if registry is not None else CollectorRegistry()
+    engine = Engine(config.max_num_seqs, config.kv_cache_tokens, config.max_num_queued_reqs)
+    metrics = SimMetrics(registry, engine, config.models)
+    app = web.Application(middlewares=[_sim_errors])
+    app[SIM] = Sim(config, engine, metrics, registry)
+    app[ENGINE] = engine
+    app.on_response_prepare.append(_echo_request_id)
+    app.add_routes(
+        [
+            web.post("/v1/chat/completions", chat_completions),
+            web.post("/v1/completions", completions),
+            web.post("/v1/embeddings", embeddings),
+            web.get("/v1/models", models),
+            web.get("/health", health),
+            web.get("/metrics", metrics_text),
+            web.get("/version", version),
+        ]
+    )
+    return app
+
+
+@web.middleware
+async def _sim_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except SimError as exc:
+        return exc.response()
+
+
+async def _echo_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    if REQUEST_ID_HEADER in request.headers:
+        response.headers[REQUEST_ID_HEADER] = request.headers[REQUEST_ID_HEADER]
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    return await _generate(request, parse_chat, "chatcmpl")
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    return await _generate(request, parse_completion, "cmpl")
+
+
+async def _generate(request: web.Request, parse: Parser, prefix: str) -> web.StreamResponse:
+    sim = request.app[SIM]
+    fault = await _request_fault(request, sim.config)
+    gen = parse(await _json_body(request), sim.config)
+    request_id = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
+    header = shapes.Header(gen.kind, f"{prefix}-{request_id}", gen.model, shapes.now())
+    if gen.stream:
+        return await stream(request, sim, gen, fault, header)
+    return await complete(request, sim, gen, fault, header)
+
+
+async def embeddings(request: web.Request) -> web.Response:
+    sim = request.app[SIM]
+    await _request_fault(request, sim.config)
+    req = parse_embedding(await _json_body(request), sim.config)
+    vectors = [embedding(item, sim.config.embedding_dim) for item in req.inputs]
+    body = shapes.embeddings(req.model, vectors, req.prompt_tokens, req.base64)
+    return web.json_response(body, dumps=_dumps)
+
+
+async def models(request: web.Request) -> web.Response:
+    config = request.app[SIM].config
+    body = shapes.model_list(config.models, config.max_model_len, shapes.now())
+    return web.json_response(body, dumps=_dumps)
+
+
+async def health(request: web.Request) -> web.Response:
+    """200 with an empty body; 503 when the engine is dead (the only fault /health obeys)."""
+    fault = _fault(request, request.app[SIM].config)
+    return web.Response(status=503 if fault.dead else 200)
+
+
+async def metrics_text(request: web.Request) -> web.Response:
+    payload = generate_latest(request.app[SIM].registry)
+    return web.Response(body=payload, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def version(request: web.Request) -> web.Response:
+    return web.json_response({"version": request.app[SIM].config.version})
+
+
+def _fault(request: web.Request, config: SimConfig) -> FaultSpec:
+    """The request's fault: the `X-Sim-Fault` header wins over the configured one."""
+    spec = request.headers.get(FAULT_HEADER)
+    if spec is None:
+        return config.fault or NO_FAULT
+    try:
+        return parse_fault(spec)
+    except FaultSpecError as exc:
+        raise bad_request(f"invalid {FAULT_HEADER} header: {exc}") from None
+
+
+async def _request_fault(request: web.Request, config: SimConfig) -> FaultSpec:
+    """Apply the faults that strike before the request is even read; return the fault."""
+    fault = _fault(request, config)
+    if fault.dead:
+        raise SimError(500, "The engine is dead (simulated fault).")
+    if fault.status is not None:
+        raise SimError(fault.status, f"Simulated error (fault status={fault.status}).")
+    if fault.overload:
+        raise overloaded()
+    if fault.hang:
+        await forever()
+    return fault
+
+
+async def _json_body(request: web.Request) -> dict[str, Any]:
+    if request.content_type != "application/json":
+        raise bad_request(f"Content-Type must be application/json, got {request.content_type!r}")
+    try:
+        body = orjson.loads(await request.read())
+    except orjson.JSONDecodeError as exc:
+        raise bad_request(f"Invalid JSON body: {exc}") from None
+    if not isinstance(body, dict):
+        raise bad_request("The request body must be a JSON object")
+    return body
+
+
+def _dumps(obj: Any) -> str:
+    return orjson.dumps(obj).decode()

@@ -1,0 +1,315 @@
+"""Sans-I/O observation of the Server-Sent Events streams the gateway relays.
+
+This module owns two things and no I/O: ``SSEDecoder``, an incremental decoder that turns bytes
+into events by the WHATWG rules, and ``StreamObserver``, which watches an OpenAI/vLLM completion
+stream through it and records what happened (first token, ``[DONE]``, finish reason, in-band
+error, usage, malformed events). The relay forwards upstream bytes to the client unchanged and
+feeds the same bytes here on the side, so nothing in this module may alter or hold back the relay.
+It also owns the one in-band error the gateway writes after it has committed a stream
+(``encode_error_event``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import orjson
+
+__all__ = ["SSEDecoder", "SSEEvent", "StreamObserver", "encode_error_event"]
+
+_BOM = b"\xef\xbb\xbf"
+_LF = 0x0A
+_COLON = 0x3A
+
+
+@dataclass(frozen=True, slots=True)
+class SSEEvent:
+    """One dispatched event block.
+
+    ``id`` is the decoder's last event ID at dispatch time (it persists across events, per spec).
+    A block made only of comments is reported with ``comment_only=True`` and empty ``data`` so
+    that the relay can tell a keep-alive from silence; other field-only blocks without ``data``
+    are dropped, as the spec says.
+    """
+
+    data: str
+    event: str | None
+    comment_only: bool
+    id: str | None = None
+
+
+class SSEDecoder:
+    """Incremental SSE event decoder (WHATWG rules).
+
+    Lines end in CRLF, LF or CR, and a CR at the end of one chunk may be followed by the LF of
+    its CRLF in the next. A blank line dispatches an event; ``data`` fields are joined by ``\\n``;
+    lines starting with ``:`` are comments; ``event``, ``id`` and ``retry`` are parsed, other
+    fields ignored; one space after the colon is stripped; one UTF-8 BOM at stream start is
+    ignored. Chunks may split anywhere, including inside a multi-byte UTF-8 character: lines are
+    split on bytes (CR and LF never occur inside a UTF-8 sequence) and decoded only when whole,
+    with invalid UTF-8 replaced by U+FFFD as the spec's decoder does.
+    """
+
+    __slots__ = (
+        "_bom_checked",
+        "_buffer",
+        "_comment",
+        "_data",
+        "_event",
+        "_fields",
+        "_has_partial",
+        "_last_event_id",
+        "_retry",
+        "_skip_lf",
+    )
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()  # bytes of the line not yet terminated
+        self._skip_lf = False  # the previous chunk ended in CR: a leading LF belongs to it
+        self._bom_checked = False
+        self._data: list[str] = []
+        self._event: str | None = None
+        self._comment = False  # the current block holds a comment line
+        self._fields = False  # the current block holds a field line
+        self._last_event_id: str | None = None
+        self._retry: int | None = None
+        self._has_partial = False
+
+    @property
+    def has_partial(self) -> bool:
+        """True once ``flush`` has discarded an unterminated line or undispatched event."""
+        return self._has_partial
+
+    @property
+    def last_event_id(self) -> str | None:
+        return self._last_event_id
+
+    @property
+    def retry(self) -> int | None:
+        """The last valid ``retry`` field (reconnection time in milliseconds), if any."""
+        return self._retry
+
+    def feed(self, chunk: bytes) -> list[SSEEvent]:
+        if self._skip_lf and chunk:
+            self._skip_lf = False
+            if chunk[0] == _LF:
+                chunk = chunk[1:]
+        if b"\n" not in chunk and b"\r" not in chunk:
+            self._buffer += chunk  # common case for split tokens: no line ends here yet
+            return []
+        if self._buffer:
+            data = bytes(self._buffer) + chunk
+            self._buffer.clear()
+        else:
+            data = chunk
+        if not self._bom_checked:
+            # The first split sees the stream from its first byte, BOM included if any.
+            self._bom_checked = True
+            if data.startswith(_BOM):
+                data = data[len(_BOM) :]
+        lines = data.splitlines()  # bytes.splitlines splits on CR, LF and CRLF only
+        last = data[-1]
+        if last == 0x0D:
+            self._skip_lf = True
+        elif last != _LF:
+            self._buffer += lines.pop()
+        events: list[SSEEvent] = []
+        for line in lines:
+            if line:
+                self._field(line)
+                continue
+            event = self._dispatch()
+            if event is not None:
+                events.append(event)
+        return events
+
+    def flush(self) -> list[SSEEvent]:
+        """End of stream: discard an unterminated event (never dispatched, per spec).
+
+        Always returns an empty list; ``has_partial`` records whether anything was discarded.
+        """
+        if self._buffer or self._data or self._comment or self._fields:
+            self._has_partial = True
+        self._buffer.clear()
+        self._reset_block()
+        self._skip_lf = False
+        return []
+
+    def _field(self, line: bytes) -> None:
+        if line[0] == _COLON:
+            self._comment = True
+            return
+        self._fields = True
+        if line.startswith(b"data:"):  # nearly every line of a completion stream
+            raw = line[6:] if line[5:6] == b" " else line[5:]
+            self._data.append(raw.decode("utf-8", "replace"))
+            return
+        name, _, value = line.decode("utf-8", "replace").partition(":")
+        if value.startswith(" "):
+            value = value[1:]
+        if name == "data":
+            self._data.append(value)
+        elif name == "event":
+            self._event = value
+        elif name == "id":
+            if "\0" not in value:
+                self._last_event_id = value
+        elif name == "retry" and value.isascii() and value.isdigit():
+            self._retry = int(value)
+
+    def _dispatch(self) -> SSEEvent | None:
+        event: SSEEvent | None = None
+        if self._data:
+            event = SSEEvent("\n".join(self._data), self._event, False, self._last_event_id)
+        elif self._comment and not self._fields:
+            event = SSEEvent("", None, True, self._last_event_id)
+        self._reset_block()
+        return event
+
+    def _reset_block(self) -> None:
+        self._data = []
+        self._event = None
+        self._comment = False
+        self._fields = False
+
+
+class StreamObserver:
+    """Feeds an ``SSEDecoder`` and tracks the state of an OpenAI/vLLM completion stream.
+
+    Attributes are read-only for callers:
+
+    - ``first_token``: a data event carrying content was seen: a choice with non-empty
+      ``delta.content``, ``delta.reasoning``/``delta.reasoning_content``, ``delta.tool_calls`` or
+      ``text``, or a non-null ``finish_reason``; also a usage-only chunk (no choices), an error
+      event or ``[DONE]``, since they end the wait for a first token too. vLLM's role-only first
+      chunk and keep-alive comments do not count, nor does a malformed event (see ``malformed``).
+    - ``first_token_event_index``: 0-based index among data events of the one that set it.
+    - ``done``: ``data: [DONE]`` was seen.
+    - ``finish_reason``: the last non-null ``finish_reason`` of any choice.
+    - ``error``: the body of an in-band error event as received, nested
+      ``{"error": {...}}`` or vLLM's older flat ``{"object": "error", "message": ...}``.
+    - ``malformed``: a data event was neither ``[DONE]`` nor a JSON object.
+    - ``usage``: the integer fields of the last ``usage`` object seen.
+    - ``events``: data events seen; ``keepalives``: comment-only blocks seen.
+    """
+
+    __slots__ = (
+        "_decoder",
+        "done",
+        "error",
+        "events",
+        "finish_reason",
+        "finished",
+        "first_token",
+        "first_token_event_index",
+        "keepalives",
+        "malformed",
+        "usage",
+    )
+
+    def __init__(self) -> None:
+        self._decoder = SSEDecoder()
+        self.first_token = False
+        self.first_token_event_index: int | None = None
+        self.done = False
+        self.finish_reason: str | None = None
+        self.error: dict[str, object] | None = None
+        self.malformed = False
+        self.usage: dict[str, int] | None = None
+        self.events = 0
+        self.keepalives = 0
+        self.finished = False
+
+    @property
+    def has_partial(self) -> bool:
+        """The stream ended (``finish``) inside an event, which was therefore discarded."""
+        return self._decoder.has_partial
+
+    def feed(self, chunk: bytes) -> None:
+        for event in self._decoder.feed(chunk):
+            self._on_event(event)
+
+    def finish(self) -> None:
+        """Upstream EOF: an unterminated event is discarded, not observed."""
+        self._decoder.flush()
+        self.finished = True
+
+    def _on_event(self, event: SSEEvent) -> None:
+        if event.comment_only:
+            self.keepalives += 1
+            return
+        index = self.events
+        self.events += 1
+        data = event.data
+        if data == "[DONE]":
+            self._on_done(index)
+            return
+        try:
+            body = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            if data.strip() == "[DONE]":
+                self._on_done(index)
+            else:
+                self.malformed = True
+            return
+        if not isinstance(body, dict):
+            self.malformed = True
+            return
+        if self._observe(body):
+            self._mark_first_token(index)
+
+    def _on_done(self, index: int) -> None:
+        self.done = True
+        self._mark_first_token(index)
+
+    def _observe(self, body: dict[str, object]) -> bool:
+        """Record what ``body`` tells; return whether it ends the wait for a first token."""
+        if body.get("error") is not None or body.get("object") == "error":
+            self.error = body
+            return True
+        usage = body.get("usage")
+        if isinstance(usage, dict):
+            self.usage = {k: v for k, v in usage.items() if type(v) is int}
+        choices = body.get("choices")
+        if not isinstance(choices, list) or not choices:
+            return isinstance(usage, dict)
+        found = False
+        for choice in choices:
+            if not isinstance(choice, dict):
+                continue
+            reason = choice.get("finish_reason")
+            if isinstance(reason, str):
+                self.finish_reason = reason
+                found = True
+            elif not found and not self.first_token:
+                found = _carries_content(choice)
+        return found
+
+    def _mark_first_token(self, index: int) -> None:
+        if not self.first_token:
+            self.first_token = True
+            self.first_token_event_index = index
+
+
+def _carries_content(choice: dict[str, object]) -> bool:
+    if choice.get("text"):
+        return True
+    delta = choice.get("delta")
+    if not isinstance(delta, dict):
+        return False
+    return bool(
+        delta.get("content")
+        or delta.get("reasoning")
+        or delta.get("reasoning_content")
+        or delta.get("tool_calls")
+    )
+
+
+def encode_error_event(error_body: Mapping[str, object]) -> bytes:
+    """The in-band error written after a stream is committed: one data event, then ``[DONE]``.
+
+    ``error_body`` is already OpenAI-shaped, ``{"error": {"message", "type", "param", "code"}}``.
+    orjson escapes control characters, so the JSON always stays on one ``data:`` line.
+    """
+    return b"data: " + orjson.dumps(dict(error_body)) + b"\n\ndata: [DONE]\n\n"

@@ -1,0 +1,154 @@
+"""The gateway's HTTP client towards workers: one session, a bounded pool, mapped exceptions.
+
+This is the only module that knows aiohttp's client exceptions; it maps each to the most
+specific ``errors.UpstreamError`` (chained with ``from``). The connect phase is bounded here
+(aiohttp's ``connect``/``sock_connect``, which includes waiting for a pooled connection); the
+other phases (first token, idle, total) are enforced by the proxy, because only it knows where
+a stream is. ``ClientTimeout.total`` stays None: it would count the whole streamed body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+import orjson
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from gateway.errors import (
+    ConnectTimeout,
+    UpstreamBadResponse,
+    UpstreamConnectError,
+    UpstreamDisconnected,
+    UpstreamError,
+)
+from gateway.settings import HealthSettings, LimitSettings, TimeoutSettings
+from gateway.workers import ModelCard, ProbeResult, Worker
+
+# Headers that describe one hop, or carry the client's credentials, never go to a worker.
+_DROPPED_REQUEST_HEADERS = frozenset(
+    h.lower()
+    for h in (
+        "Host", "Connection", "Keep-Alive", "Proxy-Connection", "Transfer-Encoding", "TE",
+        "Trailer", "Upgrade", "Content-Length", "Accept-Encoding", "Authorization", "Cookie",
+        "Proxy-Authorization", "Expect",
+    )
+)  # fmt: skip
+
+ClientResponse = aiohttp.ClientResponse
+
+
+class Upstream:
+    """Owns the ``ClientSession``; create inside a running loop and ``close()`` at shutdown."""
+
+    def __init__(
+        self, limits: LimitSettings, timeouts: TimeoutSettings, health: HealthSettings
+    ) -> None:
+        connector = aiohttp.TCPConnector(
+            limit=limits.pool_size,
+            limit_per_host=limits.pool_per_worker,
+            keepalive_timeout=limits.keepalive,
+            enable_cleanup_closed=False,
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=aiohttp.ClientTimeout(
+                total=None, connect=timeouts.connect, sock_connect=timeouts.connect
+            ),
+            auto_decompress=False,
+            skip_auto_headers=("User-Agent",),
+        )
+        self._probe_timeout = aiohttp.ClientTimeout(total=health.timeout)
+
+    async def close(self) -> None:
+        await self._session.close()
+
+    async def send(
+        self, worker: Worker, path: str, body: bytes, headers: CIMultiDict[str]
+    ) -> ClientResponse:
+        """POST and return once the response headers are in; the caller closes the response."""
+        try:
+            return await self._session.post(worker.url + path, data=body, headers=headers)
+        except aiohttp.ConnectionTimeoutError as exc:
+            raise ConnectTimeout() from exc
+        except aiohttp.ClientConnectorError as exc:
+            raise UpstreamConnectError() from exc
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+            raise UpstreamDisconnected() from exc
+        except aiohttp.ClientError as exc:
+            raise UpstreamBadResponse() from exc
+
+    async def read_chunk(self, response: ClientResponse) -> bytes:
+        """The next bytes of the body as they arrive; b"" at its end."""
+        try:
+            return await response.content.readany()
+        except (aiohttp.ClientPayloadError, aiohttp.ClientOSError) as exc:
+            raise UpstreamDisconnected() from exc
+        except aiohttp.ClientError as exc:
+            raise UpstreamBadResponse() from exc
+
+    async def read_body(self, response: ClientResponse, limit: int) -> bytes:
+        """The whole (error) body, cut at ``limit`` bytes so a bad worker cannot swell memory."""
+        parts: list[bytes] = []
+        size = 0
+        while size < limit:
+            chunk = await self.read_chunk(response)
+            if not chunk:
+                break
+            parts.append(chunk)
+            size += len(chunk)
+        return b"".join(parts)[:limit]
+
+    async def probe(self, worker: Worker) -> ProbeResult:
+        """``GET /health``, and ``GET /v1/models`` when the worker's models are not configured."""
+        healthy, models = await asyncio.gather(
+            self._health(worker),
+            self._models(worker) if not worker.configured_models else _none(),
+        )
+        return ProbeResult(healthy=healthy, models=models)
+
+    async def _health(self, worker: Worker) -> bool:
+        try:
+            async with self._session.get(
+                worker.url + "/health", timeout=self._probe_timeout
+            ) as resp:
+                return resp.status == 200
+        except (aiohttp.ClientError, TimeoutError):
+            return False
+
+    async def _models(self, worker: Worker) -> tuple[ModelCard, ...] | None:
+        try:
+            async with self._session.get(
+                worker.url + "/v1/models", timeout=self._probe_timeout
+            ) as resp:
+                if resp.status != 200:
+                    return None
+                data = orjson.loads(await resp.read())
+        except (aiohttp.ClientError, TimeoutError, orjson.JSONDecodeError):
+            return None
+        cards = data.get("data") if isinstance(data, dict) else None
+        if not isinstance(cards, list):
+            return None
+        return tuple(c for c in cards if isinstance(c, dict) and isinstance(c.get("id"), str))
+
+
+async def _none() -> None:
+    return None
+
+
+def forward_headers(incoming: CIMultiDictProxy[str], request_id: str) -> CIMultiDict[str]:
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in incoming.items():
+        if name.lower() not in _DROPPED_REQUEST_HEADERS:
+            out.add(name, value)
+    out["X-Request-Id"] = request_id
+    out["Accept-Encoding"] = "identity"
+    return out
+
+
+def is_disconnect(exc: BaseException) -> bool:
+    """True when writing to our own client failed because it went away."""
+    return isinstance(exc, ConnectionError | aiohttp.ClientConnectionResetError)
+
+
+__all__ = ["ClientResponse", "Upstream", "UpstreamError", "forward_headers", "is_disconnect"]
