@@ -36,7 +36,7 @@ def _extras(record: logging.LogRecord) -> dict[str, Any]:
 class TextFormatter(logging.Formatter):
     """``time level logger [request id] message key=value ...`` in UTC."""
 
-    converter = time.gmtime
+    converter = staticmethod(time.gmtime)
 
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s")

@@ -1,0 +1,50 @@
+"""Shared test helpers: condition waits with deadlines, SSE parsing, request bodies."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+
+
+async def wait_for(predicate: Callable[[], bool], timeout: float, what: str = "") -> None:
+    """Poll ``predicate`` until true; fail the test if ``timeout`` seconds pass first."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s: {what}")
+        await asyncio.sleep(0.002)
+
+
+def chat(stream: bool = False, **fields: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "model": "sim-model",
+        "messages": [{"role": "user", "content": "Tell me about gateways"}],
+        "stream": stream,
+    }
+    body.update(fields)
+    return body
+
+
+def sse_data(raw: bytes) -> list[str]:
+    """The ``data:`` payloads of a complete SSE body, in order."""
+    out = []
+    for block in raw.replace(b"\r\n", b"\n").split(b"\n\n"):
+        lines = [ln[5:].lstrip(b" ") for ln in block.split(b"\n") if ln.startswith(b"data:")]
+        if lines:
+            out.append(b"\n".join(lines).decode())
+    return out
+
+
+def stream_text(raw: bytes) -> str:
+    text = []
+    for data in sse_data(raw):
+        if data == "[DONE]":
+            continue
+        event = orjson.loads(data)
+        for choice in event.get("choices", []):
+            text.append(choice.get("delta", {}).get("content") or choice.get("text") or "")
+    return "".join(text)
