@@ -32,12 +32,8 @@ _SANE_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 
 
 def error_response(err: GatewayError) -> web.Response:
-    return web.Response(
-        status=err.status,
-        body=err.body_bytes(),
-        content_type="application/json",
-        headers=err.headers(),
-    )
+    headers = {"Content-Type": "application/json", **err.headers()}
+    return web.Response(status=err.status, body=err.body_bytes(), headers=headers)
 
 
 @web.middleware

@@ -305,7 +305,10 @@ class Proxy:
         client = await self._commit(ex, web.StreamResponse(status=200, headers=SSE_HEADERS))
         await client.write(b"".join(held))
         while not observer.done:
-            chunk = await self._upstream.read_chunk(response)
+            try:
+                chunk = await self._upstream.read_chunk(response)
+            except UpstreamDisconnected as exc:
+                raise UpstreamStreamTruncated() from exc
             if not chunk:
                 break
             phase.reschedule(loop.time() + idle)

@@ -1,0 +1,126 @@
+"""Every bad input is a 4xx in OpenAI shape with a stable code: never a 500, never a hang."""
+
+from __future__ import annotations
+
+import random
+
+import aiohttp
+import pytest
+
+from tests.conftest import Gateway, GatewayFactory, SimFactory
+
+JSON = {"Content-Type": "application/json"}
+
+
+@pytest.fixture
+async def gw(sim: SimFactory, gateway: GatewayFactory) -> Gateway:
+    return await gateway(await sim(), server={"max_body_bytes": 4096})
+
+
+def assert_openai_error(body: object, code: str) -> None:
+    assert isinstance(body, dict)
+    assert set(body) == {"error"}
+    error = body["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert isinstance(error["message"], str) and error["message"]
+    assert error["code"] == code
+
+
+CASES = [
+    ("not json", b"{nope", JSON, 400, "invalid_json", None),
+    ("empty body", b"", JSON, 400, "invalid_json", None),
+    ("invalid utf-8", b'{"model": "\xff"}', JSON, 400, "invalid_json", None),
+    ("deep nesting", b"[" * 2000 + b"]" * 2000, JSON, 400, "invalid_json", None),
+    ("array body", b"[1, 2]", JSON, 400, "invalid_body", None),
+    ("string body", b'"hello"', JSON, 400, "invalid_body", None),
+    ("missing model", b'{"messages": []}', JSON, 400, "invalid_field", "model"),
+    ("model not a string", b'{"model": 7}', JSON, 400, "invalid_field", "model"),
+    ("empty model", b'{"model": ""}', JSON, 400, "invalid_field", "model"),
+    ("stream not a bool", b'{"model": "sim-model", "stream": "yes"}', JSON, 400,
+     "invalid_field", "stream"),
+    ("unknown model", b'{"model": "gpt-7", "messages": []}', JSON, 404, "model_not_found",
+     "model"),
+    ("text content type", b'{"model": "sim-model"}', {"Content-Type": "text/plain"}, 415,
+     "unsupported_media_type", None),
+    ("form content type", b"model=sim-model",
+     {"Content-Type": "application/x-www-form-urlencoded"}, 415, "unsupported_media_type", None),
+    ("too large", b'{"model": "sim-model", "pad": "' + b"x" * 5000 + b'"}', JSON, 413,
+     "request_too_large", None),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("body", "headers", "status", "code", "param"),
+    [case[1:] for case in CASES],
+    ids=[case[0] for case in CASES],
+)
+async def test_bad_request_bodies(
+    gw: Gateway,
+    client: aiohttp.ClientSession,
+    body: bytes,
+    headers: dict[str, str],
+    status: int,
+    code: str,
+    param: str | None,
+) -> None:
+    async with client.post(f"{gw.url}/v1/chat/completions", data=body, headers=headers) as resp:
+        assert resp.status == status
+        assert resp.headers["Content-Type"].startswith("application/json")
+        assert resp.headers["X-Request-Id"]
+        data = await resp.json()
+    assert_openai_error(data, code)
+    assert data["error"]["param"] == param
+
+
+async def test_missing_content_type_is_415(gw: Gateway, client: aiohttp.ClientSession) -> None:
+    async with client.post(
+        f"{gw.url}/v1/embeddings",
+        data=b'{"model": "sim-model"}',
+        skip_auto_headers=["Content-Type"],
+    ) as resp:
+        assert resp.status == 415
+        assert_openai_error(await resp.json(), "unsupported_media_type")
+
+
+async def test_chunked_body_over_the_limit_is_413(
+    gw: Gateway, client: aiohttp.ClientSession
+) -> None:
+    async def chunks():  # type: ignore[no-untyped-def]
+        for _ in range(10):
+            yield b"x" * 1000
+
+    async with client.post(f"{gw.url}/v1/completions", data=chunks(), headers=JSON) as resp:
+        assert resp.status == 413
+        assert_openai_error(await resp.json(), "request_too_large")
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status", "code"),
+    [
+        ("GET", "/v1/nothing", 404, "route_not_found"),
+        ("POST", "/v1/sleep", 404, "route_not_found"),
+        ("GET", "/v1/chat/completions", 405, "method_not_allowed"),
+        ("DELETE", "/v1/models", 405, "method_not_allowed"),
+    ],
+)
+async def test_unknown_routes_and_methods(
+    gw: Gateway, client: aiohttp.ClientSession, method: str, path: str, status: int, code: str
+) -> None:
+    async with client.request(method, f"{gw.url}{path}") as resp:
+        assert resp.status == status
+        assert_openai_error(await resp.json(), code)
+
+
+async def test_random_bodies_never_cause_a_5xx(gw: Gateway, client: aiohttp.ClientSession) -> None:
+    """A small seeded fuzz of structurally plausible and random bodies."""
+    rng = random.Random(1234)
+    fragments = [b"{", b"}", b"[", b"]", b'"model"', b":", b",", b'"sim-model"', b"null",
+                 b"true", b"1e999", b'"\\ud800"', b"\x00", b'"stream"', b"-0", b"\xc3"]  # fmt: skip
+    for _ in range(300):
+        if rng.random() < 0.5:
+            body = b"".join(rng.choice(fragments) for _ in range(rng.randint(0, 12)))
+        else:
+            body = rng.randbytes(rng.randint(0, 64))
+        async with client.post(f"{gw.url}/v1/chat/completions", data=body, headers=JSON) as resp:
+            assert 400 <= resp.status < 500, body
+            assert "error" in await resp.json()
