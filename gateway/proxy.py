@@ -30,6 +30,7 @@ from gateway.errors import (
     FirstTokenTimeout,
     GatewayError,
     IdleTimeout,
+    InternalError,
     InvalidField,
     InvalidJSON,
     InvalidRequest,
@@ -150,6 +151,10 @@ class Proxy:
             limits.max_in_flight, settings.timeouts.queue, limits.retry_after
         )
 
+    @property
+    def admission(self) -> Admission:
+        return self._admission
+
     async def handle(self, request: web.Request, route: Route) -> web.StreamResponse:
         loop = asyncio.get_running_loop()
         ex = Exchange(request=request, route=route, started=loop.time())
@@ -166,6 +171,13 @@ class Proxy:
             return await self._fail(ex, ShuttingDown())
         except GatewayError as err:
             return await self._fail(ex, err)
+        except ConnectionError:
+            # Writing to our own client failed: it went away (upstream errors are mapped).
+            ex.status, ex.code = 499, "client_disconnected"
+            return ex.response if ex.response is not None else web.Response(status=499)
+        except Exception:
+            log.exception("unhandled error in the request path")
+            return await self._fail(ex, InternalError())
         finally:
             self._lifecycle.leave(task)
             self._observe(ex, loop.time())

@@ -37,6 +37,8 @@ _DROPPED_REQUEST_HEADERS = frozenset(
 
 ClientResponse = aiohttp.ClientResponse
 
+PROBE_POOL_SIZE = 32
+
 
 class Upstream:
     """Owns the ``ClientSession``; create inside a running loop and ``close()`` at shutdown."""
@@ -58,10 +60,19 @@ class Upstream:
             auto_decompress=False,
             skip_auto_headers=("User-Agent",),
         )
-        self._probe_timeout = aiohttp.ClientTimeout(total=health.timeout)
+        # Probes get their own small pool: a worker whose request pool is full must still be
+        # probed at once, not after the requests ahead of the probe.
+        self._probes = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(
+                limit=PROBE_POOL_SIZE, keepalive_timeout=limits.keepalive
+            ),
+            timeout=aiohttp.ClientTimeout(total=health.timeout),
+            skip_auto_headers=("User-Agent",),
+        )
 
     async def close(self) -> None:
         await self._session.close()
+        await self._probes.close()
 
     async def send(
         self, worker: Worker, path: str, body: bytes, headers: CIMultiDict[str]
@@ -109,18 +120,14 @@ class Upstream:
 
     async def _health(self, worker: Worker) -> bool:
         try:
-            async with self._session.get(
-                worker.url + "/health", timeout=self._probe_timeout
-            ) as resp:
+            async with self._probes.get(worker.url + "/health") as resp:
                 return resp.status == 200
         except (aiohttp.ClientError, TimeoutError):
             return False
 
     async def _models(self, worker: Worker) -> tuple[ModelCard, ...] | None:
         try:
-            async with self._session.get(
-                worker.url + "/v1/models", timeout=self._probe_timeout
-            ) as resp:
+            async with self._probes.get(worker.url + "/v1/models") as resp:
                 if resp.status != 200:
                     return None
                 data = orjson.loads(await resp.read())
@@ -146,9 +153,4 @@ def forward_headers(incoming: CIMultiDictProxy[str], request_id: str) -> CIMulti
     return out
 
 
-def is_disconnect(exc: BaseException) -> bool:
-    """True when writing to our own client failed because it went away."""
-    return isinstance(exc, ConnectionError | aiohttp.ClientConnectionResetError)
-
-
-__all__ = ["ClientResponse", "Upstream", "UpstreamError", "forward_headers", "is_disconnect"]
+__all__ = ["ClientResponse", "Upstream", "UpstreamError", "forward_headers"]

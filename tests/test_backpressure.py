@@ -60,7 +60,7 @@ async def test_bounded_wait_admits_when_a_slot_frees(
     _, gw = await start(sim, gateway, queue=5)
     held = await open_stalled_stream(client, gw)
     waiting = asyncio.create_task(client.post(f"{gw.url}/v1/chat/completions", json=chat()))
-    await wait_for(lambda: gw.proxy._admission._slots._waiters, 2, "second request queued")
+    await wait_for(lambda: gw.proxy.admission._slots._waiters, 2, "second request queued")
     assert not waiting.done()
     held.close()
     resp = await asyncio.wait_for(waiting, 5)
@@ -99,8 +99,8 @@ async def test_permits_and_counters_return_after_every_kind_of_ending(
             await resp.read()
         assert gw.metric("gateway_requests_in_flight") == 0
         assert gw.fleet.workers[0].in_flight == 0
-        assert gw.proxy._admission.in_flight == 0
+        assert gw.proxy.admission.in_flight == 0
     held = await open_stalled_stream(client, gw)
     held.close()  # client disconnect
-    await wait_for(lambda: gw.proxy._admission.in_flight == 0, 2, "permit after disconnect")
+    await wait_for(lambda: gw.proxy.admission.in_flight == 0, 2, "permit after disconnect")
     assert gw.fleet.workers[0].in_flight == 0
