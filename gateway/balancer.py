@@ -6,28 +6,36 @@ by this request) and returns one, or None when the list is empty.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Sequence
 from typing import Protocol, TypeVar
 
 
-class Loaded(Protocol):
-    @property
-    def in_flight(self) -> int: ...
+class Pickable(Protocol):
+    in_flight: int
+    last_pick: int  # the balancer's sequence number when it last chose this worker; 0: never
 
 
-W = TypeVar("W", bound=Loaded)
+W = TypeVar("W", bound=Pickable)
 
 
 class LeastInFlight:
-    """Fewest requests in flight; ties rotate so equal workers share the load evenly."""
+    """Fewest requests in flight; among equals, the one chosen longest ago.
+
+    The tie-break lives on the workers, not in one counter, so it is fair per pool even when
+    picks for several models interleave.
+    """
 
     def __init__(self) -> None:
-        self._turn = itertools.count()
+        self._seq = 0
 
     def pick(self, candidates: Sequence[W]) -> W | None:
         if not candidates:
             return None
-        least = min(worker.in_flight for worker in candidates)
-        tied = [worker for worker in candidates if worker.in_flight == least]
-        return tied[next(self._turn) % len(tied)]
+        chosen = min(candidates, key=_load_then_age)
+        self._seq += 1
+        chosen.last_pick = self._seq
+        return chosen
+
+
+def _load_then_age(worker: Pickable) -> tuple[int, int]:
+    return worker.in_flight, worker.last_pick

@@ -208,7 +208,8 @@ class UpstreamStatusError(UpstreamError):
         return self.upstream_body if is_openai_error(self.upstream_body) else super().body_bytes()
 
     def headers(self) -> dict[str, str]:
-        return self.upstream_headers
+        # Only Retry-After survives: the body sent is always JSON, whatever the worker's type.
+        return {k: v for k, v in self.upstream_headers.items() if k.lower() == "retry-after"}
 
 
 class UpstreamBadResponse(UpstreamError):

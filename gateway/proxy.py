@@ -289,7 +289,8 @@ class Proxy:
 
     async def _raise_status(self, response: ClientResponse) -> None:
         data = await self._upstream.read_body(response, ERROR_BODY_LIMIT)
-        headers = {"Content-Type": response.headers.get("Content-Type", "application/json")}
+        # Relayed bodies are OpenAI-shaped JSON (ours or the worker's): only Retry-After is kept.
+        headers = {}
         if "Retry-After" in response.headers:
             headers["Retry-After"] = response.headers["Retry-After"]
         raise UpstreamStatusError(response.status, data, headers)

@@ -27,6 +27,7 @@ class Worker:
     configured_models: tuple[str, ...] = ()
     discovered: tuple[ModelCard, ...] = ()
     in_flight: int = 0
+    last_pick: int = 0
     healthy: bool = True
     consecutive_failures: int = 0
 
@@ -107,14 +108,18 @@ Prober = Callable[[Worker], Awaitable[ProbeResult]]
 
 
 async def probe_all(fleet: Fleet, probe: Prober) -> None:
-    """Probe every worker at once; one slow or failing worker never delays the others."""
-    results = await asyncio.gather(*(probe(w) for w in fleet.workers), return_exceptions=True)
-    for worker, result in zip(fleet.workers, results, strict=True):
-        if isinstance(result, ProbeResult):
-            fleet.apply_probe(worker, result)
-        else:
-            log.error("probe of %s failed unexpectedly", worker.url, exc_info=result)
-            fleet.apply_probe(worker, ProbeResult(healthy=False))
+    """Probe every worker at once; each result applies as soon as it is in, so one slow or
+    failing worker never delays the others."""
+
+    async def probe_one(worker: Worker) -> None:
+        try:
+            result = await probe(worker)
+        except Exception:
+            log.exception("probe of %s failed unexpectedly", worker.url)
+            result = ProbeResult(healthy=False)
+        fleet.apply_probe(worker, result)
+
+    await asyncio.gather(*(probe_one(w) for w in fleet.workers))
 
 
 async def probe_forever(fleet: Fleet, probe: Prober, interval: float) -> None:

@@ -1,0 +1,216 @@
+"""Subprocess helpers for tests that run the real command lines: ``python -m gateway`` and
+``python -m gateway.simulator``.
+
+Every process starts in its own session (a new process group), so ``Proc.kill`` reaches any
+child it forks. stderr is drained by a thread into ``Proc.lines`` (the pipe never fills, and a
+test can wait for a log line); stdout goes to /dev/null. All waits poll with a deadline.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+HOST = "127.0.0.1"
+START_TIMEOUT = 20.0  # generous: two interpreters importing aiohttp on a loaded 2-core machine
+POLL = 0.01
+
+
+def poll_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    """Sync twin of ``tests.helpers.wait_for``: poll until true, fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s: {what}")
+        time.sleep(POLL)
+
+
+def free_port() -> int:
+    """A port nobody listens on right now (the kernel's pick for port 0)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+def port_in_use(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(1.0)
+        return sock.connect_ex((HOST, port)) == 0
+
+
+def http_status(url: str, path: str, timeout: float = 2.0) -> int | None:
+    """Status of ``GET path`` on ``url`` (``http://127.0.0.1:PORT``); None if it can't connect.
+
+    http.client, not urllib: no proxy from the environment can get in the way.
+    """
+    host, _, port = url.removeprefix("http://").partition(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        response.read()
+        return response.status
+    except (OSError, http.client.HTTPException):
+        return None
+    finally:
+        conn.close()
+
+
+class Proc:
+    """One subprocess in its own process group, with its stderr collected line by line."""
+
+    def __init__(self, args: Sequence[str], *, cwd: Path | None = None, name: str = "") -> None:
+        self.name = name or " ".join(args)
+        self.lines: list[str] = []
+        self.popen = subprocess.Popen(
+            list(args),
+            cwd=cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        self._reader = threading.Thread(target=self._drain, daemon=True)
+        self._reader.start()
+
+    def _drain(self) -> None:
+        assert self.popen.stderr is not None
+        for raw in self.popen.stderr:
+            self.lines.append(raw.decode(errors="replace").rstrip("\n"))
+
+    @property
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    def wait_line(self, pattern: str, timeout: float) -> re.Match[str]:
+        """The first stderr line matching ``pattern``; fail if the process dies or time runs out."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        seen = 0
+        while True:
+            while seen < len(self.lines):
+                match = regex.search(self.lines[seen])
+                seen += 1
+                if match:
+                    return match
+            if self.popen.poll() is not None and not self._reader.is_alive():
+                raise AssertionError(
+                    f"{self.name} exited ({self.popen.returncode}) before logging "
+                    f"{pattern!r}:\n{self.output}"
+                )
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"{self.name} did not log {pattern!r} within {timeout}s:\n{self.output}"
+                )
+            time.sleep(POLL)
+
+    def wait_exit(self, timeout: float) -> int:
+        """The exit code; fail if still running after ``timeout`` (``kill`` cleans up)."""
+        try:
+            code = self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(
+                f"{self.name} still running after {timeout}s:\n{self.output}"
+            ) from None
+        self._reader.join(5)
+        return code
+
+    def signal(self, sig: int) -> None:
+        self.popen.send_signal(sig)
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group and reap; safe to call twice."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.popen.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.popen.wait(10)
+        self._reader.join(5)
+        if self.popen.stderr is not None:
+            self.popen.stderr.close()
+
+
+def start_simulator(*args: str, model: str = "sim-model") -> Sim:
+    """A simulated vLLM worker on a free port; returns once its /health answers 200."""
+    for _ in range(3):  # another process can take the free port before the simulator binds it
+        sim = _try_simulator(free_port(), model, args)
+        if sim is not None:
+            return sim
+    raise AssertionError("the simulator could not bind a free port in 3 tries")
+
+
+def _try_simulator(port: int, model: str, args: Sequence[str]) -> Sim | None:
+    cmd = [sys.executable, "-m", "gateway.simulator", "--host", HOST, "--port", str(port)]
+    proc = Proc([*cmd, "--model", model, "--log-level", "WARNING", *args], name="simulator")
+    url = f"http://{HOST}:{port}"
+    try:
+        poll_until(
+            lambda: proc.popen.poll() is not None or http_status(url, "/health") == 200,
+            START_TIMEOUT,
+            f"simulator on {url} healthy",
+        )
+    except BaseException:
+        proc.kill()
+        raise
+    if proc.popen.poll() is None:
+        return Sim(url, proc)
+    proc.kill()
+    if "address already in use" not in proc.output.lower():
+        raise AssertionError(f"the simulator exited:\n{proc.output}")
+    return None
+
+
+class Sim:
+    def __init__(self, url: str, proc: Proc) -> None:
+        self.url = url
+        self.proc = proc
+
+
+class GatewayProc:
+    def __init__(self, url: str, proc: Proc, config: Path) -> None:
+        self.url = url
+        self.proc = proc
+        self.config = config
+
+    def ready(self) -> int | None:
+        return http_status(self.url, "/ready")
+
+
+def write_config(path: Path, workers: Sequence[str], **sections: Any) -> Path:
+    """A gateway YAML file listening on a port of the kernel's choice, logging text at INFO."""
+    data: dict[str, Any] = {
+        "server": {"host": HOST, "port": 0},
+        "workers": [{"url": url, "models": ["sim-model"]} for url in workers],
+        "health": {"interval": 60.0, "timeout": 2.0},
+        "logging": {"level": "INFO", "format": "text"},
+    }
+    for section, values in sections.items():
+        data[section] = {**data.get(section, {}), **values}
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    return path
+
+
+def start_gateway(config: Path) -> GatewayProc:
+    """``python -m gateway --config FILE``; returns once ``/ready`` answers 200."""
+    proc = Proc([sys.executable, "-m", "gateway", "--config", str(config)], name="gateway")
+    try:
+        match = proc.wait_line(r"listening on (http://127\.0\.0\.1:\d+)", START_TIMEOUT)
+        gateway = GatewayProc(match.group(1), proc, config)
+        poll_until(lambda: gateway.ready() == 200, START_TIMEOUT, f"{gateway.url}/ready is 200")
+    except BaseException:
+        proc.kill()
+        raise
+    return gateway

@@ -1,0 +1,628 @@
+"""Units without sockets: the error tree, the balancer, admission control and fleet health."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import orjson
+import pytest
+
+from gateway.balancer import LeastInFlight
+from gateway.errors import (
+    ConnectTimeout,
+    FirstTokenTimeout,
+    GatewayError,
+    IdleTimeout,
+    InternalError,
+    InvalidField,
+    InvalidJSON,
+    InvalidRequest,
+    MethodNotAllowed,
+    ModelNotFound,
+    NoHealthyWorker,
+    Overloaded,
+    PayloadTooLarge,
+    RouteNotFound,
+    ShuttingDown,
+    TotalTimeout,
+    Unavailable,
+    UnsupportedMediaType,
+    UpstreamBadResponse,
+    UpstreamConnectError,
+    UpstreamDisconnected,
+    UpstreamError,
+    UpstreamStatusError,
+    UpstreamStreamTruncated,
+    UpstreamTimeout,
+    is_openai_error,
+)
+from gateway.limits import Admission
+from gateway.middleware import error_response
+from gateway.settings import WorkerSettings
+from gateway.workers import Fleet, ProbeResult, Worker, probe_all
+
+DEADLINE = 2.0  # seconds any gate in this file may take before the test fails by name
+
+
+def subclasses(cls: type[GatewayError]) -> Iterator[type[GatewayError]]:
+    for sub in cls.__subclasses__():
+        yield sub
+        yield from subclasses(sub)
+
+
+# --- errors ---------------------------------------------------------------------------------
+
+# The documented tree (gateway/errors.py docstring): status, OpenAI type, code, retryable.
+TREE: dict[type[GatewayError], tuple[int, str, str, bool]] = {
+    InternalError: (500, "server_error", "internal_error", False),
+    InvalidRequest: (400, "invalid_request_error", "invalid_body", False),
+    InvalidJSON: (400, "invalid_request_error", "invalid_json", False),
+    InvalidField: (400, "invalid_request_error", "invalid_field", False),
+    ModelNotFound: (404, "invalid_request_error", "model_not_found", False),
+    RouteNotFound: (404, "invalid_request_error", "route_not_found", False),
+    MethodNotAllowed: (405, "invalid_request_error", "method_not_allowed", False),
+    PayloadTooLarge: (413, "invalid_request_error", "request_too_large", False),
+    UnsupportedMediaType: (415, "invalid_request_error", "unsupported_media_type", False),
+    Unavailable: (503, "server_error", "unavailable", False),
+    Overloaded: (503, "server_error", "gateway_overloaded", False),
+    NoHealthyWorker: (503, "server_error", "no_healthy_worker", False),
+    ShuttingDown: (503, "server_error", "shutting_down", False),
+    UpstreamError: (502, "upstream_error", "upstream_error", False),
+    UpstreamConnectError: (502, "upstream_error", "upstream_connect_error", True),
+    UpstreamDisconnected: (502, "upstream_error", "upstream_disconnected", True),
+    UpstreamStatusError: (503, "upstream_error", "upstream_unavailable", True),
+    UpstreamBadResponse: (502, "upstream_error", "upstream_bad_response", False),
+    UpstreamStreamTruncated: (502, "upstream_error", "upstream_stream_truncated", False),
+    UpstreamTimeout: (504, "timeout_error", "upstream_timeout", False),
+    ConnectTimeout: (504, "timeout_error", "connect_timeout", True),
+    FirstTokenTimeout: (504, "timeout_error", "first_token_timeout", True),
+    IdleTimeout: (504, "timeout_error", "idle_timeout", False),
+    TotalTimeout: (504, "timeout_error", "request_timeout", False),
+}
+
+
+def instance(cls: type[GatewayError]) -> GatewayError:
+    if cls is ModelNotFound:
+        return ModelNotFound("gpt-x")
+    if cls is PayloadTooLarge:
+        return PayloadTooLarge(1024)
+    if cls is UpstreamStatusError:
+        return UpstreamStatusError(503, b"<html>busy</html>", {})
+    return cls()
+
+
+def test_tree_lists_every_error_class() -> None:
+    assert set(subclasses(GatewayError)) == set(TREE)
+
+
+@pytest.mark.parametrize("cls", list(TREE), ids=lambda cls: cls.__name__)
+def test_error_knows_status_type_code_and_retryable(cls: type[GatewayError]) -> None:
+    err = instance(cls)
+    assert (err.status, err.type, err.code, err.retryable) == TREE[cls]
+
+
+@pytest.mark.parametrize("cls", list(TREE), ids=lambda cls: cls.__name__)
+def test_error_renders_the_openai_shape(cls: type[GatewayError]) -> None:
+    err = instance(cls)
+    body = orjson.loads(err.body_bytes())
+    assert body == err.body()
+    assert list(body) == ["error"]
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    assert isinstance(body["error"]["code"], str)
+    assert body["error"]["code"] == err.code
+    assert isinstance(body["error"]["message"], str)
+    assert body["error"]["message"]
+    assert 400 <= err.status < 600
+
+
+def test_codes_are_unique() -> None:
+    codes = Counter(instance(cls).code for cls in TREE if cls is not UpstreamStatusError)
+    assert [code for code, n in codes.items() if n > 1] == []
+
+
+def test_message_and_param_are_the_callers() -> None:
+    err = InvalidField("temperature must be at most 2", param="temperature")
+    assert err.body()["error"] == {
+        "message": "temperature must be at most 2",
+        "type": "invalid_request_error",
+        "param": "temperature",
+        "code": "invalid_field",
+    }
+    assert str(err) == "temperature must be at most 2"
+
+
+def test_model_not_found_names_the_model() -> None:
+    assert ModelNotFound("gpt-x").body()["error"] == {
+        "message": "The model 'gpt-x' does not exist.",
+        "type": "invalid_request_error",
+        "param": "model",
+        "code": "model_not_found",
+    }
+
+
+def test_payload_too_large_states_the_limit() -> None:
+    assert PayloadTooLarge(1024).message == "The request body exceeds the limit of 1024 bytes."
+    assert PayloadTooLarge().message == "The request body exceeds the limit."
+
+
+@pytest.mark.parametrize(
+    "cls", [Unavailable, *subclasses(Unavailable)], ids=lambda cls: cls.__name__
+)
+def test_unavailable_errors_carry_retry_after(cls: type[Unavailable]) -> None:
+    assert cls().headers() == {"Retry-After": "1"}
+    err = cls(retry_after=7)
+    assert err.headers() == {"Retry-After": "7"}
+    response = error_response(err)
+    assert response.status == 503
+    assert response.headers["Retry-After"] == "7"
+    assert response.content_type == "application/json"
+
+
+def test_other_errors_carry_no_extra_headers() -> None:
+    plain = [cls for cls in TREE if not issubclass(cls, Unavailable | UpstreamStatusError)]
+    assert {cls.__name__: instance(cls).headers() for cls in plain} == {
+        cls.__name__: {} for cls in plain
+    }
+
+
+NESTED = orjson.dumps(
+    {
+        "error": {
+            "message": "This model's maximum context length is 4096 tokens.",
+            "type": "BadRequestError",
+            "param": None,
+            "code": 400,
+        }
+    }
+)
+HTML = b"<html><body>502 Bad Gateway</body></html>"
+FLAT = orjson.dumps(
+    {
+        "object": "error",
+        "message": "This model's maximum context length is 4096 tokens.",
+        "type": "BadRequestError",
+        "param": None,
+        "code": 400,
+    }
+)
+
+
+@pytest.mark.parametrize("body", [NESTED, FLAT], ids=["nested", "vllm_flat"])
+def test_upstream_openai_body_passes_through_unchanged(body: bytes) -> None:
+    err = UpstreamStatusError(400, body, {"Content-Type": "application/json"})
+    assert err.body_bytes() == body
+    response = error_response(err)
+    assert response.status == 400
+    assert response.body == body
+    assert response.content_type == "application/json"
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "code", "kind"),
+    [
+        (502, HTML, "upstream_unavailable", "upstream_error"),
+        (401, b'{"error": "Unauthorized"}', "upstream_http_401", "invalid_request_error"),
+        (500, b'{"detail": "Internal Server Error"}', "upstream_http_500", "upstream_error"),
+        (400, b'{"error": {"message": 5}}', "upstream_http_400", "invalid_request_error"),
+        (404, b"", "upstream_http_404", "invalid_request_error"),
+    ],
+)
+def test_upstream_other_body_is_wrapped_with_the_workers_status(
+    status: int, body: bytes, code: str, kind: str
+) -> None:
+    err = UpstreamStatusError(status, body, {})
+    assert err.status == status
+    assert orjson.loads(err.body_bytes()) == {
+        "error": {
+            "message": "The model worker answered with an error.",
+            "type": kind,
+            "param": None,
+            "code": code,
+        }
+    }
+
+
+def test_wrapped_upstream_body_is_sent_as_json() -> None:
+    response = error_response(UpstreamStatusError(502, HTML, {"Content-Type": "text/html"}))
+    assert response.body == UpstreamStatusError(502, HTML, {}).body_bytes()
+    assert response.content_type == "application/json"
+
+
+def test_upstream_retry_after_is_relayed() -> None:
+    err = UpstreamStatusError(503, b"", {"Retry-After": "3"})
+    assert error_response(err).headers["Retry-After"] == "3"
+
+
+@pytest.mark.parametrize("status", range(400, 600))
+def test_upstream_status_retryable_exactly_for_429_502_503_504(status: int) -> None:
+    err = UpstreamStatusError(status, b"", {})
+    retryable = status in {429, 502, 503, 504}
+    assert err.retryable is retryable
+    assert err.code == ("upstream_unavailable" if retryable else f"upstream_http_{status}")
+    assert err.worker_at_fault is (status >= 500 or status == 429)
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        (NESTED, True),
+        (FLAT, True),
+        (b'{"error": {"message": "no", "code": "x"}}', True),
+        (b'{"error": "Unauthorized"}', False),
+        (b'{"error": {"code": 401}}', False),
+        (b'{"error": {"message": null}}', False),
+        (b'{"object": "error"}', False),
+        (b'{"object": "list", "message": "hi"}', False),
+        (b'["error"]', False),
+        (b'"error"', False),
+        (b"<html>oops</html>", False),
+        (b"", False),
+        (b"\xff\xfe", False),
+    ],
+)
+def test_is_openai_error(body: bytes, expected: bool) -> None:
+    assert is_openai_error(body) is expected
+
+
+# --- balancer -------------------------------------------------------------------------------
+
+
+def workers(*loads: int, name: str = "w") -> list[Worker]:
+    return [Worker(f"http://{name}{i}:8000", in_flight=n) for i, n in enumerate(loads)]
+
+
+def test_balancer_with_no_candidates_picks_none() -> None:
+    assert LeastInFlight().pick([]) is None
+
+
+def test_balancer_picks_the_fewest_in_flight() -> None:
+    pool = workers(3, 1, 2)
+    balancer = LeastInFlight()
+    assert [balancer.pick(pool) for _ in range(5)] == [pool[1]] * 5
+
+
+def test_balancer_rotates_ties_evenly() -> None:
+    pool = workers(0, 0, 0, 5)
+    balancer = LeastInFlight()
+    picks = [balancer.pick(pool) for _ in range(300)]
+    assert set(picks[:3]) == set(pool[:3])  # each tied worker within one round
+    assert Counter(picks) == {pool[0]: 100, pool[1]: 100, pool[2]: 100}
+
+
+def test_balancer_keeps_held_requests_level() -> None:
+    pool = workers(0, 4, 0)
+    balancer = LeastInFlight()
+    for _ in range(20):
+        chosen = balancer.pick(pool)
+        assert chosen is not None
+        chosen.in_flight += 1
+    assert [w.in_flight for w in pool] == [8, 8, 8]
+
+
+def test_balancer_rotates_ties_per_pool_when_pools_alternate() -> None:
+    chat, embed = workers(0, 0, name="chat"), workers(0, 0, name="embed")
+    balancer = LeastInFlight()
+    picks: Counter[Worker | None] = Counter()
+    for _ in range(50):
+        picks[balancer.pick(chat)] += 1
+        picks[balancer.pick(embed)] += 1
+    assert picks == {chat[0]: 25, chat[1]: 25, embed[0]: 25, embed[1]: 25}
+
+
+# --- admission ------------------------------------------------------------------------------
+
+
+async def hold(admission: Admission, entered: asyncio.Event, release: asyncio.Event) -> None:
+    async with admission.slot():
+        entered.set()
+        await release.wait()
+
+
+async def test_free_slot_admits_without_suspending() -> None:
+    admission = Admission(2, queue_timeout=0, retry_after=1)
+    other = asyncio.get_running_loop().create_future()
+    asyncio.get_running_loop().call_soon(other.set_result, None)
+    async with admission.slot():
+        assert not other.done()  # the loop never ran: no wait happened
+        assert admission.in_flight == 1
+        async with admission.slot():
+            assert admission.in_flight == 2
+    assert admission.in_flight == 0
+    await other
+
+
+async def test_full_with_zero_queue_timeout_sheds_at_once() -> None:
+    admission = Admission(1, queue_timeout=0, retry_after=7)
+    async with admission.slot():
+        other = asyncio.get_running_loop().create_future()
+        asyncio.get_running_loop().call_soon(other.set_result, None)
+        with pytest.raises(Overloaded) as info:
+            async with admission.slot():
+                pytest.fail("admitted past the limit")
+        assert not other.done()  # shed before the loop ran again: no wait at all
+        assert admission.in_flight == 1
+        await other
+    assert info.value.retry_after == 7
+    assert info.value.headers() == {"Retry-After": "7"}
+    assert admission.in_flight == 0
+
+
+async def test_waiter_is_admitted_when_a_slot_frees() -> None:
+    """1. A holds the only slot. 2. B queues (long timeout). 3. A leaves. 4. B gets in at once."""
+    admission = Admission(1, queue_timeout=30.0, retry_after=1)
+    entered, release = asyncio.Event(), asyncio.Event()
+    admitted, done = asyncio.Event(), asyncio.Event()
+    holder = asyncio.create_task(hold(admission, entered, release))
+    await asyncio.wait_for(entered.wait(), DEADLINE)
+    waiter = asyncio.create_task(hold(admission, admitted, done))
+    await asyncio.sleep(0)  # one loop turn: B runs up to its wait for the slot
+    assert not admitted.is_set()
+    assert admission.in_flight == 1
+
+    release.set()
+    await asyncio.wait_for(admitted.wait(), DEADLINE)  # far below the 30 s queue timeout
+    assert holder.done()
+    assert admission.in_flight == 1
+    done.set()
+    await asyncio.wait_for(waiter, DEADLINE)
+    assert admission.in_flight == 0
+
+
+async def test_waiter_is_shed_after_the_queue_timeout() -> None:
+    admission = Admission(1, queue_timeout=0.05, retry_after=3)
+    loop = asyncio.get_running_loop()
+    async with admission.slot():
+        started = loop.time()
+        with pytest.raises(Overloaded) as info:
+            async with asyncio.timeout(DEADLINE), admission.slot():
+                pytest.fail("admitted past the limit")
+        waited = loop.time() - started
+    assert 0.05 <= waited < 1.0
+    assert info.value.retry_after == 3
+    assert admission.in_flight == 0
+
+
+async def assert_all_slots_free(admission: Admission) -> None:
+    """Every slot can be taken again; a leaked one would shed or wait past the deadline."""
+    assert admission.in_flight == 0
+    async with asyncio.timeout(DEADLINE), contextlib.AsyncExitStack() as stack:
+        for _ in range(admission.limit):
+            await stack.enter_async_context(admission.slot())
+        assert admission.in_flight == admission.limit
+    assert admission.in_flight == 0
+
+
+async def test_slot_is_returned_after_an_exception() -> None:
+    admission = Admission(2, queue_timeout=0, retry_after=1)
+    with pytest.raises(RuntimeError, match="boom"):
+        async with admission.slot():
+            raise RuntimeError("boom")
+    await assert_all_slots_free(admission)
+
+
+async def test_slot_is_returned_when_the_holder_is_cancelled() -> None:
+    admission = Admission(2, queue_timeout=0, retry_after=1)
+    entered, never = asyncio.Event(), asyncio.Event()
+    holder = asyncio.create_task(hold(admission, entered, never))
+    await asyncio.wait_for(entered.wait(), DEADLINE)
+    assert admission.in_flight == 1
+    holder.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await holder
+    await assert_all_slots_free(admission)
+
+
+async def test_cancelled_waiter_takes_no_slot() -> None:
+    admission = Admission(2, queue_timeout=30.0, retry_after=1)
+    entered, release = asyncio.Event(), asyncio.Event()
+    holders = [asyncio.create_task(hold(admission, entered, release)) for _ in range(2)]
+    await asyncio.wait_for(entered.wait(), DEADLINE)
+    waiter = asyncio.create_task(hold(admission, asyncio.Event(), asyncio.Event()))
+    await asyncio.sleep(0)  # one loop turn: the waiter queues for a slot
+    assert admission.in_flight == 2
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    release.set()
+    await asyncio.wait_for(asyncio.gather(*holders), DEADLINE)
+    await assert_all_slots_free(admission)
+
+
+async def test_waiter_cancelled_after_being_handed_a_slot_gives_it_back() -> None:
+    """The slot is released to B, and B is cancelled before it runs: the slot must not leak."""
+    admission = Admission(1, queue_timeout=30.0, retry_after=1)
+    admitted = asyncio.Event()
+    async with admission.slot():
+        waiter = asyncio.create_task(hold(admission, admitted, asyncio.Event()))
+        await asyncio.sleep(0)  # one loop turn: the waiter queues for a slot
+    waiter.cancel()  # no await since the release: the waiter has not run yet
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert not admitted.is_set()
+    assert admission.in_flight == 0
+    async with asyncio.timeout(DEADLINE), admission.slot():
+        assert admission.in_flight == 1
+
+
+# --- fleet ----------------------------------------------------------------------------------
+
+
+def fleet(*models: tuple[str, ...], failures_to_eject: int = 3) -> Fleet:
+    configured = [WorkerSettings(url=f"http://w{i}:8000", models=m) for i, m in enumerate(models)]
+    return Fleet(configured, failures_to_eject)
+
+
+def card(model: str, **fields: Any) -> dict[str, Any]:
+    return {"id": model, "object": "model", "owned_by": "vllm", **fields}
+
+
+def test_pools_follow_configured_models() -> None:
+    f = fleet(("a",), ("a", "b"), ())
+    w0, w1, w2 = f.workers
+    assert [w.url for w in f.workers] == ["http://w0:8000", "http://w1:8000", "http://w2:8000"]
+    assert (f.serves("a"), f.serves("b"), f.serves("c")) == (True, True, False)
+    assert f.candidates("a") == [w0, w1]
+    assert f.candidates("b") == [w1]
+    assert f.candidates("c") == []
+    assert w2.models == ()
+
+
+def test_candidates_exclude_unhealthy_and_excluded_workers() -> None:
+    f = fleet(("a",), ("a",), ("a",))
+    w0, w1, w2 = f.workers
+    f.apply_probe(w1, ProbeResult(healthy=False))
+    assert f.candidates("a") == [w0, w2]
+    assert f.candidates("a", exclude=[w0]) == [w2]
+    assert f.candidates("a", exclude=[w0, w2]) == []
+    assert f.serves("a")  # still a known model, only nobody can take it now
+
+
+def test_consecutive_failures_eject_and_success_resets_the_count() -> None:
+    f = fleet(("a",), ("a",), failures_to_eject=3)
+    w0, w1 = f.workers
+    changes: list[tuple[str, bool]] = []
+    f.on_health_change = lambda w: changes.append((w.url, w.healthy))
+    f.record_failure(w0)
+    f.record_failure(w0)
+    f.record_success(w0)
+    f.record_failure(w0)
+    f.record_failure(w0)
+    assert w0.healthy
+    assert w0.consecutive_failures == 2
+    assert changes == []
+    f.record_failure(w0)
+    assert not w0.healthy
+    assert changes == [("http://w0:8000", False)]
+    assert f.candidates("a") == [w1]
+
+
+def test_successful_probe_restores_an_ejected_worker() -> None:
+    f = fleet(("a",), failures_to_eject=2)
+    [w0] = f.workers
+    for _ in range(3):
+        f.record_failure(w0)
+    assert f.candidates("a") == []
+    f.apply_probe(w0, ProbeResult(healthy=True))
+    assert w0.healthy
+    assert w0.consecutive_failures == 0
+    assert f.candidates("a") == [w0]
+    f.record_failure(w0)
+    assert w0.healthy  # the count started over: one failure is not two
+
+
+def test_failed_probe_ejects_at_once() -> None:
+    f = fleet(("a",), failures_to_eject=3)
+    [w0] = f.workers
+    f.apply_probe(w0, ProbeResult(healthy=False))
+    assert not w0.healthy
+    assert not f.any_healthy()
+
+
+def test_discovered_models_feed_pools_and_cards() -> None:
+    f = fleet(("a",), ())
+    w1 = f.workers[1]
+    assert not f.serves("m")
+    f.apply_probe(w1, ProbeResult(healthy=True, models=(card("m", max_model_len=4096),)))
+    assert f.serves("m")
+    assert f.candidates("m") == [w1]
+    assert f.model_cards() == [card("a"), card("m", max_model_len=4096)]
+
+    f.apply_probe(w1, ProbeResult(healthy=True, models=None))  # not answered: keep what we know
+    assert f.candidates("m") == [w1]
+    f.apply_probe(w1, ProbeResult(healthy=True, models=()))  # answered: serves nothing now
+    assert not f.serves("m")
+    assert f.model_cards() == [card("a")]
+
+
+def test_configured_models_win_over_discovered_ones() -> None:
+    f = fleet(("a",))
+    [w0] = f.workers
+    discovered = (card("a", max_model_len=8192), card("other"))
+    f.apply_probe(w0, ProbeResult(healthy=True, models=discovered))
+    assert not f.serves("other")
+    assert f.model_cards() == [card("a", max_model_len=8192)]  # the worker's own card for "a"
+
+
+def test_model_cards_skip_unhealthy_workers_and_duplicates() -> None:
+    f = fleet(("a",), ("a", "b"), ("c",))
+    f.apply_probe(f.workers[2], ProbeResult(healthy=False))
+    assert f.model_cards() == [card("a"), card("b")]
+
+
+def test_any_healthy_needs_a_healthy_worker_with_models() -> None:
+    f = fleet((), ("a",))
+    w0, w1 = f.workers
+    assert f.any_healthy()
+    f.apply_probe(w1, ProbeResult(healthy=False))
+    assert not f.any_healthy()  # w0 is up but serves nothing yet
+    f.apply_probe(w0, ProbeResult(healthy=True, models=(card("m"),)))
+    assert f.any_healthy()
+
+
+async def test_probe_all_probes_every_worker_at_once() -> None:
+    """1. Both probes start before either may finish. 2. They finish in reverse order."""
+    f = fleet(("a",), ("b",))
+    w0, w1 = f.workers
+    started = {w.url: asyncio.Event() for w in f.workers}
+    release = {w.url: asyncio.Event() for w in f.workers}
+    verdict = {w0.url: False, w1.url: True}
+
+    async def probe(worker: Worker) -> ProbeResult:
+        started[worker.url].set()
+        await release[worker.url].wait()
+        return ProbeResult(healthy=verdict[worker.url])
+
+    f.apply_probe(w1, ProbeResult(healthy=False))
+    task = asyncio.create_task(probe_all(f, probe))
+    # A sequential prober would never start w1 while w0's probe is held: this would time out.
+    await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started.values())), DEADLINE)
+    release[w1.url].set()
+    release[w0.url].set()
+    await asyncio.wait_for(task, DEADLINE)
+    assert (w0.healthy, w1.healthy) == (False, True)
+
+
+async def test_slow_probe_does_not_delay_another_workers_result() -> None:
+    f = fleet(("a",), ("b",))
+    w0, w1 = f.workers
+    f.apply_probe(w1, ProbeResult(healthy=False))
+    release, w1_probed = asyncio.Event(), asyncio.Event()
+
+    async def probe(worker: Worker) -> ProbeResult:
+        if worker is w0:
+            await release.wait()
+        else:
+            w1_probed.set()
+        return ProbeResult(healthy=True)
+
+    task = asyncio.create_task(probe_all(f, probe))
+    try:
+        await asyncio.wait_for(w1_probed.wait(), DEADLINE)
+        await asyncio.sleep(0)  # one loop turn for the result to be applied
+        assert w1.healthy
+    finally:
+        release.set()
+        await asyncio.wait_for(task, DEADLINE)
+
+
+async def test_probe_that_raises_marks_only_its_worker_unhealthy(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    f = fleet(("a",), ("b",))
+    w0, w1 = f.workers
+    f.apply_probe(w1, ProbeResult(healthy=False))
+
+    async def probe(worker: Worker) -> ProbeResult:
+        if worker is w0:
+            raise RuntimeError("probe bug")
+        return ProbeResult(healthy=True)
+
+    await asyncio.wait_for(probe_all(f, probe), DEADLINE)
+    assert (w0.healthy, w1.healthy) == (False, True)
+    assert f.serves("a")  # configured models are kept; the worker is only out of rotation
+    [record] = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert record.getMessage() == "probe of http://w0:8000 failed unexpectedly"
