@@ -16,10 +16,11 @@ $(STAMP): pyproject.toml
 # The gateway on 127.0.0.1:8080 in front of two simulated vLLM workers serving `sim-model`.
 # Ctrl-C stops all three.
 run: $(STAMP)
-	@trap 'kill 0' INT TERM EXIT; \
+	@trap 'trap - INT TERM EXIT; kill 0' INT TERM EXIT; \
 	$(PY) -m gateway.simulator --host 127.0.0.1 --port 8001 --model sim-model & \
 	$(PY) -m gateway.simulator --host 127.0.0.1 --port 8002 --model sim-model & \
-	$(PY) -m gateway --config config/local.yaml
+	$(PY) -m gateway --config config/local.yaml & \
+	wait
 
 test: $(STAMP)
 	$(PY) -m pytest
