@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: run test lint format check-config clean
+.PHONY: run test lint format check-config clean tools
 
 $(STAMP): pyproject.toml
 	rm -f $(VENV)/.installed-*
@@ -22,7 +22,11 @@ run: $(STAMP)
 	$(PY) -m gateway --config config/local.yaml & \
 	wait
 
-test: $(STAMP)
+# Tools the end-to-end tests drive for real (they fail, never skip, without them).
+tools:
+	@command -v curl >/dev/null || { apt-get update -qq && apt-get install -y -qq curl; }
+
+test: $(STAMP) tools
 	$(PY) -m pytest
 
 lint: $(STAMP)

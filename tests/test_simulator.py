@@ -18,6 +18,7 @@ from pytest_aiohttp import AiohttpClient
 
 from gateway.simulator import ENGINE, FaultSpec, FaultSpecError, SimConfig, create_app, parse_fault
 from gateway.simulator.__main__ import main
+from tests.helpers import wait_for
 
 Client = TestClient[Any, Any]
 MakeClient = Callable[..., Awaitable[Client]]
@@ -31,15 +32,6 @@ def make_client(aiohttp_client: AiohttpClient) -> MakeClient:
         return await aiohttp_client(create_app(SimConfig(**knobs)))
 
     return make
-
-
-async def wait_for(predicate: Callable[[], bool], timeout: float) -> None:
-    """Poll `predicate` until true; fail the test if `timeout` seconds pass first."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
-        await asyncio.sleep(0.001)
 
 
 def chat(stream: bool = False, **fields: Any) -> dict[str, Any]:
