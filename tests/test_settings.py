@@ -393,3 +393,21 @@ def test_console_script_checks_a_file(cli: dict[str, tuple[int, str, str]]) -> N
     code, out, err = outcome(cli, "script_good")
     assert (code, err) == (0, "")
     assert out == "settings OK: 2 worker(s), port 8080\n"
+
+
+def test_kubernetes_service_link_variables_are_not_settings() -> None:
+    """A Service named vllm-gateway makes Kubernetes inject these into every pod."""
+    env = {
+        "VLLM_GATEWAY_PORT": "tcp://10.0.0.1:8080",
+        "VLLM_GATEWAY_PORT_8080_TCP": "tcp://10.0.0.1:8080",
+        "VLLM_GATEWAY_PORT_8080_TCP_ADDR": "10.0.0.1",
+        "VLLM_GATEWAY_SERVICE_HOST": "10.0.0.1",
+        "VLLM_GATEWAY_SERVICE_PORT": "8080",
+        "VLLM_GATEWAY_SERVICE_PORT_HTTP": "8080",
+        "VLLM_GATEWAY_WORKERS": '[{url: "http://w:8000"}]',
+    }
+    settings = load_settings(None, env)
+    assert settings.server.port == 8080
+    assert settings.workers[0].base_url == "http://w:8000"
+    with pytest.raises(SettingsError, match="portt"):
+        load_settings(None, {**env, "VLLM_GATEWAY_PORTT": "1"})

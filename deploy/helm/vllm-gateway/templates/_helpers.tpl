@@ -1,0 +1,83 @@
+{{/* Names and labels shared by every template. */}}
+
+{{- define "vllm-gateway.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "vllm-gateway.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "vllm-gateway.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Labels common to every object; call with (dict "ctx" $ "component" "gateway"). */}}
+{{- define "vllm-gateway.labels" -}}
+helm.sh/chart: {{ include "vllm-gateway.chart" .ctx }}
+{{ include "vllm-gateway.selectorLabels" . }}
+app.kubernetes.io/version: {{ .ctx.Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .ctx.Release.Service }}
+app.kubernetes.io/part-of: vllm-gateway
+{{- end }}
+
+{{- define "vllm-gateway.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "vllm-gateway.name" .ctx }}
+app.kubernetes.io/instance: {{ .ctx.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{- define "vllm-gateway.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "vllm-gateway.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* A worker's StatefulSet and headless Service name; call with (dict "ctx" $ "m" $model). */}}
+{{- define "vllm-gateway.workerName" -}}
+{{- printf "%s-vllm-%s" (include "vllm-gateway.fullname" .ctx) .m.name | trunc 52 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+The gateway settings as rendered into the ConfigMap: .Values.config, with one static worker URL
+per pod of each chart-deployed worker StatefulSet appended to `workers`.
+*/}}
+{{- define "vllm-gateway.config" -}}
+{{- $config := deepCopy .Values.config }}
+{{- $workers := list }}
+{{- range .Values.config.workers }}
+{{- $workers = append $workers . }}
+{{- end }}
+{{- if .Values.vllm.enabled }}
+{{- range $m := .Values.vllm.models }}
+{{- $name := include "vllm-gateway.workerName" (dict "ctx" $ "m" $m) }}
+{{- range $i := until (int (default 1 $m.replicas)) }}
+{{- $url := printf "http://%s-%d.%s.%s.svc.cluster.local:%d" $name $i $name $.Release.Namespace (int $.Values.vllm.port) }}
+{{- $workers = append $workers (dict "url" $url "models" (list (default $m.model $m.servedModelName))) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- if not $workers }}
+{{- fail "no workers: list them in config.workers, or enable vllm with at least one model" }}
+{{- end }}
+{{- $_ := set $config "workers" $workers }}
+{{- toYaml $config }}
+{{- end }}
+
+{{/* terminationGracePeriodSeconds: preStop + ceil(shutdown_grace + drain_timeout) + margin. */}}
+{{- define "vllm-gateway.terminationGracePeriod" -}}
+{{- $server := .Values.config.server }}
+{{- $drain := ceil (addf $server.shutdown_grace $server.drain_timeout) | int }}
+{{- add .Values.preStopSleepSeconds $drain .Values.terminationGraceMarginSeconds }}
+{{- end }}

@@ -1,0 +1,391 @@
+"""The Helm chart and the container image in deploy/, checked offline with the real tools.
+
+helm (at .cache/bin/helm) and kubernetes-validate (in the venv) are installed by
+`make deploy-tools`; without them these tests fail, they never skip. Every manifest of a
+built-in kind is validated against Kubernetes' own schemas with unknown fields rejected; the
+invariants that matter (shutdown timing, probes, settings, security) are asserted on the
+rendered objects.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from gateway.settings import Settings, load_settings
+
+REPO = Path(__file__).resolve().parent.parent
+HELM = REPO / ".cache" / "bin" / "helm"
+KUBERNETES_VALIDATE = Path(sys.executable).parent / "kubernetes-validate"
+CHART = REPO / "deploy" / "helm" / "vllm-gateway"
+ALL_ON = CHART / "ci" / "all-on-values.yaml"
+DOCKERFILE = REPO / "deploy" / "Dockerfile"
+# The chart's kubeVersion floor and the newest schemas kubernetes-validate ships.
+KUBERNETES_VERSIONS = ("1.25.0", "1.37.0")
+CUSTOM_KINDS = {"ServiceMonitor"}
+# The README's two cases: in front of existing vLLM services (default values, whose worker is a
+# placeholder), and gateway plus chart-deployed workers only; then every option on.
+VALUE_SETS = {
+    "default": [],
+    "workers-only": [
+        "--set-json",
+        "config.workers=[]",
+        "--set",
+        "vllm.enabled=true",
+        "--set-json",
+        'vllm.models=[{"name": "llama", "model": "meta-llama/Llama-3.1-8B-Instruct"}]',
+    ],
+    "all-on": ["-f", str(ALL_ON)],
+}
+
+Manifest = dict[str, Any]
+
+
+def helm(*args: str) -> subprocess.CompletedProcess[str]:
+    assert HELM.is_file(), f"{HELM} is missing: run `make deploy-tools`"
+    return subprocess.run(
+        [str(HELM), *args], capture_output=True, text=True, timeout=30, check=False
+    )
+
+
+def render(*args: str) -> list[Manifest]:
+    result = helm("template", "rel", str(CHART), "--namespace", "llm", *args)
+    assert result.returncode == 0, result.stderr
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+def one(manifests: list[Manifest], kind: str, component: str = "gateway") -> Manifest:
+    found = [
+        m
+        for m in manifests
+        if m["kind"] == kind and m["metadata"]["labels"]["app.kubernetes.io/component"] == component
+    ]
+    assert len(found) == 1, f"{len(found)} {kind} objects for {component}"
+    return found[0]
+
+
+def settings_of(manifests: list[Manifest], tmp_path: Path) -> Settings:
+    path = tmp_path / "gateway.yaml"
+    path.write_text(one(manifests, "ConfigMap")["data"]["gateway.yaml"], encoding="utf-8")
+    return load_settings(path, {})
+
+
+def containers(manifests: list[Manifest]) -> Iterator[dict[str, Any]]:
+    for m in manifests:
+        if m["kind"] in {"Deployment", "StatefulSet"}:
+            yield from m["spec"]["template"]["spec"]["containers"]
+
+
+@pytest.fixture(scope="module", params=list(VALUE_SETS))
+def rendered(request: pytest.FixtureRequest) -> list[Manifest]:
+    return render(*VALUE_SETS[request.param])
+
+
+@pytest.fixture(scope="module")
+def all_on() -> list[Manifest]:
+    return render("-f", str(ALL_ON))
+
+
+# --- the tools: lint, render, Kubernetes schemas ---------------------------------------------
+
+
+@pytest.mark.parametrize("values", list(VALUE_SETS))
+def test_helm_lint_passes(values: str) -> None:
+    result = helm("lint", "--strict", str(CHART), *VALUE_SETS[values])
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_every_builtin_manifest_passes_kubernetes_schemas_strictly(
+    rendered: list[Manifest], tmp_path: Path
+) -> None:
+    builtin = [m for m in rendered if m["kind"] not in CUSTOM_KINDS]
+    files = []
+    for i, manifest in enumerate(builtin):
+        files.append(tmp_path / f"{i}-{manifest['kind']}.yaml")
+        files[-1].write_text(yaml.safe_dump(manifest), encoding="utf-8")
+    for version in KUBERNETES_VERSIONS:
+        result = subprocess.run(
+            [str(KUBERNETES_VALIDATE), "--strict", "--quiet", "-k", version, *map(str, files)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        assert result.returncode == 0, f"Kubernetes {version}:\n{result.stdout}{result.stderr}"
+
+
+def test_kubernetes_validate_rejects_an_unknown_field(
+    all_on: list[Manifest], tmp_path: Path
+) -> None:
+    """The control for the test above: --strict really does catch a misplaced key."""
+    deployment = one(all_on, "Deployment")
+    deployment["spec"]["template"]["spec"]["containers"][0]["livenessProbes"] = {}
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(deployment), encoding="utf-8")
+    result = subprocess.run(
+        [str(KUBERNETES_VALIDATE), "--strict", "--quiet", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode != 0
+    assert "livenessProbes" in result.stdout + result.stderr
+
+
+def test_all_on_values_render_every_kind(all_on: list[Manifest]) -> None:
+    kinds = {m["kind"] for m in all_on}
+    assert kinds == {
+        "ConfigMap",
+        "Deployment",
+        "HorizontalPodAutoscaler",
+        "Ingress",
+        "NetworkPolicy",
+        "PodDisruptionBudget",
+        "Service",
+        "ServiceAccount",
+        "ServiceMonitor",
+        "StatefulSet",
+    }
+
+
+def test_service_monitors_select_a_service_port_named_http(all_on: list[Manifest]) -> None:
+    monitors = [m for m in all_on if m["kind"] == "ServiceMonitor"]
+    assert {m["metadata"]["labels"]["app.kubernetes.io/component"] for m in monitors} == {
+        "gateway",
+        "vllm",
+    }
+    services = [m for m in all_on if m["kind"] == "Service"]
+    for monitor in monitors:
+        assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+        assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+        assert set(monitor["spec"]) == {"selector", "endpoints"}
+        selector = monitor["spec"]["selector"]["matchLabels"].items()
+        matched = [s for s in services if selector <= s["metadata"]["labels"].items()]
+        assert matched, f"{monitor['metadata']['name']} selects no Service"
+        assert monitor["spec"]["endpoints"] == [
+            {"port": "http", "path": "/metrics", "interval": "30s"}
+        ]
+        for service in matched:
+            assert [p["name"] for p in service["spec"]["ports"]] == ["http"]
+
+
+# --- values.schema.json ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--set", "replicaCount=three"], "/replicaCount"),
+        (["--set", "replicaCount=-1"], "/replicaCount"),
+        (["--set", "replicaCont=3"], "replicaCont"),
+        (["--set", "config.server.port=http"], "/config/server/port"),
+        (["--set", "config.server.host=127.0.0.1"], "/config/server/host"),
+        (["--set", "config.timeouts.firstToken=5"], "firstToken"),
+        (["--set", "vllm.startupFailureThreshold=30"], "/vllm/startupFailureThreshold"),
+        (["--set", "podAntiAffinity=always"], "/podAntiAffinity"),
+    ],
+)
+def test_schema_rejects_a_bad_value(args: list[str], message: str) -> None:
+    result = helm("template", "rel", str(CHART), *args)
+    assert result.returncode != 0
+    assert message in result.stderr
+
+
+def test_rendering_without_any_worker_fails_with_the_reason() -> None:
+    result = helm("template", "rel", str(CHART), "--set-json", "config.workers=[]")
+    assert result.returncode != 0
+    assert "no workers" in result.stderr
+
+
+# --- the gateway ------------------------------------------------------------------------------
+
+
+def test_configmap_passes_the_gateways_own_check(rendered: list[Manifest], tmp_path: Path) -> None:
+    path = tmp_path / "gateway.yaml"
+    path.write_text(one(rendered, "ConfigMap")["data"]["gateway.yaml"], encoding="utf-8")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_GATEWAY_")}
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway", "--config", str(path), "--check"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+        cwd=REPO,
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr
+    assert settings_of(rendered, tmp_path).server.host == "0.0.0.0"
+
+
+def test_grace_period_outlasts_prestop_grace_and_drain(
+    rendered: list[Manifest], tmp_path: Path
+) -> None:
+    server = settings_of(rendered, tmp_path).server
+    pod = one(rendered, "Deployment")["spec"]["template"]["spec"]
+    sleep = pod["containers"][0]["lifecycle"]["preStop"]["exec"]["command"]
+    assert sleep[0] == "sleep"
+    budget = int(sleep[1]) + server.shutdown_grace + server.drain_timeout
+    assert pod["terminationGracePeriodSeconds"] > budget
+    assert pod["terminationGracePeriodSeconds"] > server.shutdown_grace + server.drain_timeout
+
+
+def test_probes_use_health_and_ready_on_the_configured_port(
+    rendered: list[Manifest], tmp_path: Path
+) -> None:
+    port = settings_of(rendered, tmp_path).server.port
+    container = one(rendered, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    assert container["ports"] == [{"name": "http", "containerPort": port, "protocol": "TCP"}]
+    assert container["livenessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "http"}
+    service = one(rendered, "Service")
+    assert service["spec"]["ports"][0]["targetPort"] == "http"
+
+
+def test_gateway_pod_is_locked_down(rendered: list[Manifest]) -> None:
+    pod = one(rendered, "Deployment")["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    context = pod["containers"][0]["securityContext"]
+    assert context["readOnlyRootFilesystem"] is True
+    assert context["allowPrivilegeEscalation"] is False
+    assert context["capabilities"] == {"drop": ["ALL"]}
+    # Service links would inject VLLM_GATEWAY_PORT & co, which the gateway reads as settings.
+    assert pod["enableServiceLinks"] is False
+    assert not any(
+        e["name"].startswith("VLLM_GATEWAY_") for e in pod["containers"][0].get("env", [])
+    )
+
+
+def test_a_config_change_rolls_the_gateway_pods() -> None:
+    def checksum(*args: str) -> str:
+        pod = one(render(*args), "Deployment")["spec"]["template"]
+        return str(pod["metadata"]["annotations"]["checksum/config"])
+
+    assert checksum() != checksum("--set", "config.logging.level=DEBUG")
+
+
+def test_ingress_keeps_streams_unbuffered_and_open(all_on: list[Manifest], tmp_path: Path) -> None:
+    annotations = one(all_on, "Ingress")["metadata"]["annotations"]
+    assert annotations["nginx.ingress.kubernetes.io/proxy-buffering"] == "off"
+    total = settings_of(all_on, tmp_path).timeouts.total
+    for key in ("proxy-read-timeout", "proxy-send-timeout"):
+        assert int(annotations[f"nginx.ingress.kubernetes.io/{key}"]) >= total
+    assert annotations["cert-manager.io/cluster-issuer"] == "letsencrypt"
+
+
+def test_autoscaler_owns_the_replica_count(all_on: list[Manifest]) -> None:
+    assert "replicas" not in one(all_on, "Deployment")["spec"]
+    hpa = one(all_on, "HorizontalPodAutoscaler")
+    assert hpa["spec"]["scaleTargetRef"]["name"] == one(all_on, "Deployment")["metadata"]["name"]
+
+
+# --- vLLM workers -----------------------------------------------------------------------------
+
+
+def test_every_worker_pod_is_a_gateway_worker(all_on: list[Manifest], tmp_path: Path) -> None:
+    urls = {str(w.url).rstrip("/"): w.models for w in settings_of(all_on, tmp_path).workers}
+    expected = {"http://vllm-existing.inference.svc.cluster.local:8000": ("existing-model",)}
+    for sts in (m for m in all_on if m["kind"] == "StatefulSet"):
+        name, replicas = sts["metadata"]["name"], sts["spec"]["replicas"]
+        service = next(
+            m for m in all_on if m["kind"] == "Service" and m["metadata"]["name"] == name
+        )
+        assert service["spec"]["clusterIP"] == "None"
+        assert sts["spec"]["serviceName"] == name
+        args = sts["spec"]["template"]["spec"]["containers"][0]["args"]
+        served = (
+            args[args.index("--served-model-name") + 1] if "--served-model-name" in args else None
+        )
+        model = served or args[args.index("--model") + 1]
+        for i in range(replicas):
+            expected[f"http://{name}-{i}.{name}.llm.svc.cluster.local:8000"] = (model,)
+    assert urls == expected
+
+
+def test_worker_pods_get_gpus_shm_and_time_to_load(all_on: list[Manifest]) -> None:
+    for sts in (m for m in all_on if m["kind"] == "StatefulSet"):
+        pod = sts["spec"]["template"]["spec"]
+        container = pod["containers"][0]
+        assert container["image"].startswith("vllm/vllm-openai:")
+        assert "--model" in container["args"]
+        assert int(container["resources"]["limits"]["nvidia.com/gpu"]) >= 1
+        startup = container["startupProbe"]
+        assert startup["httpGet"]["path"] == "/health"
+        assert startup["periodSeconds"] * startup["failureThreshold"] >= 20 * 60
+        assert container["readinessProbe"]["httpGet"]["path"] == "/health"
+        shm = next(v for v in pod["volumes"] if v["name"] == "shm")
+        assert shm["emptyDir"]["medium"] == "Memory"
+        assert {"name": "shm", "mountPath": "/dev/shm"} in container["volumeMounts"]
+    tensor_parallel = [
+        c["args"][c["args"].index("--tensor-parallel-size") + 1]
+        for c in containers(all_on)
+        if "--tensor-parallel-size" in c["args"]
+    ]
+    assert tensor_parallel == ["4"]
+
+
+# --- the image --------------------------------------------------------------------------------
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text(encoding="utf-8"))
+    lines = (line.strip() for line in text.splitlines())
+    return [
+        (word.upper(), rest.strip())
+        for word, _, rest in (line.partition(" ") for line in lines if line and line[0] != "#")
+    ]
+
+
+def test_dockerfile_is_multi_stage_on_a_pinned_slim_base() -> None:
+    instructions = dockerfile_instructions()
+    arg = dict(v.split("=", 1) for k, v in instructions if k == "ARG" and "=" in v)
+    bases = [
+        v.split()[0].replace("${PYTHON_IMAGE}", arg.get("PYTHON_IMAGE", ""))
+        for k, v in instructions
+        if k == "FROM"
+    ]
+    assert len(bases) >= 2
+    for base in bases:
+        assert re.fullmatch(r"python:3\.11\.\d+-slim-bookworm", base), base
+    runs = " ".join(v for k, v in instructions if k == "RUN")
+    assert "pip install" in runs
+    assert "[dev]" not in runs
+
+
+def test_dockerfile_runs_the_gateway_as_non_root_with_a_health_check() -> None:
+    instructions = dockerfile_instructions()
+    final = instructions[max(i for i, (k, _) in enumerate(instructions) if k == "FROM") :]
+    users = [v for k, v in final if k == "USER"]
+    assert users, "no USER in the final stage"
+    assert users[-1].split(":")[0] not in {"root", "0"}
+    assert ("ENTRYPOINT", '["vllm-gateway"]') in final
+    assert ("CMD", '["--config", "/etc/vllm-gateway/gateway.yaml"]') in final
+    assert ("EXPOSE", "8080") in final
+    healthcheck = next(v for k, v in final if k == "HEALTHCHECK")
+    assert "urllib.request" in healthcheck
+    assert "/health" in healthcheck
+
+
+def test_build_context_sends_what_copy_needs_and_nothing_else() -> None:
+    """deploy/Dockerfile.dockerignore (read by BuildKit) allow-lists the COPY sources."""
+    lines = (DOCKERFILE.parent / "Dockerfile.dockerignore").read_text(encoding="utf-8")
+    patterns = [p.strip() for p in lines.splitlines() if p.strip() and not p.startswith("#")]
+    allowed = {p.removeprefix("!").rstrip("/") for p in patterns if p.startswith("!")}
+    assert patterns[0] == "*"
+    sources = [
+        source.rstrip("/")
+        for word, rest in dockerfile_instructions()
+        if word == "COPY" and "--from=" not in rest
+        for source in [s for s in rest.split() if not s.startswith("--")][:-1]
+    ]
+    assert sources
+    assert set(sources) <= allowed
