@@ -23,6 +23,10 @@ from gateway.settings import Settings
 from gateway.upstream import Upstream
 from gateway.workers import Fleet, Worker, probe_all, probe_forever
 
+# How often the loop-lag timer wakes: often enough to catch a stall of a few tens of ms within
+# a scrape interval, rare enough to cost nothing.
+LOOP_LAG_INTERVAL = 0.25
+
 
 def create_app(
     settings: Settings,
@@ -37,11 +41,18 @@ def create_app(
     metrics = GatewayMetrics(registry if registry is not None else CollectorRegistry())
     fleet = Fleet(settings.workers, settings.health.failures_to_eject)
     fleet.on_health_change = lambda worker: _export_health(metrics, worker)
+    fleet.on_eject = lambda worker: metrics.worker_ejections.labels(worker.url).inc()
+    for worker in fleet.workers:
+        # Per-worker series exist from the start at zero, so rate() sees their first increase.
+        metrics.upstream_connect.labels(worker.url)
+        metrics.worker_in_flight.labels(worker.url)
+        metrics.worker_ejections.labels(worker.url)
     app[keys.SETTINGS] = settings
     app[keys.METRICS] = metrics
     app[keys.FLEET] = fleet
     app[keys.LIFECYCLE] = lifecycle if lifecycle is not None else Lifecycle()
     app.cleanup_ctx.append(_upstream_and_probes)
+    app.cleanup_ctx.append(_loop_lag_timer)
     app.on_response_prepare.append(add_request_id_header)
     app.router.add_post("/v1/chat/completions", handlers.chat_completions)
     app.router.add_post("/v1/completions", handlers.completions)
@@ -60,7 +71,7 @@ def _export_health(metrics: GatewayMetrics, worker: Worker) -> None:
 async def _upstream_and_probes(app: web.Application) -> AsyncIterator[None]:
     settings = app[keys.SETTINGS]
     fleet = app[keys.FLEET]
-    upstream = Upstream(settings.limits, settings.timeouts, settings.health)
+    upstream = Upstream(settings.limits, settings.timeouts, settings.health, app[keys.METRICS])
     app[keys.PROXY] = Proxy(settings, fleet, upstream, app[keys.METRICS], app[keys.LIFECYCLE])
     # One probe round before serving, so /ready and /v1/models are true from the first request;
     # each probe is bounded by health.timeout, so a dead worker cannot hold the start up.
@@ -73,3 +84,21 @@ async def _upstream_and_probes(app: web.Application) -> AsyncIterator[None]:
         with contextlib.suppress(asyncio.CancelledError):
             await prober
         await upstream.close()
+
+
+async def _loop_lag_timer(app: web.Application) -> AsyncIterator[None]:
+    task = asyncio.create_task(measure_loop_lag(app[keys.METRICS], LOOP_LAG_INTERVAL))
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def measure_loop_lag(metrics: GatewayMetrics, interval: float) -> None:
+    loop = asyncio.get_running_loop()
+    while True:
+        asked = loop.time()
+        await asyncio.sleep(interval)
+        metrics.event_loop_lag.observe(max(loop.time() - asked - interval, 0.0))

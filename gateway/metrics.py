@@ -14,6 +14,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 LATENCY_BUCKETS = (
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
 )  # fmt: skip
+# Gaps between tokens and event-loop stalls: sub-millisecond to a few seconds.
+SHORT_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+)  # fmt: skip
 
 
 class GatewayMetrics:
@@ -45,6 +49,17 @@ class GatewayMetrics:
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
+        # Clock: starts when one upstream chunk of a committed stream has been read; stops when the
+        # next one has. vLLM sends one chunk per engine step, so this is the inter-token latency
+        # the client sees (plus network). Streams only; held-back chunks before the first token
+        # are not counted.
+        self.inter_token_latency = Histogram(
+            "gateway_inter_token_latency_seconds",
+            "Gap between consecutive chunks of a stream after its first token.",
+            ["model"],
+            buckets=SHORT_BUCKETS,
+            registry=registry,
+        )
         # Clock: starts when the gateway has the request body; stops when the last byte has been
         # written to the client (or the request failed).
         self.request_duration = Histogram(
@@ -52,6 +67,16 @@ class GatewayMetrics:
             "Time from request received to response finished.",
             ["model", "route"],
             buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        # Clock: starts when the client pool opens a new TCP connection to a worker; stops when
+        # the connection is established. Reused pooled connections are not observed (they cost
+        # no connect); a failed connect is counted in upstream errors instead.
+        self.upstream_connect = Histogram(
+            "gateway_upstream_connect_seconds",
+            "Time to open a new connection to a worker.",
+            ["worker"],
+            buckets=SHORT_BUCKETS,
             registry=registry,
         )
         # Clock: starts when the request asks for admission; stops when it is admitted or shed.
@@ -79,9 +104,31 @@ class GatewayMetrics:
             ["worker", "kind"],
             registry=registry,
         )
+        self.worker_ejections = Counter(
+            "gateway_worker_ejections",
+            "Workers taken out after consecutive failed requests (passive health).",
+            ["worker"],
+            registry=registry,
+        )
         self.worker_healthy = Gauge(
             "gateway_worker_healthy",
             "1 if the worker is taking requests, else 0.",
             ["worker"],
+            registry=registry,
+        )
+        self.tokens = Counter(
+            "gateway_tokens",
+            "Tokens reported by the workers' usage (streams that carry usage), by model and kind "
+            "('prompt' or 'completion').",
+            ["model", "kind"],
+            registry=registry,
+        )
+        # Clock: starts when the loop-lag timer asks to sleep for its interval; stops when it runs
+        # again. The observation is the excess over the interval: how long the event loop was
+        # busy (a blocking call, a CPU-heavy callback) when the timer was due.
+        self.event_loop_lag = Histogram(
+            "gateway_event_loop_lag_seconds",
+            "How late a periodic timer ran on the event loop.",
+            buckets=SHORT_BUCKETS,
             registry=registry,
         )

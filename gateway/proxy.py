@@ -123,6 +123,7 @@ class Exchange:
     code: str = ""
     attempts: int = 0
     first_token_at: float | None = None
+    usage: dict[str, int] | None = None  # the worker's usage, when a stream carried it
     tried: list[Worker] = field(default_factory=list)
 
     @property
@@ -317,6 +318,8 @@ class Proxy:
         phase.reschedule(loop.time() + idle)
         client = await self._commit(ex, web.StreamResponse(status=200, headers=SSE_HEADERS))
         await client.write(b"".join(held))
+        itl = self._metrics.inter_token_latency.labels(self._model_label(ex))
+        last = loop.time()
         while not observer.done:
             try:
                 chunk = await self._upstream.read_chunk(response)
@@ -324,15 +327,29 @@ class Proxy:
                 raise UpstreamStreamTruncated() from exc
             if not chunk:
                 break
-            phase.reschedule(loop.time() + idle)
+            now = loop.time()
+            itl.observe(now - last)
+            last = now
+            phase.reschedule(now + idle)
             observer.feed(chunk)
             await client.write(chunk)
         observer.finish()
+        self._count_usage(ex, observer.usage)
         if not observer.done:
             if observer.finish_reason is None and observer.error is None:
                 raise UpstreamStreamTruncated()
             await client.write(DONE_EVENT)  # the answer was complete; only the marker was lost
         await client.write_eof()
+
+    def _count_usage(self, ex: Exchange, usage: dict[str, int] | None) -> None:
+        if not usage:
+            return
+        ex.usage = usage
+        model = self._model_label(ex)
+        for kind in ("prompt", "completion"):
+            tokens = usage.get(f"{kind}_tokens")
+            if tokens is not None and tokens >= 0:
+                self._metrics.tokens.labels(model, kind).inc(tokens)
 
     async def _relay_body(
         self, ex: Exchange, response: ClientResponse, phase: asyncio.Timeout
@@ -394,6 +411,7 @@ class Proxy:
         access_log.info(
             "request",
             extra={
+                "request_id": ex.request.get(REQUEST_ID, "-"),
                 "route": ex.route.name,
                 "model": model,
                 "stream": ex.stream,
@@ -403,5 +421,8 @@ class Proxy:
                 "code": ex.code,
                 "ttft": round(ex.first_token_at - ex.started, 4) if ex.first_token_at else None,
                 "duration": round(duration, 4),
+                "retries": max(ex.attempts - 1, 0),
+                "prompt_tokens": ex.usage.get("prompt_tokens") if ex.usage else None,
+                "completion_tokens": ex.usage.get("completion_tokens") if ex.usage else None,
             },
         )

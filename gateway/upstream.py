@@ -10,6 +10,7 @@ a stream is. ``ClientTimeout.total`` stays None: it would count the whole stream
 from __future__ import annotations
 
 import asyncio
+from types import SimpleNamespace
 
 import aiohttp
 import orjson
@@ -22,6 +23,7 @@ from gateway.errors import (
     UpstreamDisconnected,
     UpstreamError,
 )
+from gateway.metrics import GatewayMetrics
 from gateway.settings import HealthSettings, LimitSettings, TimeoutSettings
 from gateway.workers import ModelCard, ProbeResult, Worker
 
@@ -44,7 +46,11 @@ class Upstream:
     """Owns the ``ClientSession``; create inside a running loop and ``close()`` at shutdown."""
 
     def __init__(
-        self, limits: LimitSettings, timeouts: TimeoutSettings, health: HealthSettings
+        self,
+        limits: LimitSettings,
+        timeouts: TimeoutSettings,
+        health: HealthSettings,
+        metrics: GatewayMetrics | None = None,
     ) -> None:
         connector = aiohttp.TCPConnector(
             limit=limits.pool_size,
@@ -59,6 +65,7 @@ class Upstream:
             ),
             auto_decompress=False,
             skip_auto_headers=("User-Agent",),
+            trace_configs=[_connect_timer(metrics)] if metrics is not None else None,
         )
         # Probes get their own small pool: a worker whose request pool is full must still be
         # probed at once, not after the requests ahead of the probe.
@@ -79,7 +86,9 @@ class Upstream:
     ) -> ClientResponse:
         """POST and return once the response headers are in; the caller closes the response."""
         try:
-            return await self._session.post(worker.url + path, data=body, headers=headers)
+            return await self._session.post(
+                worker.url + path, data=body, headers=headers, trace_request_ctx=worker.url
+            )
         except aiohttp.ConnectionTimeoutError as exc:
             raise ConnectTimeout() from exc
         except aiohttp.ClientConnectorError as exc:
@@ -137,6 +146,30 @@ class Upstream:
         if not isinstance(cards, list):
             return None
         return tuple(c for c in cards if isinstance(c, dict) and isinstance(c.get("id"), str))
+
+
+def _connect_timer(metrics: GatewayMetrics) -> aiohttp.TraceConfig:
+    """Feeds ``gateway_upstream_connect_seconds``; ``trace_request_ctx`` is the worker URL."""
+
+    async def start(
+        session: aiohttp.ClientSession,
+        ctx: SimpleNamespace,
+        params: aiohttp.TraceConnectionCreateStartParams,
+    ) -> None:
+        ctx.connect_started = asyncio.get_running_loop().time()
+
+    async def end(
+        session: aiohttp.ClientSession,
+        ctx: SimpleNamespace,
+        params: aiohttp.TraceConnectionCreateEndParams,
+    ) -> None:
+        elapsed = asyncio.get_running_loop().time() - ctx.connect_started
+        metrics.upstream_connect.labels(str(ctx.trace_request_ctx)).observe(elapsed)
+
+    trace = aiohttp.TraceConfig()
+    trace.on_connection_create_start.append(start)
+    trace.on_connection_create_end.append(end)
+    return trace
 
 
 async def _none() -> None:

@@ -55,6 +55,7 @@ class Fleet:
         self._failures_to_eject = failures_to_eject
         self._pools: dict[str, list[Worker]] = {}
         self.on_health_change: Callable[[Worker], None] = lambda worker: None
+        self.on_eject: Callable[[Worker], None] = lambda worker: None  # passive ejection only
         self._rebuild_pools()
 
     def serves(self, model: str) -> bool:
@@ -81,6 +82,7 @@ class Fleet:
         worker.consecutive_failures += 1
         if worker.healthy and worker.consecutive_failures >= self._failures_to_eject:
             self._set_health(worker, False)
+            self.on_eject(worker)
 
     def apply_probe(self, worker: Worker, result: ProbeResult) -> None:
         if result.models is not None and result.models != worker.discovered:

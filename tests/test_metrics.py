@@ -1,0 +1,158 @@
+"""Metrics and the access log over real sockets: token counters, inter-token latency,
+event-loop lag, and one JSON access line per request that never carries the prompt."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import aiohttp
+import orjson
+import pytest
+
+from gateway.logs import JsonFormatter
+from tests.conftest import GatewayFactory, SimFactory
+from tests.helpers import chat, sse_data, stream_text, wait_for
+
+MODEL = "sim-model"
+
+
+def _usage(raw: bytes) -> dict[str, int]:
+    events = [orjson.loads(d) for d in sse_data(raw) if d != "[DONE]"]
+    [usage] = [e["usage"] for e in events if e.get("usage")]
+    return {k: v for k, v in usage.items() if isinstance(v, int)}
+
+
+async def test_token_counters_equal_the_usage_the_worker_reported(
+    sim: SimFactory, gateway: GatewayFactory, client: aiohttp.ClientSession
+) -> None:
+    gw = await gateway(await sim())
+    total = {"prompt": 0, "completion": 0}
+    for max_tokens in (3, 7):
+        body = chat(stream=True, max_tokens=max_tokens, stream_options={"include_usage": True})
+        async with client.post(f"{gw.url}/v1/chat/completions", json=body) as resp:
+            assert resp.status == 200
+            usage = _usage(await resp.read())
+        assert usage["completion_tokens"] == max_tokens
+        total["prompt"] += usage["prompt_tokens"]
+        total["completion"] += usage["completion_tokens"]
+    for kind, tokens in total.items():
+        assert gw.metric("gateway_tokens_total", model=MODEL, kind=kind) == tokens
+
+
+async def test_streams_without_usage_count_no_tokens(
+    sim: SimFactory, gateway: GatewayFactory, client: aiohttp.ClientSession
+) -> None:
+    """Tokens come only from usage a worker reported; the gateway does not guess."""
+    gw = await gateway(await sim())
+    async with client.post(f"{gw.url}/v1/chat/completions", json=chat(stream=True)) as resp:
+        assert resp.status == 200
+        await resp.read()
+    assert gw.metric("gateway_requests_total", model=MODEL, route="chat_completions",
+                     status="200", code="") == 1  # fmt: skip
+    assert gw.metric("gateway_tokens_total", model=MODEL, kind="completion") == 0
+
+
+async def test_inter_token_latency_observes_the_gaps_of_a_stream(
+    sim: SimFactory, gateway: GatewayFactory, client: aiohttp.ClientSession
+) -> None:
+    itl = 0.02
+    gw = await gateway(await sim(itl_base=itl, itl_per_seq=0.0))
+    async with client.post(f"{gw.url}/v1/chat/completions", json=chat(max_tokens=4)) as resp:
+        await resp.read()
+    name = "gateway_inter_token_latency_seconds"
+    assert gw.metric(f"{name}_count", model=MODEL) == 0  # not a stream: no gaps observed
+    body = chat(stream=True, max_tokens=10)
+    async with client.post(f"{gw.url}/v1/chat/completions", json=body) as resp:
+        await resp.read()
+    count = gw.metric(f"{name}_count", model=MODEL)
+    # Ten tokens give nine gaps of `itl` after the first one (plus the [DONE] read); a read
+    # may join two events, which makes fewer, longer gaps, never shorter ones.
+    assert 1 <= count <= 11
+    assert gw.metric(f"{name}_sum", model=MODEL) / count >= itl * 0.8
+    assert gw.metric(f"{name}_sum", model=MODEL) >= 8 * itl * 0.9
+
+
+async def test_event_loop_lag_shows_a_blocking_call(
+    sim: SimFactory, gateway: GatewayFactory
+) -> None:
+    gw = await gateway(await sim())
+    name = "gateway_event_loop_lag_seconds"
+    await wait_for(lambda: gw.metric(f"{name}_count") >= 1, 5, "a first lag observation")
+    assert gw.metric(f"{name}_bucket", le="0.1") == gw.metric(f"{name}_count")
+    time.sleep(0.6)  # blocks the loop: the lag is at least 0.6 - LOOP_LAG_INTERVAL
+    await wait_for(
+        lambda: gw.metric(f"{name}_bucket", le="0.1") < gw.metric(f"{name}_count"),
+        5,
+        "a lag observation above 0.1 s",
+    )
+
+
+async def test_access_log_is_one_json_line_with_ids_and_tokens_but_no_prompt(
+    sim: SimFactory,
+    gateway: GatewayFactory,
+    client: aiohttp.ClientSession,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    gw = await gateway(await sim())
+    caplog.set_level(logging.INFO, logger="gateway.access")
+    prompt = "the-secret-prompt-xyzzy"
+    body = chat(stream=True, max_tokens=5, stream_options={"include_usage": True})
+    body["messages"][0]["content"] = prompt
+    headers = {"Authorization": "Bearer sk-secret-key-123", "X-Request-Id": "req-metrics-1"}
+    async with client.post(f"{gw.url}/v1/chat/completions", json=body, headers=headers) as resp:
+        raw = await resp.read()
+    usage = _usage(raw)
+    [record] = [r for r in caplog.records if r.name == "gateway.access"]
+    line = JsonFormatter().format(record)
+    assert "\n" not in line
+    fields = orjson.loads(line)
+    assert fields["request_id"] == "req-metrics-1"
+    assert fields["model"] == MODEL
+    assert fields["route"] == "chat_completions"
+    assert fields["worker"] == gw.fleet.workers[0].url
+    assert fields["status"] == 200
+    assert fields["code"] == ""
+    assert fields["retries"] == 0
+    assert fields["ttft"] is not None and fields["ttft"] <= fields["duration"]
+    assert fields["prompt_tokens"] == usage["prompt_tokens"]
+    assert fields["completion_tokens"] == 5
+    assert prompt not in line and "xyzzy" not in line
+    assert "sk-secret" not in line
+    answer = stream_text(raw)
+    assert len(answer) > 10 and answer not in line  # nor the completion
+
+
+async def test_upstream_connect_time_counts_new_connections_only(
+    sim: SimFactory, gateway: GatewayFactory, client: aiohttp.ClientSession
+) -> None:
+    worker = await sim()
+    gw = await gateway(worker)
+    name = "gateway_upstream_connect_seconds_count"
+    assert gw.registry.get_sample_value(name, {"worker": worker.url}) == 0  # exported at zero
+    for _ in range(3):  # one after another: the pooled connection is reused
+        async with client.post(f"{gw.url}/v1/chat/completions", json=chat()) as resp:
+            assert resp.status == 200
+            await resp.read()
+    assert gw.metric(name, worker=worker.url) == 1
+    assert 0 < gw.metric("gateway_upstream_connect_seconds_sum", worker=worker.url) < 1.0
+
+
+async def test_passive_ejection_is_counted_and_shown_as_unhealthy(
+    sim: SimFactory, gateway: GatewayFactory, client: aiohttp.ClientSession
+) -> None:
+    worker = await sim()
+    gw = await gateway(worker, health={"interval": 60.0, "timeout": 1.0, "failures_to_eject": 2})
+    assert gw.metric("gateway_worker_ejections_total", worker=worker.url) == 0
+    assert gw.metric("gateway_worker_healthy", worker=worker.url) == 1
+    for _ in range(2):
+        headers = {"X-Sim-Fault": "status=500"}
+        async with client.post(
+            f"{gw.url}/v1/chat/completions", json=chat(), headers=headers
+        ) as resp:
+            assert resp.status == 500
+            await resp.read()
+    assert gw.metric("gateway_worker_ejections_total", worker=worker.url) == 1
+    assert gw.metric("gateway_worker_healthy", worker=worker.url) == 0
+    assert gw.metric("gateway_upstream_errors_total", worker=worker.url,
+                     kind="upstream_http_500") == 2  # fmt: skip
