@@ -30,7 +30,7 @@ ALL_ON = CHART / "ci" / "all-on-values.yaml"
 DOCKERFILE = REPO / "deploy" / "Dockerfile"
 # The chart's kubeVersion floor and the newest schemas kubernetes-validate ships.
 KUBERNETES_VERSIONS = ("1.25.0", "1.37.0")
-CUSTOM_KINDS = {"ServiceMonitor"}
+CUSTOM_KINDS = {"ServiceMonitor", "PrometheusRule"}
 # The README's two cases: in front of existing vLLM services (default values, whose worker is a
 # placeholder), and gateway plus chart-deployed workers only; then every option on.
 VALUE_SETS = {
@@ -150,11 +150,45 @@ def test_all_on_values_render_every_kind(all_on: list[Manifest]) -> None:
         "Ingress",
         "NetworkPolicy",
         "PodDisruptionBudget",
+        "PrometheusRule",
         "Service",
         "ServiceAccount",
         "ServiceMonitor",
         "StatefulSet",
     }
+
+
+def test_prometheus_rule_is_grafana_alerts_yaml_and_passes_promtool(
+    all_on: list[Manifest], tmp_path: Path
+) -> None:
+    """The chart ships grafana/alerts.yaml itself (through a symlink), not a copy."""
+    rule = one(all_on, "PrometheusRule", "monitoring")
+    source = yaml.safe_load((REPO / "grafana" / "alerts.yaml").read_text())
+    assert rule["spec"]["groups"] == source["groups"]
+    assert rule["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    rendered = tmp_path / "rules.yaml"
+    rendered.write_text(yaml.safe_dump({"groups": rule["spec"]["groups"]}))
+    result = subprocess.run(
+        ["promtool", "check", "rules", str(rendered)],
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_dashboard_configmap_is_grafana_dashboard_json_for_the_sidecar(
+    all_on: list[Manifest],
+) -> None:
+    dashboard = one(all_on, "ConfigMap", "monitoring")
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+    source = (REPO / "grafana" / "dashboard.json").read_text()
+    assert dashboard["data"]["vllm-gateway.json"] == source
+
+
+def test_chart_monitoring_files_link_to_the_single_source() -> None:
+    for name in ("alerts.yaml", "dashboard.json"):
+        link = CHART / "files" / name
+        assert link.is_symlink(), f"{link} must link to grafana/{name}, not copy it"
+        assert link.resolve() == (REPO / "grafana" / name).resolve()
 
 
 def test_service_monitors_select_a_service_port_named_http(all_on: list[Manifest]) -> None:
