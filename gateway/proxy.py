@@ -41,11 +41,13 @@ from gateway.errors import (
     TotalTimeout,
     Unavailable,
     UnsupportedMediaType,
+    UpstreamBadResponse,
     UpstreamDisconnected,
     UpstreamError,
     UpstreamStatusError,
     UpstreamStreamTruncated,
 )
+from gateway.framing import EventFramer
 from gateway.lifecycle import Lifecycle
 from gateway.limits import Admission
 from gateway.metrics import GatewayMetrics
@@ -53,6 +55,7 @@ from gateway.middleware import REQUEST_ID, error_response
 from gateway.settings import Settings
 from gateway.sse import StreamObserver, encode_error_event
 from gateway.upstream import ClientResponse, Upstream, forward_headers
+from gateway.usage import TAIL_BYTES, ask_for_usage, usage_from_tail
 from gateway.workers import Fleet, Worker
 
 log = logging.getLogger(__name__)
@@ -68,6 +71,8 @@ DONE_EVENT = b"data: [DONE]\n\n"
 # the stream commits anyway so a chatty worker cannot make the gateway buffer without end.
 HOLD_LIMIT = 64 * 1024
 ERROR_BODY_LIMIT = 64 * 1024
+# One SSE event larger than this is not a token chunk; the worker is broken.
+MAX_EVENT_BYTES = 1024 * 1024
 IN_BAND_WRITE_TIMEOUT = 1.0
 
 
@@ -87,10 +92,13 @@ EMBEDDINGS = Route("embeddings", "/v1/embeddings", can_stream=False)
 class RequestMeta:
     model: str
     stream: bool
+    body: bytes  # what to send to the worker
+    strip_usage: bool = False  # usage was asked for by the gateway, not the client
 
 
 def parse_request(body: bytes, route: Route) -> RequestMeta:
-    """Read only what routing needs; the body itself is forwarded untouched."""
+    """Read only what routing needs. The body is forwarded untouched, except that a stream
+    whose client did not ask for usage asks for it (for exact token metrics)."""
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError:
@@ -105,7 +113,12 @@ def parse_request(body: bytes, route: Route) -> RequestMeta:
         stream = False
     if not isinstance(stream, bool):
         raise InvalidField("'stream' must be a boolean.", param="stream")
-    return RequestMeta(model=model, stream=stream and route.can_stream)
+    if not (stream and route.can_stream):
+        return RequestMeta(model=model, stream=False, body=body)
+    rewritten = ask_for_usage(data)
+    if rewritten is None:
+        return RequestMeta(model=model, stream=True, body=body)
+    return RequestMeta(model=model, stream=True, body=rewritten, strip_usage=True)
 
 
 @dataclass(slots=True, eq=False)
@@ -117,6 +130,7 @@ class Exchange:
     started: float
     model: str = ""
     stream: bool = False
+    strip_usage: bool = False
     response: web.StreamResponse | None = None
     worker: Worker | None = None
     status: int = 0
@@ -188,7 +202,7 @@ class Proxy:
             raise ShuttingDown()
         body = await self._read_body(ex.request)
         meta = parse_request(body, ex.route)
-        ex.model, ex.stream = meta.model, meta.stream
+        ex.model, ex.stream, ex.strip_usage = meta.model, meta.stream, meta.strip_usage
         if not self._fleet.serves(meta.model):
             raise ModelNotFound(meta.model)
         loop = asyncio.get_running_loop()
@@ -197,7 +211,7 @@ class Proxy:
             self._metrics.queue_wait.observe(loop.time() - queued)
             self._metrics.in_flight.inc()
             try:
-                await self._forward_within_deadline(ex, body)
+                await self._forward_within_deadline(ex, meta.body)
             finally:
                 self._metrics.in_flight.dec()
         assert ex.response is not None
@@ -317,7 +331,8 @@ class Proxy:
         idle = self._timeouts.idle
         phase.reschedule(loop.time() + idle)
         client = await self._commit(ex, web.StreamResponse(status=200, headers=SSE_HEADERS))
-        await client.write(b"".join(held))
+        framer = EventFramer(strip_usage=ex.strip_usage)
+        await client.write(framer.feed(b"".join(held)))
         itl = self._metrics.inter_token_latency.labels(self._model_label(ex))
         last = loop.time()
         while not observer.done:
@@ -332,7 +347,10 @@ class Proxy:
             last = now
             phase.reschedule(now + idle)
             observer.feed(chunk)
-            await client.write(chunk)
+            if out := framer.feed(chunk):
+                await client.write(out)
+            elif framer.pending > MAX_EVENT_BYTES:
+                raise UpstreamBadResponse("The model worker sent an oversized stream event.")
         observer.finish()
         self._count_usage(ex, observer.usage)
         if not observer.done:
@@ -362,9 +380,12 @@ class Proxy:
         if response.content_length is not None:
             out.content_length = response.content_length
         client = await self._commit(ex, out)
+        tail = b""
         while chunk := await self._upstream.read_chunk(response):
             phase.reschedule(loop.time() + idle)
+            tail = (tail + chunk)[-TAIL_BYTES:]
             await client.write(chunk)
+        self._count_usage(ex, usage_from_tail(tail))
         await client.write_eof()
 
     async def _commit(self, ex: Exchange, response: web.StreamResponse) -> web.StreamResponse:

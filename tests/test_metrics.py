@@ -40,17 +40,50 @@ async def test_token_counters_equal_the_usage_the_worker_reported(
         assert gw.metric("gateway_tokens_total", model=MODEL, kind=kind) == tokens
 
 
-async def test_streams_without_usage_count_no_tokens(
+async def test_usage_is_asked_for_and_hidden_when_the_client_did_not_ask(
     sim: SimFactory, gateway: GatewayFactory, client: aiohttp.ClientSession
 ) -> None:
-    """Tokens come only from usage a worker reported; the gateway does not guess."""
+    """The gateway asks the worker for usage (exact token metrics) and removes the extra chunk,
+    so the client sees exactly the stream it asked for."""
+    worker = await sim()
+    gw = await gateway(worker)
+    body = chat(stream=True, max_tokens=6, stream_options={"continuous_usage_stats": False})
+    async with client.post(f"{gw.url}/v1/chat/completions", json=body) as resp:
+        raw = await resp.read()
+    async with client.post(f"{worker.url}/v1/chat/completions", json=body) as direct:
+        expected = await direct.read()
+    events = sse_data(raw)
+    assert events[-1] == "[DONE]"
+    assert not any('"usage"' in event for event in events)
+    assert len(events) == len(sse_data(expected))  # the same events as without the gateway
+    assert gw.metric("gateway_tokens_total", model=MODEL, kind="completion") == 6
+    assert gw.metric("gateway_tokens_total", model=MODEL, kind="prompt") > 0
+
+
+async def test_client_that_asked_for_usage_gets_it_once(
+    sim: SimFactory, gateway: GatewayFactory, client: aiohttp.ClientSession
+) -> None:
     gw = await gateway(await sim())
-    async with client.post(f"{gw.url}/v1/chat/completions", json=chat(stream=True)) as resp:
-        assert resp.status == 200
-        await resp.read()
-    assert gw.metric("gateway_requests_total", model=MODEL, route="chat_completions",
-                     status="200", code="") == 1  # fmt: skip
-    assert gw.metric("gateway_tokens_total", model=MODEL, kind="completion") == 0
+    body = chat(stream=True, max_tokens=3, stream_options={"include_usage": True})
+    async with client.post(f"{gw.url}/v1/chat/completions", json=body) as resp:
+        raw = await resp.read()
+    assert _usage(raw)["completion_tokens"] == 3
+    assert gw.metric("gateway_tokens_total", model=MODEL, kind="completion") == 3
+
+
+async def test_non_stream_tokens_are_read_from_the_body(
+    sim: SimFactory, gateway: GatewayFactory, client: aiohttp.ClientSession
+) -> None:
+    gw = await gateway(await sim())
+    async with client.post(f"{gw.url}/v1/chat/completions", json=chat(max_tokens=4)) as resp:
+        data = await resp.json()
+    async with client.post(
+        f"{gw.url}/v1/embeddings", json={"model": MODEL, "input": ["a b c", "d"]}
+    ) as resp:
+        embedded = await resp.json()
+    assert gw.metric("gateway_tokens_total", model=MODEL, kind="completion") == 4
+    prompt = data["usage"]["prompt_tokens"] + embedded["usage"]["prompt_tokens"]
+    assert gw.metric("gateway_tokens_total", model=MODEL, kind="prompt") == prompt
 
 
 async def test_inter_token_latency_observes_the_gaps_of_a_stream(

@@ -1,0 +1,60 @@
+"""Token usage: asking workers for it, and reading it from responses cheaply.
+
+Exact token counts come from the worker's own ``usage``. A stream carries it only when the
+request says ``stream_options.include_usage``, so the gateway adds that to streams whose client
+did not ask (and the relay drops the extra chunk again, see ``framing``). A JSON response has it
+near its end; reading it there costs a search in the last bytes, not a parse of the body.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+# vLLM writes "usage" after "choices"/"data", so it lies within the last few hundred bytes.
+TAIL_BYTES = 2048
+
+
+def ask_for_usage(data: dict[str, Any]) -> bytes | None:
+    """The body to send instead, with usage requested; None if the client asked for it itself
+    (or sent ``stream_options`` that is not an object: the worker will judge that)."""
+    options = data.get("stream_options")
+    if options is None:
+        options = {}
+    if not isinstance(options, dict) or options.get("include_usage") is True:
+        return None
+    return orjson.dumps({**data, "stream_options": {**options, "include_usage": True}})
+
+
+def usage_from_tail(tail: bytes) -> dict[str, int] | None:
+    """The last ``"usage": {...}`` object in the end of a JSON body, as integers."""
+    key = tail.rfind(b'"usage"')
+    if key < 0:
+        return None
+    start = tail.find(b"{", key)
+    if start < 0:
+        return None
+    end = _matching_brace(tail, start)
+    if end < 0:
+        return None
+    try:
+        usage = orjson.loads(tail[start : end + 1])
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(usage, dict):
+        return None
+    return {k: v for k, v in usage.items() if isinstance(v, int) and not isinstance(v, bool)}
+
+
+def _matching_brace(data: bytes, start: int) -> int:
+    depth = 0
+    for index in range(start, len(data)):
+        byte = data[index]
+        if byte == 0x7B:  # {
+            depth += 1
+        elif byte == 0x7D:  # }
+            depth -= 1
+            if depth == 0:
+                return index
+    return -1

@@ -1,0 +1,121 @@
+"""EventFramer: whole events only, at every byte split; usage-only events dropped on request."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+import orjson
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from gateway.framing import EventFramer
+from gateway.usage import ask_for_usage, usage_from_tail
+from tests.conftest import GatewayFactory
+from tests.helpers import sse_data
+
+ROLE = b'data: {"choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}'
+TOKEN = b'data: {"choices":[{"index":0,"delta":{"content":"h\xc3\xa9"}}]}'
+FINISH = b'data: {"choices":[{"index":0,"delta":{},"finish_reason":"length"}]}'
+USAGE = b'data: {"id":"x","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2}}'
+DONE = b"data: [DONE]"
+
+
+def stream(sep: bytes) -> bytes:
+    return b"".join(e + sep for e in (ROLE, b": keep-alive", TOKEN, FINISH, USAGE, DONE))
+
+
+def feed_split(framer: EventFramer, data: bytes, at: int) -> list[bytes]:
+    return [framer.feed(data[:at]), framer.feed(data[at:])]
+
+
+@pytest.mark.parametrize("sep", [b"\n\n", b"\r\n\r\n", b"\r\r"], ids=["lf", "crlf", "cr"])
+def test_every_split_forwards_only_whole_events_unchanged(sep: bytes) -> None:
+    data = stream(sep)
+    for at in range(len(data) + 1):
+        framer = EventFramer()
+        first, second = feed_split(framer, data, at)
+        assert first + second == data
+        assert first == data[: first.__len__()]
+        assert first == b"" or first.endswith(sep)  # never half an event
+        assert framer.pending == 0
+
+
+@pytest.mark.parametrize("sep", [b"\n\n", b"\r\n\r\n"], ids=["lf", "crlf"])
+def test_usage_event_is_dropped_at_every_split(sep: bytes) -> None:
+    data = stream(sep)
+    expected = data.replace(USAGE + sep, b"")
+    for at in range(len(data) + 1):
+        out = b"".join(feed_split(EventFramer(strip_usage=True), data, at))
+        assert out == expected
+
+
+def test_usage_on_chunks_with_choices_is_kept() -> None:
+    """continuous_usage_stats puts usage on token chunks: the client asked for those."""
+    token_with_usage = b'data: {"choices":[{"delta":{"content":"a"}}],"usage":{"x":1}}\n\n'
+    assert EventFramer(strip_usage=True).feed(token_with_usage) == token_with_usage
+
+
+def test_an_unfinished_event_is_held_back() -> None:
+    framer = EventFramer()
+    assert framer.feed(ROLE + b"\n\n" + TOKEN[:10]) == ROLE + b"\n\n"
+    assert framer.pending == 10
+
+
+def test_ask_for_usage_keeps_other_options_and_respects_the_client() -> None:
+    body = ask_for_usage({"model": "m", "stream_options": {"continuous_usage_stats": True}})
+    assert body is not None
+    assert orjson.loads(body)["stream_options"] == {
+        "continuous_usage_stats": True,
+        "include_usage": True,
+    }
+    assert ask_for_usage({"model": "m", "stream_options": {"include_usage": True}}) is None
+    assert ask_for_usage({"model": "m", "stream_options": "bad"}) is None
+
+
+def test_usage_from_tail() -> None:
+    body = b'{"id":"x","choices":[{"text":"a}"}],"usage":{"prompt_tokens":3,"total_tokens":5,'
+    body += b'"completion_tokens":2,"prompt_tokens_details":{"cached":1}}}'
+    assert usage_from_tail(body[body.index(b'"usage"') - 5 :]) == {
+        "prompt_tokens": 3,
+        "total_tokens": 5,
+        "completion_tokens": 2,
+    }
+    assert usage_from_tail(b'{"data":[1,2]}') is None
+    assert usage_from_tail(b'"usage":{"prompt_tok') is None
+
+
+async def test_cut_inside_an_event_ends_with_a_clean_error_event(
+    gateway: GatewayFactory, client: aiohttp.ClientSession
+) -> None:
+    """A worker that dies mid-event: the client never receives the half event, so the in-band
+    error that follows is a well-formed event of its own."""
+
+    async def half_event(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(ROLE + b"\n\n" + TOKEN + b"\n\n" + TOKEN[:20])
+        await asyncio.sleep(0)
+        assert request.transport is not None
+        request.transport.close()
+        return resp
+
+    async def healthy(request: web.Request) -> web.Response:
+        return web.Response()
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", half_event)
+    app.router.add_get("/health", healthy)
+    async with TestServer(app) as upstream:
+        gw = await gateway({"url": str(upstream.make_url("")), "models": ["m"]})
+        body = {"model": "m", "messages": [], "stream": True}
+        async with client.post(f"{gw.url}/v1/chat/completions", json=body) as resp:
+            assert resp.status == 200
+            raw = await resp.read()
+    events = sse_data(raw)
+    assert events[-1] == "[DONE]"
+    assert orjson.loads(events[-2])["error"]["code"] == "upstream_stream_truncated"
+    assert [orjson.loads(e) for e in events[:-1]]  # every event parses as JSON
+    assert TOKEN[:20] + b"data" not in raw
