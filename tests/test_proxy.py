@@ -8,6 +8,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from multidict import CIMultiDict
 
 from tests.conftest import GatewayFactory, SimFactory
 from tests.helpers import chat, sse_data, stream_text
@@ -180,3 +181,38 @@ async def test_request_id_is_made_when_missing_or_unsafe(
     unsafe = {"X-Request-Id": "a b\tc" + "x" * 200}
     async with client.get(f"{gw.url}/health", headers=unsafe) as resp:
         assert resp.headers["X-Request-Id"] != unsafe["X-Request-Id"]
+
+
+async def test_forwarded_headers_carry_tracing_but_no_credentials(
+    gateway: GatewayFactory, client: aiohttp.ClientSession
+) -> None:
+    """W3C trace context reaches the worker, so vLLM's own traces join the caller's; the
+    client's credentials and hop-by-hop headers do not."""
+    seen: list[CIMultiDict[str]] = []
+
+    async def capture(request: web.Request) -> web.Response:
+        seen.append(request.headers.copy())
+        await request.read()
+        return web.json_response({"id": "x", "choices": [], "usage": {"prompt_tokens": 1}})
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", capture)
+    app.router.add_get("/health", healthy)
+    async with TestServer(app) as upstream:
+        gw = await gateway({"url": str(upstream.make_url("")), "models": ["m"]})
+        headers = {
+            "traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            "tracestate": "vendor=abc",
+            "Authorization": "Bearer secret-key",
+            "Cookie": "session=1",
+            "X-Request-Id": "trace-test-1",
+        }
+        body = {"model": "m", "messages": []}
+        async with client.post(f"{gw.url}/v1/chat/completions", json=body, headers=headers) as resp:
+            assert resp.status == 200
+    [forwarded] = seen
+    assert forwarded["traceparent"] == headers["traceparent"]
+    assert forwarded["tracestate"] == "vendor=abc"
+    assert forwarded["X-Request-Id"] == "trace-test-1"
+    assert "Authorization" not in forwarded
+    assert "Cookie" not in forwarded
