@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: run test lint format check-config clean tools prometheus-tools deploy-tools
+.PHONY: run test lint format check-config clean tools prometheus-tools deploy-tools grafana-tools
 
 $(STAMP): pyproject.toml
 	rm -f $(VENV)/.installed-*
@@ -48,7 +48,12 @@ $(HELM):
 deploy-tools: $(STAMP) $(HELM)
 	@$(PY) -c 'import kubernetes_validate' 2>/dev/null || $(PY) -m pip install --quiet 'kubernetes-validate==1.37.0'
 
-test: $(STAMP) tools prometheus-tools deploy-tools
+# TypeScript and @grafana/schema (npm) for the dashboard's schema check in tests/test_prometheus.py.
+grafana-tools:
+	@command -v npm >/dev/null || { apt-get update -qq && apt-get install -y -qq npm; }
+	@sh grafana/check-schema.sh >/dev/null
+
+test: $(STAMP) tools prometheus-tools deploy-tools grafana-tools
 	$(PY) -m pytest
 
 lint: $(STAMP)

@@ -362,3 +362,18 @@ def _tools_present() -> None:
     """Fail (never skip) when the tools are missing, naming how to install them."""
     _tool("prometheus")
     _tool("promtool")
+
+
+def test_dashboard_passes_grafanas_own_schema(tmp_path: Path) -> None:
+    """tsc checks the JSON against npm @grafana/schema's Dashboard type (installed by
+    `make grafana-tools`); a wrong type in a copy must fail the same check."""
+    script = ["sh", str(ROOT / "grafana" / "check-schema.sh")]
+    ok = subprocess.run(script, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    broken = json.loads((ROOT / "grafana" / "dashboard.json").read_text())
+    broken["refresh"] = 30  # a string in Grafana's schema
+    bad_file = tmp_path / "dashboard.json"
+    bad_file.write_text(json.dumps(broken))
+    bad = subprocess.run([*script, str(bad_file)], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120)  # fmt: skip
+    assert bad.returncode != 0
