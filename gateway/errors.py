@@ -8,6 +8,8 @@ failed with it may be retried on another worker (before commit only)::
     │   ├── ModelNotFound (404)         model_not_found
     │   ├── RouteNotFound (404)         route_not_found
     │   ├── MethodNotAllowed (405)      method_not_allowed
+    │   ├── ClientTooSlow (408)         client_too_slow
+    │   ├── RequestBodyTimeout (408)    request_body_timeout
     │   ├── PayloadTooLarge (413)       request_too_large
     │   └── UnsupportedMediaType (415)  unsupported_media_type
     ├── Unavailable (503, Retry-After)  gateway_overloaded · no_healthy_worker · shutting_down
@@ -93,7 +95,8 @@ class ModelNotFound(InvalidRequest):
     code = "model_not_found"
 
     def __init__(self, model: str) -> None:
-        super().__init__(f"The model '{model}' does not exist.", param="model")
+        shown = model if len(model) <= 200 else model[:200] + "..."
+        super().__init__(f"The model '{shown}' does not exist.", param="model")
 
 
 class RouteNotFound(InvalidRequest):
@@ -115,6 +118,23 @@ class PayloadTooLarge(InvalidRequest):
     def __init__(self, limit: int | None = None) -> None:
         where = f" of {limit} bytes" if limit else ""
         super().__init__(f"The request body exceeds the limit{where}.")
+
+
+class ClientTooSlow(InvalidRequest):
+    """Our client stopped reading for longer than ``timeouts.idle``; its connection is closed.
+
+    Usually after commit, where no status can be sent; counted as the client's failure.
+    """
+
+    status = 408
+    code = "client_too_slow"
+    default_message = "The client did not read the response in time."
+
+
+class RequestBodyTimeout(InvalidRequest):
+    status = 408
+    code = "request_body_timeout"
+    default_message = "The request body did not arrive in time."
 
 
 class UnsupportedMediaType(InvalidRequest):
@@ -202,7 +222,9 @@ class UpstreamStatusError(UpstreamError):
 
     @property
     def worker_at_fault(self) -> bool:
-        return self.status >= 500 or self.status == 429
+        # 429 and 503 mean busy, not sick: ejecting busy workers would cascade over the fleet.
+        # A dead engine still fails its /health probe.
+        return self.status >= 500 and self.status != 503
 
     def body_bytes(self) -> bytes:
         return self.upstream_body if is_openai_error(self.upstream_body) else super().body_bytes()

@@ -27,6 +27,7 @@ from multidict import CIMultiDict
 
 from gateway.balancer import LeastInFlight
 from gateway.errors import (
+    ClientTooSlow,
     FirstTokenTimeout,
     GatewayError,
     IdleTimeout,
@@ -36,7 +37,9 @@ from gateway.errors import (
     InvalidRequest,
     ModelNotFound,
     NoHealthyWorker,
+    Overloaded,
     PayloadTooLarge,
+    RequestBodyTimeout,
     ShuttingDown,
     TotalTimeout,
     Unavailable,
@@ -94,6 +97,7 @@ class RequestMeta:
     stream: bool
     body: bytes  # what to send to the worker
     strip_usage: bool = False  # usage was asked for by the gateway, not the client
+    single_choice: bool = True
 
 
 def parse_request(body: bytes, route: Route) -> RequestMeta:
@@ -115,10 +119,13 @@ def parse_request(body: bytes, route: Route) -> RequestMeta:
         raise InvalidField("'stream' must be a boolean.", param="stream")
     if not (stream and route.can_stream):
         return RequestMeta(model=model, stream=False, body=body)
+    single = data.get("n") in (None, 1)
     rewritten = ask_for_usage(data)
     if rewritten is None:
-        return RequestMeta(model=model, stream=True, body=body)
-    return RequestMeta(model=model, stream=True, body=rewritten, strip_usage=True)
+        return RequestMeta(model=model, stream=True, body=body, single_choice=single)
+    return RequestMeta(
+        model=model, stream=True, body=rewritten, strip_usage=True, single_choice=single
+    )
 
 
 @dataclass(slots=True, eq=False)
@@ -131,6 +138,8 @@ class Exchange:
     model: str = ""
     stream: bool = False
     strip_usage: bool = False
+    single_choice: bool = True  # n is 1: one finish_reason means the answer is complete
+    writing: bool = False  # awaiting a write to our client (a stall there is the client's)
     response: web.StreamResponse | None = None
     worker: Worker | None = None
     status: int = 0
@@ -161,6 +170,9 @@ class Proxy:
         self._metrics = metrics
         self._lifecycle = lifecycle
         self._balancer = LeastInFlight()
+        # A worker never gets more requests than it has pooled connections: past that, the
+        # connector's wait would be a hidden queue (and look like a connect timeout).
+        self._worker_cap = settings.limits.pool_per_worker
         limits = settings.limits
         self._admission = Admission(
             limits.max_in_flight, settings.timeouts.queue, limits.retry_after
@@ -203,6 +215,7 @@ class Proxy:
         body = await self._read_body(ex.request)
         meta = parse_request(body, ex.route)
         ex.model, ex.stream, ex.strip_usage = meta.model, meta.stream, meta.strip_usage
+        ex.single_choice = meta.single_choice
         if not self._fleet.serves(meta.model):
             raise ModelNotFound(meta.model)
         loop = asyncio.get_running_loop()
@@ -224,9 +237,14 @@ class Proxy:
         if request.content_length is not None and request.content_length > limit:
             raise PayloadTooLarge(limit)
         try:
-            return await request.read()
+            # A client that sends its body slowly holds no admission slot, but it must not
+            # hold a handler without end either.
+            async with asyncio.timeout(self._timeouts.idle):
+                return await request.read()
         except web.HTTPRequestEntityTooLarge:
             raise PayloadTooLarge(limit) from None
+        except TimeoutError:
+            raise RequestBodyTimeout() from None
 
     async def _forward_within_deadline(self, ex: Exchange, body: bytes) -> None:
         try:
@@ -241,8 +259,12 @@ class Proxy:
         headers = forward_headers(ex.request.headers, ex.request[REQUEST_ID])
         last: UpstreamError | None = None
         for _ in range(self._settings.retry.max_attempts):
-            worker = self._balancer.pick(self._fleet.candidates(ex.model, ex.tried))
+            candidates = self._fleet.candidates(ex.model, ex.tried)
+            worker = self._balancer.pick([w for w in candidates if w.in_flight < self._worker_cap])
             if worker is None:
+                if candidates and last is None:
+                    # Every healthy worker is at its connection cap: shed, don't queue in the pool.
+                    raise Overloaded(retry_after=self._settings.limits.retry_after)
                 break
             if last is not None:
                 self._metrics.retries.labels(last.code).inc()
@@ -263,8 +285,13 @@ class Proxy:
         raise NoHealthyWorker(retry_after=self._settings.limits.retry_after)
 
     def _count_failure(self, worker: Worker, err: UpstreamError) -> None:
-        if isinstance(err, UpstreamStatusError) and not err.worker_at_fault:
-            return  # a 4xx is the client's doing, not a sign of a sick worker
+        if isinstance(err, UpstreamStatusError):
+            if not err.retryable and err.status < 500:
+                return  # a 4xx is the client's doing, not a sign of a sick worker
+            self._metrics.upstream_errors.labels(worker.url, err.code).inc()
+            if err.worker_at_fault:  # busy (429, 503) is not sick
+                self._fleet.record_failure(worker)
+            return
         self._metrics.upstream_errors.labels(worker.url, err.code).inc()
         self._fleet.record_failure(worker)
 
@@ -291,6 +318,8 @@ class Proxy:
         except TimeoutError:
             if not phase.expired():
                 raise
+            if ex.writing:
+                raise ClientTooSlow() from None
             if ex.first_token_at is None and ex.stream:
                 raise FirstTokenTimeout() from None
             raise IdleTimeout() from None
@@ -332,7 +361,7 @@ class Proxy:
         phase.reschedule(loop.time() + idle)
         client = await self._commit(ex, web.StreamResponse(status=200, headers=SSE_HEADERS))
         framer = EventFramer(strip_usage=ex.strip_usage)
-        await client.write(framer.feed(b"".join(held)))
+        await self._send(ex, client, framer.feed(b"".join(held)), phase)
         itl = self._metrics.inter_token_latency.labels(self._model_label(ex))
         last = loop.time()
         while not observer.done:
@@ -348,13 +377,14 @@ class Proxy:
             phase.reschedule(now + idle)
             observer.feed(chunk)
             if out := framer.feed(chunk):
-                await client.write(out)
+                await self._send(ex, client, out, phase)
             elif framer.pending > MAX_EVENT_BYTES:
                 raise UpstreamBadResponse("The model worker sent an oversized stream event.")
         observer.finish()
         self._count_usage(ex, observer.usage)
         if not observer.done:
-            if observer.finish_reason is None and observer.error is None:
+            finished = observer.finish_reason is not None and ex.single_choice
+            if not finished and observer.error is None:
                 raise UpstreamStreamTruncated()
             await client.write(DONE_EVENT)  # the answer was complete; only the marker was lost
         await client.write_eof()
@@ -384,9 +414,20 @@ class Proxy:
         while chunk := await self._upstream.read_chunk(response):
             phase.reschedule(loop.time() + idle)
             tail = (tail + chunk)[-TAIL_BYTES:]
-            await client.write(chunk)
+            await self._send(ex, client, chunk, phase)
         self._count_usage(ex, usage_from_tail(tail))
         await client.write_eof()
+
+    async def _send(
+        self, ex: Exchange, client: web.StreamResponse, data: bytes, phase: asyncio.Timeout
+    ) -> None:
+        """Write under the idle bound, then re-arm it for the next upstream read. A client that
+        does not read is its own failure (``ClientTooSlow``), never the worker's."""
+        loop = asyncio.get_running_loop()
+        ex.writing = True
+        await client.write(data)
+        ex.writing = False
+        phase.reschedule(loop.time() + self._timeouts.idle)
 
     async def _commit(self, ex: Exchange, response: web.StreamResponse) -> web.StreamResponse:
         ex.response = response
@@ -406,19 +447,27 @@ class Proxy:
             return response
         assert ex.response is not None
         log.warning("request failed after commit: %s", err.code)
-        if ex.stream:
-            await self._write_in_band(ex.response, err)
-        elif ex.request.transport is not None:
-            ex.request.transport.close()  # cut the body short: never a complete-looking answer
+        if ex.stream and not isinstance(err, ClientTooSlow):
+            await self._write_in_band(ex, err)
+        else:
+            _close(ex.request)  # cut the body short: never a complete-looking answer
         return ex.response
 
-    async def _write_in_band(self, response: web.StreamResponse, err: GatewayError) -> None:
+    async def _write_in_band(self, ex: Exchange, err: GatewayError) -> None:
+        assert ex.response is not None
         try:
             async with asyncio.timeout(IN_BAND_WRITE_TIMEOUT):
-                await response.write(encode_error_event(err.body()))
-                await response.write_eof()
+                await ex.response.write(encode_error_event(err.body()))
+                await ex.response.write_eof()
         except (ConnectionError, TimeoutError):
-            pass  # the client is gone or not reading; nothing more can be told
+            _close(ex.request)  # the client is gone or not reading; nothing more can be told
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+            # aiohttp keeps a drain future that an earlier interrupted write cancelled: the
+            # client stopped reading. Not a cancellation of this task.
+            _close(ex.request)
 
     def _model_label(self, ex: Exchange) -> str:
         # Only known model names become label values: clients choose the string.
@@ -447,3 +496,8 @@ class Proxy:
                 "completion_tokens": ex.usage.get("completion_tokens") if ex.usage else None,
             },
         )
+
+
+def _close(request: web.Request) -> None:
+    if request.transport is not None:
+        request.transport.close()

@@ -46,6 +46,16 @@ class WorkerSettings(_Frozen):
     url: AnyHttpUrl
     models: tuple[str, ...] = ()
 
+    @model_validator(mode="after")
+    def _plain_base_url(self) -> Self:
+        # The URL becomes a metric label and a log field: no credentials in it, and no path
+        # (the gateway appends /v1/...).
+        if self.url.username or self.url.password:
+            raise ValueError("url must not carry a user or password")
+        if self.url.query or self.url.fragment or self.url.path not in (None, "", "/"):
+            raise ValueError("url must be scheme://host:port only (no path, query or fragment)")
+        return self
+
     @property
     def base_url(self) -> str:
         return str(self.url).rstrip("/")
@@ -113,6 +123,10 @@ class Settings(_Frozen):
     def _has_workers(self) -> Self:
         if not self.workers:
             raise ValueError("workers: at least one worker is required")
+        urls = [w.base_url for w in self.workers]
+        duplicates = sorted({u for u in urls if urls.count(u) > 1})
+        if duplicates:
+            raise ValueError(f"workers: listed more than once: {', '.join(duplicates)}")
         return self
 
 

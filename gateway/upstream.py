@@ -33,7 +33,7 @@ _DROPPED_REQUEST_HEADERS = frozenset(
     for h in (
         "Host", "Connection", "Keep-Alive", "Proxy-Connection", "Transfer-Encoding", "TE",
         "Trailer", "Upgrade", "Content-Length", "Accept-Encoding", "Authorization", "Cookie",
-        "Proxy-Authorization", "Expect",
+        "Proxy-Authorization", "Expect", "Content-Encoding",
     )
 )  # fmt: skip
 
@@ -87,7 +87,11 @@ class Upstream:
         """POST and return once the response headers are in; the caller closes the response."""
         try:
             return await self._session.post(
-                worker.url + path, data=body, headers=headers, trace_request_ctx=worker.url
+                worker.url + path,
+                data=body,
+                headers=headers,
+                allow_redirects=False,
+                trace_request_ctx=worker.url,
             )
         except aiohttp.ConnectionTimeoutError as exc:
             raise ConnectTimeout() from exc

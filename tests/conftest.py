@@ -49,6 +49,9 @@ class Gateway:
     def fleet(self) -> Any:
         return self.app[keys.FLEET]
 
+    def app_lifecycle_active(self) -> int:
+        return int(self.app[keys.LIFECYCLE].active)
+
 
 SimFactory = Callable[..., Awaitable[Sim]]
 GatewayFactory = Callable[..., Awaitable[Gateway]]

@@ -74,8 +74,28 @@ def test_a_worker_is_all_it_takes() -> None:
 
 
 def test_worker_base_url_has_no_trailing_slash() -> None:
-    settings = build_settings({"workers": [{"url": "http://w1:8000/prefix/"}]})
-    assert settings.workers[0].base_url == "http://w1:8000/prefix"
+    settings = build_settings({"workers": [{"url": "http://w1:8000/"}]})
+    assert settings.workers[0].base_url == "http://w1:8000"
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("http://admin:s3cret@w1:8000", "user or password"),
+        ("http://w1:8000/v1", "no path"),
+        ("http://w1:8000?x=1", "no path, query"),
+    ],
+)
+def test_worker_url_is_a_plain_base_url(url: str, message: str) -> None:
+    """It becomes a metric label and a log field: never credentials; the gateway adds /v1."""
+    with pytest.raises(SettingsError, match=message):
+        build_settings({"workers": [{"url": url}]})
+
+
+def test_a_worker_listed_twice_is_rejected() -> None:
+    """Retries must never land on the same worker twice."""
+    with pytest.raises(SettingsError, match="more than once: http://w1:8000"):
+        build_settings({"workers": [{"url": "http://w1:8000"}, {"url": "http://w1:8000/"}]})
 
 
 def test_shipped_gateway_yaml_loads_and_shows_the_defaults() -> None:

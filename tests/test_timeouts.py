@@ -3,7 +3,7 @@ commit as an OpenAI-shaped error status, after it as one in-band error event."""
 
 from __future__ import annotations
 
-import asyncio
+import socket
 
 import aiohttp
 import orjson
@@ -109,11 +109,47 @@ async def test_total_timeout_mid_stream_is_in_band(
     assert orjson.loads(events[-2])["error"]["code"] == "request_timeout"
 
 
-async def test_connect_timeout_includes_waiting_for_a_pooled_connection(
+async def test_connect_timeout_is_504_and_counts_against_the_worker(
+    gateway: GatewayFactory, client: aiohttp.ClientSession
+) -> None:
+    """A listener whose accept queue is full drops new SYNs: connecting hangs, as to a host
+    that vanished, and the connect phase bounds it."""
+    with socket.socket() as blackhole:
+        blackhole.bind(("127.0.0.1", 0))
+        blackhole.listen(0)
+        port = blackhole.getsockname()[1]
+        fillers = []
+        for _ in range(4):  # fill the accept queue; never accepted
+            filler = socket.socket()
+            filler.setblocking(False)
+            filler.connect_ex(("127.0.0.1", port))
+            fillers.append(filler)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            gw = await gateway(
+                {"url": url, "models": ["sim-model"]},
+                timeouts=timeouts(connect=0.3),
+                retry=ONE_TRY,
+            )
+            gw.fleet.workers[0].healthy = True  # the start-up probe could not reach it either
+            async with client.post(f"{gw.url}/v1/chat/completions", json=chat()) as resp:
+                body = await resp.json()
+            assert resp.status == 504
+            assert body["error"]["code"] == "connect_timeout"
+            assert (
+                gw.metric("gateway_upstream_errors_total", worker=url, kind="connect_timeout") == 1
+            )
+        finally:
+            for filler in fillers:
+                filler.close()
+
+
+async def test_worker_at_its_connection_cap_sheds_instead_of_queueing_in_the_pool(
     sim: SimFactory, gateway: GatewayFactory, client: aiohttp.ClientSession
 ) -> None:
-    """With one connection per worker, a second request waits for the pool; that wait is the
-    connect phase, bounded and reported as connect_timeout."""
+    """With one connection per worker, a second request is not parked in the connector's wait
+    (a hidden queue that would look like a connect timeout and eject a healthy worker): it is
+    shed at once with 503 + Retry-After."""
     worker = await sim()
     gw = await gateway(
         worker,
@@ -121,24 +157,22 @@ async def test_connect_timeout_includes_waiting_for_a_pooled_connection(
         limits={"max_in_flight": 2, "pool_size": 2, "pool_per_worker": 1},
         retry=ONE_TRY,
     )
-    stalled = asyncio.create_task(
-        client.post(
-            f"{gw.url}/v1/chat/completions",
-            json=chat(stream=True),
-            headers={"X-Sim-Fault": "stall_after=1"},
-        )
+    stalled = await client.post(
+        f"{gw.url}/v1/chat/completions",
+        json=chat(stream=True),
+        headers={"X-Sim-Fault": "stall_after=1"},
     )
     try:
         await wait_for(lambda: worker.engine.num_running == 1, 5, "first request running")
         async with client.post(f"{gw.url}/v1/chat/completions", json=chat()) as resp:
             body = await resp.json()
-        assert resp.status == 504
-        assert body["error"]["code"] == "connect_timeout"
+        assert resp.status == 503
+        assert "Retry-After" in resp.headers
+        assert body["error"]["code"] == "gateway_overloaded"
+        assert gw.fleet.workers[0].consecutive_failures == 0
+        assert worker.engine.num_running == 1
     finally:
-        stalled.cancel()
-        first = await asyncio.gather(stalled, return_exceptions=True)
-        if isinstance(first[0], aiohttp.ClientResponse):
-            first[0].close()
+        stalled.close()
 
 
 async def test_connect_refused_is_502(

@@ -13,6 +13,7 @@ import pytest
 
 from gateway.balancer import LeastInFlight
 from gateway.errors import (
+    ClientTooSlow,
     ConnectTimeout,
     FirstTokenTimeout,
     GatewayError,
@@ -26,6 +27,7 @@ from gateway.errors import (
     NoHealthyWorker,
     Overloaded,
     PayloadTooLarge,
+    RequestBodyTimeout,
     RouteNotFound,
     ShuttingDown,
     TotalTimeout,
@@ -67,6 +69,8 @@ TREE: dict[type[GatewayError], tuple[int, str, str, bool]] = {
     MethodNotAllowed: (405, "invalid_request_error", "method_not_allowed", False),
     PayloadTooLarge: (413, "invalid_request_error", "request_too_large", False),
     UnsupportedMediaType: (415, "invalid_request_error", "unsupported_media_type", False),
+    ClientTooSlow: (408, "invalid_request_error", "client_too_slow", False),
+    RequestBodyTimeout: (408, "invalid_request_error", "request_body_timeout", False),
     Unavailable: (503, "server_error", "unavailable", False),
     Overloaded: (503, "server_error", "gateway_overloaded", False),
     NoHealthyWorker: (503, "server_error", "no_healthy_worker", False),
@@ -243,7 +247,7 @@ def test_upstream_status_retryable_exactly_for_429_502_503_504(status: int) -> N
     retryable = status in {429, 502, 503, 504}
     assert err.retryable is retryable
     assert err.code == ("upstream_unavailable" if retryable else f"upstream_http_{status}")
-    assert err.worker_at_fault is (status >= 500 or status == 429)
+    assert err.worker_at_fault is (status >= 500 and status != 503)  # busy is not sick
 
 
 @pytest.mark.parametrize(
