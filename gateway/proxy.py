@@ -140,6 +140,7 @@ class Exchange:
     strip_usage: bool = False
     single_choice: bool = True  # n is 1: one finish_reason means the answer is complete
     writing: bool = False  # awaiting a write to our client (a stall there is the client's)
+    ending: bool = False  # the response's last chunk is queued: nothing may follow it
     response: web.StreamResponse | None = None
     worker: Worker | None = None
     status: int = 0
@@ -309,7 +310,7 @@ class Proxy:
             async with asyncio.timeout_at(first_token_deadline) as phase:
                 response = await self._upstream.send(worker, ex.route.path, body, headers)
                 if response.status != 200:
-                    await self._raise_status(response)
+                    await self._raise_status(response, phase)
                 elif ex.stream:
                     await self._relay_stream(ex, response, phase)
                 else:
@@ -331,8 +332,12 @@ class Proxy:
                 # what tells vLLM to abort the request when we stop early.
                 response.release() if finished else response.close()
 
-    async def _raise_status(self, response: ClientResponse) -> None:
-        data = await self._upstream.read_body(response, ERROR_BODY_LIMIT)
+    async def _raise_status(self, response: ClientResponse, phase: asyncio.Timeout) -> None:
+        phase.reschedule(asyncio.get_running_loop().time() + self._timeouts.idle)
+        try:
+            data = await self._upstream.read_body(response, ERROR_BODY_LIMIT)
+        except UpstreamDisconnected:
+            data = b""  # the status decides; a cut error body must not make a 4xx retryable
         # Relayed bodies are OpenAI-shaped JSON (ours or the worker's): only Retry-After is kept.
         headers = {}
         if "Retry-After" in response.headers:
@@ -387,6 +392,7 @@ class Proxy:
             if not finished and observer.error is None:
                 raise UpstreamStreamTruncated()
             await client.write(DONE_EVENT)  # the answer was complete; only the marker was lost
+        ex.ending = True
         await client.write_eof()
 
     def _count_usage(self, ex: Exchange, usage: dict[str, int] | None) -> None:
@@ -416,6 +422,7 @@ class Proxy:
             tail = (tail + chunk)[-TAIL_BYTES:]
             await self._send(ex, client, chunk, phase)
         self._count_usage(ex, usage_from_tail(tail))
+        ex.ending = True
         await client.write_eof()
 
     async def _send(
@@ -447,7 +454,7 @@ class Proxy:
             return response
         assert ex.response is not None
         log.warning("request failed after commit: %s", err.code)
-        if ex.stream and not isinstance(err, ClientTooSlow):
+        if ex.stream and not ex.ending and not isinstance(err, ClientTooSlow):
             await self._write_in_band(ex, err)
         else:
             _close(ex.request)  # cut the body short: never a complete-looking answer

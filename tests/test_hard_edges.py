@@ -129,3 +129,40 @@ async def test_busy_workers_are_not_ejected(
         gw.metric("gateway_upstream_errors_total", worker=busy.url, kind="upstream_unavailable")
         == 3
     )
+
+
+async def test_a_cut_4xx_body_is_not_retried(
+    gateway: GatewayFactory, client: aiohttp.ClientSession
+) -> None:
+    """The status decides retryability: a 400 whose body is cut short is still the client's."""
+    calls: list[str] = []
+
+    async def cut_400(request: web.Request) -> web.StreamResponse:
+        calls.append("first")
+        await request.read()
+        resp = web.StreamResponse(status=400, headers={"Content-Type": "application/json"})
+        resp.content_length = 100
+        await resp.prepare(request)
+        await resp.write(b'{"error": {')
+        assert request.transport is not None
+        request.transport.close()
+        return resp
+
+    async def fine(request: web.Request) -> web.Response:
+        calls.append("second")
+        return web.json_response({"choices": []})
+
+    second = web.Application()
+    second.router.add_post("/v1/chat/completions", fine)
+    second.router.add_get("/health", healthy)
+    async with TestServer(scripted(cut_400)) as one, TestServer(second) as two:
+        gw = await gateway(
+            {"url": str(one.make_url("")), "models": ["m"]},
+            {"url": str(two.make_url("")), "models": ["m"]},
+        )
+        body = {"model": "m", "messages": []}
+        async with client.post(f"{gw.url}/v1/chat/completions", json=body) as resp:
+            data = await resp.json()
+        assert resp.status == 400
+        assert data["error"]["code"] == "upstream_http_400"
+    assert calls == ["first"]
