@@ -391,7 +391,8 @@ class Proxy:
             finished = observer.finish_reason is not None and ex.single_choice
             if not finished and observer.error is None:
                 raise UpstreamStreamTruncated()
-            await client.write(DONE_EVENT)  # the answer was complete; only the marker was lost
+            # The answer was complete; only the marker was lost.
+            await self._send(ex, client, DONE_EVENT, phase)
         ex.ending = True
         await client.write_eof()
 
