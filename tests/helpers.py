@@ -8,6 +8,8 @@ from collections.abc import Callable
 from typing import Any
 
 import orjson
+from aiohttp import web
+from aiohttp.typedefs import Handler
 
 
 async def wait_for(predicate: Callable[[], bool], timeout: float, what: str = "") -> None:
@@ -48,3 +50,15 @@ def stream_text(raw: bytes) -> str:
         for choice in event.get("choices", []):
             text.append(choice.get("delta", {}).get("content") or choice.get("text") or "")
     return "".join(text)
+
+
+async def healthy(request: web.Request) -> web.Response:
+    return web.Response()
+
+
+def scripted_worker(chat_handler: Handler) -> web.Application:
+    """A worker whose chat route is the test's own handler, with a passing /health probe."""
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat_handler)
+    app.router.add_get("/health", healthy)
+    return app

@@ -13,7 +13,7 @@ from aiohttp.test_utils import TestServer
 from gateway.framing import EventFramer
 from gateway.usage import ask_for_usage, usage_from_tail
 from tests.conftest import GatewayFactory
-from tests.helpers import sse_data
+from tests.helpers import scripted_worker, sse_data
 
 ROLE = b'data: {"choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}'
 TOKEN = b'data: {"choices":[{"index":0,"delta":{"content":"h\xc3\xa9"}}]}'
@@ -102,12 +102,7 @@ async def test_cut_inside_an_event_ends_with_a_clean_error_event(
         request.transport.close()
         return resp
 
-    async def healthy(request: web.Request) -> web.Response:
-        return web.Response()
-
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", half_event)
-    app.router.add_get("/health", healthy)
+    app = scripted_worker(half_event)
     async with TestServer(app) as upstream:
         gw = await gateway({"url": str(upstream.make_url("")), "models": ["m"]})
         body = {"model": "m", "messages": [], "stream": True}

@@ -13,21 +13,10 @@ from aiohttp.test_utils import TestServer
 
 from gateway.simulator import parse_fault
 from tests.conftest import GatewayFactory, SimFactory
-from tests.helpers import chat, sse_data, wait_for
+from tests.helpers import chat, scripted_worker, sse_data, wait_for
 
 TIMEOUTS = {"queue": 0.5, "connect": 1.0, "first_token": 5.0, "idle": 0.3, "total": 20.0}
 CHUNK = b'data: {"choices":[{"index":0,"delta":{"content":"' + b"x" * 65_000 + b'"}}]}\n\n'
-
-
-async def healthy(request: web.Request) -> web.Response:
-    return web.Response()
-
-
-def scripted(handler: object) -> web.Application:
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", handler)  # type: ignore[arg-type]
-    app.router.add_get("/health", healthy)
-    return app
 
 
 async def test_a_client_that_stops_reading_is_cut_without_blaming_the_worker(
@@ -42,7 +31,7 @@ async def test_a_client_that_stops_reading_is_cut_without_blaming_the_worker(
         await resp.write(b"data: [DONE]\n\n")
         return resp
 
-    async with TestServer(scripted(firehose)) as upstream:
+    async with TestServer(scripted_worker(firehose)) as upstream:
         url = str(upstream.make_url("")).rstrip("/")
         gw = await gateway({"url": url, "models": ["m"]}, timeouts=TIMEOUTS)
         sock = socket.socket()
@@ -87,7 +76,7 @@ async def test_one_finished_choice_of_two_is_not_a_complete_stream(
             await resp.write(b"data: " + orjson.dumps(event) + b"\n\n")
         return resp  # ends cleanly, without [DONE]
 
-    async with TestServer(scripted(half_done)) as upstream:
+    async with TestServer(scripted_worker(half_done)) as upstream:
         gw = await gateway({"url": str(upstream.make_url("")), "models": ["m"]})
         body = {"model": "m", "messages": [], "stream": True, "n": 2}
         async with client.post(f"{gw.url}/v1/chat/completions", json=body) as resp:
@@ -152,10 +141,8 @@ async def test_a_cut_4xx_body_is_not_retried(
         calls.append("second")
         return web.json_response({"choices": []})
 
-    second = web.Application()
-    second.router.add_post("/v1/chat/completions", fine)
-    second.router.add_get("/health", healthy)
-    async with TestServer(scripted(cut_400)) as one, TestServer(second) as two:
+    second = scripted_worker(fine)
+    async with TestServer(scripted_worker(cut_400)) as one, TestServer(second) as two:
         gw = await gateway(
             {"url": str(one.make_url("")), "models": ["m"]},
             {"url": str(two.make_url("")), "models": ["m"]},

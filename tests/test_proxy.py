@@ -11,7 +11,7 @@ from aiohttp.test_utils import TestServer
 from multidict import CIMultiDict
 
 from tests.conftest import GatewayFactory, SimFactory
-from tests.helpers import chat, sse_data, stream_text
+from tests.helpers import chat, scripted_worker, sse_data, stream_text
 
 
 async def test_stream_passes_through_with_sse_headers(
@@ -57,9 +57,7 @@ async def test_stream_bytes_are_relayed_unchanged_and_as_they_arrive(
         await resp.write(rest)
         return resp
 
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", scripted)
-    app.router.add_get("/health", healthy)
+    app = scripted_worker(scripted)
     async with TestServer(app) as upstream:
         gw = await gateway({"url": str(upstream.make_url("")), "models": ["m"]})
         body = {"model": "m", "messages": [], "stream": True}
@@ -74,10 +72,6 @@ async def test_stream_bytes_are_relayed_unchanged_and_as_they_arrive(
             release.set()
             received += await resp.read()
     assert received == first + second + rest
-
-
-async def healthy(request: web.Request) -> web.Response:
-    return web.Response()
 
 
 async def test_non_stream_json_passes_through_unchanged(
@@ -195,9 +189,7 @@ async def test_forwarded_headers_carry_tracing_but_no_credentials(
         await request.read()
         return web.json_response({"id": "x", "choices": [], "usage": {"prompt_tokens": 1}})
 
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", capture)
-    app.router.add_get("/health", healthy)
+    app = scripted_worker(capture)
     async with TestServer(app) as upstream:
         gw = await gateway({"url": str(upstream.make_url("")), "models": ["m"]})
         headers = {
