@@ -29,6 +29,11 @@ class EventFramer:
         return len(self._tail)
 
     def feed(self, chunk: bytes) -> bytes:
+        if not self._tail and chunk.endswith(b"\n\n"):
+            # The usual case (vLLM writes one whole event per chunk): nothing to cut or hold.
+            if self._strip_usage and b'"usage"' in chunk:
+                return _without_usage_events(chunk)
+            return chunk
         data = self._tail + chunk if self._tail else chunk
         end = _end_of_last_event(data)
         complete, self._tail = data[:end], data[end:]

@@ -486,6 +486,8 @@ class Proxy:
         duration = now - ex.started
         self._metrics.requests.labels(model, ex.route.name, str(ex.status), ex.code).inc()
         self._metrics.request_duration.labels(model, ex.route.name).observe(duration)
+        if not access_log.isEnabledFor(logging.INFO):
+            return  # don't build the record's fields for nothing
         access_log.info(
             "request",
             extra={

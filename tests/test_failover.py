@@ -8,37 +8,34 @@ from __future__ import annotations
 
 import aiohttp
 import orjson
+import pytest
 
 from gateway.simulator import parse_fault
 from tests.conftest import GatewayFactory, SimFactory
 from tests.helpers import chat, sse_data, stream_text
 
 
-async def test_worker_503_fails_over_to_another_worker(
-    sim: SimFactory, gateway: GatewayFactory, client: aiohttp.ClientSession
+@pytest.mark.parametrize(
+    ("fault", "reason"),
+    [("status=503", "upstream_unavailable"), ("cut_after=0", "upstream_disconnected")],
+    ids=["worker-503", "cut-before-first-token"],
+)
+async def test_failure_before_commit_fails_over_to_another_worker(
+    sim: SimFactory,
+    gateway: GatewayFactory,
+    client: aiohttp.ClientSession,
+    fault: str,
+    reason: str,
 ) -> None:
-    bad = await sim(fault=parse_fault("status=503"))
+    bad = await sim(fault=parse_fault(fault))
     good = await sim()
     gw = await gateway(bad, good)
     async with client.post(f"{gw.url}/v1/chat/completions", json=chat(stream=True)) as resp:
         raw = await resp.read()
     assert resp.status == 200
     assert sse_data(raw)[-1] == "[DONE]"
-    assert gw.metric("gateway_retries_total", reason="upstream_unavailable") == 1
+    assert gw.metric("gateway_retries_total", reason=reason) == 1
     assert good.engine.finished == 1
-
-
-async def test_cut_before_first_token_fails_over(
-    sim: SimFactory, gateway: GatewayFactory, client: aiohttp.ClientSession
-) -> None:
-    bad = await sim(fault=parse_fault("cut_after=0"))
-    good = await sim()
-    gw = await gateway(bad, good)
-    async with client.post(f"{gw.url}/v1/chat/completions", json=chat(stream=True)) as resp:
-        raw = await resp.read()
-    assert resp.status == 200
-    assert sse_data(raw)[-1] == "[DONE]"
-    assert gw.metric("gateway_retries_total", reason="upstream_disconnected") == 1
 
 
 async def test_first_token_timeout_fails_over(
