@@ -17,7 +17,10 @@ from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpClient
 
 from gateway.simulator import ENGINE, FaultSpec, FaultSpecError, SimConfig, create_app, parse_fault
-from gateway.simulator.__main__ import main
+from gateway.simulator.__main__ import build_parser, config_from_args, main
+from gateway.simulator.app import SIM
+from gateway.simulator.prefix_cache import PrefixCache
+from gateway.simulator.protocol import parse_chat, parse_completion
 from tests.helpers import wait_for
 
 Client = TestClient[Any, Any]
@@ -576,6 +579,172 @@ async def test_bad_embedding_input_is_400(make_client: MakeClient, given: Any) -
     assert_error(body, 400, "BadRequestError", "input")
 
 
+# --- prefix cache -------------------------------------------------------------------------
+
+
+def words(prefix: str, count: int) -> list[str]:
+    return [f"{prefix}{i}" for i in range(count)]
+
+
+def test_prefix_cache_hits_leading_full_blocks_only() -> None:
+    cache = PrefixCache(capacity_blocks=8, block_tokens=4)
+    prompt = words("w", 10)  # two full blocks and a partial one, which is never cached
+    assert cache.admit(prompt) == 0
+    assert len(cache) == 2
+    assert cache.admit(prompt) == 8
+    assert cache.match([*prompt[:8], "new"]) == 8
+    assert cache.match([*prompt[:5], "new", *prompt[6:]]) == 4
+    assert cache.match(["new", *prompt[1:]]) == 0
+
+
+def test_prefix_cache_blocks_are_chained_to_their_prefix() -> None:
+    """The same block text matches only behind the same prefix, and within the same salt."""
+    cache = PrefixCache(capacity_blocks=8, block_tokens=2)
+    cache.admit(["a", "a", "b", "b"], salt="m1")
+    assert cache.match(["b", "b"], salt="m1") == 0
+    assert cache.match(["x", "x", "b", "b"], salt="m1") == 0
+    assert cache.match(["a", "a", "b", "b"], salt="m2") == 0
+    assert cache.match(["a", "a", "b", "b", "c"], salt="m1") == 4
+
+
+def test_prefix_cache_evicts_least_recently_used() -> None:
+    cache = PrefixCache(capacity_blocks=2, block_tokens=2)
+    first, second, third = ["a", "a"], ["b", "b"], ["c", "c"]
+    cache.admit(first)
+    cache.admit(second)
+    assert cache.admit(first) == 2  # touched: now `second` is the least recently used
+    cache.admit(third)
+    assert (cache.match(first), cache.match(second), cache.match(third)) == (2, 0, 2)
+
+
+def test_prefix_cache_too_small_for_a_prompt_keeps_its_head() -> None:
+    cache = PrefixCache(capacity_blocks=2, block_tokens=2)
+    prompt = words("w", 6)
+    cache.admit(prompt)
+    assert len(cache) == 2
+    assert cache.match(prompt) == 4
+
+
+def test_prefix_cache_disabled_at_zero_blocks() -> None:
+    cache = PrefixCache(capacity_blocks=0, block_tokens=2)
+    assert not cache.enabled
+    assert cache.admit(["a", "a"]) == 0
+    assert cache.admit(["a", "a"]) == 0
+    assert len(cache) == 0
+
+
+def test_prompt_tokens_of_chat_include_roles_and_of_token_ids_their_numbers() -> None:
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    gen = parse_chat({"messages": messages}, SimConfig())
+    assert gen.prompt == ("system", "be", "brief", "user", "hi")
+    assert gen.prompt_tokens == 3
+    assert parse_completion({"prompt": [7, 8]}, SimConfig()).prompt == ("7", "8")
+
+
+async def metric_value(client: Client, name: str) -> float:
+    """One sample of `/metrics` for the default model; 0 while the series does not exist."""
+    async with client.get("/metrics") as resp:
+        text = await resp.text()
+    prefix = f'{name}{{engine="0",model_name="sim-model"}} '
+    values = [
+        float(line.removeprefix(prefix)) for line in text.splitlines() if line.startswith(prefix)
+    ]
+    return values[0] if values else 0.0
+
+
+async def seconds_to_first_token(client: Client, body: dict[str, Any]) -> float:
+    started = time.monotonic()
+    async with client.post("/v1/completions", json={**body, "stream": True}) as resp:
+        assert resp.status == 200
+        async for line in resp.content:
+            if line.startswith(b"data: {"):
+                elapsed = time.monotonic() - started
+                break
+        assert data_of(await read_events(resp))[-1] == "[DONE]"
+    return elapsed
+
+
+async def test_shared_prefix_hits_the_cache_and_skips_its_prefill(
+    make_client: MakeClient,
+) -> None:
+    """1. A 400-token prompt is prefilled at 1 ms a token. 2. A longer prompt starting with it
+    finds all 400 tokens cached (25 blocks of 16), is prefilled for its 8 new tokens only, and
+    `/metrics` counts the hits."""
+    client = await make_client(
+        prefix_cache_blocks=100, block_tokens=16, ttft_base=0.0, prefill_per_token=0.001
+    )
+    shared = " ".join(words("w", 400))
+    cold = await seconds_to_first_token(client, {"prompt": shared, "max_tokens": 1})
+    assert await metric_value(client, "vllm:prefix_cache_hits_total") == 0
+    longer = {"prompt": f"{shared} and now eight more words of a question", "max_tokens": 1}
+    warm = await seconds_to_first_token(client, longer)
+    assert await metric_value(client, "vllm:prefix_cache_hits_total") == 400
+    assert await metric_value(client, "vllm:prefix_cache_queries_total") == 400 + 408
+    assert cold >= 0.4
+    assert warm < cold - 0.2  # 8 ms of prefill left; the margin absorbs a loaded machine
+
+
+async def test_chat_turns_share_their_history_in_the_cache(make_client: MakeClient) -> None:
+    client = await make_client(prefix_cache_blocks=100, block_tokens=4)
+    history = [{"role": "user", "content": " ".join(words("w", 11))}]  # 12 words with the role
+    await post_json(client, CHAT, {"messages": history, "max_tokens": 1})
+    answer = {"role": "assistant", "content": "sure"}
+    follow_up = [*history, answer, {"role": "user", "content": "and then"}]
+    await post_json(client, CHAT, {"messages": follow_up, "max_tokens": 1})
+    assert await metric_value(client, "vllm:prefix_cache_hits_total") == 12
+    assert await metric_value(client, "vllm:prefix_cache_queries_total") == 11 + 14
+
+
+async def test_prefix_cache_metrics_stay_zero_when_disabled(make_client: MakeClient) -> None:
+    client = await make_client()
+    await post_json(client, CHAT, chat(max_tokens=1))
+    await post_json(client, CHAT, chat(max_tokens=1))
+    assert await metric_value(client, "vllm:prefix_cache_queries_total") == 0
+    assert await metric_value(client, "vllm:prefix_cache_hits_total") == 0
+
+
+# --- slowdown -------------------------------------------------------------------------------
+
+
+def test_slowdown_multiplies_every_latency() -> None:
+    knobs = {"ttft_base": 0.01, "prefill_per_token": 0.001, "itl_base": 0.02, "itl_per_seq": 0.003}
+    fast, slow = SimConfig(**knobs), SimConfig(**knobs, slowdown=3.0)
+    assert slow.prefill_seconds(100) == pytest.approx(3 * fast.prefill_seconds(100))
+    assert fast.prefill_seconds(100) == pytest.approx(0.01 + 0.1)
+    assert slow.inter_token_seconds(4) == pytest.approx(3 * fast.inter_token_seconds(4))
+    assert fast.inter_token_seconds(4) == pytest.approx(0.02 + 0.012)
+
+
+@pytest.mark.parametrize(
+    "knobs",
+    [{"slowdown": 0.0}, {"slowdown": -1.0}, {"slowdown": math.nan}, {"slowdown": math.inf},
+     {"prefix_cache_blocks": -1}, {"block_tokens": 0}],
+)  # fmt: skip
+def test_speed_and_cache_knobs_are_validated(knobs: dict[str, Any]) -> None:
+    with pytest.raises(ValueError, match=next(iter(knobs))):
+        SimConfig(**knobs)
+
+
+async def test_slow_worker_answers_slower_side_by_side(make_client: MakeClient) -> None:
+    """The same request on two workers at once: the one at slowdown=3 needs at least its
+    computed 0.6 s and, with 0.4 s of margin, more than the one at slowdown=1."""
+    knobs: dict[str, Any] = {"ttft_base": 0.1, "prefill_per_token": 0.0, "itl_base": 0.025}
+    fast = await make_client(**knobs)
+    slow = await make_client(**knobs, slowdown=3.0)
+    config = slow.app[SIM].config
+    slow_minimum = config.prefill_seconds(4) + 4 * config.inter_token_seconds(0)
+    assert slow_minimum == pytest.approx(0.6)
+
+    async def timed(client: Client) -> float:
+        started = time.monotonic()
+        await post_json(client, CHAT, chat(max_tokens=5))
+        return time.monotonic() - started
+
+    fast_seconds, slow_seconds = await asyncio.gather(timed(fast), timed(slow))
+    assert slow_seconds >= slow_minimum
+    assert slow_seconds > fast_seconds
+
+
 # --- command line ---------------------------------------------------------------------------
 
 
@@ -584,3 +753,18 @@ def test_cli_rejects_an_invalid_fault(capsys: pytest.CaptureFixture[str]) -> Non
         main(["--fault", "cut_after=soon"])
     assert exited.value.code == 2
     assert "--fault: cut_after needs an integer" in capsys.readouterr().err
+
+
+def test_cli_flags_for_prefix_cache_and_slowdown() -> None:
+    argv = ["--prefix-cache-blocks", "512", "--block-tokens", "32", "--slowdown", "2.5"]
+    config = config_from_args(build_parser().parse_args(argv))
+    assert (config.prefix_cache_blocks, config.block_tokens, config.slowdown) == (512, 32, 2.5)
+    default = config_from_args(build_parser().parse_args([]))
+    assert (default.prefix_cache_blocks, default.block_tokens, default.slowdown) == (0, 16, 1.0)
+
+
+def test_cli_rejects_a_zero_slowdown(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["--slowdown", "0"])
+    assert exited.value.code == 2
+    assert "slowdown must be a finite number > 0" in capsys.readouterr().err

@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--fault", help="fault spec applied to every request, e.g. 'status=503' or 'cut_after=3'")
     add("--sse-keep-alive", type=float, help="seconds between ': keep-alive' comments")
     add("--max-num-queued-reqs", type=int, help="admission control: 503 beyond this queue")
+    add("--prefix-cache-blocks", type=int, default=0, help="prefix cache blocks; 0 disables it")
+    add("--block-tokens", type=int, default=16, help="tokens per prefix cache block")
+    add("--slowdown", type=float, default=1.0, help="multiplies every latency (3 = 3x slower)")
     add("--log-level", default="INFO")
     return parser
 
@@ -62,6 +65,9 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         fault=fault,
         sse_keep_alive=args.sse_keep_alive,
         max_num_queued_reqs=args.max_num_queued_reqs,
+        prefix_cache_blocks=args.prefix_cache_blocks,
+        block_tokens=args.block_tokens,
+        slowdown=args.slowdown,
     )
 
 
@@ -84,11 +90,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error(str(exc))
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(message)s")
     log.info(
-        "simulated vLLM worker on http://%s:%d serving %s (max_num_seqs=%d, fault=%s)",
+        "simulated vLLM worker on http://%s:%d serving %s "
+        "(max_num_seqs=%d, prefix_cache_blocks=%d, slowdown=%g, fault=%s)",
         args.host,
         args.port,
         ", ".join(config.models),
         config.max_num_seqs,
+        config.prefix_cache_blocks,
+        config.slowdown,
         args.fault or "none",
     )
     web.run_app(

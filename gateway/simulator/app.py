@@ -17,6 +17,7 @@ from .engine import Engine
 from .errors import SimError, bad_request
 from .generate import Sim, complete, forever, overloaded, stream
 from .metrics import SimMetrics
+from .prefix_cache import PrefixCache
 from .protocol import GenerationRequest, parse_chat, parse_completion, parse_embedding
 from .text import embedding
 
@@ -36,7 +37,8 @@ def create_app(config: SimConfig, registry: CollectorRegistry | None = None) -> 
     engine = Engine(config.max_num_seqs, config.kv_cache_tokens, config.max_num_queued_reqs)
     metrics = SimMetrics(registry, engine, config.models)
     app = web.Application(middlewares=[_sim_errors])
-    app[SIM] = Sim(config, engine, metrics, registry)
+    prefix_cache = PrefixCache(config.prefix_cache_blocks, config.block_tokens)
+    app[SIM] = Sim(config, engine, metrics, registry, prefix_cache)
     app[ENGINE] = engine
     app.on_response_prepare.append(_echo_request_id)
     app.add_routes(

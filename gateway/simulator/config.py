@@ -106,9 +106,11 @@ def _parse_seconds(name: str, value: str) -> float:
 class SimConfig:
     """Everything a simulated worker needs; the defaults make tests fast (milliseconds).
 
-    Latency model: time to first token = wait for a batch slot + `ttft_base` +
-    `prefill_per_token` * prompt tokens; every later token comes `itl_base` + `itl_per_seq` *
-    running requests after the previous one.
+    Latency model: time to first token = wait for a batch slot + `prefill_seconds` (`ttft_base`
+    + `prefill_per_token` * prompt tokens not found in the prefix cache); every later token comes
+    `inter_token_seconds` (`itl_base` + `itl_per_seq` * running requests) after the previous one.
+    `slowdown` multiplies all of it: 3.0 is a GPU three times slower, for heterogeneous fleets.
+    The prefix cache holds `prefix_cache_blocks` blocks of `block_tokens` tokens (0: disabled).
     """
 
     models: tuple[str, ...] = ("sim-model",)
@@ -124,6 +126,9 @@ class SimConfig:
     fault: FaultSpec | None = None
     sse_keep_alive: float | None = None
     max_num_queued_reqs: int | None = None
+    prefix_cache_blocks: int = 0
+    block_tokens: int = 16
+    slowdown: float = 1.0
     version: str = "0.33.0+sim"
 
     def __post_init__(self) -> None:
@@ -137,6 +142,7 @@ class SimConfig:
         if self.max_model_len > self.kv_cache_tokens:
             raise ValueError("max_model_len must fit in kv_cache_tokens, or requests never run")
         self._check_seconds()
+        self._check_speed_and_cache()
         if self.sse_keep_alive is not None and self.sse_keep_alive <= 0:
             raise ValueError("sse_keep_alive must be > 0 (or None to disable)")
         if self.max_num_queued_reqs is not None and self.max_num_queued_reqs < 0:
@@ -149,3 +155,19 @@ class SimConfig:
                 math.isfinite(value) and value >= 0
             ):
                 raise ValueError(f"{f.name} must be a finite number of seconds >= 0")
+
+    def _check_speed_and_cache(self) -> None:
+        if not (math.isfinite(self.slowdown) and self.slowdown > 0):
+            raise ValueError(f"slowdown must be a finite number > 0, got {self.slowdown!r}")
+        if self.prefix_cache_blocks < 0:
+            raise ValueError("prefix_cache_blocks must be >= 0 (0 disables the prefix cache)")
+        if self.block_tokens < 1:
+            raise ValueError("block_tokens must be >= 1")
+
+    def prefill_seconds(self, uncached_tokens: int) -> float:
+        """Batch slot granted -> first token, for a prompt with this many tokens to compute."""
+        return (self.ttft_base + self.prefill_per_token * uncached_tokens) * self.slowdown
+
+    def inter_token_seconds(self, running: int) -> float:
+        """One token -> the next, while `running` requests share the batch."""
+        return (self.itl_base + self.itl_per_seq * running) * self.slowdown

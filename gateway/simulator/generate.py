@@ -24,6 +24,7 @@ from .config import FaultSpec, SimConfig
 from .engine import Engine, QueueFull, Seq
 from .errors import SimError
 from .metrics import SimMetrics
+from .prefix_cache import PrefixCache
 from .protocol import GenerationRequest
 from .text import token_text
 
@@ -40,6 +41,7 @@ class Sim:
     engine: Engine
     metrics: SimMetrics
     registry: CollectorRegistry
+    prefix_cache: PrefixCache
 
 
 def overloaded() -> SimError:
@@ -94,13 +96,12 @@ async def decode(
     last = time.monotonic()
     metrics.observe_queue(gen.model, last - seq.arrival)
     metrics.observe_prompt(gen.model, gen.prompt_tokens)
-    prefill = config.ttft_base + config.prefill_per_token * gen.prompt_tokens
+    prefill = config.prefill_seconds(gen.prompt_tokens - _prefix_cache_hit(sim, gen))
     await wait(asyncio.sleep(prefill + fault.slow_first_token))
     last = seq.arrival
     for i in range(gen.max_tokens):
         if i:
-            itl = config.itl_base + config.itl_per_seq * sim.engine.num_running
-            await wait(asyncio.sleep(itl))
+            await wait(asyncio.sleep(config.inter_token_seconds(sim.engine.num_running)))
         seq.generated += 1
         now = time.monotonic()
         metrics.observe_token(gen.model, now - last, first=i == 0)
@@ -108,6 +109,18 @@ async def decode(
         yield token_text(gen.key, gen.start + i)
     seq.finish_reason = FINISH_LENGTH
     metrics.observe_finish(gen.model, FINISH_LENGTH, time.monotonic() - seq.arrival)
+
+
+def _prefix_cache_hit(sim: Sim, gen: GenerationRequest) -> int:
+    """Prompt tokens whose prefill the prefix cache saves; the prompt's blocks are cached now.
+
+    At most `prompt_tokens`: the chat roles the cache also sees are not counted as tokens.
+    """
+    if not sim.prefix_cache.enabled:
+        return 0
+    hit = min(sim.prefix_cache.admit(gen.prompt, salt=gen.model), gen.prompt_tokens)
+    sim.metrics.observe_prefix_cache(gen.model, gen.prompt_tokens, hit)
+    return hit
 
 
 class SseWriter:

@@ -7,6 +7,8 @@ simulator exactly as it reads a real worker. Histogram clocks (monotonic):
 - `vllm:inter_token_latency_seconds`: one token written -> the next one written.
 - `vllm:e2e_request_latency_seconds`: request accepted by the engine -> last token written.
 The load gauges are read from the engine at scrape time, so they can never go stale.
+`vllm:prefix_cache_queries_total` and `vllm:prefix_cache_hits_total` count prompt tokens (queried,
+found cached) and move only while the prefix cache is enabled; hits / queries is the hit rate.
 """
 
 from __future__ import annotations
@@ -42,6 +44,18 @@ class SimMetrics:
             (*_LABELS, "finished_reason"),
             registry=registry,
         )
+        self.prefix_cache_queries = Counter(
+            "vllm:prefix_cache_queries",
+            "Prefix cache queries, in prompt tokens queried.",
+            _LABELS,
+            registry=registry,
+        )
+        self.prefix_cache_hits = Counter(
+            "vllm:prefix_cache_hits",
+            "Prefix cache hits, in prompt tokens found cached.",
+            _LABELS,
+            registry=registry,
+        )
         self.admission_rejections = Counter(
             "vllm:admission_rejections",
             "Requests rejected by admission control.",
@@ -75,6 +89,10 @@ class SimMetrics:
 
     def observe_prompt(self, model: str, tokens: int) -> None:
         self.prompt_tokens.labels(model, ENGINE_LABEL).inc(tokens)
+
+    def observe_prefix_cache(self, model: str, queried_tokens: int, hit_tokens: int) -> None:
+        self.prefix_cache_queries.labels(model, ENGINE_LABEL).inc(queried_tokens)
+        self.prefix_cache_hits.labels(model, ENGINE_LABEL).inc(hit_tokens)
 
     def observe_queue(self, model: str, seconds: float) -> None:
         self.queue_time.labels(model, ENGINE_LABEL).observe(seconds)

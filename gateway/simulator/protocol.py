@@ -19,13 +19,16 @@ class GenerationRequest:
     """A validated chat or completions request.
 
     Tokens `start` .. `start + max_tokens - 1` of the answer keyed by `key` are generated;
-    `start` > 0 only when continuing a partial assistant message.
+    `start` > 0 only when continuing a partial assistant message. `prompt` is the rendered prompt
+    as the prefix cache sees it; for chat it also holds each message's role, which
+    `prompt_tokens` (the usage count) leaves out.
     """
 
     kind: Kind
     model: str
     key: bytes
     start: int
+    prompt: tuple[str, ...]
     prompt_tokens: int
     max_tokens: int
     stream: bool
@@ -45,23 +48,24 @@ def parse_chat(body: dict[str, Any], config: SimConfig) -> GenerationRequest:
     model = _model(body, config)
     messages = _messages(body)
     start, context = _continuation(body, messages)
+    prompt = tuple(word for role, text in messages for word in (role, *text.split()))
     prompt_tokens = sum(count_tokens(text) for _, text in messages)
     requested = _first_int(body, "max_completion_tokens", "max_tokens")
     key = answer_key({"messages": context}, _seed(body))
-    return _generation(body, config, "chat", model, key, start, prompt_tokens, requested)
+    return _generation(body, config, "chat", model, key, start, prompt, prompt_tokens, requested)
 
 
 def parse_completion(body: dict[str, Any], config: SimConfig) -> GenerationRequest:
     model = _model(body, config)
-    prompt = _single_prompt(body.get("prompt"))
+    raw = _single_prompt(body.get("prompt"))
     context: dict[str, object]
-    if isinstance(prompt, str):
-        prompt_tokens, context = count_tokens(prompt), {"prompt": prompt}
+    if isinstance(raw, str):
+        prompt, context = tuple(raw.split()), {"prompt": raw}
     else:
-        prompt_tokens, context = len(prompt), {"prompt_token_ids": prompt}
+        prompt, context = tuple(map(str, raw)), {"prompt_token_ids": raw}
     requested = _first_int(body, "max_tokens")
     key = answer_key(context, _seed(body))
-    return _generation(body, config, "completion", model, key, 0, prompt_tokens, requested)
+    return _generation(body, config, "completion", model, key, 0, prompt, len(prompt), requested)
 
 
 def parse_embedding(body: dict[str, Any], config: SimConfig) -> EmbeddingRequest:
@@ -81,6 +85,7 @@ def _generation(
     model: str,
     key: bytes,
     start: int,
+    prompt: tuple[str, ...],
     prompt_tokens: int,
     requested: int | None,
 ) -> GenerationRequest:
@@ -89,7 +94,16 @@ def _generation(
     include_usage, continuous = _stream_options(body, stream)
     max_tokens = _max_tokens(config, prompt_tokens, requested)
     return GenerationRequest(
-        kind, model, key, start, prompt_tokens, max_tokens, stream, include_usage, continuous
+        kind,
+        model,
+        key,
+        start,
+        prompt,
+        prompt_tokens,
+        max_tokens,
+        stream,
+        include_usage,
+        continuous,
     )
 
 

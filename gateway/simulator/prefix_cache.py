@@ -1,0 +1,78 @@
+"""One worker's prefix cache (vLLM's automatic prefix caching, simplified): which full blocks of
+prompt tokens it holds, and which it evicts first when full (least recently used).
+
+A block is named by a hash chain, as in vLLM: block k's hash covers block k-1's hash and block
+k's own tokens, so it matches only when the whole prompt up to and including it matches. The
+chain starts from a salt (the model name), so two models never share blocks. A trailing partial
+block is never cached. Pure and synchronous: the caller decides when a request queries the cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import orjson
+
+
+class PrefixCache:
+    """An LRU of at most `capacity_blocks` blocks of `block_tokens` tokens; 0 blocks disables it."""
+
+    def __init__(self, capacity_blocks: int, block_tokens: int) -> None:
+        if capacity_blocks < 0 or block_tokens < 1:
+            raise ValueError("capacity_blocks must be >= 0 and block_tokens >= 1")
+        self.capacity_blocks = capacity_blocks
+        self.block_tokens = block_tokens
+        self._blocks: OrderedDict[bytes, None] = OrderedDict()  # least recently used first
+
+    @property
+    def enabled(self) -> bool:
+        return self.capacity_blocks > 0
+
+    def __len__(self) -> int:
+        return len(self._blocks)
+
+    def match(self, tokens: Sequence[str], salt: str = "") -> int:
+        """Tokens of the prompt's leading full blocks that are cached; changes nothing."""
+        return self._leading_hits(self.block_hashes(tokens, salt)) * self.block_tokens
+
+    def admit(self, tokens: Sequence[str], salt: str = "") -> int:
+        """A request's prefill: the hit tokens (as `match`), then cache all its full blocks.
+
+        Blocks are touched tail first, so the prompt's first block ends up most recently used:
+        when the cache must give up part of a prefix it drops the end, never the head that every
+        later block depends on (vLLM frees a request's blocks in reverse order for this reason).
+        """
+        if not self.enabled:
+            return 0
+        hashes = self.block_hashes(tokens, salt)
+        hits = self._leading_hits(hashes)
+        for block in reversed(hashes):
+            self._touch(block)
+        return hits * self.block_tokens
+
+    def block_hashes(self, tokens: Sequence[str], salt: str = "") -> list[bytes]:
+        """The chained hashes of the prompt's full blocks, first block first."""
+        parent = hashlib.blake2b(salt.encode(), digest_size=16).digest()
+        hashes = []
+        size = self.block_tokens
+        for start in range(0, len(tokens) - size + 1, size):
+            block = orjson.dumps(list(tokens[start : start + size]))
+            parent = hashlib.blake2b(parent + block, digest_size=16).digest()
+            hashes.append(parent)
+        return hashes
+
+    def _leading_hits(self, hashes: list[bytes]) -> int:
+        for count, block in enumerate(hashes):
+            if block not in self._blocks:
+                return count
+        return len(hashes)
+
+    def _touch(self, block: bytes) -> None:
+        if block in self._blocks:
+            self._blocks.move_to_end(block)
+            return
+        self._blocks[block] = None
+        if len(self._blocks) > self.capacity_blocks:
+            self._blocks.popitem(last=False)
