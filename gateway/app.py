@@ -15,13 +15,15 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from gateway import handlers, keys
+from gateway.discovery import Resolver, ServiceWatcher, system_resolver, watch_forever
 from gateway.lifecycle import Lifecycle
 from gateway.metrics import GatewayMetrics
 from gateway.middleware import add_request_id_header, error_middleware, request_id_middleware
+from gateway.monitor import probe_all, probe_forever, scrape_forever
 from gateway.proxy import Proxy
 from gateway.settings import Settings
 from gateway.upstream import Upstream
-from gateway.workers import Fleet, Worker, probe_all, probe_forever
+from gateway.workers import Fleet, Worker, worker_from_settings
 
 # How often the loop-lag timer wakes: often enough to catch a stall of a few tens of ms within
 # a scrape interval, rare enough to cost nothing.
@@ -33,21 +35,23 @@ def create_app(
     *,
     registry: CollectorRegistry | None = None,
     lifecycle: Lifecycle | None = None,
+    resolver: Resolver = system_resolver,
 ) -> web.Application:
     app = web.Application(
         middlewares=[request_id_middleware, error_middleware],
         client_max_size=settings.server.max_body_bytes,
     )
     metrics = GatewayMetrics(registry if registry is not None else CollectorRegistry())
-    fleet = Fleet(settings.workers, settings.health.failures_to_eject)
+    cap = settings.limits.pool_per_worker
+    fleet = Fleet((worker_from_settings(w, cap) for w in settings.workers), settings.health)
     fleet.on_health_change = lambda worker: _export_health(metrics, worker)
     fleet.on_eject = lambda worker: metrics.worker_ejections.labels(worker.url).inc()
+    fleet.on_added = lambda worker: _export_worker(metrics, fleet, worker)
+    fleet.on_removed = lambda worker: _forget_worker(metrics, fleet, worker)
     for worker in fleet.workers:
-        # Per-worker series exist from the start at zero, so rate() sees their first increase.
-        metrics.upstream_connect.labels(worker.url)
-        metrics.worker_in_flight.labels(worker.url)
-        metrics.worker_ejections.labels(worker.url)
+        _export_worker(metrics, fleet, worker)
     app[keys.SETTINGS] = settings
+    app[keys.RESOLVER] = resolver
     app[keys.METRICS] = metrics
     app[keys.FLEET] = fleet
     app[keys.LIFECYCLE] = lifecycle if lifecycle is not None else Lifecycle()
@@ -65,24 +69,92 @@ def create_app(
 
 
 def _export_health(metrics: GatewayMetrics, worker: Worker) -> None:
-    metrics.worker_healthy.labels(worker.url).set(1 if worker.healthy else 0)
+    metrics.worker_healthy.labels(worker.url).set(1 if worker.in_rotation else 0)
+
+
+def _export_worker(metrics: GatewayMetrics, fleet: Fleet, worker: Worker) -> None:
+    # Per-worker series exist from the start at zero, so rate() sees their first increase.
+    metrics.upstream_connect.labels(worker.url)
+    metrics.worker_in_flight.labels(worker.url)
+    metrics.worker_ejections.labels(worker.url)
+    _export_health(metrics, worker)
+    metrics.workers.set(len(fleet.workers))
+
+
+def _forget_worker(metrics: GatewayMetrics, fleet: Fleet, worker: Worker) -> None:
+    """A worker that left the fleet leaves the per-worker series too: pods come and go, and
+    their series must not pile up in the gateway's memory and in Prometheus."""
+    for family in (
+        metrics.upstream_connect,
+        metrics.worker_in_flight,
+        metrics.worker_ejections,
+        metrics.worker_healthy,
+    ):
+        with contextlib.suppress(KeyError):
+            family.remove(worker.url)
+    for signal in LOAD_SIGNALS:
+        with contextlib.suppress(KeyError):
+            metrics.worker_load.remove(worker.url, signal)
+    metrics.workers.set(len(fleet.workers))
+
+
+LOAD_SIGNALS = ("waiting", "running", "kv_cache")
+
+
+def _export_load(metrics: GatewayMetrics, fleet: Fleet, worker: Worker) -> None:
+    if worker not in fleet.workers:
+        return  # removed while its scrape was running
+    load = worker.load
+    if load is None:
+        for signal in LOAD_SIGNALS:
+            with contextlib.suppress(KeyError):
+                metrics.worker_load.remove(worker.url, signal)
+        return
+    metrics.worker_load.labels(worker.url, "waiting").set(load.waiting)
+    metrics.worker_load.labels(worker.url, "running").set(load.running)
+    metrics.worker_load.labels(worker.url, "kv_cache").set(load.kv_cache)
 
 
 async def _upstream_and_probes(app: web.Application) -> AsyncIterator[None]:
     settings = app[keys.SETTINGS]
     fleet = app[keys.FLEET]
-    upstream = Upstream(settings.limits, settings.timeouts, settings.health, app[keys.METRICS])
-    app[keys.PROXY] = Proxy(settings, fleet, upstream, app[keys.METRICS], app[keys.LIFECYCLE])
+    metrics = app[keys.METRICS]
+    upstream = Upstream(
+        settings.limits, settings.timeouts, settings.health, metrics, settings.routing
+    )
+    app[keys.PROXY] = Proxy(settings, fleet, upstream, metrics, app[keys.LIFECYCLE])
+    watchers = [
+        ServiceWatcher(
+            fleet, service, app[keys.RESOLVER], upstream.probe, settings.limits.pool_per_worker
+        )
+        for service in settings.discovery.services
+    ]
+    for watcher in watchers:
+        counter = metrics.discovery_errors.labels(watcher.source)
+        watcher.on_error = counter.inc
     # One probe round before serving, so /ready and /v1/models are true from the first request;
     # each probe is bounded by health.timeout, so a dead worker cannot hold the start up.
-    await probe_all(fleet, upstream.probe)
-    prober = asyncio.create_task(probe_forever(fleet, upstream.probe, settings.health.interval))
+    await asyncio.gather(probe_all(fleet, upstream.probe), *(w.sync() for w in watchers))
+    tasks = [asyncio.create_task(probe_forever(fleet, upstream.probe, settings.health.interval))]
+    if watchers:
+        interval = settings.discovery.interval
+        tasks.append(asyncio.create_task(watch_forever(watchers, interval)))
+    if settings.routing.scrape_interval > 0:
+        scrapes = scrape_forever(
+            fleet,
+            upstream.scrape,
+            settings.routing.scrape_interval,
+            lambda worker: _export_load(metrics, fleet, worker),
+        )
+        tasks.append(asyncio.create_task(scrapes))
     try:
         yield
     finally:
-        prober.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await prober
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await upstream.close()
 
 

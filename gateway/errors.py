@@ -19,6 +19,7 @@ failed with it may be retried on another worker (before commit only)::
         ├── UpstreamStatusError         upstream_unavailable        retryable (429/502/503/504)
         │                               upstream_http_<status>      any other error status
         ├── UpstreamBadResponse         upstream_bad_response
+        │   └── UpstreamMalformedEvent  upstream_malformed_event    retryable
         ├── UpstreamStreamTruncated     upstream_stream_truncated
         └── UpstreamTimeout (504)
             ├── ConnectTimeout          connect_timeout             retryable
@@ -237,6 +238,15 @@ class UpstreamStatusError(UpstreamError):
 class UpstreamBadResponse(UpstreamError):
     code = "upstream_bad_response"
     default_message = "The model worker sent an invalid response."
+
+
+class UpstreamMalformedEvent(UpstreamBadResponse):
+    """An SSE event that is neither JSON nor ``[DONE]``: the worker is broken. Before commit
+    the request moves to another worker."""
+
+    code = "upstream_malformed_event"
+    retryable = True
+    default_message = "The model worker sent a malformed stream event."
 
 
 class UpstreamStreamTruncated(UpstreamError):

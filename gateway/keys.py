@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from gateway.discovery import Resolver
 from gateway.lifecycle import Lifecycle
 from gateway.metrics import GatewayMetrics
 from gateway.proxy import Proxy
@@ -15,3 +16,4 @@ FLEET = web.AppKey("fleet", Fleet)
 METRICS = web.AppKey("metrics", GatewayMetrics)
 LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
 PROXY = web.AppKey("proxy", Proxy)
+RESOLVER: web.AppKey[Resolver] = web.AppKey("resolver")

@@ -116,6 +116,35 @@ class GatewayMetrics:
             ["worker"],
             registry=registry,
         )
+        self.retry_budget_exhausted = Counter(
+            "gateway_retry_budget_exhausted",
+            "Retries not made because the retry budget was spent (an outage is not multiplied).",
+            registry=registry,
+        )
+        self.fallbacks = Counter(
+            "gateway_fallbacks",
+            "Requests sent to a fallback model, by requested model and the fallback used.",
+            ["model", "fallback"],
+            registry=registry,
+        )
+        self.worker_load = Gauge(
+            "gateway_worker_load",
+            "Load signals scraped from each worker's /metrics: 'waiting' and 'running' requests "
+            "and 'kv_cache' usage (0..1); absent while a worker cannot be scraped.",
+            ["worker", "signal"],
+            registry=registry,
+        )
+        self.discovery_errors = Counter(
+            "gateway_discovery_errors",
+            "DNS resolutions of a discovery service that failed (the last known workers are kept).",
+            ["service"],
+            registry=registry,
+        )
+        self.workers = Gauge(
+            "gateway_workers",
+            "Workers known to the gateway (configured and discovered).",
+            registry=registry,
+        )
         self.tokens = Counter(
             "gateway_tokens",
             "Tokens reported by the workers' usage (streams that carry usage), by model and kind "

@@ -19,13 +19,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass, field
+import math
+import random
+import time
+from collections.abc import Coroutine
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import orjson
 from aiohttp import web
 from multidict import CIMultiDict
 
-from gateway.balancer import LeastInFlight
+from gateway.affinity import prefix_key, session_key
+from gateway.balancer import make_policy
 from gateway.errors import (
     ClientTooSlow,
     FirstTokenTimeout,
@@ -47,15 +53,18 @@ from gateway.errors import (
     UpstreamBadResponse,
     UpstreamDisconnected,
     UpstreamError,
+    UpstreamMalformedEvent,
     UpstreamStatusError,
     UpstreamStreamTruncated,
 )
+from gateway.fanout import merge, plan_shards
 from gateway.framing import EventFramer
 from gateway.lifecycle import Lifecycle
 from gateway.limits import Admission
 from gateway.metrics import GatewayMetrics
 from gateway.middleware import REQUEST_ID, error_response
-from gateway.settings import Settings
+from gateway.retry import RetryBudget, backoff, parse_retry_after
+from gateway.settings import RoutingSettings, Settings
 from gateway.sse import StreamObserver, encode_error_event
 from gateway.upstream import ClientResponse, Upstream, forward_headers
 from gateway.usage import TAIL_BYTES, ask_for_usage, usage_from_tail
@@ -77,6 +86,8 @@ ERROR_BODY_LIMIT = 64 * 1024
 # One SSE event larger than this is not a token chunk; the worker is broken.
 MAX_EVENT_BYTES = 1024 * 1024
 IN_BAND_WRITE_TIMEOUT = 1.0
+# One embeddings shard's answer is read into memory to be merged: bounded.
+SHARD_BODY_LIMIT = 256 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,9 +109,10 @@ class RequestMeta:
     body: bytes  # what to send to the worker
     strip_usage: bool = False  # usage was asked for by the gateway, not the client
     single_choice: bool = True
+    affinity_key: str | None = None  # from the body; a session header takes precedence
 
 
-def parse_request(body: bytes, route: Route) -> RequestMeta:
+def parse_request(body: bytes, route: Route, routing: RoutingSettings) -> RequestMeta:
     """Read only what routing needs. The body is forwarded untouched, except that a stream
     whose client did not ask for usage asks for it (for exact token metrics)."""
     try:
@@ -117,15 +129,39 @@ def parse_request(body: bytes, route: Route) -> RequestMeta:
         stream = False
     if not isinstance(stream, bool):
         raise InvalidField("'stream' must be a boolean.", param="stream")
+    key = _affinity_key(data, routing)
     if not (stream and route.can_stream):
-        return RequestMeta(model=model, stream=False, body=body)
+        return RequestMeta(model=model, stream=False, body=body, affinity_key=key)
     single = data.get("n") in (None, 1)
     rewritten = ask_for_usage(data)
     if rewritten is None:
-        return RequestMeta(model=model, stream=True, body=body, single_choice=single)
+        return RequestMeta(
+            model=model, stream=True, body=body, single_choice=single, affinity_key=key
+        )
     return RequestMeta(
-        model=model, stream=True, body=rewritten, strip_usage=True, single_choice=single
+        model=model,
+        stream=True,
+        body=rewritten,
+        strip_usage=True,
+        single_choice=single,
+        affinity_key=key,
     )
+
+
+def _affinity_key(data: dict[str, object], routing: RoutingSettings) -> str | None:
+    if routing.affinity == "session":
+        return session_key(data)
+    if routing.affinity == "prefix":
+        return prefix_key(data, routing.prefix_chars)
+    return None
+
+
+def with_model(body: bytes, model: str) -> bytes:
+    """The body for a fallback model: the only re-serialisation on the request path, and only
+    when a fallback is used."""
+    data = orjson.loads(body)
+    data["model"] = model
+    return orjson.dumps(data)
 
 
 @dataclass(slots=True, eq=False)
@@ -143,6 +179,7 @@ class Exchange:
     ending: bool = False  # the response's last chunk is queued: nothing may follow it
     response: web.StreamResponse | None = None
     worker: Worker | None = None
+    served_model: str = ""  # the model that answered: a fallback's, when one was used
     status: int = 0
     code: str = ""
     attempts: int = 0
@@ -170,10 +207,15 @@ class Proxy:
         self._upstream = upstream
         self._metrics = metrics
         self._lifecycle = lifecycle
-        self._balancer = LeastInFlight()
-        # A worker never gets more requests than it has pooled connections: past that, the
-        # connector's wait would be a hidden queue (and look like a connect timeout).
-        self._worker_cap = settings.limits.pool_per_worker
+        routing = settings.routing
+        self._rng = random.Random()  # noqa: S311 (jitter and sampling, not secrets)
+        self._balancer = make_policy(
+            routing.policy, routing.affinity, self._rng, routing.load_factor
+        )
+        retry = settings.retry
+        self._budget = RetryBudget(
+            retry.budget_ratio, retry.budget_min, retry.budget_window, time.monotonic
+        )
         limits = settings.limits
         self._admission = Admission(
             limits.max_in_flight, settings.timeouts.queue, limits.retry_after
@@ -214,10 +256,15 @@ class Proxy:
         if not self._lifecycle.accepting:
             raise ShuttingDown()
         body = await self._read_body(ex.request)
-        meta = parse_request(body, ex.route)
+        meta = parse_request(body, ex.route, self._settings.routing)
+        routing = self._settings.routing
+        if routing.affinity == "session":
+            header = ex.request.headers.get(routing.session_header)
+            if header:
+                meta = replace(meta, affinity_key=header)
         ex.model, ex.stream, ex.strip_usage = meta.model, meta.stream, meta.strip_usage
         ex.single_choice = meta.single_choice
-        if not self._fleet.serves(meta.model):
+        if not self._serves(meta.model):
             raise ModelNotFound(meta.model)
         loop = asyncio.get_running_loop()
         queued = loop.time()
@@ -225,7 +272,11 @@ class Proxy:
             self._metrics.queue_wait.observe(loop.time() - queued)
             self._metrics.in_flight.inc()
             try:
-                await self._forward_within_deadline(ex, meta.body)
+                shards = self._plan_fan_out(ex, meta)
+                if shards:
+                    await self._within_deadline(self._fan_out(ex, shards))
+                else:
+                    await self._within_deadline(self._forward(ex, meta))
             finally:
                 self._metrics.in_flight.dec()
         assert ex.response is not None
@@ -247,46 +298,192 @@ class Proxy:
         except TimeoutError:
             raise RequestBodyTimeout() from None
 
-    async def _forward_within_deadline(self, ex: Exchange, body: bytes) -> None:
+    async def _within_deadline(self, work: Coroutine[Any, Any, None]) -> None:
         try:
             async with asyncio.timeout(self._timeouts.total) as deadline:
-                await self._forward(ex, body)
+                await work
         except TimeoutError:
             if deadline.expired():
                 raise TotalTimeout() from None
             raise
 
-    async def _forward(self, ex: Exchange, body: bytes) -> None:
+    def _serves(self, model: str) -> bool:
+        return any(self._fleet.serves(m) for m in self._chain(model))
+
+    def _chain(self, model: str) -> tuple[str, ...]:
+        return (model, *self._settings.fallbacks.get(model, ()))
+
+    async def _forward(self, ex: Exchange, meta: RequestMeta) -> None:
+        """Try the model's pool, then each fallback model's, until an attempt succeeds.
+
+        Within a pool: at most ``retry.max_attempts`` attempts, never the same worker twice;
+        each retry is taken from the retry budget and waits a jittered backoff first, unless
+        the failed worker asked for time (``Retry-After``): then the request goes elsewhere at
+        once. A fallback is used when a pool has no worker to try or failed retryably.
+        """
         headers = forward_headers(ex.request.headers, ex.request[REQUEST_ID])
+        self._budget.record_request()
         last: UpstreamError | None = None
-        for _ in range(self._settings.retry.max_attempts):
-            candidates = self._fleet.candidates(ex.model, ex.tried)
-            worker = self._balancer.pick([w for w in candidates if w.in_flight < self._worker_cap])
-            if worker is None:
-                if candidates and last is None:
-                    # Every healthy worker is at its connection cap: shed, don't queue in the pool.
-                    raise Overloaded(retry_after=self._settings.limits.retry_after)
-                break
-            if last is not None:
-                self._metrics.retries.labels(last.code).inc()
-            ex.tried.append(worker)
-            ex.worker, ex.attempts = worker, ex.attempts + 1
-            try:
-                await self._attempt(ex, worker, body, headers)
-            except UpstreamError as err:
-                self._count_failure(worker, err)
-                if ex.committed or not err.retryable:
-                    raise
-                last = err
-            else:
-                self._fleet.record_success(worker)
-                return
+        for model in self._chain(ex.model):
+            body = meta.body if model == ex.model else with_model(meta.body, model)
+            for _ in range(self._settings.retry.max_attempts):
+                worker = await self._next_worker(ex.tried, model, meta.affinity_key, last)
+                if worker is None:
+                    break
+                if model != ex.model and ex.served_model != model:
+                    self._metrics.fallbacks.labels(self._model_label(ex), model).inc()
+                ex.served_model = model
+                try:
+                    await self._attempt_on(ex, worker, body, headers)
+                    return
+                except UpstreamError as err:
+                    if ex.committed or not err.retryable:
+                        raise
+                    last = err
         if last is not None:
             raise last
-        raise NoHealthyWorker(retry_after=self._settings.limits.retry_after)
+        raise NoHealthyWorker(retry_after=self._retry_hint(ex.model))
+
+    async def _next_worker(
+        self, tried: list[Worker], model: str, key: str | None, last: UpstreamError | None
+    ) -> Worker | None:
+        """The worker for the next attempt, or None to move on; raises ``last`` when the retry
+        budget is spent and ``Overloaded`` when every worker is at its cap."""
+        if last is not None:
+            if not self._fleet.candidates(model, tried):
+                return None
+            if not self._budget.try_spend():
+                self._metrics.retry_budget_exhausted.inc()
+                raise last
+            self._metrics.retries.labels(last.code).inc()
+            if not _asked_to_wait(last):
+                retry = self._settings.retry
+                await asyncio.sleep(
+                    backoff(len(tried), retry.backoff_base, retry.backoff_max, self._rng)
+                )
+        candidates = self._fleet.candidates(model, tried)
+        # A worker never gets more requests than its cap (at most its pooled connections):
+        # past that, the connector's wait would be a hidden queue.
+        open_ = [w for w in candidates if w.in_flight < w.cap]
+        if candidates and not open_ and last is None and not tried:
+            raise Overloaded(retry_after=self._settings.limits.retry_after)
+        return self._balancer.pick(open_, key)
+
+    async def _attempt_on(
+        self, ex: Exchange, worker: Worker, body: bytes, headers: CIMultiDict[str]
+    ) -> None:
+        ex.tried.append(worker)
+        ex.worker, ex.attempts = worker, ex.attempts + 1
+        self._fleet.begin_attempt(worker)
+        try:
+            await self._attempt(ex, worker, body, headers)
+        except UpstreamError as err:
+            self._count_failure(worker, err)
+            raise
+        else:
+            self._fleet.record_success(worker)
+        finally:
+            self._fleet.end_attempt(worker)
+
+    def _plan_fan_out(self, ex: Exchange, meta: RequestMeta) -> list[bytes] | None:
+        size = self._settings.routing.embedding_shard_size
+        if ex.route is not EMBEDDINGS or size <= 0:
+            return None
+        data = orjson.loads(meta.body)  # valid: parse_request read it already
+        return plan_shards(data, size, len(self._fleet.candidates(ex.model)))
+
+    async def _fan_out(self, ex: Exchange, shards: list[bytes]) -> None:
+        """Send every shard at once, each with its own retries; all or nothing."""
+        headers = forward_headers(ex.request.headers, ex.request[REQUEST_ID])
+        self._budget.record_request()
+        taken: list[Worker] = []  # workers holding a shard now: others go elsewhere first
+        tasks = [asyncio.create_task(self._shard(ex, body, headers, taken)) for body in shards]
+        try:
+            bodies = await asyncio.gather(*tasks)
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+        ex.served_model = ex.model
+        ex.response = web.Response(body=merge(bodies), content_type="application/json")
+        ex.status = 200
+
+    async def _shard(
+        self, ex: Exchange, body: bytes, headers: CIMultiDict[str], taken: list[Worker]
+    ) -> bytes:
+        tried: list[Worker] = []
+        last: UpstreamError | None = None
+        for _ in range(self._settings.retry.max_attempts):
+            avoid = tried + [w for w in taken if w not in tried]
+            if not self._fleet.candidates(ex.model, avoid):
+                avoid = tried
+            worker = await self._next_worker(avoid, ex.model, None, last)
+            if worker is None:
+                break
+            tried.append(worker)
+            taken.append(worker)
+            ex.worker, ex.attempts = worker, ex.attempts + 1
+            try:
+                return await self._attempt_buffered(worker, ex.route.path, body, headers)
+            except UpstreamError as err:
+                if not err.retryable:
+                    raise
+                last = err
+            finally:
+                taken.remove(worker)
+        if last is not None:
+            raise last
+        raise NoHealthyWorker(retry_after=self._retry_hint(ex.model))
+
+    async def _attempt_buffered(
+        self, worker: Worker, path: str, body: bytes, headers: CIMultiDict[str]
+    ) -> bytes:
+        """One whole non-streamed answer from one worker, read into memory (bounded)."""
+        worker.in_flight += 1
+        gauge = self._metrics.worker_in_flight.labels(worker.url)
+        gauge.inc()
+        self._fleet.begin_attempt(worker)
+        response: ClientResponse | None = None
+        try:
+            async with asyncio.timeout(None) as phase:
+                response = await self._upstream.send(worker, path, body, headers)
+                if response.status != 200:
+                    await self._raise_status(response, phase)
+                data = await self._upstream.read_body(response, SHARD_BODY_LIMIT + 1)
+            if len(data) > SHARD_BODY_LIMIT:
+                raise UpstreamBadResponse("The model worker sent an oversized answer.")
+        except UpstreamError as err:
+            self._count_failure(worker, err)
+            raise
+        else:
+            self._fleet.record_success(worker)
+            return data
+        finally:
+            worker.in_flight -= 1
+            gauge.dec()
+            self._fleet.end_attempt(worker)
+            if response is not None:
+                response.release()
+
+    def _retry_hint(self, model: str) -> int:
+        """Seconds until a worker of the chain can take requests again, for ``Retry-After``."""
+        now = self._fleet.clock()
+        waits = [
+            w.not_before - now
+            for m in self._chain(model)
+            for w in self._fleet.pool(m)
+            if w.healthy and w.not_before > now
+        ]
+        if not waits:
+            return self._settings.limits.retry_after
+        return max(1, math.ceil(min(waits)))
 
     def _count_failure(self, worker: Worker, err: UpstreamError) -> None:
         if isinstance(err, UpstreamStatusError):
+            wait = parse_retry_after(err.upstream_headers.get("Retry-After"), time.time())
+            if wait is not None and err.status in (429, 503):
+                self._fleet.retry_later(worker, min(wait, self._settings.retry.max_retry_after))
             if not err.retryable and err.status < 500:
                 return  # a 4xx is the client's doing, not a sign of a sick worker
             self._metrics.upstream_errors.labels(worker.url, err.code).inc()
@@ -356,6 +553,8 @@ class Proxy:
             if not chunk:
                 raise UpstreamDisconnected("The model worker ended the stream before any token.")
             observer.feed(chunk)
+            if observer.malformed:
+                raise UpstreamMalformedEvent()
             held.append(chunk)
             held_size += len(chunk)
         ex.first_token_at = loop.time()
@@ -381,6 +580,8 @@ class Proxy:
             last = now
             phase.reschedule(now + idle)
             observer.feed(chunk)
+            if observer.malformed:
+                raise UpstreamMalformedEvent()
             if out := framer.feed(chunk):
                 await self._send(ex, client, out, phase)
             elif framer.pending > MAX_EVENT_BYTES:
@@ -496,6 +697,7 @@ class Proxy:
                 "model": model,
                 "stream": ex.stream,
                 "worker": ex.worker.url if ex.worker else None,
+                "served_model": ex.served_model or None,
                 "attempts": ex.attempts,
                 "status": ex.status,
                 "code": ex.code,
@@ -511,3 +713,8 @@ class Proxy:
 def _close(request: web.Request) -> None:
     if request.transport is not None:
         request.transport.close()
+
+
+def _asked_to_wait(err: UpstreamError) -> bool:
+    """The worker said when to come back: go elsewhere at once instead of backing off."""
+    return isinstance(err, UpstreamStatusError) and "Retry-After" in err.upstream_headers

@@ -45,6 +45,8 @@ class ServerSettings(_Frozen):
 class WorkerSettings(_Frozen):
     url: AnyHttpUrl
     models: tuple[str, ...] = ()
+    # Requests in flight to this worker at most; default limits.pool_per_worker.
+    max_in_flight: int | None = Field(None, gt=0)
 
     @model_validator(mode="after")
     def _plain_base_url(self) -> Self:
@@ -95,14 +97,55 @@ class LimitSettings(_Frozen):
         return self
 
 
+class ServiceSettings(_Frozen):
+    """A DNS name (e.g. a Kubernetes headless Service) whose every address is a worker."""
+
+    url: AnyHttpUrl
+    models: tuple[str, ...] = ()
+    max_in_flight: int | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _plain(self) -> Self:
+        if self.url.username or self.url.password:
+            raise ValueError("url must not carry a user or password")
+        if self.url.query or self.url.fragment or self.url.path not in (None, "", "/"):
+            raise ValueError("url must be scheme://host:port only (no path, query or fragment)")
+        return self
+
+
+class DiscoverySettings(_Frozen):
+    services: tuple[ServiceSettings, ...] = ()
+    interval: float = Field(10.0, gt=0)  # seconds between DNS resolutions
+
+
+class RoutingSettings(_Frozen):
+    policy: Literal["least_loaded", "round_robin"] = "least_loaded"
+    affinity: Literal["none", "session", "prefix"] = "none"
+    session_header: str = Field("X-Session-Id", min_length=1)
+    prefix_chars: int = Field(1024, gt=0)  # leading prompt characters that key prefix affinity
+    load_factor: float = Field(1.25, ge=1.0)  # bounded load: at most this times the mean
+    scrape_interval: float = Field(2.0, ge=0)  # seconds between /metrics scrapes; 0: never
+    scrape_timeout: float = Field(1.0, gt=0)
+    # An embeddings batch with more inputs than this is split across workers; 0: never split.
+    embedding_shard_size: int = Field(64, ge=0)
+
+
 class RetrySettings(_Frozen):
-    max_attempts: int = Field(2, ge=1, le=10)
+    max_attempts: int = Field(2, ge=1, le=10)  # per model of a fallback chain
+    backoff_base: float = Field(0.02, ge=0)  # full jitter: sleep U(0, min(max, base * 2**k))
+    backoff_max: float = Field(0.5, ge=0)
+    budget_ratio: float = Field(0.2, ge=0)  # retries at most this share of recent requests...
+    budget_min: int = Field(10, ge=0)  # ...plus this many per window
+    budget_window: float = Field(10.0, gt=0)
+    max_retry_after: float = Field(60.0, ge=0)  # a worker's Retry-After is honoured up to this
 
 
 class HealthSettings(_Frozen):
     interval: float = Field(5.0, gt=0)
     timeout: float = Field(2.0, gt=0)
     failures_to_eject: int = Field(3, ge=1)
+    ejection_time: float = Field(5.0, gt=0)  # the first ejection; doubles with each repeat
+    max_ejection_time: float = Field(300.0, gt=0)
 
 
 class LogSettings(_Frozen):
@@ -112,7 +155,10 @@ class LogSettings(_Frozen):
 
 class Settings(_Frozen):
     server: ServerSettings = ServerSettings()
-    workers: tuple[WorkerSettings, ...]
+    workers: tuple[WorkerSettings, ...] = ()
+    discovery: DiscoverySettings = DiscoverySettings()
+    routing: RoutingSettings = RoutingSettings()
+    fallbacks: dict[str, tuple[str, ...]] = {}  # model -> models to try, in order, when it fails
     timeouts: TimeoutSettings = TimeoutSettings()
     limits: LimitSettings = LimitSettings()
     retry: RetrySettings = RetrySettings()
@@ -121,12 +167,19 @@ class Settings(_Frozen):
 
     @model_validator(mode="after")
     def _has_workers(self) -> Self:
-        if not self.workers:
-            raise ValueError("workers: at least one worker is required")
+        if not self.workers and not self.discovery.services:
+            raise ValueError("workers: at least one worker (or discovery.services) is required")
         urls = [w.base_url for w in self.workers]
         duplicates = sorted({u for u in urls if urls.count(u) > 1})
         if duplicates:
             raise ValueError(f"workers: listed more than once: {', '.join(duplicates)}")
+        return self
+
+    @model_validator(mode="after")
+    def _fallbacks_are_chains(self) -> Self:
+        for model, chain in self.fallbacks.items():
+            if model in chain or len(set(chain)) != len(chain):
+                raise ValueError(f"fallbacks.{model}: a chain must not repeat a model")
         return self
 
 

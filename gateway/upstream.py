@@ -23,8 +23,9 @@ from gateway.errors import (
     UpstreamDisconnected,
     UpstreamError,
 )
+from gateway.loadsignals import LoadSignals, parse_load
 from gateway.metrics import GatewayMetrics
-from gateway.settings import HealthSettings, LimitSettings, TimeoutSettings
+from gateway.settings import HealthSettings, LimitSettings, RoutingSettings, TimeoutSettings
 from gateway.workers import ModelCard, ProbeResult, Worker
 
 # Headers that describe one hop, or carry the client's credentials, never go to a worker.
@@ -40,6 +41,8 @@ _DROPPED_REQUEST_HEADERS = frozenset(
 ClientResponse = aiohttp.ClientResponse
 
 PROBE_POOL_SIZE = 32
+# A worker's /metrics body larger than this is not read: the signals are near its top anyway.
+SCRAPE_LIMIT = 4 * 1024 * 1024
 
 
 class Upstream:
@@ -51,7 +54,11 @@ class Upstream:
         timeouts: TimeoutSettings,
         health: HealthSettings,
         metrics: GatewayMetrics | None = None,
+        routing: RoutingSettings | None = None,
     ) -> None:
+        self._scrape_timeout = aiohttp.ClientTimeout(
+            total=(routing or RoutingSettings()).scrape_timeout
+        )
         connector = aiohttp.TCPConnector(
             limit=limits.pool_size,
             limit_per_host=limits.pool_per_worker,
@@ -130,6 +137,23 @@ class Upstream:
             self._models(worker) if not worker.configured_models else _none(),
         )
         return ProbeResult(healthy=healthy, models=models)
+
+    async def scrape(self, worker: Worker) -> LoadSignals | None:
+        """The worker's load signals from ``GET /metrics``; None when it cannot be read."""
+        try:
+            async with self._probes.get(
+                worker.url + "/metrics", timeout=self._scrape_timeout
+            ) as resp:
+                if resp.status != 200:
+                    return None
+                parts: list[bytes] = []
+                size = 0
+                while size < SCRAPE_LIMIT and (chunk := await resp.content.readany()):
+                    parts.append(chunk)
+                    size += len(chunk)
+        except (aiohttp.ClientError, TimeoutError):
+            return None
+        return parse_load(b"".join(parts))
 
     async def _health(self, worker: Worker) -> bool:
         try:

@@ -138,6 +138,6 @@ async def test_failing_worker_is_ejected_and_skipped(
     for _ in range(6):
         async with client.post(f"{gw.url}/v1/chat/completions", json=chat()) as resp:
             assert resp.status == 200
-    assert not gw.fleet.workers[0].healthy
+    assert not gw.fleet.workers[0].in_rotation
     assert gw.metric("gateway_worker_healthy", worker=bad.url) == 0
     assert gw.metric("gateway_retries_total", reason="upstream_unavailable") == 2

@@ -174,10 +174,13 @@ async def test_upstream_connect_time_counts_new_connections_only(
 async def test_passive_ejection_is_counted_and_shown_as_unhealthy(
     sim: SimFactory, gateway: GatewayFactory, client: aiohttp.ClientSession
 ) -> None:
-    worker = await sim()
-    gw = await gateway(worker, health={"interval": 60.0, "timeout": 1.0, "failures_to_eject": 2})
-    assert gw.metric("gateway_worker_ejections_total", worker=worker.url) == 0
-    assert gw.metric("gateway_worker_healthy", worker=worker.url) == 1
+    """The first 500 ejects its worker; the second goes to the other worker, which is then the
+    last in rotation and is kept: exactly one ejection, shown on the worker that had it."""
+    workers = [await sim(), await sim()]
+    gw = await gateway(*workers, health={"interval": 60.0, "timeout": 1.0, "failures_to_eject": 1})
+    for w in workers:
+        assert gw.metric("gateway_worker_ejections_total", worker=w.url) == 0
+        assert gw.metric("gateway_worker_healthy", worker=w.url) == 1
     for _ in range(2):
         headers = {"X-Sim-Fault": "status=500"}
         async with client.post(
@@ -185,7 +188,12 @@ async def test_passive_ejection_is_counted_and_shown_as_unhealthy(
         ) as resp:
             assert resp.status == 500
             await resp.read()
-    assert gw.metric("gateway_worker_ejections_total", worker=worker.url) == 1
-    assert gw.metric("gateway_worker_healthy", worker=worker.url) == 0
-    assert gw.metric("gateway_upstream_errors_total", worker=worker.url,
-                     kind="upstream_http_500") == 2  # fmt: skip
+    ejected = [w for w in workers if gw.metric("gateway_worker_ejections_total", worker=w.url)]
+    assert len(ejected) == 1
+    [kept] = [w for w in workers if w is not ejected[0]]
+    assert gw.metric("gateway_worker_ejections_total", worker=ejected[0].url) == 1
+    assert gw.metric("gateway_worker_healthy", worker=ejected[0].url) == 0
+    assert gw.metric("gateway_worker_healthy", worker=kept.url) == 1
+    for w in workers:
+        assert gw.metric("gateway_upstream_errors_total", worker=w.url,
+                         kind="upstream_http_500") == 1  # fmt: skip

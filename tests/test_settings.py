@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pydantic import ValidationError
+import yaml
+from pydantic import BaseModel, ValidationError
 
 from gateway.settings import (
     DEFAULT_CONNECT_TIMEOUT,
@@ -110,6 +111,16 @@ def test_shipped_gateway_yaml_loads_and_shows_the_defaults() -> None:
     assert settings.model_dump(exclude={"workers"}) == defaults.model_dump(exclude={"workers"})
 
 
+def test_shipped_gateway_yaml_documents_every_key() -> None:
+    shipped = yaml.safe_load(GATEWAY_YAML.read_text(encoding="utf-8"))
+    for section, model in Settings.model_fields.items():
+        assert section in shipped, f"{section} is not in config/gateway.yaml"
+        annotation = model.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            missing = set(annotation.model_fields) - set(shipped[section])
+            assert not missing, f"{section}: {sorted(missing)} not in config/gateway.yaml"
+
+
 def test_shipped_local_yaml_loads() -> None:
     settings = load_settings(LOCAL_YAML, environ={})
     assert [w.base_url for w in settings.workers] == [
@@ -147,12 +158,50 @@ def test_every_unknown_key_is_named_at_once() -> None:
     assert "limits.max_inflight: unknown key" in message
 
 
+NO_WORKERS = "workers: at least one worker (or discovery.services) is required"
+
+
 def test_missing_workers_are_rejected() -> None:
-    assert "workers: Field required" in rejected({})
+    assert NO_WORKERS in rejected({})
 
 
 def test_empty_worker_list_is_rejected() -> None:
-    assert "at least one worker is required" in rejected({"workers": []})
+    assert NO_WORKERS in rejected({"workers": []})
+    assert NO_WORKERS in rejected({"workers": [], "discovery": {"services": []}})
+
+
+def test_a_discovery_service_is_enough() -> None:
+    services = [{"url": "http://vllm-headless.default.svc:8000", "models": ["m"]}]
+    settings = build_settings({"discovery": {"services": services}})
+    assert settings.workers == ()
+    assert str(settings.discovery.services[0].url) == "http://vllm-headless.default.svc:8000/"
+
+
+@pytest.mark.parametrize(
+    "url", ["http://user:pw@svc:8000", "http://svc:8000/v1", "http://svc:8000/?x=1"]
+)
+def test_discovery_urls_are_plain(url: str) -> None:
+    assert "url must" in rejected({"discovery": {"services": [{"url": url}]}})
+
+
+@pytest.mark.parametrize("chain", [["a"], ["b", "b"]])
+def test_fallback_chains_do_not_repeat(chain: list[str]) -> None:
+    message = rejected({"workers": [WORKER], "fallbacks": {"a": chain}})
+    assert "fallbacks.a: a chain must not repeat a model" in message
+
+
+@pytest.mark.parametrize(
+    ("section", "values", "key"),
+    [
+        ("routing", {"policy": "random"}, "routing.policy"),
+        ("routing", {"affinity": "user"}, "routing.affinity"),
+        ("routing", {"load_factor": 0.9}, "routing.load_factor"),
+        ("retry", {"budget_ratio": -1}, "retry.budget_ratio"),
+        ("health", {"ejection_time": 0}, "health.ejection_time"),
+    ],
+)
+def test_routing_values_are_checked(section: str, values: dict[str, object], key: str) -> None:
+    assert f"{key}:" in rejected({"workers": [WORKER], section: values})
 
 
 @pytest.mark.parametrize("url", ["not a url", "ftp://w1:8000", "http://", ""])
@@ -325,7 +374,7 @@ def test_missing_file(tmp_path: Path) -> None:
 
 def test_empty_file_only_lacks_workers(tmp_path: Path) -> None:
     path = write(tmp_path, "# nothing yet\n")
-    assert "workers: Field required" in rejected_load(path, {})
+    assert NO_WORKERS in rejected_load(path, {})
     env = {"VLLM_GATEWAY_WORKERS": ENV_WORKERS}
     assert isinstance(load_settings(path, env), Settings)
 

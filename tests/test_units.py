@@ -6,12 +6,10 @@ import asyncio
 import contextlib
 from collections import Counter
 from collections.abc import Iterator
-from typing import Any
 
 import orjson
 import pytest
 
-from gateway.balancer import LeastInFlight
 from gateway.errors import (
     ClientTooSlow,
     ConnectTimeout,
@@ -37,6 +35,7 @@ from gateway.errors import (
     UpstreamConnectError,
     UpstreamDisconnected,
     UpstreamError,
+    UpstreamMalformedEvent,
     UpstreamStatusError,
     UpstreamStreamTruncated,
     UpstreamTimeout,
@@ -44,8 +43,6 @@ from gateway.errors import (
 )
 from gateway.limits import Admission
 from gateway.middleware import error_response
-from gateway.settings import WorkerSettings
-from gateway.workers import Fleet, ProbeResult, Worker, probe_all
 
 DEADLINE = 2.0  # seconds any gate in this file may take before the test fails by name
 
@@ -80,6 +77,7 @@ TREE: dict[type[GatewayError], tuple[int, str, str, bool]] = {
     UpstreamDisconnected: (502, "upstream_error", "upstream_disconnected", True),
     UpstreamStatusError: (503, "upstream_error", "upstream_unavailable", True),
     UpstreamBadResponse: (502, "upstream_error", "upstream_bad_response", False),
+    UpstreamMalformedEvent: (502, "upstream_error", "upstream_malformed_event", True),
     UpstreamStreamTruncated: (502, "upstream_error", "upstream_stream_truncated", False),
     UpstreamTimeout: (504, "timeout_error", "upstream_timeout", False),
     ConnectTimeout: (504, "timeout_error", "connect_timeout", True),
@@ -272,51 +270,6 @@ def test_is_openai_error(body: bytes, expected: bool) -> None:
     assert is_openai_error(body) is expected
 
 
-# --- balancer -------------------------------------------------------------------------------
-
-
-def workers(*loads: int, name: str = "w") -> list[Worker]:
-    return [Worker(f"http://{name}{i}:8000", in_flight=n) for i, n in enumerate(loads)]
-
-
-def test_balancer_with_no_candidates_picks_none() -> None:
-    assert LeastInFlight().pick([]) is None
-
-
-def test_balancer_picks_the_fewest_in_flight() -> None:
-    pool = workers(3, 1, 2)
-    balancer = LeastInFlight()
-    assert [balancer.pick(pool) for _ in range(5)] == [pool[1]] * 5
-
-
-def test_balancer_rotates_ties_evenly() -> None:
-    pool = workers(0, 0, 0, 5)
-    balancer = LeastInFlight()
-    picks = [balancer.pick(pool) for _ in range(300)]
-    assert set(picks[:3]) == set(pool[:3])  # each tied worker within one round
-    assert Counter(picks) == {pool[0]: 100, pool[1]: 100, pool[2]: 100}
-
-
-def test_balancer_keeps_held_requests_level() -> None:
-    pool = workers(0, 4, 0)
-    balancer = LeastInFlight()
-    for _ in range(20):
-        chosen = balancer.pick(pool)
-        assert chosen is not None
-        chosen.in_flight += 1
-    assert [w.in_flight for w in pool] == [8, 8, 8]
-
-
-def test_balancer_rotates_ties_per_pool_when_pools_alternate() -> None:
-    chat, embed = workers(0, 0, name="chat"), workers(0, 0, name="embed")
-    balancer = LeastInFlight()
-    picks: Counter[Worker | None] = Counter()
-    for _ in range(50):
-        picks[balancer.pick(chat)] += 1
-        picks[balancer.pick(embed)] += 1
-    assert picks == {chat[0]: 25, chat[1]: 25, embed[0]: 25, embed[1]: 25}
-
-
 # --- admission ------------------------------------------------------------------------------
 
 
@@ -450,183 +403,3 @@ async def test_waiter_cancelled_after_being_handed_a_slot_gives_it_back() -> Non
     assert admission.in_flight == 0
     async with asyncio.timeout(DEADLINE), admission.slot():
         assert admission.in_flight == 1
-
-
-# --- fleet ----------------------------------------------------------------------------------
-
-
-def fleet(*models: tuple[str, ...], failures_to_eject: int = 3) -> Fleet:
-    configured = [WorkerSettings(url=f"http://w{i}:8000", models=m) for i, m in enumerate(models)]
-    return Fleet(configured, failures_to_eject)
-
-
-def card(model: str, **fields: Any) -> dict[str, Any]:
-    return {"id": model, "object": "model", "owned_by": "vllm", **fields}
-
-
-def test_pools_follow_configured_models() -> None:
-    f = fleet(("a",), ("a", "b"), ())
-    w0, w1, w2 = f.workers
-    assert [w.url for w in f.workers] == ["http://w0:8000", "http://w1:8000", "http://w2:8000"]
-    assert (f.serves("a"), f.serves("b"), f.serves("c")) == (True, True, False)
-    assert f.candidates("a") == [w0, w1]
-    assert f.candidates("b") == [w1]
-    assert f.candidates("c") == []
-    assert w2.models == ()
-
-
-def test_candidates_exclude_unhealthy_and_excluded_workers() -> None:
-    f = fleet(("a",), ("a",), ("a",))
-    w0, w1, w2 = f.workers
-    f.apply_probe(w1, ProbeResult(healthy=False))
-    assert f.candidates("a") == [w0, w2]
-    assert f.candidates("a", exclude=[w0]) == [w2]
-    assert f.candidates("a", exclude=[w0, w2]) == []
-    assert f.serves("a")  # still a known model, only nobody can take it now
-
-
-def test_consecutive_failures_eject_and_success_resets_the_count() -> None:
-    f = fleet(("a",), ("a",), failures_to_eject=3)
-    w0, w1 = f.workers
-    changes: list[tuple[str, bool]] = []
-    f.on_health_change = lambda w: changes.append((w.url, w.healthy))
-    f.record_failure(w0)
-    f.record_failure(w0)
-    f.record_success(w0)
-    f.record_failure(w0)
-    f.record_failure(w0)
-    assert w0.healthy
-    assert w0.consecutive_failures == 2
-    assert changes == []
-    f.record_failure(w0)
-    assert not w0.healthy
-    assert changes == [("http://w0:8000", False)]
-    assert f.candidates("a") == [w1]
-
-
-def test_successful_probe_restores_an_ejected_worker() -> None:
-    f = fleet(("a",), failures_to_eject=2)
-    [w0] = f.workers
-    for _ in range(3):
-        f.record_failure(w0)
-    assert f.candidates("a") == []
-    f.apply_probe(w0, ProbeResult(healthy=True))
-    assert w0.healthy
-    assert w0.consecutive_failures == 0
-    assert f.candidates("a") == [w0]
-    f.record_failure(w0)
-    assert w0.healthy  # the count started over: one failure is not two
-
-
-def test_failed_probe_ejects_at_once() -> None:
-    f = fleet(("a",), failures_to_eject=3)
-    [w0] = f.workers
-    f.apply_probe(w0, ProbeResult(healthy=False))
-    assert not w0.healthy
-    assert not f.any_healthy()
-
-
-def test_discovered_models_feed_pools_and_cards() -> None:
-    f = fleet(("a",), ())
-    w1 = f.workers[1]
-    assert not f.serves("m")
-    f.apply_probe(w1, ProbeResult(healthy=True, models=(card("m", max_model_len=4096),)))
-    assert f.serves("m")
-    assert f.candidates("m") == [w1]
-    assert f.model_cards() == [card("a"), card("m", max_model_len=4096)]
-
-    f.apply_probe(w1, ProbeResult(healthy=True, models=None))  # not answered: keep what we know
-    assert f.candidates("m") == [w1]
-    f.apply_probe(w1, ProbeResult(healthy=True, models=()))  # answered: serves nothing now
-    assert not f.serves("m")
-    assert f.model_cards() == [card("a")]
-
-
-def test_configured_models_win_over_discovered_ones() -> None:
-    f = fleet(("a",))
-    [w0] = f.workers
-    discovered = (card("a", max_model_len=8192), card("other"))
-    f.apply_probe(w0, ProbeResult(healthy=True, models=discovered))
-    assert not f.serves("other")
-    assert f.model_cards() == [card("a", max_model_len=8192)]  # the worker's own card for "a"
-
-
-def test_model_cards_skip_unhealthy_workers_and_duplicates() -> None:
-    f = fleet(("a",), ("a", "b"), ("c",))
-    f.apply_probe(f.workers[2], ProbeResult(healthy=False))
-    assert f.model_cards() == [card("a"), card("b")]
-
-
-def test_any_healthy_needs_a_healthy_worker_with_models() -> None:
-    f = fleet((), ("a",))
-    w0, w1 = f.workers
-    assert f.any_healthy()
-    f.apply_probe(w1, ProbeResult(healthy=False))
-    assert not f.any_healthy()  # w0 is up but serves nothing yet
-    f.apply_probe(w0, ProbeResult(healthy=True, models=(card("m"),)))
-    assert f.any_healthy()
-
-
-async def test_probe_all_probes_every_worker_at_once() -> None:
-    """1. Both probes start before either may finish. 2. They finish in reverse order."""
-    f = fleet(("a",), ("b",))
-    w0, w1 = f.workers
-    started = {w.url: asyncio.Event() for w in f.workers}
-    release = {w.url: asyncio.Event() for w in f.workers}
-    verdict = {w0.url: False, w1.url: True}
-
-    async def probe(worker: Worker) -> ProbeResult:
-        started[worker.url].set()
-        await release[worker.url].wait()
-        return ProbeResult(healthy=verdict[worker.url])
-
-    f.apply_probe(w1, ProbeResult(healthy=False))
-    task = asyncio.create_task(probe_all(f, probe))
-    # A sequential prober would never start w1 while w0's probe is held: this would time out.
-    await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started.values())), DEADLINE)
-    release[w1.url].set()
-    release[w0.url].set()
-    await asyncio.wait_for(task, DEADLINE)
-    assert (w0.healthy, w1.healthy) == (False, True)
-
-
-async def test_slow_probe_does_not_delay_another_workers_result() -> None:
-    f = fleet(("a",), ("b",))
-    w0, w1 = f.workers
-    f.apply_probe(w1, ProbeResult(healthy=False))
-    release, w1_probed = asyncio.Event(), asyncio.Event()
-
-    async def probe(worker: Worker) -> ProbeResult:
-        if worker is w0:
-            await release.wait()
-        else:
-            w1_probed.set()
-        return ProbeResult(healthy=True)
-
-    task = asyncio.create_task(probe_all(f, probe))
-    try:
-        await asyncio.wait_for(w1_probed.wait(), DEADLINE)
-        await asyncio.sleep(0)  # one loop turn for the result to be applied
-        assert w1.healthy
-    finally:
-        release.set()
-        await asyncio.wait_for(task, DEADLINE)
-
-
-async def test_probe_that_raises_marks_only_its_worker_unhealthy(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    f = fleet(("a",), ("b",))
-    w0, w1 = f.workers
-    f.apply_probe(w1, ProbeResult(healthy=False))
-
-    async def probe(worker: Worker) -> ProbeResult:
-        if worker is w0:
-            raise RuntimeError("probe bug")
-        return ProbeResult(healthy=True)
-
-    await asyncio.wait_for(probe_all(f, probe), DEADLINE)
-    assert (w0.healthy, w1.healthy) == (False, True)
-    assert f.serves("a")  # configured models are kept; the worker is only out of rotation
-    [record] = [r for r in caplog.records if r.levelname == "ERROR"]
-    assert record.getMessage() == "probe of http://w0:8000 failed unexpectedly"
