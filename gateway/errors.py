@@ -20,6 +20,7 @@ failed with it may be retried on another worker (before commit only)::
         │                               upstream_http_<status>      any other error status
         ├── UpstreamBadResponse         upstream_bad_response
         │   └── UpstreamMalformedEvent  upstream_malformed_event    retryable
+        ├── UpstreamStreamError         upstream_stream_error       retryable
         ├── UpstreamStreamTruncated     upstream_stream_truncated
         └── UpstreamTimeout (504)
             ├── ConnectTimeout          connect_timeout             retryable
@@ -247,6 +248,14 @@ class UpstreamMalformedEvent(UpstreamBadResponse):
     code = "upstream_malformed_event"
     retryable = True
     default_message = "The model worker sent a malformed stream event."
+
+
+class UpstreamStreamError(UpstreamError):
+    """The worker's own in-band error event in a stream that could be resumed elsewhere."""
+
+    code = "upstream_stream_error"
+    retryable = True
+    default_message = "The model worker failed while generating the answer."
 
 
 class UpstreamStreamTruncated(UpstreamError):

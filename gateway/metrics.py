@@ -145,6 +145,14 @@ class GatewayMetrics:
             "Workers known to the gateway (configured and discovered).",
             registry=registry,
         )
+        self.resumes = Counter(
+            "gateway_stream_resumes",
+            "Streams whose worker failed mid-answer, by what became of them: 'resumed' (finished "
+            "on another worker), 'failed' (the continuation failed too), 'not_resumable' (tools, "
+            "reasoning, ...), 'no_worker', 'budget' (retry budget spent).",
+            ["model", "outcome"],
+            registry=registry,
+        )
         self.tokens = Counter(
             "gateway_tokens",
             "Tokens reported by the workers' usage (streams that carry usage), by model and kind "

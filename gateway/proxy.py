@@ -18,11 +18,12 @@ whole request, every attempt included).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import random
 import time
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -55,6 +56,7 @@ from gateway.errors import (
     UpstreamError,
     UpstreamMalformedEvent,
     UpstreamStatusError,
+    UpstreamStreamError,
     UpstreamStreamTruncated,
 )
 from gateway.fanout import merge, plan_shards
@@ -63,6 +65,7 @@ from gateway.lifecycle import Lifecycle
 from gateway.limits import Admission
 from gateway.metrics import GatewayMetrics
 from gateway.middleware import REQUEST_ID, error_response
+from gateway.resume import Splice, Transcript, resumable_request, worker_fault
 from gateway.retry import RetryBudget, backoff, parse_retry_after
 from gateway.settings import RoutingSettings, Settings
 from gateway.sse import StreamObserver, encode_error_event
@@ -90,6 +93,10 @@ IN_BAND_WRITE_TIMEOUT = 1.0
 SHARD_BODY_LIMIT = 256 * 1024 * 1024
 
 
+# Reads a committed-to-be stream from a worker and writes it to the client.
+Relay = Callable[["Exchange", ClientResponse, asyncio.Timeout], Awaitable[None]]
+
+
 @dataclass(frozen=True, slots=True)
 class Route:
     name: str  # metric label
@@ -110,6 +117,7 @@ class RequestMeta:
     strip_usage: bool = False  # usage was asked for by the gateway, not the client
     single_choice: bool = True
     affinity_key: str | None = None  # from the body; a session header takes precedence
+    resumable: bool = False  # a chat stream a continuation could finish (see resume.py)
 
 
 def parse_request(body: bytes, route: Route, routing: RoutingSettings) -> RequestMeta:
@@ -133,18 +141,16 @@ def parse_request(body: bytes, route: Route, routing: RoutingSettings) -> Reques
     if not (stream and route.can_stream):
         return RequestMeta(model=model, stream=False, body=body, affinity_key=key)
     single = data.get("n") in (None, 1)
+    resumable = route is CHAT and resumable_request(data)
     rewritten = ask_for_usage(data)
-    if rewritten is None:
-        return RequestMeta(
-            model=model, stream=True, body=body, single_choice=single, affinity_key=key
-        )
     return RequestMeta(
         model=model,
         stream=True,
-        body=rewritten,
-        strip_usage=True,
+        body=body if rewritten is None else rewritten,
+        strip_usage=rewritten is not None,
         single_choice=single,
         affinity_key=key,
+        resumable=resumable,
     )
 
 
@@ -180,6 +186,7 @@ class Exchange:
     response: web.StreamResponse | None = None
     worker: Worker | None = None
     served_model: str = ""  # the model that answered: a fallback's, when one was used
+    transcript: Transcript | None = None  # what the client was sent, when it may be resumed
     status: int = 0
     code: str = ""
     attempts: int = 0
@@ -264,6 +271,8 @@ class Proxy:
                 meta = replace(meta, affinity_key=header)
         ex.model, ex.stream, ex.strip_usage = meta.model, meta.stream, meta.strip_usage
         ex.single_choice = meta.single_choice
+        if meta.resumable and self._resume_wanted(ex.request):
+            ex.transcript = Transcript()
         if not self._serves(meta.model):
             raise ModelNotFound(meta.model)
         loop = asyncio.get_running_loop()
@@ -337,12 +346,64 @@ class Proxy:
                     await self._attempt_on(ex, worker, body, headers)
                     return
                 except UpstreamError as err:
-                    if ex.committed or not err.retryable:
+                    if ex.committed:
+                        await self._resume(ex, body, headers, meta.affinity_key, err)
+                        return
+                    if not err.retryable:
                         raise
                     last = err
         if last is not None:
             raise last
         raise NoHealthyWorker(retry_after=self._retry_hint(ex.model))
+
+    def _resume_wanted(self, request: web.Request) -> bool:
+        resume = self._settings.resume
+        asked = request.headers.get(resume.header, "").strip().lower()
+        if asked in ("1", "true", "yes", "on"):
+            return True
+        if asked in ("0", "false", "no", "off"):
+            return False
+        return resume.enabled
+
+    async def _resume(
+        self,
+        ex: Exchange,
+        body: bytes,
+        headers: CIMultiDict[str],
+        key: str | None,
+        err: UpstreamError,
+    ) -> None:
+        """Finish a committed stream on other workers of the same model; re-raise ``err`` (the
+        last failure) when that is not possible. Each continuation counts as a retry."""
+        transcript = ex.transcript
+        if transcript is None:
+            raise err
+        model = self._model_label(ex)
+        for _ in range(self._settings.resume.max_resumes):
+            if not transcript.resumable:
+                self._metrics.resumes.labels(model, "not_resumable").inc()
+                raise err
+            worker = await self._next_worker(ex.tried, ex.served_model, key, None)
+            if worker is None:
+                self._metrics.resumes.labels(model, "no_worker").inc()
+                raise err
+            if not self._budget.try_spend():
+                self._metrics.retry_budget_exhausted.inc()
+                self._metrics.resumes.labels(model, "budget").inc()
+                raise err
+            log.warning("resuming a stream on %s after %d tokens", worker.url, transcript.tokens)
+            continuation = transcript.continuation(body)
+            splice = Splice(transcript, client_wants_usage=not ex.strip_usage)
+            relay = functools.partial(self._relay_continuation, splice=splice)
+            try:
+                await self._attempt_on(ex, worker, continuation, headers, relay)
+            except UpstreamError as again:
+                self._metrics.resumes.labels(model, "failed").inc()
+                err = again
+                continue
+            self._metrics.resumes.labels(model, "resumed").inc()
+            return
+        raise err
 
     async def _next_worker(
         self, tried: list[Worker], model: str, key: str | None, last: UpstreamError | None
@@ -370,13 +431,18 @@ class Proxy:
         return self._balancer.pick(open_, key)
 
     async def _attempt_on(
-        self, ex: Exchange, worker: Worker, body: bytes, headers: CIMultiDict[str]
+        self,
+        ex: Exchange,
+        worker: Worker,
+        body: bytes,
+        headers: CIMultiDict[str],
+        relay: Relay | None = None,
     ) -> None:
         ex.tried.append(worker)
         ex.worker, ex.attempts = worker, ex.attempts + 1
         self._fleet.begin_attempt(worker)
         try:
-            await self._attempt(ex, worker, body, headers)
+            await self._attempt(ex, worker, body, headers, relay)
         except UpstreamError as err:
             self._count_failure(worker, err)
             raise
@@ -494,7 +560,12 @@ class Proxy:
         self._fleet.record_failure(worker)
 
     async def _attempt(
-        self, ex: Exchange, worker: Worker, body: bytes, headers: CIMultiDict[str]
+        self,
+        ex: Exchange,
+        worker: Worker,
+        body: bytes,
+        headers: CIMultiDict[str],
+        relay: Relay | None = None,
     ) -> None:
         loop = asyncio.get_running_loop()
         worker.in_flight += 1
@@ -509,7 +580,7 @@ class Proxy:
                 if response.status != 200:
                     await self._raise_status(response, phase)
                 elif ex.stream:
-                    await self._relay_stream(ex, response, phase)
+                    await (relay or self._relay_stream)(ex, response, phase)
                 else:
                     await self._relay_body(ex, response, phase)
                 finished = True
@@ -553,8 +624,7 @@ class Proxy:
             if not chunk:
                 raise UpstreamDisconnected("The model worker ended the stream before any token.")
             observer.feed(chunk)
-            if observer.malformed:
-                raise UpstreamMalformedEvent()
+            self._check_events(ex, observer)
             held.append(chunk)
             held_size += len(chunk)
         ex.first_token_at = loop.time()
@@ -565,13 +635,19 @@ class Proxy:
         phase.reschedule(loop.time() + idle)
         client = await self._commit(ex, web.StreamResponse(status=200, headers=SSE_HEADERS))
         framer = EventFramer(strip_usage=ex.strip_usage)
-        await self._send(ex, client, framer.feed(b"".join(held)), phase)
+        transcript = ex.transcript
+        out = framer.feed(b"".join(held))
+        if transcript is not None:
+            transcript.feed(out)
+        await self._send(ex, client, out, phase)
         itl = self._metrics.inter_token_latency.labels(self._model_label(ex))
         last = loop.time()
         while not observer.done:
             try:
                 chunk = await self._upstream.read_chunk(response)
             except UpstreamDisconnected as exc:
+                if observer.finish_reason is not None and ex.single_choice:
+                    break  # cut after the answer was complete: finished below
                 raise UpstreamStreamTruncated() from exc
             if not chunk:
                 break
@@ -580,9 +656,10 @@ class Proxy:
             last = now
             phase.reschedule(now + idle)
             observer.feed(chunk)
-            if observer.malformed:
-                raise UpstreamMalformedEvent()
+            self._check_events(ex, observer)
             if out := framer.feed(chunk):
+                if transcript is not None:
+                    transcript.feed(out)
                 await self._send(ex, client, out, phase)
             elif framer.pending > MAX_EVENT_BYTES:
                 raise UpstreamBadResponse("The model worker sent an oversized stream event.")
@@ -594,6 +671,49 @@ class Proxy:
                 raise UpstreamStreamTruncated()
             # The answer was complete; only the marker was lost.
             await self._send(ex, client, DONE_EVENT, phase)
+        ex.ending = True
+        await client.write_eof()
+
+    def _check_events(self, ex: Exchange, observer: StreamObserver) -> None:
+        """A malformed event fails the attempt; so does a worker's own in-band error when the
+        stream could be resumed (the client then never sees it)."""
+        if observer.malformed:
+            raise UpstreamMalformedEvent()
+        error = observer.error
+        if ex.transcript is not None and error is not None and worker_fault(error):
+            raise UpstreamStreamError()
+
+    async def _relay_continuation(
+        self, ex: Exchange, response: ClientResponse, phase: asyncio.Timeout, splice: Splice
+    ) -> None:
+        """Relay a continuation as more chunks of the committed stream (see ``resume.py``)."""
+        loop = asyncio.get_running_loop()
+        assert ex.response is not None and ex.transcript is not None
+        client, transcript = ex.response, ex.transcript
+        observer = StreamObserver()
+        while not splice.done:
+            try:
+                chunk = await self._upstream.read_chunk(response)
+            except UpstreamDisconnected as exc:
+                if splice.finish_reason is not None:
+                    break
+                raise UpstreamStreamTruncated() from exc
+            if not chunk:
+                break
+            observer.feed(chunk)
+            self._check_events(ex, observer)
+            out = splice.feed(chunk)
+            if splice.first_token:
+                phase.reschedule(loop.time() + self._timeouts.idle)
+            if out:
+                transcript.feed(out)
+                await self._send(ex, client, out, phase)
+        observer.finish()
+        if not splice.done:
+            if splice.finish_reason is None:
+                raise UpstreamStreamTruncated()
+            await self._send(ex, client, DONE_EVENT, phase)
+        self._count_usage(ex, splice.usage)
         ex.ending = True
         await client.write_eof()
 

@@ -148,6 +148,14 @@ class HealthSettings(_Frozen):
     max_ejection_time: float = Field(300.0, gt=0)
 
 
+class ResumeSettings(_Frozen):
+    """Finishing a chat stream on another worker when its worker fails mid-answer."""
+
+    enabled: bool = False  # for every resumable request; else per request by the header
+    header: str = Field("X-Gateway-Resume", min_length=1)  # "true" or "false" per request
+    max_resumes: int = Field(1, ge=1, le=5)  # continuations tried per stream
+
+
 class LogSettings(_Frozen):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["json", "text"] = "json"
@@ -163,6 +171,7 @@ class Settings(_Frozen):
     limits: LimitSettings = LimitSettings()
     retry: RetrySettings = RetrySettings()
     health: HealthSettings = HealthSettings()
+    resume: ResumeSettings = ResumeSettings()
     logging: LogSettings = LogSettings()
 
     @model_validator(mode="after")

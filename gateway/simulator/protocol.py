@@ -92,6 +92,10 @@ def _generation(
     _check_n(body)
     stream = _bool(body, "stream", default=False)
     include_usage, continuous = _stream_options(body, stream)
+    if requested is None and start:
+        # The answer's natural end (its EOS) is default_max_tokens tokens in: a continuation
+        # without a limit finishes that same answer, as vLLM's would end at the same EOS.
+        requested = max(config.default_max_tokens - start, 1)
     max_tokens = _max_tokens(config, prompt_tokens, requested)
     return GenerationRequest(
         kind,

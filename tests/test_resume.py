@@ -1,0 +1,340 @@
+"""Resuming a chat stream on another worker mid-answer (issue: streams that survive a dying
+worker). Real sockets throughout; the client is the OpenAI SDK, so every resumed stream is also
+checked to be a valid OpenAI stream.
+
+The first worker in the gateway's list takes the first request (both idle, neither picked yet):
+each test asserts the resume metric, so a change in that order fails loudly instead of passing
+without a resume.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import openai
+import orjson
+import pytest
+
+from gateway.resume import Splice, Transcript, resumable_request, worker_fault
+from gateway.simulator import SimConfig, parse_fault
+from tests.conftest import Gateway, GatewayFactory, Sim, SimFactory
+from tests.helpers import sse_data
+
+MESSAGES: list[dict[str, Any]] = [{"role": "user", "content": "Tell me about gateways"}]
+RESUME = {"X-Gateway-Resume": "true"}
+ANSWER_TOKENS = 16  # the simulator's default_max_tokens: the answer's natural length
+
+
+@dataclass
+class Result:
+    text: str = ""
+    finish: list[str] = field(default_factory=list)
+    usage: dict[str, int] | None = None
+    ids: set[str] = field(default_factory=set)
+    roles: int = 0
+
+
+async def sdk_stream(url: str, headers: dict[str, str], **fields: Any) -> Result:
+    result = Result()
+    async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0) as sdk:
+        stream = await sdk.chat.completions.create(
+            model="sim-model",
+            messages=MESSAGES,  # type: ignore[arg-type]
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_headers=headers,
+            **fields,
+        )
+        parts = []
+        async with stream:
+            async for chunk in stream:
+                result.ids.add(chunk.id)
+                if chunk.usage is not None:
+                    result.usage = chunk.usage.model_dump(
+                        include={"prompt_tokens", "completion_tokens", "total_tokens"}
+                    )
+                for choice in chunk.choices:
+                    parts.append(choice.delta.content or "")
+                    result.roles += choice.delta.role is not None
+                    if choice.finish_reason:
+                        result.finish.append(choice.finish_reason)
+        result.text = "".join(parts)
+    return result
+
+
+async def uninterrupted(worker: Sim, **fields: Any) -> Result:
+    return await sdk_stream(worker.url, {}, **fields)
+
+
+def resumes(gw: Gateway, outcome: str) -> float:
+    return gw.metric("gateway_stream_resumes_total", model="sim-model", outcome=outcome)
+
+
+def assert_at_rest(gw: Gateway) -> None:
+    assert gw.metric("gateway_requests_in_flight") == 0
+    assert all(w.in_flight == 0 for w in gw.fleet.workers)
+    assert gw.proxy.admission.in_flight == 0
+
+
+@pytest.mark.parametrize("cut_after", [1, 2, 8, ANSWER_TOKENS - 1])
+@pytest.mark.parametrize("max_tokens", [None, 12])
+async def test_a_worker_cut_mid_answer_is_resumed_exactly(
+    sim: SimFactory, gateway: GatewayFactory, cut_after: int, max_tokens: int | None
+) -> None:
+    limit = max_tokens or ANSWER_TOKENS
+    if cut_after >= limit:
+        cut_after = limit - 1
+    dying = await sim(fault=parse_fault(f"cut_after={cut_after}"))
+    healthy = await sim()
+    gw = await gateway(dying, healthy)
+    fields = {} if max_tokens is None else {"max_tokens": max_tokens}
+    expected = await uninterrupted(healthy, **fields)
+    got = await sdk_stream(gw.url, RESUME, **fields)
+    assert got.text == expected.text
+    assert len(got.text.split()) == limit
+    assert got.finish == ["length"]
+    assert got.usage == expected.usage
+    assert len(got.ids) == 1 and got.roles == 1  # one stream: one id, one role chunk
+    assert resumes(gw, "resumed") == 1
+    assert dying.engine.aborted == 1 or dying.engine.finished == 0
+    assert_at_rest(gw)
+
+
+@pytest.mark.parametrize("fault", ["cut_after=0", f"cut_after={ANSWER_TOKENS}"])
+async def test_cut_before_any_token_or_after_the_last_needs_no_resume(
+    sim: SimFactory, gateway: GatewayFactory, fault: str
+) -> None:
+    """Cut before the first token: an ordinary retry before commit. Cut after the last token:
+    the answer was complete (finish_reason seen) and only [DONE] is added."""
+    dying, healthy = await sim(fault=parse_fault(fault)), await sim()
+    gw = await gateway(dying, healthy)
+    expected = await uninterrupted(healthy)
+    got = await sdk_stream(gw.url, RESUME)
+    assert got.text == expected.text
+    assert got.finish == ["length"]
+    assert resumes(gw, "resumed") == 0
+    assert_at_rest(gw)
+
+
+async def test_a_stalled_worker_is_resumed_after_the_idle_timeout(
+    sim: SimFactory, gateway: GatewayFactory
+) -> None:
+    stalled, healthy = await sim(fault=parse_fault("stall_after=5")), await sim()
+    timeouts = {"queue": 0.5, "connect": 1.0, "first_token": 5.0, "idle": 0.3, "total": 20.0}
+    gw = await gateway(stalled, healthy, timeouts=timeouts)
+    expected = await uninterrupted(healthy)
+    got = await sdk_stream(gw.url, RESUME)
+    assert got.text == expected.text
+    assert got.usage == expected.usage
+    assert resumes(gw, "resumed") == 1
+    assert stalled.engine.num_running == 0  # the stalled request was aborted upstream
+    assert_at_rest(gw)
+
+
+async def test_a_workers_in_band_error_is_resumed_and_never_shown(
+    sim: SimFactory, gateway: GatewayFactory
+) -> None:
+    failing, healthy = await sim(fault=parse_fault("error_after=4")), await sim()
+    gw = await gateway(failing, healthy)
+    expected = await uninterrupted(healthy)
+    got = await sdk_stream(gw.url, RESUME)  # the SDK raises on an in-band error event
+    assert got.text == expected.text
+    assert resumes(gw, "resumed") == 1
+    assert_at_rest(gw)
+
+
+async def test_resume_on_for_every_request_by_settings(
+    sim: SimFactory, gateway: GatewayFactory
+) -> None:
+    dying, healthy = await sim(fault=parse_fault("cut_after=3")), await sim()
+    gw = await gateway(dying, healthy, resume={"enabled": True})
+    expected = await uninterrupted(healthy)
+    assert (await sdk_stream(gw.url, {})).text == expected.text
+    assert resumes(gw, "resumed") == 1
+
+
+async def raw_stream(
+    client: aiohttp.ClientSession, gw: Gateway, body: dict[str, Any], headers: dict[str, str]
+) -> list[str]:
+    async with client.post(f"{gw.url}/v1/chat/completions", json=body, headers=headers) as resp:
+        assert resp.status == 200
+        return sse_data(await resp.read())
+
+
+def chat_body(**fields: Any) -> dict[str, Any]:
+    return {"model": "sim-model", "messages": MESSAGES, "stream": True, **fields}
+
+
+async def test_when_the_continuation_fails_too_the_stream_ends_with_one_error(
+    sim: SimFactory, gateway: GatewayFactory, client: aiohttp.ClientSession
+) -> None:
+    first = await sim(fault=parse_fault("cut_after=3"))
+    second = await sim(fault=parse_fault("cut_after=2"))
+    gw = await gateway(first, second)
+    events = await raw_stream(client, gw, chat_body(), RESUME)
+    errors = [e for e in events if '"error"' in e]
+    assert len(errors) == 1 and "upstream_stream_truncated" in errors[0]
+    assert events[-1] == "[DONE]"
+    assert events[-2] == errors[0]
+    assert resumes(gw, "failed") == 1
+    assert_at_rest(gw)
+
+
+@pytest.mark.parametrize(
+    ("fields", "headers"),
+    [
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, RESUME),
+        ({"logprobs": True}, RESUME),
+        ({}, {}),  # not asked for, and off in settings
+        ({}, {"X-Gateway-Resume": "false"}),
+    ],
+)
+async def test_requests_that_are_not_resumable_end_in_band_as_before(
+    sim: SimFactory,
+    gateway: GatewayFactory,
+    client: aiohttp.ClientSession,
+    fields: dict[str, Any],
+    headers: dict[str, str],
+) -> None:
+    dying, healthy = await sim(fault=parse_fault("cut_after=3")), await sim()
+    gw = await gateway(dying, healthy)
+    events = await raw_stream(client, gw, chat_body(**fields), headers)
+    errors = [e for e in events if '"error"' in e]
+    assert len(errors) == 1 and "upstream_stream_truncated" in errors[0]
+    assert events[-1] == "[DONE]"
+    assert healthy.engine.finished == 0  # nobody tried to continue it
+    assert sum(resumes(gw, o) for o in ("resumed", "failed")) == 0
+    assert_at_rest(gw)
+
+
+async def test_with_no_other_worker_the_stream_ends_with_its_error(
+    sim: SimFactory, gateway: GatewayFactory, client: aiohttp.ClientSession
+) -> None:
+    gw = await gateway(await sim(fault=parse_fault("cut_after=3")))
+    events = await raw_stream(client, gw, chat_body(), RESUME)
+    assert sum('"error"' in e for e in events) == 1
+    assert resumes(gw, "no_worker") == 1
+
+
+async def test_a_continuation_is_a_valid_continue_final_message_request(
+    sim: SimFactory, gateway: GatewayFactory
+) -> None:
+    """The simulator validates the continuation as vLLM does (add_generation_prompt false,
+    a final assistant message); a 400 there would fail the resume."""
+    dying = await sim(SimConfig(fault=parse_fault("cut_after=5"), default_max_tokens=10))
+    healthy = await sim(SimConfig(default_max_tokens=10))
+    gw = await gateway(dying, healthy)
+    got = await sdk_stream(gw.url, RESUME, max_completion_tokens=9)
+    assert len(got.text.split()) == 9
+    assert got.usage is not None and got.usage["completion_tokens"] == 9
+    assert resumes(gw, "resumed") == 1
+
+
+# --- the pure pieces ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        ({}, True),
+        ({"n": 1}, True),
+        ({"n": 2}, False),
+        ({"logprobs": True}, False),
+        ({"top_logprobs": 3}, False),
+        ({"tools": [{"type": "function"}]}, False),
+        ({"functions": [{"name": "f"}]}, False),
+        ({"tools": []}, True),
+    ],
+)
+def test_resumable_request(fields: dict[str, Any], expected: bool) -> None:
+    assert resumable_request({"messages": MESSAGES, **fields}) is expected
+
+
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [
+        ({"error": {"message": "boom", "type": "InternalServerError", "code": 500}}, True),
+        ({"error": {"message": "bad", "type": "BadRequestError", "code": 400}}, False),
+        ({"error": {"message": "bad", "type": "invalid_request_error", "code": None}}, False),
+        ({"object": "error", "message": "x", "type": "server_error", "code": 503}, True),
+    ],
+)
+def test_worker_fault(error: dict[str, object], expected: bool) -> None:
+    assert worker_fault(error) is expected
+
+
+def event(**body: Any) -> bytes:
+    return b"data: " + orjson.dumps(body) + b"\n\n"
+
+
+def chunk(delta: dict[str, Any], finish: str | None = None, **top: Any) -> bytes:
+    header = {"id": "chatcmpl-1", "created": 7, "model": "m", "object": "chat.completion.chunk"}
+    choice = {"index": 0, "delta": delta, "finish_reason": finish}
+    return event(**{**header, **top, "choices": [choice]})
+
+
+def test_transcript_records_what_was_sent_and_builds_the_continuation() -> None:
+    t = Transcript()
+    assert not t.resumable  # nothing sent yet: nothing to continue
+    sent = chunk({"role": "assistant", "content": ""}) + b": keep-alive\n\n"
+    t.feed(sent + chunk({"content": " the"}) + chunk({"content": " fox"})[:10])
+    t.feed(chunk({"content": " fox"})[10:])
+    assert t.content == [" the", " fox"] and t.tokens == 2
+    assert t.header == {"id": "chatcmpl-1", "created": 7, "model": "m"}
+    assert t.resumable
+    original = orjson.dumps({"model": "m", "messages": MESSAGES, "max_tokens": 10, "stream": True})
+    body = orjson.loads(t.continuation(original))
+    assert body["messages"][-1] == {"role": "assistant", "content": " the fox"}
+    assert body["messages"][:-1] == MESSAGES
+    assert (body["continue_final_message"], body["add_generation_prompt"]) == (True, False)
+    assert body["max_tokens"] == 8
+    assert body["stream_options"] == {"include_usage": True}
+
+
+@pytest.mark.parametrize(
+    "delta",
+    [{"reasoning": "hmm"}, {"reasoning_content": "hmm"}, {"tool_calls": [{"index": 0}]}],
+)
+def test_a_transcript_mid_reasoning_or_tool_call_is_not_resumable(delta: dict[str, Any]) -> None:
+    t = Transcript()
+    t.feed(chunk({"content": " a"}) + chunk(delta))
+    assert not t.resumable
+
+
+def test_a_finished_transcript_is_not_resumed() -> None:
+    t = Transcript()
+    t.feed(chunk({"content": " a"}, finish="stop"))
+    assert not t.resumable
+
+
+def test_splice_makes_the_continuation_part_of_the_original_stream() -> None:
+    t = Transcript()
+    t.feed(chunk({"role": "assistant", "content": ""}) + chunk({"content": " a"}))
+    splice = Splice(t, client_wants_usage=True)
+    other = {"id": "chatcmpl-2", "created": 99, "model": "m2"}
+    stream = (
+        chunk({"role": "assistant", "content": ""}, **other)
+        + chunk({"content": " b"}, **other)
+        + chunk({"content": " c"}, finish="length", **other)
+        + event(**other, choices=[], usage={"prompt_tokens": 6, "completion_tokens": 2})
+        + b"data: [DONE]\n\n"
+    )
+    out = splice.feed(stream[:50]) + splice.feed(stream[50:])
+    events = [orjson.loads(e) for e in sse_data(out)[:-1]]
+    assert sse_data(out)[-1] == "[DONE]"
+    assert [e["id"] for e in events] == ["chatcmpl-1"] * 3
+    assert {e["created"] for e in events} == {7}
+    assert [e["choices"][0]["delta"] for e in events[:2]] == [{"content": " b"}, {"content": " c"}]
+    assert events[2]["usage"] == {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
+    assert splice.done and splice.finish_reason == "length" and splice.first_token
+
+
+def test_splice_drops_usage_the_client_did_not_ask_for() -> None:
+    t = Transcript()
+    t.feed(chunk({"content": " a"}))
+    splice = Splice(t, client_wants_usage=False)
+    out = splice.feed(event(id="x", choices=[], usage={"prompt_tokens": 2, "completion_tokens": 1}))
+    assert out == b""
+    assert splice.usage == {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}
