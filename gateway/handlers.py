@@ -10,7 +10,7 @@ from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway import keys
-from gateway.proxy import CHAT, COMPLETIONS, EMBEDDINGS, Route
+from gateway.request import CHAT, COMPLETIONS, EMBEDDINGS, Route
 
 
 def _proxied(route: Route) -> Handler:

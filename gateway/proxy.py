@@ -1,10 +1,14 @@
-"""The request path: admit, pick a worker, send, relay; retries and the commit point.
+"""The request path: admit, pick a worker, send; the retry, fallback, resume and fan-out
+policies; failure rendering and the one observation per request. Moving the answer's bytes is
+``relay``'s; reading the request is ``request``'s.
 
 The commit point is the moment response headers go to the client (``StreamResponse.prepare``).
-Before it, a retryable failure moves the request to a worker it has not tried yet, and any
-failure becomes a clean OpenAI-shaped error status. After it, the status can't change: a stream
-ends with one in-band error event, and a plain body is cut off (the connection is closed, so the
-client sees an incomplete response rather than a complete-looking wrong one).
+Before it, a retryable failure moves the request to a worker it has not tried yet (within the
+retry budget, after a jittered backoff, then to fallback models), and any failure becomes a
+clean OpenAI-shaped error status. After it, the status can't change: a stream is resumed on
+another worker when it may be (``resume``), else ends with one in-band error event, and a plain
+body is cut off (the connection is closed, so the client sees an incomplete response rather
+than a complete-looking wrong one).
 
 A stream commits on its first content event, not on the worker's headers: vLLM sends 200 before
 prefill, so holding the few bytes before the first token back lets a first-token timeout or an
@@ -23,15 +27,14 @@ import logging
 import math
 import random
 import time
-from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass, field, replace
+from collections.abc import Coroutine
+from dataclasses import replace
 from typing import Any
 
 import orjson
 from aiohttp import web
 from multidict import CIMultiDict
 
-from gateway.affinity import prefix_key, session_key
 from gateway.balancer import make_policy
 from gateway.errors import (
     ClientTooSlow,
@@ -39,9 +42,6 @@ from gateway.errors import (
     GatewayError,
     IdleTimeout,
     InternalError,
-    InvalidField,
-    InvalidJSON,
-    InvalidRequest,
     ModelNotFound,
     NoHealthyWorker,
     Overloaded,
@@ -54,149 +54,29 @@ from gateway.errors import (
     UpstreamBadResponse,
     UpstreamDisconnected,
     UpstreamError,
-    UpstreamMalformedEvent,
     UpstreamStatusError,
-    UpstreamStreamError,
-    UpstreamStreamTruncated,
 )
 from gateway.fanout import merge, plan_shards
-from gateway.framing import EventFramer
 from gateway.lifecycle import Lifecycle
 from gateway.limits import Admission
 from gateway.metrics import GatewayMetrics
 from gateway.middleware import REQUEST_ID, error_response
-from gateway.resume import Splice, Transcript, resumable_request, worker_fault
+from gateway.relay import Exchange, Relay, RelayFn
+from gateway.request import EMBEDDINGS, RequestMeta, Route, parse_request, with_model
+from gateway.resume import Splice, Transcript
 from gateway.retry import RetryBudget, backoff, parse_retry_after
-from gateway.settings import RoutingSettings, Settings
-from gateway.sse import StreamObserver, encode_error_event
+from gateway.settings import Settings
+from gateway.sse import encode_error_event
 from gateway.upstream import ClientResponse, Upstream, forward_headers
-from gateway.usage import TAIL_BYTES, ask_for_usage, usage_from_tail
 from gateway.workers import Fleet, Worker
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("gateway.access")
 
-SSE_HEADERS = {
-    "Content-Type": "text/event-stream",
-    "Cache-Control": "no-cache",
-    "X-Accel-Buffering": "no",
-}
-DONE_EVENT = b"data: [DONE]\n\n"
-# Bytes held back before a stream's first token (role chunk, keep-alive comments); past this
-# the stream commits anyway so a chatty worker cannot make the gateway buffer without end.
-HOLD_LIMIT = 64 * 1024
 ERROR_BODY_LIMIT = 64 * 1024
-# One SSE event larger than this is not a token chunk; the worker is broken.
-MAX_EVENT_BYTES = 1024 * 1024
 IN_BAND_WRITE_TIMEOUT = 1.0
 # One embeddings shard's answer is read into memory to be merged: bounded.
 SHARD_BODY_LIMIT = 256 * 1024 * 1024
-
-
-# Reads a committed-to-be stream from a worker and writes it to the client.
-Relay = Callable[["Exchange", ClientResponse, asyncio.Timeout], Awaitable[None]]
-
-
-@dataclass(frozen=True, slots=True)
-class Route:
-    name: str  # metric label
-    path: str  # path on the worker
-    can_stream: bool
-
-
-CHAT = Route("chat_completions", "/v1/chat/completions", can_stream=True)
-COMPLETIONS = Route("completions", "/v1/completions", can_stream=True)
-EMBEDDINGS = Route("embeddings", "/v1/embeddings", can_stream=False)
-
-
-@dataclass(frozen=True, slots=True)
-class RequestMeta:
-    model: str
-    stream: bool
-    body: bytes  # what to send to the worker
-    strip_usage: bool = False  # usage was asked for by the gateway, not the client
-    single_choice: bool = True
-    affinity_key: str | None = None  # from the body; a session header takes precedence
-    resumable: bool = False  # a chat stream a continuation could finish (see resume.py)
-
-
-def parse_request(body: bytes, route: Route, routing: RoutingSettings) -> RequestMeta:
-    """Read only what routing needs. The body is forwarded untouched, except that a stream
-    whose client did not ask for usage asks for it (for exact token metrics)."""
-    try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        raise InvalidJSON() from None
-    if not isinstance(data, dict):
-        raise InvalidRequest("The request body must be a JSON object.")
-    model = data.get("model")
-    if not isinstance(model, str) or not model:
-        raise InvalidField("'model' is required and must be a non-empty string.", param="model")
-    stream = data.get("stream", False)
-    if stream is None:
-        stream = False
-    if not isinstance(stream, bool):
-        raise InvalidField("'stream' must be a boolean.", param="stream")
-    key = _affinity_key(data, routing)
-    if not (stream and route.can_stream):
-        return RequestMeta(model=model, stream=False, body=body, affinity_key=key)
-    single = data.get("n") in (None, 1)
-    resumable = route is CHAT and resumable_request(data)
-    rewritten = ask_for_usage(data)
-    return RequestMeta(
-        model=model,
-        stream=True,
-        body=body if rewritten is None else rewritten,
-        strip_usage=rewritten is not None,
-        single_choice=single,
-        affinity_key=key,
-        resumable=resumable,
-    )
-
-
-def _affinity_key(data: dict[str, object], routing: RoutingSettings) -> str | None:
-    if routing.affinity == "session":
-        return session_key(data)
-    if routing.affinity == "prefix":
-        return prefix_key(data, routing.prefix_chars)
-    return None
-
-
-def with_model(body: bytes, model: str) -> bytes:
-    """The body for a fallback model: the only re-serialisation on the request path, and only
-    when a fallback is used."""
-    data = orjson.loads(body)
-    data["model"] = model
-    return orjson.dumps(data)
-
-
-@dataclass(slots=True, eq=False)
-class Exchange:
-    """What one client request has gone through so far; read by the final observation."""
-
-    request: web.Request
-    route: Route
-    started: float
-    model: str = ""
-    stream: bool = False
-    strip_usage: bool = False
-    single_choice: bool = True  # n is 1: one finish_reason means the answer is complete
-    writing: bool = False  # awaiting a write to our client (a stall there is the client's)
-    ending: bool = False  # the response's last chunk is queued: nothing may follow it
-    response: web.StreamResponse | None = None
-    worker: Worker | None = None
-    served_model: str = ""  # the model that answered: a fallback's, when one was used
-    transcript: Transcript | None = None  # what the client was sent, when it may be resumed
-    status: int = 0
-    code: str = ""
-    attempts: int = 0
-    first_token_at: float | None = None
-    usage: dict[str, int] | None = None  # the worker's usage, when a stream carried it
-    tried: list[Worker] = field(default_factory=list)
-
-    @property
-    def committed(self) -> bool:
-        return self.response is not None and self.response.prepared
 
 
 class Proxy:
@@ -212,6 +92,7 @@ class Proxy:
         self._timeouts = settings.timeouts
         self._fleet = fleet
         self._upstream = upstream
+        self._relay = Relay(upstream, metrics, settings.timeouts, fleet)
         self._metrics = metrics
         self._lifecycle = lifecycle
         routing = settings.routing
@@ -340,7 +221,7 @@ class Proxy:
                 if worker is None:
                     break
                 if model != ex.model and ex.served_model != model:
-                    self._metrics.fallbacks.labels(self._model_label(ex), model).inc()
+                    self._metrics.fallbacks.labels(self._relay.model_label(ex), model).inc()
                 ex.served_model = model
                 try:
                     await self._attempt_on(ex, worker, body, headers)
@@ -378,7 +259,7 @@ class Proxy:
         transcript = ex.transcript
         if transcript is None:
             raise err
-        model = self._model_label(ex)
+        model = self._relay.model_label(ex)
         for _ in range(self._settings.resume.max_resumes):
             if not transcript.resumable:
                 self._metrics.resumes.labels(model, "not_resumable").inc()
@@ -394,7 +275,7 @@ class Proxy:
             log.warning("resuming a stream on %s after %d tokens", worker.url, transcript.tokens)
             continuation = transcript.continuation(body)
             splice = Splice(transcript, client_wants_usage=not ex.strip_usage)
-            relay = functools.partial(self._relay_continuation, splice=splice)
+            relay = functools.partial(self._relay.continuation, splice=splice)
             try:
                 await self._attempt_on(ex, worker, continuation, headers, relay)
             except UpstreamError as again:
@@ -436,7 +317,7 @@ class Proxy:
         worker: Worker,
         body: bytes,
         headers: CIMultiDict[str],
-        relay: Relay | None = None,
+        relay: RelayFn | None = None,
     ) -> None:
         ex.tried.append(worker)
         ex.worker, ex.attempts = worker, ex.attempts + 1
@@ -565,7 +446,7 @@ class Proxy:
         worker: Worker,
         body: bytes,
         headers: CIMultiDict[str],
-        relay: Relay | None = None,
+        relay: RelayFn | None = None,
     ) -> None:
         loop = asyncio.get_running_loop()
         worker.in_flight += 1
@@ -580,9 +461,9 @@ class Proxy:
                 if response.status != 200:
                     await self._raise_status(response, phase)
                 elif ex.stream:
-                    await (relay or self._relay_stream)(ex, response, phase)
+                    await (relay or self._relay.stream)(ex, response, phase)
                 else:
-                    await self._relay_body(ex, response, phase)
+                    await self._relay.body(ex, response, phase)
                 finished = True
         except TimeoutError:
             if not phase.expired():
@@ -611,158 +492,6 @@ class Proxy:
         if "Retry-After" in response.headers:
             headers["Retry-After"] = response.headers["Retry-After"]
         raise UpstreamStatusError(response.status, data, headers)
-
-    async def _relay_stream(
-        self, ex: Exchange, response: ClientResponse, phase: asyncio.Timeout
-    ) -> None:
-        loop = asyncio.get_running_loop()
-        observer = StreamObserver()
-        held: list[bytes] = []
-        held_size = 0
-        while not observer.first_token and held_size <= HOLD_LIMIT:
-            chunk = await self._upstream.read_chunk(response)
-            if not chunk:
-                raise UpstreamDisconnected("The model worker ended the stream before any token.")
-            observer.feed(chunk)
-            self._check_events(ex, observer)
-            held.append(chunk)
-            held_size += len(chunk)
-        ex.first_token_at = loop.time()
-        self._metrics.time_to_first_token.labels(self._model_label(ex)).observe(
-            ex.first_token_at - ex.started
-        )
-        idle = self._timeouts.idle
-        phase.reschedule(loop.time() + idle)
-        client = await self._commit(ex, web.StreamResponse(status=200, headers=SSE_HEADERS))
-        framer = EventFramer(strip_usage=ex.strip_usage)
-        transcript = ex.transcript
-        out = framer.feed(b"".join(held))
-        if transcript is not None:
-            transcript.feed(out)
-        await self._send(ex, client, out, phase)
-        itl = self._metrics.inter_token_latency.labels(self._model_label(ex))
-        last = loop.time()
-        while not observer.done:
-            try:
-                chunk = await self._upstream.read_chunk(response)
-            except UpstreamDisconnected as exc:
-                if observer.finish_reason is not None and ex.single_choice:
-                    break  # cut after the answer was complete: finished below
-                raise UpstreamStreamTruncated() from exc
-            if not chunk:
-                break
-            now = loop.time()
-            itl.observe(now - last)
-            last = now
-            phase.reschedule(now + idle)
-            observer.feed(chunk)
-            self._check_events(ex, observer)
-            if out := framer.feed(chunk):
-                if transcript is not None:
-                    transcript.feed(out)
-                await self._send(ex, client, out, phase)
-            elif framer.pending > MAX_EVENT_BYTES:
-                raise UpstreamBadResponse("The model worker sent an oversized stream event.")
-        observer.finish()
-        self._count_usage(ex, observer.usage)
-        if not observer.done:
-            finished = observer.finish_reason is not None and ex.single_choice
-            if not finished and observer.error is None:
-                raise UpstreamStreamTruncated()
-            # The answer was complete; only the marker was lost.
-            await self._send(ex, client, DONE_EVENT, phase)
-        ex.ending = True
-        await client.write_eof()
-
-    def _check_events(self, ex: Exchange, observer: StreamObserver) -> None:
-        """A malformed event fails the attempt; so does a worker's own in-band error when the
-        stream could be resumed (the client then never sees it)."""
-        if observer.malformed:
-            raise UpstreamMalformedEvent()
-        error = observer.error
-        if ex.transcript is not None and error is not None and worker_fault(error):
-            raise UpstreamStreamError()
-
-    async def _relay_continuation(
-        self, ex: Exchange, response: ClientResponse, phase: asyncio.Timeout, splice: Splice
-    ) -> None:
-        """Relay a continuation as more chunks of the committed stream (see ``resume.py``)."""
-        loop = asyncio.get_running_loop()
-        assert ex.response is not None and ex.transcript is not None
-        client, transcript = ex.response, ex.transcript
-        observer = StreamObserver()
-        while not splice.done:
-            try:
-                chunk = await self._upstream.read_chunk(response)
-            except UpstreamDisconnected as exc:
-                if splice.finish_reason is not None:
-                    break
-                raise UpstreamStreamTruncated() from exc
-            if not chunk:
-                break
-            observer.feed(chunk)
-            self._check_events(ex, observer)
-            out = splice.feed(chunk)
-            if splice.first_token:
-                phase.reschedule(loop.time() + self._timeouts.idle)
-            if out:
-                transcript.feed(out)
-                await self._send(ex, client, out, phase)
-        observer.finish()
-        if not splice.done:
-            if splice.finish_reason is None:
-                raise UpstreamStreamTruncated()
-            await self._send(ex, client, DONE_EVENT, phase)
-        self._count_usage(ex, splice.usage)
-        ex.ending = True
-        await client.write_eof()
-
-    def _count_usage(self, ex: Exchange, usage: dict[str, int] | None) -> None:
-        if not usage:
-            return
-        ex.usage = usage
-        model = self._model_label(ex)
-        for kind in ("prompt", "completion"):
-            tokens = usage.get(f"{kind}_tokens")
-            if tokens is not None and tokens >= 0:
-                self._metrics.tokens.labels(model, kind).inc(tokens)
-
-    async def _relay_body(
-        self, ex: Exchange, response: ClientResponse, phase: asyncio.Timeout
-    ) -> None:
-        loop = asyncio.get_running_loop()
-        idle = self._timeouts.idle
-        phase.reschedule(loop.time() + idle)
-        out = web.StreamResponse(status=200)
-        out.headers["Content-Type"] = response.headers.get("Content-Type", "application/json")
-        if response.content_length is not None:
-            out.content_length = response.content_length
-        client = await self._commit(ex, out)
-        tail = b""
-        while chunk := await self._upstream.read_chunk(response):
-            phase.reschedule(loop.time() + idle)
-            tail = (tail + chunk)[-TAIL_BYTES:]
-            await self._send(ex, client, chunk, phase)
-        self._count_usage(ex, usage_from_tail(tail))
-        ex.ending = True
-        await client.write_eof()
-
-    async def _send(
-        self, ex: Exchange, client: web.StreamResponse, data: bytes, phase: asyncio.Timeout
-    ) -> None:
-        """Write under the idle bound, then re-arm it for the next upstream read. A client that
-        does not read is its own failure (``ClientTooSlow``), never the worker's."""
-        loop = asyncio.get_running_loop()
-        ex.writing = True
-        await client.write(data)
-        ex.writing = False
-        phase.reschedule(loop.time() + self._timeouts.idle)
-
-    async def _commit(self, ex: Exchange, response: web.StreamResponse) -> web.StreamResponse:
-        ex.response = response
-        ex.status = response.status
-        await response.prepare(ex.request)
-        return response
 
     async def _fail(self, ex: Exchange, err: GatewayError) -> web.StreamResponse:
         ex.code = err.code
@@ -798,12 +527,8 @@ class Proxy:
             # client stopped reading. Not a cancellation of this task.
             _close(ex.request)
 
-    def _model_label(self, ex: Exchange) -> str:
-        # Only known model names become label values: clients choose the string.
-        return ex.model if ex.model and self._fleet.serves(ex.model) else "unknown"
-
     def _observe(self, ex: Exchange, now: float) -> None:
-        model = self._model_label(ex)
+        model = self._relay.model_label(ex)
         duration = now - ex.started
         self._metrics.requests.labels(model, ex.route.name, str(ex.status), ex.code).inc()
         self._metrics.request_duration.labels(model, ex.route.name).observe(duration)

@@ -1,0 +1,242 @@
+"""Moving an answer from a worker to the client once the worker said 200: the commit point
+(response headers to the client), the stream relay (held back until the first content event,
+whole SSE events only, observed on the side, the transcript for a resume), the body relay, the
+relay of a continuation spliced into a committed stream, and the idle bound on every write.
+
+``Exchange`` is what one client request has gone through so far; the proxy and the relay both
+write it, and the final observation (metrics, access log) reads it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from gateway.errors import (
+    UpstreamBadResponse,
+    UpstreamDisconnected,
+    UpstreamMalformedEvent,
+    UpstreamStreamError,
+    UpstreamStreamTruncated,
+)
+from gateway.framing import EventFramer
+from gateway.metrics import GatewayMetrics
+from gateway.request import Route
+from gateway.resume import Splice, Transcript, worker_fault
+from gateway.settings import TimeoutSettings
+from gateway.sse import StreamObserver
+from gateway.upstream import ClientResponse, Upstream
+from gateway.usage import TAIL_BYTES, usage_from_tail
+from gateway.workers import Fleet, Worker
+
+SSE_HEADERS = {
+    "Content-Type": "text/event-stream",
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",
+}
+DONE_EVENT = b"data: [DONE]\n\n"
+# Bytes held back before a stream's first token (role chunk, keep-alive comments); past this
+# the stream commits anyway so a chatty worker cannot make the gateway buffer without end.
+HOLD_LIMIT = 64 * 1024
+# One SSE event larger than this is not a token chunk; the worker is broken.
+MAX_EVENT_BYTES = 1024 * 1024
+
+
+@dataclass(slots=True, eq=False)
+class Exchange:
+    """What one client request has gone through so far; read by the final observation."""
+
+    request: web.Request
+    route: Route
+    started: float
+    model: str = ""
+    stream: bool = False
+    strip_usage: bool = False
+    single_choice: bool = True  # n is 1: one finish_reason means the answer is complete
+    writing: bool = False  # awaiting a write to our client (a stall there is the client's)
+    ending: bool = False  # the response's last chunk is queued: nothing may follow it
+    response: web.StreamResponse | None = None
+    worker: Worker | None = None
+    served_model: str = ""  # the model that answered: a fallback's, when one was used
+    transcript: Transcript | None = None  # what the client was sent, when it may be resumed
+    status: int = 0
+    code: str = ""
+    attempts: int = 0
+    first_token_at: float | None = None
+    usage: dict[str, int] | None = None  # the worker's usage, when a stream carried it
+    tried: list[Worker] = field(default_factory=list)
+
+    @property
+    def committed(self) -> bool:
+        return self.response is not None and self.response.prepared
+
+
+# Reads a committed-to-be stream from a worker and writes it to the client.
+RelayFn = Callable[["Exchange", ClientResponse, asyncio.Timeout], Awaitable[None]]
+
+
+class Relay:
+    """Relays for one gateway: stream, body and continuation; see the module docstring."""
+
+    def __init__(
+        self, upstream: Upstream, metrics: GatewayMetrics, timeouts: TimeoutSettings, fleet: Fleet
+    ) -> None:
+        self._upstream = upstream
+        self._metrics = metrics
+        self._timeouts = timeouts
+        self._fleet = fleet
+
+    async def stream(self, ex: Exchange, response: ClientResponse, phase: asyncio.Timeout) -> None:
+        loop = asyncio.get_running_loop()
+        observer = StreamObserver()
+        held: list[bytes] = []
+        held_size = 0
+        while not observer.first_token and held_size <= HOLD_LIMIT:
+            chunk = await self._upstream.read_chunk(response)
+            if not chunk:
+                raise UpstreamDisconnected("The model worker ended the stream before any token.")
+            observer.feed(chunk)
+            self._check_events(ex, observer)
+            held.append(chunk)
+            held_size += len(chunk)
+        ex.first_token_at = loop.time()
+        self._metrics.time_to_first_token.labels(self.model_label(ex)).observe(
+            ex.first_token_at - ex.started
+        )
+        idle = self._timeouts.idle
+        phase.reschedule(loop.time() + idle)
+        client = await self.commit(ex, web.StreamResponse(status=200, headers=SSE_HEADERS))
+        framer = EventFramer(strip_usage=ex.strip_usage)
+        transcript = ex.transcript
+        out = framer.feed(b"".join(held))
+        if transcript is not None:
+            transcript.feed(out)
+        await self._send(ex, client, out, phase)
+        itl = self._metrics.inter_token_latency.labels(self.model_label(ex))
+        last = loop.time()
+        while not observer.done:
+            try:
+                chunk = await self._upstream.read_chunk(response)
+            except UpstreamDisconnected as exc:
+                if observer.finish_reason is not None and ex.single_choice:
+                    break  # cut after the answer was complete: finished below
+                raise UpstreamStreamTruncated() from exc
+            if not chunk:
+                break
+            now = loop.time()
+            itl.observe(now - last)
+            last = now
+            phase.reschedule(now + idle)
+            observer.feed(chunk)
+            self._check_events(ex, observer)
+            if out := framer.feed(chunk):
+                if transcript is not None:
+                    transcript.feed(out)
+                await self._send(ex, client, out, phase)
+            elif framer.pending > MAX_EVENT_BYTES:
+                raise UpstreamBadResponse("The model worker sent an oversized stream event.")
+        observer.finish()
+        self.count_usage(ex, observer.usage)
+        if not observer.done:
+            finished = observer.finish_reason is not None and ex.single_choice
+            if not finished and observer.error is None:
+                raise UpstreamStreamTruncated()
+            # The answer was complete; only the marker was lost.
+            await self._send(ex, client, DONE_EVENT, phase)
+        ex.ending = True
+        await client.write_eof()
+
+    def _check_events(self, ex: Exchange, observer: StreamObserver) -> None:
+        """A malformed event fails the attempt; so does a worker's own in-band error when the
+        stream could be resumed (the client then never sees it)."""
+        if observer.malformed:
+            raise UpstreamMalformedEvent()
+        error = observer.error
+        if ex.transcript is not None and error is not None and worker_fault(error):
+            raise UpstreamStreamError()
+
+    async def continuation(
+        self, ex: Exchange, response: ClientResponse, phase: asyncio.Timeout, splice: Splice
+    ) -> None:
+        """Relay a continuation as more chunks of the committed stream (see ``resume.py``)."""
+        loop = asyncio.get_running_loop()
+        assert ex.response is not None and ex.transcript is not None
+        client, transcript = ex.response, ex.transcript
+        observer = StreamObserver()
+        while not splice.done:
+            try:
+                chunk = await self._upstream.read_chunk(response)
+            except UpstreamDisconnected as exc:
+                if splice.finish_reason is not None:
+                    break
+                raise UpstreamStreamTruncated() from exc
+            if not chunk:
+                break
+            observer.feed(chunk)
+            self._check_events(ex, observer)
+            out = splice.feed(chunk)
+            if splice.first_token:
+                phase.reschedule(loop.time() + self._timeouts.idle)
+            if out:
+                transcript.feed(out)
+                await self._send(ex, client, out, phase)
+        observer.finish()
+        if not splice.done:
+            if splice.finish_reason is None:
+                raise UpstreamStreamTruncated()
+            await self._send(ex, client, DONE_EVENT, phase)
+        self.count_usage(ex, splice.usage)
+        ex.ending = True
+        await client.write_eof()
+
+    def count_usage(self, ex: Exchange, usage: dict[str, int] | None) -> None:
+        if not usage:
+            return
+        ex.usage = usage
+        model = self.model_label(ex)
+        for kind in ("prompt", "completion"):
+            tokens = usage.get(f"{kind}_tokens")
+            if tokens is not None and tokens >= 0:
+                self._metrics.tokens.labels(model, kind).inc(tokens)
+
+    async def body(self, ex: Exchange, response: ClientResponse, phase: asyncio.Timeout) -> None:
+        loop = asyncio.get_running_loop()
+        idle = self._timeouts.idle
+        phase.reschedule(loop.time() + idle)
+        out = web.StreamResponse(status=200)
+        out.headers["Content-Type"] = response.headers.get("Content-Type", "application/json")
+        if response.content_length is not None:
+            out.content_length = response.content_length
+        client = await self.commit(ex, out)
+        tail = b""
+        while chunk := await self._upstream.read_chunk(response):
+            phase.reschedule(loop.time() + idle)
+            tail = (tail + chunk)[-TAIL_BYTES:]
+            await self._send(ex, client, chunk, phase)
+        self.count_usage(ex, usage_from_tail(tail))
+        ex.ending = True
+        await client.write_eof()
+
+    async def _send(
+        self, ex: Exchange, client: web.StreamResponse, data: bytes, phase: asyncio.Timeout
+    ) -> None:
+        """Write under the idle bound, then re-arm it for the next upstream read. A client that
+        does not read is its own failure (``ClientTooSlow``), never the worker's."""
+        loop = asyncio.get_running_loop()
+        ex.writing = True
+        await client.write(data)
+        ex.writing = False
+        phase.reschedule(loop.time() + self._timeouts.idle)
+
+    async def commit(self, ex: Exchange, response: web.StreamResponse) -> web.StreamResponse:
+        ex.response = response
+        ex.status = response.status
+        await response.prepare(ex.request)
+        return response
+
+    def model_label(self, ex: Exchange) -> str:
+        # Only known model names become label values: clients choose the string.
+        return ex.model if ex.model and self._fleet.serves(ex.model) else "unknown"
