@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: run test lint format check-config clean tools prometheus-tools deploy-tools grafana-tools
+.PHONY: run test lint format check-config clean tools prometheus-tools deploy-tools grafana-tools redis-tools
 
 $(STAMP): pyproject.toml
 	rm -f $(VENV)/.installed-*
@@ -25,6 +25,10 @@ run: $(STAMP)
 # Tools the end-to-end tests drive for real (they fail, never skip, without them).
 tools:
 	@command -v curl >/dev/null || { apt-get update -qq && apt-get install -y -qq curl; }
+
+# redis-server (Debian package) for the shared rate-limit tests, which start their own server.
+redis-tools:
+	@command -v redis-server >/dev/null || { apt-get update -qq && apt-get install -y -qq --no-install-recommends redis-server; }
 
 # Prometheus and promtool (Debian package) for tests/test_prometheus.py, which fails without them.
 prometheus-tools:
@@ -53,7 +57,7 @@ grafana-tools:
 	@command -v npm >/dev/null || { apt-get update -qq && apt-get install -y -qq npm; }
 	@sh grafana/check-schema.sh >/dev/null
 
-test: $(STAMP) tools prometheus-tools deploy-tools grafana-tools
+test: $(STAMP) tools prometheus-tools deploy-tools grafana-tools redis-tools
 	$(PY) -m pytest
 
 lint: $(STAMP)

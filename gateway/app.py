@@ -9,21 +9,32 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from gateway import handlers, keys
+from gateway.auth import KeyRing, read_keys_file, watch_keys_file
 from gateway.discovery import Resolver, ServiceWatcher, system_resolver, watch_forever
 from gateway.lifecycle import Lifecycle
 from gateway.metrics import GatewayMetrics
-from gateway.middleware import add_request_id_header, error_middleware, request_id_middleware
+from gateway.middleware import (
+    KEYRING,
+    add_request_id_header,
+    auth_middleware,
+    error_middleware,
+    request_id_middleware,
+)
 from gateway.monitor import probe_all, probe_forever, scrape_forever
 from gateway.proxy import Proxy
+from gateway.ratelimit import RateLimiter
 from gateway.settings import Settings
 from gateway.upstream import Upstream
 from gateway.workers import Fleet, Worker, worker_from_settings
+
+log = logging.getLogger(__name__)
 
 # How often the loop-lag timer wakes: often enough to catch a stall of a few tens of ms within
 # a scrape interval, rare enough to cost nothing.
@@ -38,7 +49,7 @@ def create_app(
     resolver: Resolver = system_resolver,
 ) -> web.Application:
     app = web.Application(
-        middlewares=[request_id_middleware, error_middleware],
+        middlewares=[request_id_middleware, error_middleware, auth_middleware],
         client_max_size=settings.server.max_body_bytes,
     )
     metrics = GatewayMetrics(registry if registry is not None else CollectorRegistry())
@@ -51,10 +62,12 @@ def create_app(
     for worker in fleet.workers:
         _export_worker(metrics, fleet, worker)
     app[keys.SETTINGS] = settings
+    app[KEYRING] = KeyRing(settings.auth)
     app[keys.RESOLVER] = resolver
     app[keys.METRICS] = metrics
     app[keys.FLEET] = fleet
     app[keys.LIFECYCLE] = lifecycle if lifecycle is not None else Lifecycle()
+    app.cleanup_ctx.append(_api_keys)
     app.cleanup_ctx.append(_upstream_and_probes)
     app.cleanup_ctx.append(_loop_lag_timer)
     app.on_response_prepare.append(add_request_id_header)
@@ -65,6 +78,7 @@ def create_app(
     app.router.add_get("/health", handlers.health)
     app.router.add_get("/ready", handlers.ready)
     app.router.add_get("/metrics", handlers.metrics)
+    app.router.add_get("/openapi.json", handlers.openapi_document)
     return app
 
 
@@ -122,7 +136,9 @@ async def _upstream_and_probes(app: web.Application) -> AsyncIterator[None]:
     upstream = Upstream(
         settings.limits, settings.timeouts, settings.health, metrics, settings.routing
     )
-    app[keys.PROXY] = Proxy(settings, fleet, upstream, metrics, app[keys.LIFECYCLE])
+    limiter = RateLimiter(settings.redis, metrics)
+    await limiter.start()
+    app[keys.PROXY] = Proxy(settings, fleet, upstream, metrics, app[keys.LIFECYCLE], limiter)
     watchers = [
         ServiceWatcher(
             fleet, service, app[keys.RESOLVER], upstream.probe, settings.limits.pool_per_worker
@@ -156,6 +172,27 @@ async def _upstream_and_probes(app: web.Application) -> AsyncIterator[None]:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await upstream.close()
+        await limiter.close()
+
+
+async def _api_keys(app: web.Application) -> AsyncIterator[None]:
+    """Loads ``auth.keys_file`` before serving (a file that cannot be read stops the start)
+    and then watches it; says at start-up when the gateway is open to anyone."""
+    ring, auth = app[KEYRING], app[keys.SETTINGS].auth
+    if not ring.enabled:
+        log.warning("no API keys configured: the OpenAI routes are open to anyone")
+    if auth.keys_file is None:
+        yield
+        return
+    loop = asyncio.get_running_loop()
+    ring.replace(await loop.run_in_executor(None, read_keys_file, auth.keys_file))
+    task = asyncio.create_task(watch_keys_file(ring, auth.keys_file, auth.reload_interval))
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 async def _loop_lag_timer(app: web.Application) -> AsyncIterator[None]:

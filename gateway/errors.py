@@ -12,6 +12,8 @@ failed with it may be retried on another worker (before commit only)::
     │   ├── RequestBodyTimeout (408)    request_body_timeout
     │   ├── PayloadTooLarge (413)       request_too_large
     │   └── UnsupportedMediaType (415)  unsupported_media_type
+    ├── Unauthorized (401)              invalid_api_key
+    ├── RateLimited (429, Retry-After)  rate_limit_exceeded  (type: requests · tokens · concurrency)
     ├── Unavailable (503, Retry-After)  gateway_overloaded · no_healthy_worker · shutting_down
     └── UpstreamError (502)             the worker failed us
         ├── UpstreamConnectError        upstream_connect_error      retryable
@@ -143,6 +145,37 @@ class UnsupportedMediaType(InvalidRequest):
     status = 415
     code = "unsupported_media_type"
     default_message = "Content-Type must be application/json."
+
+
+class Unauthorized(GatewayError):
+    """A missing, unknown or revoked API key (the OpenAI shape and code for a bad key)."""
+
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+    default_message = "Incorrect or missing API key. Send it as 'Authorization: Bearer <key>'."
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": 'Bearer realm="vllm-gateway"'}
+
+
+class RateLimited(GatewayError):
+    """429: the key used up one of its limits. ``type`` names the limit as OpenAI does
+    ("requests", "tokens"); ``Retry-After`` and the ``x-ratelimit-*`` headers say when."""
+
+    status = 429
+    type = "requests"
+    code = "rate_limit_exceeded"
+
+    def __init__(self, kind: str, retry_after: float, headers: dict[str, str]) -> None:
+        seconds = max(1, int(-(-retry_after // 1)))  # whole seconds, rounded up
+        super().__init__(f"Rate limit reached on {kind}. Please try again in {seconds}s.")
+        self.type = kind
+        self.retry_after = seconds
+        self._headers = headers
+
+    def headers(self) -> dict[str, str]:
+        return {**self._headers, "Retry-After": str(self.retry_after)}
 
 
 # --- the gateway cannot take the request now ----------------------------------------------

@@ -9,7 +9,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from gateway import keys
+from gateway import keys, openapi
 from gateway.request import CHAT, COMPLETIONS, EMBEDDINGS, Route
 
 
@@ -54,3 +54,11 @@ async def ready(request: web.Request) -> web.Response:
 async def metrics(request: web.Request) -> web.Response:
     body = generate_latest(request.app[keys.METRICS].registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def openapi_document(request: web.Request) -> web.Response:
+    """The gateway's own OpenAPI document (routes, request bodies, error responses)."""
+    return web.Response(body=_OPENAPI, content_type="application/json")
+
+
+_OPENAPI = orjson.dumps(openapi.document())

@@ -1,4 +1,4 @@
-"""Request middlewares: request ids, and rendering every error in the OpenAI shape.
+"""Request middlewares: request ids, API keys, and rendering every error in the OpenAI shape.
 
 Every response carries ``X-Request-Id`` (the client's, if it sent a sane one, else a new one),
 also sent to the worker and put in every log line about the request. Every error that leaves
@@ -15,6 +15,7 @@ import uuid
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from gateway.auth import OPEN_CLIENT, Client, KeyRing
 from gateway.errors import (
     GatewayError,
     InternalError,
@@ -28,6 +29,10 @@ from gateway.logs import request_id_var
 log = logging.getLogger(__name__)
 
 REQUEST_ID = web.RequestKey("request_id", str)
+CLIENT = web.RequestKey("client", Client)
+KEYRING = web.AppKey("keyring", KeyRing)
+# The routes that need a key: the OpenAI API. Health, readiness and metrics stay open.
+_PROTECTED_PREFIX = "/v1/"
 _SANE_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 
 
@@ -53,6 +58,18 @@ async def add_request_id_header(request: web.BaseRequest, response: web.StreamRe
     request_id = request.get(REQUEST_ID)
     if request_id is not None:
         response.headers["X-Request-Id"] = request_id
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Names the client of every OpenAI route, or answers 401 (rendered by error_middleware,
+    which runs outside this one)."""
+    if request.path.startswith(_PROTECTED_PREFIX):
+        ring = request.app[KEYRING]
+        request[CLIENT] = ring.identify(request.headers.get("Authorization"))
+    else:
+        request[CLIENT] = OPEN_CLIENT
+    return await handler(request)
 
 
 @web.middleware

@@ -60,7 +60,8 @@ from gateway.fanout import merge, plan_shards
 from gateway.lifecycle import Lifecycle
 from gateway.limits import Admission
 from gateway.metrics import GatewayMetrics
-from gateway.middleware import REQUEST_ID, error_response
+from gateway.middleware import CLIENT, REQUEST_ID, error_response
+from gateway.ratelimit import RateLimiter
 from gateway.relay import Exchange, Relay, RelayFn
 from gateway.request import EMBEDDINGS, RequestMeta, Route, parse_request, with_model
 from gateway.resume import Splice, Transcript
@@ -87,6 +88,7 @@ class Proxy:
         upstream: Upstream,
         metrics: GatewayMetrics,
         lifecycle: Lifecycle,
+        limiter: RateLimiter,
     ) -> None:
         self._settings = settings
         self._timeouts = settings.timeouts
@@ -95,6 +97,7 @@ class Proxy:
         self._relay = Relay(upstream, metrics, settings.timeouts, fleet)
         self._metrics = metrics
         self._lifecycle = lifecycle
+        self._limiter = limiter
         routing = settings.routing
         self._rng = random.Random()  # noqa: S311 (jitter and sampling, not secrets)
         self._balancer = make_policy(
@@ -115,7 +118,7 @@ class Proxy:
 
     async def handle(self, request: web.Request, route: Route) -> web.StreamResponse:
         loop = asyncio.get_running_loop()
-        ex = Exchange(request=request, route=route, started=loop.time())
+        ex = Exchange(request=request, route=route, started=loop.time(), client=request[CLIENT])
         task = asyncio.current_task()
         assert task is not None
         self._lifecycle.enter(task)
@@ -144,7 +147,7 @@ class Proxy:
         if not self._lifecycle.accepting:
             raise ShuttingDown()
         body = await self._read_body(ex.request)
-        meta = parse_request(body, ex.route, self._settings.routing)
+        meta = parse_request(body, ex.route, self._settings.routing, self._settings.input)
         routing = self._settings.routing
         if routing.affinity == "session":
             header = ex.request.headers.get(routing.session_header)
@@ -156,6 +159,14 @@ class Proxy:
             ex.transcript = Transcript()
         if not self._serves(meta.model):
             raise ModelNotFound(meta.model)
+        grant = await self._limiter.acquire(ex.client, meta.model, meta.token_estimate)
+        ex.extra_headers = grant.headers
+        try:
+            return await self._admitted(ex, meta)
+        finally:
+            await grant.settle(_total_tokens(ex.usage))
+
+    async def _admitted(self, ex: Exchange, meta: RequestMeta) -> web.StreamResponse:
         loop = asyncio.get_running_loop()
         queued = loop.time()
         async with self._admission.slot():
@@ -353,7 +364,9 @@ class Proxy:
             await asyncio.gather(*tasks, return_exceptions=True)
             raise
         ex.served_model = ex.model
-        ex.response = web.Response(body=merge(bodies), content_type="application/json")
+        ex.response = web.Response(
+            body=merge(bodies), content_type="application/json", headers=ex.extra_headers
+        )
         ex.status = 200
 
     async def _shard(
@@ -563,3 +576,12 @@ def _close(request: web.Request) -> None:
 def _asked_to_wait(err: UpstreamError) -> bool:
     """The worker said when to come back: go elsewhere at once instead of backing off."""
     return isinstance(err, UpstreamStatusError) and "Retry-After" in err.upstream_headers
+
+
+def _total_tokens(usage: dict[str, int] | None) -> int | None:
+    if not usage:
+        return None
+    total = usage.get("total_tokens")
+    if total is None:
+        total = usage.get("prompt_tokens", 0) + usage.get("completion_tokens", 0)
+    return total

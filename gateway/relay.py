@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
+from gateway.auth import OPEN_CLIENT, Client
 from gateway.errors import (
     UpstreamBadResponse,
     UpstreamDisconnected,
@@ -52,6 +53,8 @@ class Exchange:
     request: web.Request
     route: Route
     started: float
+    client: Client = OPEN_CLIENT  # whose key; its name goes to metrics and logs
+    extra_headers: dict[str, str] = field(default_factory=dict)  # x-ratelimit-*, on success
     model: str = ""
     stream: bool = False
     strip_usage: bool = False
@@ -234,6 +237,7 @@ class Relay:
     async def commit(self, ex: Exchange, response: web.StreamResponse) -> web.StreamResponse:
         ex.response = response
         ex.status = response.status
+        response.headers.update(ex.extra_headers)
         await response.prepare(ex.request)
         return response
 

@@ -14,7 +14,15 @@ from pathlib import Path
 from typing import Any, Literal, Self
 
 import yaml
-from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AnyHttpUrl,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    model_validator,
+)
 
 ENV_PREFIX = "VLLM_GATEWAY_"
 # Kubernetes injects <SERVICE>_SERVICE_HOST, <SERVICE>_PORT, ... for every Service in the
@@ -47,6 +55,9 @@ class WorkerSettings(_Frozen):
     models: tuple[str, ...] = ()
     # Requests in flight to this worker at most; default limits.pool_per_worker.
     max_in_flight: int | None = Field(None, gt=0)
+    # Sent to the worker as "Authorization: Bearer <api_key>" (vLLM's --api-key); the client's
+    # own Authorization header never reaches a worker.
+    api_key: SecretStr | None = None
 
     @model_validator(mode="after")
     def _plain_base_url(self) -> Self:
@@ -156,6 +167,68 @@ class ResumeSettings(_Frozen):
     max_resumes: int = Field(1, ge=1, le=5)  # continuations tried per stream
 
 
+KEY_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$"
+
+
+class RateLimits(_Frozen):
+    """Per key (or per key and model): None means no limit of that kind."""
+
+    rpm: int | None = Field(None, gt=0)  # requests per minute
+    tpm: int | None = Field(None, gt=0)  # tokens per minute (prompt estimate + max_tokens)
+    max_concurrent: int | None = Field(None, gt=0)  # requests in flight at once
+
+
+class ApiKeySettings(RateLimits):
+    """One client key. Its ``name`` appears in metrics and logs; the key itself never does.
+
+    Give the key as ``sha256`` (hex digest of the key: config files need not hold secrets) or
+    as ``key`` (e.g. from a Secret through the environment; hashed at load and then dropped).
+    """
+
+    name: str = Field(pattern=KEY_NAME)
+    sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
+    key: SecretStr | None = None
+    revoked: bool = False
+    models: dict[str, RateLimits] = {}  # per-model limits, on top of the key's own
+
+    @model_validator(mode="after")
+    def _one_form(self) -> Self:
+        if (self.sha256 is None) == (self.key is None):
+            raise ValueError("give exactly one of sha256 and key")
+        if self.key is not None and len(self.key.get_secret_value()) < 8:
+            raise ValueError("key must be at least 8 characters")
+        return self
+
+
+class AuthSettings(_Frozen):
+    keys: tuple[ApiKeySettings, ...] = ()
+    keys_file: Path | None = None  # YAML list of keys like `keys`, re-read when it changes
+    reload_interval: float = Field(5.0, gt=0)  # seconds between checks of keys_file
+    defaults: RateLimits = RateLimits()  # limits for keys that set none of their own
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> Self:
+        names = [k.name for k in self.keys]
+        if len(set(names)) != len(names):
+            raise ValueError("auth.keys: names must be unique")
+        return self
+
+
+class RedisSettings(_Frozen):
+    """Rate limits shared by every replica; without a URL each replica limits on its own."""
+
+    url: str | None = Field(None, pattern=r"^rediss?://")
+    timeout: float = Field(0.05, gt=0)  # seconds one Redis call may take
+    on_error: Literal["open", "closed"] = "open"  # Redis unreachable: local limits, or 503
+
+
+class InputLimitSettings(_Frozen):
+    max_tokens: int | None = Field(None, gt=0)  # largest max_tokens / max_completion_tokens
+    max_n: int = Field(8, gt=0)
+    max_messages: int = Field(1024, gt=0)
+    max_json_depth: int = Field(32, gt=0)
+
+
 class LogSettings(_Frozen):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["json", "text"] = "json"
@@ -172,6 +245,9 @@ class Settings(_Frozen):
     retry: RetrySettings = RetrySettings()
     health: HealthSettings = HealthSettings()
     resume: ResumeSettings = ResumeSettings()
+    auth: AuthSettings = AuthSettings()
+    redis: RedisSettings = RedisSettings()
+    input: InputLimitSettings = InputLimitSettings()
     logging: LogSettings = LogSettings()
 
     @model_validator(mode="after")

@@ -28,13 +28,15 @@ from gateway.metrics import GatewayMetrics
 from gateway.settings import HealthSettings, LimitSettings, RoutingSettings, TimeoutSettings
 from gateway.workers import ModelCard, ProbeResult, Worker
 
-# Headers that describe one hop, or carry the client's credentials, never go to a worker.
+# Headers that describe one hop, carry the client's credentials, or claim an identity the
+# client could spoof (who it is, where it came from) never go to a worker.
 _DROPPED_REQUEST_HEADERS = frozenset(
     h.lower()
     for h in (
         "Host", "Connection", "Keep-Alive", "Proxy-Connection", "Transfer-Encoding", "TE",
         "Trailer", "Upgrade", "Content-Length", "Accept-Encoding", "Authorization", "Cookie",
-        "Proxy-Authorization", "Expect", "Content-Encoding",
+        "Proxy-Authorization", "Expect", "Content-Encoding", "Forwarded", "X-Forwarded-For",
+        "X-Forwarded-Host", "X-Forwarded-Proto", "X-Real-IP", "X-Api-Key",
     )
 )  # fmt: skip
 
@@ -92,6 +94,9 @@ class Upstream:
         self, worker: Worker, path: str, body: bytes, headers: CIMultiDict[str]
     ) -> ClientResponse:
         """POST and return once the response headers are in; the caller closes the response."""
+        if worker.api_key is not None:
+            headers = headers.copy()
+            headers["Authorization"] = f"Bearer {worker.api_key}"
         try:
             return await self._session.post(
                 worker.url + path,
@@ -164,7 +169,7 @@ class Upstream:
 
     async def _models(self, worker: Worker) -> tuple[ModelCard, ...] | None:
         try:
-            async with self._probes.get(worker.url + "/v1/models") as resp:
+            async with self._probes.get(worker.url + "/v1/models", headers=_auth(worker)) as resp:
                 if resp.status != 200:
                     return None
                 data = orjson.loads(await resp.read())
@@ -198,6 +203,10 @@ def _connect_timer(metrics: GatewayMetrics) -> aiohttp.TraceConfig:
     trace.on_connection_create_start.append(start)
     trace.on_connection_create_end.append(end)
     return trace
+
+
+def _auth(worker: Worker) -> dict[str, str]:
+    return {"Authorization": f"Bearer {worker.api_key}"} if worker.api_key else {}
 
 
 async def _none() -> None:

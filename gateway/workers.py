@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.loadsignals import LoadSignals
@@ -50,6 +50,7 @@ class Worker:
     recovered_at: float = 0.0
     trial: bool = False  # a half-open trial request is in flight
     not_before: float = 0.0  # Retry-After: no request before this time
+    api_key: str | None = field(default=None, repr=False)  # sent to the worker, never logged
 
     @property
     def models(self) -> tuple[str, ...]:
@@ -84,7 +85,8 @@ class ProbeResult:
 
 def worker_from_settings(settings: WorkerSettings, default_cap: int) -> Worker:
     cap = settings.max_in_flight or default_cap
-    return Worker(settings.base_url, settings.models, cap=cap)
+    key = settings.api_key.get_secret_value() if settings.api_key is not None else None
+    return Worker(settings.base_url, settings.models, cap=cap, api_key=key)
 
 
 class Fleet:

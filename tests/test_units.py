@@ -25,10 +25,12 @@ from gateway.errors import (
     NoHealthyWorker,
     Overloaded,
     PayloadTooLarge,
+    RateLimited,
     RequestBodyTimeout,
     RouteNotFound,
     ShuttingDown,
     TotalTimeout,
+    Unauthorized,
     Unavailable,
     UnsupportedMediaType,
     UpstreamBadResponse,
@@ -69,6 +71,8 @@ TREE: dict[type[GatewayError], tuple[int, str, str, bool]] = {
     UnsupportedMediaType: (415, "invalid_request_error", "unsupported_media_type", False),
     ClientTooSlow: (408, "invalid_request_error", "client_too_slow", False),
     RequestBodyTimeout: (408, "invalid_request_error", "request_body_timeout", False),
+    Unauthorized: (401, "invalid_request_error", "invalid_api_key", False),
+    RateLimited: (429, "requests", "rate_limit_exceeded", False),
     Unavailable: (503, "server_error", "unavailable", False),
     Overloaded: (503, "server_error", "gateway_overloaded", False),
     NoHealthyWorker: (503, "server_error", "no_healthy_worker", False),
@@ -96,6 +100,8 @@ def instance(cls: type[GatewayError]) -> GatewayError:
         return PayloadTooLarge(1024)
     if cls is UpstreamStatusError:
         return UpstreamStatusError(503, b"<html>busy</html>", {})
+    if cls is RateLimited:
+        return RateLimited("requests", 1.5, {"x-ratelimit-limit-requests": "10"})
     return cls()
 
 
@@ -166,8 +172,17 @@ def test_unavailable_errors_carry_retry_after(cls: type[Unavailable]) -> None:
     assert response.content_type == "application/json"
 
 
+def test_unauthorized_names_the_scheme_and_rate_limited_says_when() -> None:
+    assert Unauthorized().headers() == {"WWW-Authenticate": 'Bearer realm="vllm-gateway"'}
+    err = RateLimited("tokens", 1.2, {"x-ratelimit-remaining-tokens": "0"})
+    assert err.headers() == {"x-ratelimit-remaining-tokens": "0", "Retry-After": "2"}
+    assert err.body()["error"]["type"] == "tokens"  # type: ignore[index]
+    assert "try again in 2s" in err.message
+
+
 def test_other_errors_carry_no_extra_headers() -> None:
-    plain = [cls for cls in TREE if not issubclass(cls, Unavailable | UpstreamStatusError)]
+    special = Unavailable | UpstreamStatusError | Unauthorized | RateLimited
+    plain = [cls for cls in TREE if not issubclass(cls, special)]
     assert {cls.__name__: instance(cls).headers() for cls in plain} == {
         cls.__name__: {} for cls in plain
     }
