@@ -29,6 +29,13 @@ class GatewayMetrics:
             ["model", "route", "status", "code"],
             registry=registry,
         )
+        self.client_requests = Counter(
+            "gateway_client_requests",
+            "Requests on the OpenAI routes by client (the API key's name, 'anonymous' when the "
+            "gateway is open) and HTTP status.",
+            ["key", "status"],
+            registry=registry,
+        )
         self.in_flight = Gauge(
             "gateway_requests_in_flight",
             "Requests admitted and not yet finished.",

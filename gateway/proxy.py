@@ -544,6 +544,7 @@ class Proxy:
         model = self._relay.model_label(ex)
         duration = now - ex.started
         self._metrics.requests.labels(model, ex.route.name, str(ex.status), ex.code).inc()
+        self._metrics.client_requests.labels(ex.client.name, str(ex.status)).inc()
         self._metrics.request_duration.labels(model, ex.route.name).observe(duration)
         if not access_log.isEnabledFor(logging.INFO):
             return  # don't build the record's fields for nothing
@@ -551,6 +552,7 @@ class Proxy:
             "request",
             extra={
                 "request_id": ex.request.get(REQUEST_ID, "-"),
+                "key": ex.client.name,
                 "route": ex.route.name,
                 "model": model,
                 "stream": ex.stream,

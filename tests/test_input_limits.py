@@ -1,0 +1,141 @@
+"""Input limits: what no worker should be sent is a 400 naming the field; spoofable identity
+headers never reach a worker; only the OpenAI routes are forwarded at all."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from gateway.request import CHAT, check_input_limits, parse_request
+from gateway.settings import InputLimitSettings, RoutingSettings
+from tests.conftest import GatewayFactory, SimFactory
+from tests.helpers import chat, healthy
+
+LIMITS = {"max_tokens": 100, "max_n": 2, "max_messages": 3, "max_json_depth": 8}
+
+
+def nested(depth: int) -> Any:
+    value: Any = "x"
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"max_tokens": 101}, "max_tokens"),
+        ({"max_completion_tokens": 1000}, "max_completion_tokens"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_tokens": "10"}, "max_tokens"),
+        ({"max_tokens": True}, "max_tokens"),
+        ({"n": 3}, "n"),
+        ({"n": 0}, "n"),
+        ({"messages": [{"role": "user", "content": "hi"}] * 4}, "messages"),
+        ({"metadata": nested(10)}, None),
+    ],
+)
+async def test_over_the_limits_is_a_400_naming_the_field(
+    sim: SimFactory,
+    gateway: GatewayFactory,
+    client: aiohttp.ClientSession,
+    fields: dict[str, Any],
+    param: str | None,
+) -> None:
+    worker = await sim()
+    gw = await gateway(worker, input=LIMITS)
+    async with client.post(f"{gw.url}/v1/chat/completions", json=chat(**fields)) as resp:
+        assert resp.status == 400
+        error = (await resp.json())["error"]
+    assert error["param"] == param
+    assert error["type"] == "invalid_request_error"
+    assert worker.engine.finished == 0
+
+
+async def test_within_the_limits_passes(
+    sim: SimFactory, gateway: GatewayFactory, client: aiohttp.ClientSession
+) -> None:
+    gw = await gateway(await sim(), input=LIMITS)
+    body = chat(max_tokens=100, n=1, metadata=nested(5))
+    async with client.post(f"{gw.url}/v1/chat/completions", json=body) as resp:
+        assert resp.status == 200
+
+
+def test_depth_check_counts_nesting_not_size() -> None:
+    wide = {"model": "m", "input": [[1, 2, 3]] * 5000}
+    body = orjson.dumps(wide)
+    assert check_input_limits(wide, body, InputLimitSettings(max_json_depth=3)) == 0
+    deep = {"model": "m", "x": nested(3)}
+    with pytest.raises(Exception, match="nested deeper than 3"):
+        check_input_limits(deep, orjson.dumps(deep), InputLimitSettings(max_json_depth=3))
+
+
+def test_token_estimate_is_body_bytes_over_four_plus_the_completion_asked() -> None:
+    body = orjson.dumps(chat(max_tokens=50, n=2))
+    meta = parse_request(body, CHAT, RoutingSettings(), InputLimitSettings())
+    assert meta.token_estimate == len(body) // 4 + 100
+
+
+async def test_spoofable_and_credential_headers_never_reach_a_worker(
+    gateway: GatewayFactory, client: aiohttp.ClientSession
+) -> None:
+    seen: dict[str, str] = {}
+
+    async def handler(request: web.Request) -> web.Response:
+        seen.update(request.headers)
+        return web.json_response({"id": "x", "object": "chat.completion", "choices": []})
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", handler)
+    app.router.add_get("/health", healthy)
+    server = TestServer(app)
+    await server.start_server()
+    try:
+        gw = await gateway({"url": str(server.make_url("")).rstrip("/"), "models": ["sim-model"]})
+        spoofed = {
+            "X-Forwarded-For": "10.0.0.1",
+            "Forwarded": "for=10.0.0.1",
+            "X-Real-IP": "10.0.0.1",
+            "X-Forwarded-Host": "evil",
+            "Cookie": "session=1",
+            "X-Api-Key": "k",
+            "X-Custom": "kept",
+        }
+        async with client.post(
+            f"{gw.url}/v1/chat/completions", json=chat(), headers=spoofed
+        ) as resp:
+            assert resp.status == 200
+    finally:
+        await server.close()
+    lowered = {k.lower() for k in seen}
+    for name in spoofed:
+        if name != "X-Custom":
+            assert name.lower() not in lowered
+    assert seen["X-Custom"] == "kept"
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/sleep",
+        "/wake_up",
+        "/reset_prefix_cache",
+        "/collective_rpc",
+        "/v1/load_lora_adapter",
+        "/tokenize",
+        "/v1/../sleep",
+        "/%2e%2e/sleep",
+    ],
+)
+async def test_no_path_reaches_vllms_admin_routes(
+    sim: SimFactory, gateway: GatewayFactory, client: aiohttp.ClientSession, path: str
+) -> None:
+    gw = await gateway(await sim())
+    async with client.post(f"{gw.url}{path}", json={}) as resp:
+        assert resp.status in (404, 405)
+        assert "error" in await resp.json()
