@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: run test lint format check-config clean tools prometheus-tools deploy-tools grafana-tools redis-tools
+.PHONY: run test lint format check-config clean tools prometheus-tools deploy-tools grafana-tools redis-tools bench-resume
 
 $(STAMP): pyproject.toml
 	rm -f $(VENV)/.installed-*
@@ -59,6 +59,11 @@ grafana-tools:
 
 test: $(STAMP) tools prometheus-tools deploy-tools grafana-tools redis-tools
 	$(PY) -m pytest
+
+# Streams that survive a dying worker: resume on vs off under repeated worker kills; writes
+# tests/bench/RESUME.md (about 2 minutes).
+bench-resume: $(STAMP)
+	$(PY) -m tests.bench.resume
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check gateway tests

@@ -21,6 +21,7 @@ failed with it may be retried on another worker (before commit only)::
         ├── UpstreamStatusError         upstream_unavailable        retryable (429/502/503/504)
         │                               upstream_http_<status>      any other error status
         ├── UpstreamBadResponse         upstream_bad_response
+        │   ├── UpstreamBadAnswer       upstream_bad_answer         retryable
         │   └── UpstreamMalformedEvent  upstream_malformed_event    retryable
         ├── UpstreamStreamError         upstream_stream_error       retryable
         ├── UpstreamStreamTruncated     upstream_stream_truncated
@@ -272,6 +273,14 @@ class UpstreamStatusError(UpstreamError):
 class UpstreamBadResponse(UpstreamError):
     code = "upstream_bad_response"
     default_message = "The model worker sent an invalid response."
+
+
+class UpstreamBadAnswer(UpstreamBadResponse):
+    """A 200 whose JSON body does not parse: the worker is broken; another may answer."""
+
+    code = "upstream_bad_answer"
+    retryable = True
+    default_message = "The model worker sent an answer that is not valid JSON."
 
 
 class UpstreamMalformedEvent(UpstreamBadResponse):

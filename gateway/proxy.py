@@ -55,6 +55,7 @@ from gateway.errors import (
     UpstreamDisconnected,
     UpstreamError,
     UpstreamStatusError,
+    UpstreamStreamError,
 )
 from gateway.fanout import merge, plan_shards
 from gateway.lifecycle import Lifecycle
@@ -339,7 +340,10 @@ class Proxy:
             self._count_failure(worker, err)
             raise
         else:
-            self._fleet.record_success(worker)
+            if ex.worker_error:  # it answered, but with its own error: a sick worker
+                self._count_failure(worker, UpstreamStreamError())
+            else:
+                self._fleet.record_success(worker)
         finally:
             self._fleet.end_attempt(worker)
 

@@ -13,10 +13,12 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+import orjson
 from aiohttp import web
 
 from gateway.auth import OPEN_CLIENT, Client
 from gateway.errors import (
+    UpstreamBadAnswer,
     UpstreamBadResponse,
     UpstreamDisconnected,
     UpstreamMalformedEvent,
@@ -44,6 +46,8 @@ DONE_EVENT = b"data: [DONE]\n\n"
 HOLD_LIMIT = 64 * 1024
 # One SSE event larger than this is not a token chunk; the worker is broken.
 MAX_EVENT_BYTES = 1024 * 1024
+# A JSON answer up to this size is read and checked before it is relayed (see ``Relay.body``).
+CHECKED_BODY_LIMIT = 8 * 1024 * 1024
 
 
 @dataclass(slots=True, eq=False)
@@ -55,6 +59,7 @@ class Exchange:
     started: float
     client: Client = OPEN_CLIENT  # whose key; its name goes to metrics and logs
     extra_headers: dict[str, str] = field(default_factory=dict)  # x-ratelimit-*, on success
+    worker_error: bool = False  # the worker's own error event reached the client in-band
     model: str = ""
     stream: bool = False
     strip_usage: bool = False
@@ -153,13 +158,17 @@ class Relay:
         await client.write_eof()
 
     def _check_events(self, ex: Exchange, observer: StreamObserver) -> None:
-        """A malformed event fails the attempt; so does a worker's own in-band error when the
-        stream could be resumed (the client then never sees it)."""
+        """A malformed event fails the attempt. So does a worker's own in-band error before
+        the commit (another worker can answer) or when the stream can be resumed (the client
+        never sees it); otherwise the client gets the worker's error event as it was sent, and
+        the attempt still counts against the worker (``worker_error``)."""
         if observer.malformed:
             raise UpstreamMalformedEvent()
         error = observer.error
-        if ex.transcript is not None and error is not None and worker_fault(error):
-            raise UpstreamStreamError()
+        if error is not None and worker_fault(error):
+            if not ex.committed or ex.transcript is not None:
+                raise UpstreamStreamError()
+            ex.worker_error = True
 
     async def continuation(
         self, ex: Exchange, response: ClientResponse, phase: asyncio.Timeout, splice: Splice
@@ -206,16 +215,35 @@ class Relay:
                 self._metrics.tokens.labels(model, kind).inc(tokens)
 
     async def body(self, ex: Exchange, response: ClientResponse, phase: asyncio.Timeout) -> None:
+        """A JSON answer. vLLM sends it whole once generated, so up to ``CHECKED_BODY_LIMIT`` it
+        is read before the commit and must parse: a broken answer fails over instead of
+        reaching the client as a 200. A larger one (embeddings) is relayed as it arrives."""
         loop = asyncio.get_running_loop()
         idle = self._timeouts.idle
         phase.reschedule(loop.time() + idle)
+        head: list[bytes] = []
+        size = 0
+        while size <= CHECKED_BODY_LIMIT and (chunk := await self._upstream.read_chunk(response)):
+            phase.reschedule(loop.time() + idle)
+            head.append(chunk)
+            size += len(chunk)
+        whole = size <= CHECKED_BODY_LIMIT
+        data = b"".join(head)
+        if whole:
+            try:
+                answer = orjson.loads(data)
+            except orjson.JSONDecodeError:
+                raise UpstreamBadAnswer() from None
+            if not isinstance(answer, dict):
+                raise UpstreamBadAnswer()
         out = web.StreamResponse(status=200)
         out.headers["Content-Type"] = response.headers.get("Content-Type", "application/json")
         if response.content_length is not None:
             out.content_length = response.content_length
         client = await self.commit(ex, out)
-        tail = b""
-        while chunk := await self._upstream.read_chunk(response):
+        await self._send(ex, client, data, phase)
+        tail = data[-TAIL_BYTES:]
+        while not whole and (chunk := await self._upstream.read_chunk(response)):
             phase.reschedule(loop.time() + idle)
             tail = (tail + chunk)[-TAIL_BYTES:]
             await self._send(ex, client, chunk, phase)
