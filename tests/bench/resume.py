@@ -27,7 +27,7 @@ import aiohttp
 import orjson
 
 from gateway.simulator.text import answer_key, token_text
-from tests.processes import Sim, _try_simulator, free_port, start_gateway, write_config
+from tests.processes import GatewayProc, Sim, _try_simulator, free_port, start_gateway, write_config
 
 RESULTS = Path(__file__).with_name("RESUME.md")
 CONCURRENCY = 24
@@ -152,13 +152,15 @@ async def run(resume: bool, seconds: float, workdir: Path) -> Tally:
         health={"interval": 0.5, "timeout": 0.5, "failures_to_eject": 1, "ejection_time": 1.0},
         retry={"budget_ratio": 1.0, "budget_min": 1000},
     )
-    gateway = start_gateway(config)
     tally = Tally()
+    gateway: GatewayProc | None = None
     try:
+        gateway = start_gateway(config)
         await asyncio.gather(load(gateway.url, seconds, tally), chaos(sims, ports, seconds, tally))
         tally.resumed = await resumes(gateway.url)
     finally:
-        gateway.proc.kill()
+        if gateway is not None:
+            gateway.proc.kill()
         for sim in sims:
             sim.proc.kill()
     return tally
