@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: run test lint format check-config clean tools prometheus-tools deploy-tools grafana-tools redis-tools bench-resume
+.PHONY: run test lint format check-config clean tools prometheus-tools deploy-tools grafana-tools redis-tools bench-resume bench-routing
 
 $(STAMP): pyproject.toml
 	rm -f $(VENV)/.installed-*
@@ -64,6 +64,11 @@ test: $(STAMP) tools prometheus-tools deploy-tools grafana-tools redis-tools
 # tests/bench/RESUME.md (about 2 minutes).
 bench-resume: $(STAMP)
 	$(PY) -m tests.bench.resume
+
+# Routing quality on simulated fleets: the default policy vs round-robin on a heterogeneous
+# fleet, prefix affinity vs none on prefix-heavy traffic; writes tests/bench/ROUTING.md (~5 min).
+bench-routing: $(STAMP)
+	$(PY) -m tests.bench.routing
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check gateway tests
