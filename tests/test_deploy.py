@@ -325,24 +325,69 @@ def test_autoscaler_owns_the_replica_count(all_on: list[Manifest]) -> None:
 # --- vLLM workers -----------------------------------------------------------------------------
 
 
-def test_every_worker_pod_is_a_gateway_worker(all_on: list[Manifest], tmp_path: Path) -> None:
-    urls = {str(w.url).rstrip("/"): w.models for w in settings_of(all_on, tmp_path).workers}
-    expected = {"http://vllm-existing.inference.svc.cluster.local:8000": ("existing-model",)}
+def test_every_worker_model_is_a_discovery_service(all_on: list[Manifest], tmp_path: Path) -> None:
+    """Each chart-deployed model is found by DNS through its headless Service, which lists
+    only ready pods: scaling the workers never touches the gateway's config."""
+    settings = settings_of(all_on, tmp_path)
+    services = {str(s.url).rstrip("/"): s.models for s in settings.discovery.services}
+    expected = {}
     for sts in (m for m in all_on if m["kind"] == "StatefulSet"):
-        name, replicas = sts["metadata"]["name"], sts["spec"]["replicas"]
+        name = sts["metadata"]["name"]
         service = next(
             m for m in all_on if m["kind"] == "Service" and m["metadata"]["name"] == name
         )
         assert service["spec"]["clusterIP"] == "None"
+        assert not service["spec"].get("publishNotReadyAddresses", False)
         assert sts["spec"]["serviceName"] == name
-        args = sts["spec"]["template"]["spec"]["containers"][0]["args"]
+        container = sts["spec"]["template"]["spec"]["containers"][0]
+        args = container["args"]
         served = (
             args[args.index("--served-model-name") + 1] if "--served-model-name" in args else None
         )
         model = served or args[args.index("--model") + 1]
-        for i in range(replicas):
-            expected[f"http://{name}-{i}.{name}.llm.svc.cluster.local:8000"] = (model,)
-    assert urls == expected
+        port = container["ports"][0]["containerPort"]
+        expected[f"http://{name}.llm.svc.cluster.local:{port}"] = (model,)
+    assert services == expected
+    assert [str(w.url).rstrip("/") for w in settings.workers] == [
+        "http://vllm-existing.inference.svc.cluster.local:8000"
+    ]
+
+
+def test_gateway_with_only_chart_workers_passes_its_own_check(tmp_path: Path) -> None:
+    manifests = render("-f", str(ALL_ON), "--set-json", "config.workers=[]")
+    path = tmp_path / "gateway.yaml"
+    path.write_text(one(manifests, "ConfigMap")["data"]["gateway.yaml"], encoding="utf-8")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_GATEWAY_")}
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway", "--config", str(path), "--check"],
+        capture_output=True, text=True, timeout=30, check=False, cwd=REPO, env=env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert settings_of(manifests, tmp_path).workers == ()
+
+
+def test_scaling_workers_leaves_the_gateway_config_alone() -> None:
+    def config_and_checksum(replicas: int) -> tuple[str, str]:
+        manifests = render("-f", str(ALL_ON), "--set", f"vllm.models[0].replicas={replicas}")
+        pod = one(manifests, "Deployment")["spec"]["template"]
+        config = one(manifests, "ConfigMap")["data"]["gateway.yaml"]
+        return config, str(pod["metadata"]["annotations"]["checksum/config"])
+
+    assert config_and_checksum(1) == config_and_checksum(5)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--set", "config.routing.policy=random"], "policy"),
+        (["--set", "config.routing.colour=blue"], "colour"),
+        (["--set", "config.resume.max_resumes=9"], "max_resumes"),
+    ],
+)
+def test_schema_checks_the_routing_settings(args: list[str], message: str) -> None:
+    result = helm("template", "rel", str(CHART), *args)
+    assert result.returncode != 0
+    assert message in result.stderr
 
 
 def test_worker_pods_get_gpus_shm_and_time_to_load(all_on: list[Manifest]) -> None:

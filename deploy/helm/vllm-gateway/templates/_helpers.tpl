@@ -50,28 +50,29 @@ app.kubernetes.io/component: {{ .component }}
 {{- end }}
 
 {{/*
-The gateway settings as rendered into the ConfigMap: .Values.config, with one static worker URL
-per pod of each chart-deployed worker StatefulSet appended to `workers`.
+The gateway settings as rendered into the ConfigMap: .Values.config, with one DNS discovery
+service per chart-deployed worker model (its headless Service) appended to
+`discovery.services`.
 */}}
 {{- define "vllm-gateway.config" -}}
 {{- $config := deepCopy .Values.config }}
-{{- $workers := list }}
-{{- range .Values.config.workers }}
-{{- $workers = append $workers . }}
+{{- $discovery := default dict $config.discovery }}
+{{- $services := list }}
+{{- range $discovery.services }}
+{{- $services = append $services . }}
 {{- end }}
 {{- if .Values.vllm.enabled }}
 {{- range $m := .Values.vllm.models }}
 {{- $name := include "vllm-gateway.workerName" (dict "ctx" $ "m" $m) }}
-{{- range $i := until (int (default 1 $m.replicas)) }}
-{{- $url := printf "http://%s-%d.%s.%s.svc.cluster.local:%d" $name $i $name $.Release.Namespace (int $.Values.vllm.port) }}
-{{- $workers = append $workers (dict "url" $url "models" (list (default $m.model $m.servedModelName))) }}
+{{- $url := printf "http://%s.%s.svc.cluster.local:%d" $name $.Release.Namespace (int $.Values.vllm.port) }}
+{{- $services = append $services (dict "url" $url "models" (list (default $m.model $m.servedModelName))) }}
 {{- end }}
 {{- end }}
+{{- if and (not $config.workers) (not $services) }}
+{{- fail "no workers: list them in config.workers or config.discovery.services, or enable vllm with at least one model" }}
 {{- end }}
-{{- if not $workers }}
-{{- fail "no workers: list them in config.workers, or enable vllm with at least one model" }}
-{{- end }}
-{{- $_ := set $config "workers" $workers }}
+{{- $_ := set $discovery "services" $services }}
+{{- $_ := set $config "discovery" $discovery }}
 {{- toYaml $config }}
 {{- end }}
 
