@@ -166,11 +166,7 @@ async def _upstream_and_probes(app: web.Application) -> AsyncIterator[None]:
     try:
         yield
     finally:
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await _stop(*tasks)
         await upstream.close()
         await limiter.close()
 
@@ -190,9 +186,7 @@ async def _api_keys(app: web.Application) -> AsyncIterator[None]:
     try:
         yield
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await _stop(task)
 
 
 async def _loop_lag_timer(app: web.Application) -> AsyncIterator[None]:
@@ -200,9 +194,7 @@ async def _loop_lag_timer(app: web.Application) -> AsyncIterator[None]:
     try:
         yield
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await _stop(task)
 
 
 async def measure_loop_lag(metrics: GatewayMetrics, interval: float) -> None:
@@ -211,3 +203,12 @@ async def measure_loop_lag(metrics: GatewayMetrics, interval: float) -> None:
         asked = loop.time()
         await asyncio.sleep(interval)
         metrics.event_loop_lag.observe(max(loop.time() - asked - interval, 0.0))
+
+
+async def _stop(*tasks: asyncio.Task[None]) -> None:
+    """Cancel background tasks and wait until each has ended."""
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

@@ -50,6 +50,15 @@ class ServerSettings(_Frozen):
     drain_timeout: float = Field(30.0, ge=0)
 
 
+def _check_plain(url: AnyHttpUrl) -> None:
+    # A worker URL becomes a metric label and a log field: no credentials in it, and no path
+    # (the gateway appends /v1/...).
+    if url.username or url.password:
+        raise ValueError("url must not carry a user or password")
+    if url.query or url.fragment or url.path not in (None, "", "/"):
+        raise ValueError("url must be scheme://host:port only (no path, query or fragment)")
+
+
 class WorkerSettings(_Frozen):
     url: AnyHttpUrl
     models: tuple[str, ...] = ()
@@ -61,12 +70,7 @@ class WorkerSettings(_Frozen):
 
     @model_validator(mode="after")
     def _plain_base_url(self) -> Self:
-        # The URL becomes a metric label and a log field: no credentials in it, and no path
-        # (the gateway appends /v1/...).
-        if self.url.username or self.url.password:
-            raise ValueError("url must not carry a user or password")
-        if self.url.query or self.url.fragment or self.url.path not in (None, "", "/"):
-            raise ValueError("url must be scheme://host:port only (no path, query or fragment)")
+        _check_plain(self.url)
         return self
 
     @property
@@ -117,10 +121,7 @@ class ServiceSettings(_Frozen):
 
     @model_validator(mode="after")
     def _plain(self) -> Self:
-        if self.url.username or self.url.password:
-            raise ValueError("url must not carry a user or password")
-        if self.url.query or self.url.fragment or self.url.path not in (None, "", "/"):
-            raise ValueError("url must be scheme://host:port only (no path, query or fragment)")
+        _check_plain(self.url)
         return self
 
 

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import orjson
 from aiohttp import web
+from aiohttp.test_utils import TestServer
 from aiohttp.typedefs import Handler
+from multidict import CIMultiDictProxy
 
 
 async def wait_for(predicate: Callable[[], bool], timeout: float, what: str = "") -> None:
@@ -62,3 +65,21 @@ def scripted_worker(chat_handler: Handler) -> web.Application:
     app.router.add_post("/v1/chat/completions", chat_handler)
     app.router.add_get("/health", healthy)
     return app
+
+
+@contextlib.asynccontextmanager
+async def header_recorder() -> AsyncIterator[tuple[str, list[CIMultiDictProxy[str]]]]:
+    """A worker on a real port that answers every chat request with an empty completion and
+    keeps the headers of each: yields its URL and the list they are appended to."""
+    seen: list[CIMultiDictProxy[str]] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        seen.append(request.headers)
+        return web.json_response({"id": "x", "object": "chat.completion", "choices": []})
+
+    server = TestServer(scripted_worker(handler))
+    await server.start_server()
+    try:
+        yield str(server.make_url("")).rstrip("/"), seen
+    finally:
+        await server.close()

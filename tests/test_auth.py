@@ -12,13 +12,11 @@ from typing import Any
 import aiohttp
 import openai
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestServer
 
 from gateway.auth import KeyRing
 from gateway.settings import AuthSettings, build_settings
 from tests.conftest import GatewayFactory, SimFactory
-from tests.helpers import chat, healthy, wait_for
+from tests.helpers import chat, header_recorder, wait_for
 
 KEY = "sk-test-alpha-0123456789"
 OTHER = "sk-test-bravo-0123456789"
@@ -152,26 +150,12 @@ async def test_a_broken_keys_file_keeps_the_keys_in_force(
 async def test_the_clients_key_never_reaches_a_worker_and_a_worker_key_does(
     gateway: GatewayFactory, client: aiohttp.ClientSession
 ) -> None:
-    seen: list[str | None] = []
-
-    async def handler(request: web.Request) -> web.Response:
-        seen.append(request.headers.get("Authorization"))
-        return web.json_response({"id": "x", "object": "chat.completion", "choices": []})
-
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", handler)
-    app.router.add_get("/health", healthy)
-    server = TestServer(app)
-    await server.start_server()
-    try:
-        url = str(server.make_url("")).rstrip("/")
+    async with header_recorder() as (url, seen):
         worker = {"url": url, "models": ["sim-model"], "api_key": "vllm-worker-secret"}
         gw = await gateway(worker, auth=AUTH)
         assert (await post(client, gw.url, bearer(KEY)))[0] == 200
-        assert seen == ["Bearer vllm-worker-secret"]
+        assert [h.get("Authorization") for h in seen] == ["Bearer vllm-worker-secret"]
         assert "vllm-worker-secret" not in repr(gw.fleet.workers[0])
-    finally:
-        await server.close()
 
 
 async def test_no_log_line_or_metric_holds_a_key_or_a_prompt(

@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import os
-import platform
 import statistics
 import sys
 import time
@@ -27,6 +25,7 @@ import aiohttp
 import orjson
 
 from gateway.simulator.text import answer_key, token_text
+from tests.bench.common import machine
 from tests.processes import GatewayProc, Sim, _try_simulator, free_port, start_gateway, write_config
 
 RESULTS = Path(__file__).with_name("RESUME.md")
@@ -174,16 +173,6 @@ async def resumes(url: str) -> float:
         for line in text.splitlines()
         if line.startswith("gateway_stream_resumes_total{") and 'outcome="resumed"' in line
     )
-
-
-def machine() -> str:
-    model = "unknown CPU"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    return f"{os.cpu_count()} x {model}, Python {platform.python_version()}"
 
 
 HEADER = (

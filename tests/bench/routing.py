@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import os
-import platform
 import random
 import statistics
 import sys
@@ -36,6 +34,7 @@ from typing import Any
 
 import aiohttp
 
+from tests.bench.common import machine
 from tests.processes import GatewayProc, Sim, start_gateway, start_simulator, write_config
 
 RESULTS = Path(__file__).with_name("ROUTING.md")
@@ -254,16 +253,6 @@ async def scenario(
                   f"hit rate {run.hit_rate:.3f}", file=sys.stderr, flush=True)  # fmt: skip
             runs[label].append(run)
     return runs
-
-
-def machine() -> str:
-    model = "unknown CPU"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    return f"{os.cpu_count()} x {model}, Python {platform.python_version()}"
 
 
 HEADER_B = (
