@@ -160,6 +160,24 @@ class GatewayMetrics:
             ["model", "outcome"],
             registry=registry,
         )
+        self.rate_limited = Counter(
+            "gateway_rate_limited",
+            "Requests refused with 429, by client (API key name) and the limit hit: 'requests', "
+            "'tokens' or 'concurrency'.",
+            ["key", "kind"],
+            registry=registry,
+        )
+        self.ratelimit_redis_up = Gauge(
+            "gateway_ratelimit_redis_up",
+            "1 while rate limits are shared through Redis; 0 while Redis is unreachable and this "
+            "replica limits on its own.",
+            registry=registry,
+        )
+        self.ratelimit_redis_errors = Counter(
+            "gateway_ratelimit_redis_errors",
+            "Redis calls of the rate limiter that failed or timed out.",
+            registry=registry,
+        )
         self.tokens = Counter(
             "gateway_tokens",
             "Tokens reported by the workers' usage (streams that carry usage), by model and kind "
