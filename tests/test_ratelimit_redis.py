@@ -12,6 +12,7 @@ import http.client
 import shutil
 import socket
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import orjson
@@ -149,3 +150,38 @@ def test_replicas_share_one_limit_and_survive_redis_going_away(
         assert again.count(200) == 10
     finally:
         redis.kill()
+
+
+@pytest.mark.timeout(60)
+def test_requests_in_flight_are_capped_across_replicas(tmp_path: Path) -> None:
+    """max_concurrent 2, shared: with two slow requests running on one replica, a third on the
+    other is refused (429, concurrency); once they finish, it is admitted."""
+    redis_port = free_port()
+    redis = start_redis(redis_port)
+    worker = start_simulator("--itl", "0.05", "--ttft", "0", "--default-max-tokens", "20")
+    gateways: list[GatewayProc] = []
+    try:
+        for i in range(2):
+            config = write_config(
+                tmp_path / f"gateway-{i}.yaml",
+                [worker.url],
+                auth={"keys": [{"name": "capped", "key": KEY, "max_concurrent": 2}]},
+                redis={"url": f"redis://{HOST}:{redis_port}/0", "timeout": 0.2},
+            )
+            gateways.append(start_gateway(config))
+        one, two = gateways
+        with ThreadPoolExecutor(2) as pool:
+            slow = [pool.submit(chat, one.url, KEY) for _ in range(2)]
+            poll_until(lambda: in_flight(one.url) == 2, 10.0, "two requests running")
+            assert chat(two.url, KEY) == 429
+            assert [f.result(timeout=20) for f in slow] == [200, 200]
+        assert chat(two.url, KEY) == 200
+    finally:
+        for gw in gateways:
+            gw.proc.kill()
+        worker.proc.kill()
+        redis.kill()
+
+
+def in_flight(url: str) -> float:
+    return metric(url, "gateway_requests_in_flight") or 0.0
