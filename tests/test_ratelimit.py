@@ -12,7 +12,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from gateway.auth import Client
-from gateway.errors import RateLimited
+from gateway.errors import Overloaded, RateLimited
 from gateway.metrics import GatewayMetrics
 from gateway.ratelimit import LocalWindows, Rate, RateLimiter, duration, headers, rates_for
 from gateway.settings import RateLimits, RedisSettings
@@ -180,3 +180,29 @@ async def test_the_openai_sdk_waits_out_retry_after_and_succeeds(
     assert answer.choices[0].message.content
     assert 0.3 < waited < 10  # it waited for the Retry-After, then got through
     assert gw.metric("gateway_rate_limited_total", key="team-a", kind="requests") >= 2
+
+
+async def test_redis_unreachable_fails_open_to_local_limits_or_closed_to_503() -> None:
+    """Nothing listens on port 9: every Redis call fails fast."""
+    url = "redis://127.0.0.1:9/0"
+    registry = CollectorRegistry()
+    open_ = RateLimiter(RedisSettings(url=url, timeout=0.2), GatewayMetrics(registry))
+    await open_.start()
+    try:
+        for _ in range(3):
+            await open_.acquire(client(rpm=3), "m", 1)  # served, on this replica's limits
+        with pytest.raises(RateLimited):
+            await open_.acquire(client(rpm=3), "m", 1)
+        assert registry.get_sample_value("gateway_ratelimit_redis_up") == 0
+        assert (registry.get_sample_value("gateway_ratelimit_redis_errors_total") or 0) >= 1
+    finally:
+        await open_.close()
+    closed = RateLimiter(
+        RedisSettings(url=url, timeout=0.2, on_error="closed"),
+        GatewayMetrics(CollectorRegistry()),
+    )
+    try:
+        with pytest.raises(Overloaded):
+            await closed.acquire(client(rpm=3), "m", 1)
+    finally:
+        await closed.close()
