@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: run test lint format check-config clean tools prometheus-tools deploy-tools grafana-tools redis-tools bench-resume bench-routing
+.PHONY: run test lint format check-config clean tools prometheus-tools deploy-tools grafana-tools redis-tools bench bench-resume bench-routing
 
 $(STAMP): pyproject.toml
 	rm -f $(VENV)/.installed-*
@@ -59,6 +59,11 @@ grafana-tools:
 
 test: $(STAMP) tools prometheus-tools deploy-tools grafana-tools redis-tools
 	$(PY) -m pytest
+
+# What the gateway adds per request, side by side with direct and a bare pass-through proxy;
+# writes tests/bench/RESULTS.md (a few minutes). Peers (vllm-router, LiteLLM): issue 6, to come.
+bench: $(STAMP)
+	$(PY) -m tests.bench.perf
 
 # Streams that survive a dying worker: resume on vs off under repeated worker kills; writes
 # tests/bench/RESUME.md (about 2 minutes).
