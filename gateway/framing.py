@@ -52,6 +52,13 @@ def _end_of_last_event(data: bytes) -> int:
 
 
 def _without_usage_events(complete: bytes) -> bytes:
+    # Only events from the first "usage" on can be usage events: leave the rest unscanned
+    # (a stream read in one chunk under load would otherwise be split event by event).
+    start = _end_of_last_event(complete[: complete.find(b'"usage"')])
+    return complete[:start] + _strip_usage_events(complete[start:])
+
+
+def _strip_usage_events(complete: bytes) -> bytes:
     parts = _SPLIT.split(complete)
     kept = []
     for event, separator in zip(parts[0::2], parts[1::2], strict=False):

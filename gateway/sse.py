@@ -124,6 +124,18 @@ class SSEDecoder:
                 events.append(event)
         return events
 
+    def at_boundary(self) -> bool:
+        """Between events with nothing held: a chunk starting here may be split by the caller.
+        (Before the first chunk a BOM may still need stripping, so that chunk is not.)"""
+        return (
+            self._bom_checked
+            and not self._skip_lf
+            and not self._buffer
+            and not self._data
+            and not self._comment
+            and not self._fields
+        )
+
     def flush(self) -> list[SSEEvent]:
         """End of stream: discard an unterminated event (never dispatched, per spec).
 
@@ -227,8 +239,26 @@ class StreamObserver:
         return self._decoder.has_partial
 
     def feed(self, chunk: bytes) -> None:
+        if self.first_token and self._decoder.at_boundary() and _plain_events(chunk):
+            self._feed_plain(chunk)
+            return
         for event in self._decoder.feed(chunk):
             self._on_event(event)
+
+    def _feed_plain(self, chunk: bytes) -> None:
+        """The hot path, after the first token: whole single-line ``data:`` events ending in
+        LF LF (how vLLM writes them). A token chunk with no usage, no error and a null
+        finish_reason tells nothing new, so its JSON is not decoded; every other event is.
+        (The cost: a token chunk that is broken JSON yet says ``"finish_reason":null`` is not
+        reported as malformed.)"""
+        for block in chunk.split(b"\n\n")[:-1]:
+            if not block.startswith(b"data: ") or b"\n" in block:
+                for event in self._decoder.feed(block + b"\n\n"):
+                    self._on_event(event)
+            elif _UNEVENTFUL in block and not any(m in block for m in _EVENTFUL):
+                self.events += 1
+            else:
+                self._on_data(block[6:].decode("utf-8", "replace"))
 
     def finish(self) -> None:
         """Upstream EOF: an unterminated event is discarded, not observed."""
@@ -239,9 +269,11 @@ class StreamObserver:
         if event.comment_only:
             self.keepalives += 1
             return
+        self._on_data(event.data)
+
+    def _on_data(self, data: str) -> None:
         index = self.events
         self.events += 1
-        data = event.data
         if data == "[DONE]":
             self._on_done(index)
             return
@@ -290,6 +322,15 @@ class StreamObserver:
         if not self.first_token:
             self.first_token = True
             self.first_token_event_index = index
+
+
+_UNEVENTFUL = b'"finish_reason":null'
+# Any of these in an event means it may carry news: usage, an error, a finish (of any choice).
+_EVENTFUL = (b'"usage"', b'"error"', b'"finish_reason":"')
+
+
+def _plain_events(chunk: bytes) -> bool:
+    return chunk.endswith(b"\n\n") and b"\r" not in chunk
 
 
 def _carries_content(choice: dict[str, object]) -> bool:

@@ -546,3 +546,55 @@ def test_encode_error_event_round_trips() -> None:
 
     observer = observe([encoded])
     assert state(observer) == (True, 0, True, None, body, False, None, 2, 0, False, True)
+
+
+# --- the observer's hot path: whole events after the first token ------------------------------
+
+
+def _chunk(delta: dict[str, object], *finishes: str | None) -> bytes:
+    choices = [{"index": i, "delta": delta, "finish_reason": f} for i, f in enumerate(finishes)]
+    return b"data: " + orjson.dumps({"id": "c", "choices": choices}) + b"\n\n"
+
+
+def test_hot_path_sees_finish_usage_error_and_done_in_one_big_chunk() -> None:
+    observer = StreamObserver()
+    observer.feed(
+        _chunk({"role": "assistant", "content": ""}, None) + _chunk({"content": "a"}, None)
+    )
+    assert observer.first_token
+    body = b"".join(_chunk({"content": f" {i}"}, None) for i in range(50))
+    usage = b'data: {"id":"c","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":51}}\n\n'
+    observer.feed(body + _chunk({"content": "!"}, "length") + usage + b"data: [DONE]\n\n")
+    assert observer.events == 2 + 50 + 1 + 1 + 1
+    assert observer.finish_reason == "length"
+    assert observer.usage == {"prompt_tokens": 3, "completion_tokens": 51}
+    assert observer.done and not observer.malformed
+
+
+def test_hot_path_sees_one_choice_finishing_next_to_another_still_going() -> None:
+    observer = StreamObserver()
+    observer.feed(_chunk({"content": "a"}, None, None))
+    observer.feed(_chunk({"content": "b"}, None, "stop"))
+    assert observer.finish_reason == "stop"
+
+
+def test_hot_path_still_reports_malformed_and_error_events() -> None:
+    observer = StreamObserver()
+    observer.feed(_chunk({"content": "a"}, None))
+    observer.feed(_chunk({"content": "b"}, None) + b"data: {not json\n\n")
+    assert observer.malformed
+    observer = StreamObserver()
+    observer.feed(_chunk({"content": "a"}, None))
+    error = b'data: {"error":{"message":"boom","type":"x","code":500}}\n\n'
+    observer.feed(_chunk({"content": "b"}, None) + error)
+    assert observer.error is not None
+
+
+def test_hot_path_hands_comments_and_multi_line_events_to_the_decoder() -> None:
+    observer = StreamObserver()
+    observer.feed(_chunk({"content": "a"}, None))
+    observer.feed(
+        b": keep-alive\n\n" + b'data: {"id":"c",\ndata: "choices":[]}\n\n' + b"data: [DONE]\n\n"
+    )
+    assert observer.keepalives == 1
+    assert observer.events == 3 and observer.done and not observer.malformed
