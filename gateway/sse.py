@@ -124,12 +124,15 @@ class SSEDecoder:
                 events.append(event)
         return events
 
-    def at_boundary(self) -> bool:
-        """Between events with nothing held: a chunk starting here may be split by the caller.
-        (Before the first chunk a BOM may still need stripping, so that chunk is not.)"""
+    def at_boundary(self, chunk: bytes) -> bool:
+        """Between events with nothing held, so the caller may split ``chunk`` into events
+        itself (unless it starts the stream with a BOM, which ``feed`` strips)."""
+        if not self._bom_checked:
+            if chunk.startswith(_BOM):
+                return False
+            self._bom_checked = True
         return (
-            self._bom_checked
-            and not self._skip_lf
+            not self._skip_lf
             and not self._buffer
             and not self._data
             and not self._comment
@@ -239,15 +242,15 @@ class StreamObserver:
         return self._decoder.has_partial
 
     def feed(self, chunk: bytes) -> None:
-        if self.first_token and self._decoder.at_boundary() and _plain_events(chunk):
+        if _plain_events(chunk) and self._decoder.at_boundary(chunk):
             self._feed_plain(chunk)
             return
         for event in self._decoder.feed(chunk):
             self._on_event(event)
 
     def _feed_plain(self, chunk: bytes) -> None:
-        """The hot path, after the first token: whole single-line ``data:`` events ending in
-        LF LF (how vLLM writes them). A token chunk with no usage, no error and a null
+        """The hot path: whole single-line ``data:`` events ending in LF LF (how vLLM writes
+        them). After the first token, a token chunk with no usage, no error and a null
         finish_reason tells nothing new, so its JSON is not decoded; every other event is.
         (The cost: a token chunk that is broken JSON yet says ``"finish_reason":null`` is not
         reported as malformed.)"""
@@ -255,7 +258,7 @@ class StreamObserver:
             if not block.startswith(b"data: ") or b"\n" in block:
                 for event in self._decoder.feed(block + b"\n\n"):
                     self._on_event(event)
-            elif _UNEVENTFUL in block and not any(m in block for m in _EVENTFUL):
+            elif self.first_token and _UNEVENTFUL in block and not _eventful(block):
                 self.events += 1
             else:
                 self._on_data(block[6:].decode("utf-8", "replace"))
@@ -327,6 +330,10 @@ class StreamObserver:
 _UNEVENTFUL = b'"finish_reason":null'
 # Any of these in an event means it may carry news: usage, an error, a finish (of any choice).
 _EVENTFUL = (b'"usage"', b'"error"', b'"finish_reason":"')
+
+
+def _eventful(block: bytes) -> bool:
+    return any(marker in block for marker in _EVENTFUL)
 
 
 def _plain_events(chunk: bytes) -> bool:

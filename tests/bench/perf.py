@@ -169,7 +169,7 @@ async def main() -> None:
             workdir / "gateway.yaml",
             [worker_url],
             limits={"max_in_flight": 1024, "pool_size": 1024, "pool_per_worker": 1024},
-            logging={"level": "INFO"},  # the default: the access log is a feature too
+            logging={"level": "INFO", "format": "json"},  # the defaults: the access log is on
         )
         gateway = start_gateway(config)
         procs.append(gateway.proc)
