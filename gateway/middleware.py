@@ -9,8 +9,8 @@ logged with the request id and answered with a bare 500 that reveals nothing.
 from __future__ import annotations
 
 import logging
+import os
 import re
-import uuid
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -44,7 +44,8 @@ def error_response(err: GatewayError) -> web.Response:
 @web.middleware
 async def request_id_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     incoming = request.headers.get("X-Request-Id", "")
-    request_id = incoming if _SANE_ID.fullmatch(incoming) else uuid.uuid4().hex
+    # 128 random bits as hex, like uuid4().hex without building a UUID object per request.
+    request_id = incoming if _SANE_ID.fullmatch(incoming) else os.urandom(16).hex()
     request[REQUEST_ID] = request_id
     token = request_id_var.set(request_id)
     try:
