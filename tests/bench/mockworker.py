@@ -9,8 +9,9 @@ from __future__ import annotations
 import argparse
 
 import orjson
-import uvloop
 from aiohttp import web
+
+from tests.bench.common import serve
 
 CHUNKS = 50
 
@@ -91,10 +92,7 @@ def main() -> None:
     app.router.add_get("/health", ok)
     app.router.add_get("/v1/models", ok)
     app.router.add_get("/metrics", metrics)
-    web.run_app(
-        app, host="127.0.0.1", port=args.port, print=None, access_log=None,
-        loop=uvloop.new_event_loop(),
-    )  # fmt: skip
+    serve(app, args.port)
 
 
 if __name__ == "__main__":

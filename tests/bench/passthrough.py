@@ -8,8 +8,9 @@ from __future__ import annotations
 import argparse
 
 import aiohttp
-import uvloop
 from aiohttp import web
+
+from tests.bench.common import serve
 
 UPSTREAM = web.AppKey("upstream", str)
 SESSION = web.AppKey("session", aiohttp.ClientSession)
@@ -50,10 +51,7 @@ def main() -> None:
     app[UPSTREAM] = args.upstream
     app.cleanup_ctx.append(session_ctx)
     app.router.add_post("/v1/chat/completions", proxy)
-    web.run_app(
-        app, host="127.0.0.1", port=args.port, print=None, access_log=None,
-        loop=uvloop.new_event_loop(),
-    )  # fmt: skip
+    serve(app, args.port)
 
 
 if __name__ == "__main__":

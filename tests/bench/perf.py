@@ -25,7 +25,7 @@ import aiohttp
 import orjson
 import uvloop
 
-from tests.bench.common import machine
+from tests.bench.common import machine, options
 from tests.processes import Proc, free_port, http_status, poll_until, start_gateway, write_config
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
@@ -136,12 +136,7 @@ SCENARIOS = [(1, True), (1, False), (64, True), (64, False), (256, True)]
 
 
 async def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m tests.bench.perf")
-    parser.add_argument("--seconds", type=float, default=8.0)
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
-    workdir = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench-perf-{os.getpid()}"
-    workdir.mkdir(parents=True, exist_ok=True)
+    args, workdir = options("perf", 8.0, 3)
     procs: list[Proc] = []
     try:
         wport, pport = free_port(), free_port()

@@ -12,9 +12,7 @@ see the same machine; the result table goes to tests/bench/RESUME.md.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import os
 import statistics
 import sys
 import time
@@ -25,7 +23,7 @@ import aiohttp
 import orjson
 
 from gateway.simulator.text import answer_key, token_text
-from tests.bench.common import machine
+from tests.bench.common import machine, options
 from tests.processes import GatewayProc, Sim, _try_simulator, free_port, start_gateway, write_config
 
 RESULTS = Path(__file__).with_name("RESUME.md")
@@ -219,12 +217,7 @@ exactly the uninterrupted answer.
 
 
 async def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m tests.bench.resume")
-    parser.add_argument("--seconds", type=float, default=20.0, help="length of each run")
-    parser.add_argument("--repeats", type=int, default=2, help="runs per mode")
-    args = parser.parse_args()
-    workdir = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench-resume-{os.getpid()}"
-    workdir.mkdir(parents=True, exist_ok=True)
+    args, workdir = options("resume", 20.0, 2)
     results: dict[bool, list[Tally]] = {True: [], False: []}
     for i in range(args.repeats):
         for resume in (True, False):

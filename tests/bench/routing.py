@@ -20,9 +20,7 @@ with fresh workers and gateway per run, so machine noise falls on both.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import os
 import random
 import statistics
 import sys
@@ -34,7 +32,7 @@ from typing import Any
 
 import aiohttp
 
-from tests.bench.common import machine
+from tests.bench.common import machine, options
 from tests.processes import GatewayProc, Sim, start_gateway, start_simulator, write_config
 
 RESULTS = Path(__file__).with_name("ROUTING.md")
@@ -315,12 +313,7 @@ Arrivals: {PREFIX_RATE:.0f} requests/s (Poisson); a miss on a whole prefix costs
 
 
 async def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m tests.bench.routing")
-    parser.add_argument("--seconds", type=float, default=25.0)
-    parser.add_argument("--repeats", type=int, default=2)
-    args = parser.parse_args()
-    workdir = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench-routing-{os.getpid()}"
-    workdir.mkdir(parents=True, exist_ok=True)
+    args, workdir = options("routing", 25.0, 2)
     fleet = await scenario(
         "heterogeneous",
         {"least_loaded": {"policy": "least_loaded"}, "round_robin": {"policy": "round_robin"}},
