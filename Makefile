@@ -71,7 +71,7 @@ bench-resume: $(STAMP)
 	$(PY) -m tests.bench.resume
 
 # Routing quality on simulated fleets: the default policy vs round-robin on a heterogeneous
-# fleet, prefix affinity vs none on prefix-heavy traffic; writes tests/bench/ROUTING.md (~5 min).
+# fleet, prefix affinity vs none on prefix-heavy traffic; writes tests/bench/ROUTING.md (~7 min).
 bench-routing: $(STAMP)
 	$(PY) -m tests.bench.routing
 
