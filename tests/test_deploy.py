@@ -234,10 +234,29 @@ def test_schema_rejects_a_bad_value(args: list[str], message: str) -> None:
     assert message in result.stderr
 
 
-def test_rendering_without_any_worker_fails_with_the_reason() -> None:
-    result = helm("template", "rel", str(CHART), "--set-json", "config.workers=[]")
+@pytest.mark.parametrize(
+    "args",
+    [
+        [],
+        ["--set", "vllm.enabled=true"],  # enabled, but no model
+        ["--set-json", 'vllm.models=[{"name": "llama", "model": "m"}]'],  # models, not enabled
+    ],
+)
+def test_rendering_without_any_worker_fails_with_the_reason(args: list[str]) -> None:
+    result = helm("template", "rel", str(CHART), "--set-json", "config.workers=[]", *args)
     assert result.returncode != 0
     assert "no workers" in result.stderr
+
+
+def test_discovery_services_alone_are_enough_workers(tmp_path: Path) -> None:
+    url = "http://vllm-pool.inference.svc.cluster.local:8000"
+    manifests = render(
+        "--set-json", "config.workers=[]",
+        "--set-json", f'config.discovery.services=[{{"url": "{url}"}}]',
+    )  # fmt: skip
+    settings = settings_of(manifests, tmp_path)
+    assert settings.workers == ()
+    assert [str(s.url).rstrip("/") for s in settings.discovery.services] == [url]
 
 
 # --- the gateway ------------------------------------------------------------------------------
@@ -327,10 +346,13 @@ def test_autoscaler_owns_the_replica_count(all_on: list[Manifest]) -> None:
 
 def test_every_worker_model_is_a_discovery_service(all_on: list[Manifest], tmp_path: Path) -> None:
     """Each chart-deployed model is found by DNS through its headless Service, which lists
-    only ready pods: scaling the workers never touches the gateway's config."""
+    only ready pods: scaling the workers never touches the gateway's config. The services the
+    values give come first, unchanged."""
     settings = settings_of(all_on, tmp_path)
-    services = {str(s.url).rstrip("/"): s.models for s in settings.discovery.services}
-    expected = {}
+    services = [
+        (str(s.url).rstrip("/"), s.models, s.max_in_flight) for s in settings.discovery.services
+    ]
+    expected = [("http://vllm-pool.inference.svc.cluster.local:8000", ("pool-model",), 32)]
     for sts in (m for m in all_on if m["kind"] == "StatefulSet"):
         name = sts["metadata"]["name"]
         service = next(
@@ -338,6 +360,10 @@ def test_every_worker_model_is_a_discovery_service(all_on: list[Manifest], tmp_p
         )
         assert service["spec"]["clusterIP"] == "None"
         assert not service["spec"].get("publishNotReadyAddresses", False)
+        assert (
+            service["spec"]["selector"].items()
+            <= sts["spec"]["template"]["metadata"]["labels"].items()
+        )
         assert sts["spec"]["serviceName"] == name
         container = sts["spec"]["template"]["spec"]["containers"][0]
         args = container["args"]
@@ -346,10 +372,13 @@ def test_every_worker_model_is_a_discovery_service(all_on: list[Manifest], tmp_p
         )
         model = served or args[args.index("--model") + 1]
         port = container["ports"][0]["containerPort"]
-        expected[f"http://{name}.llm.svc.cluster.local:{port}"] = (model,)
+        assert service["spec"]["ports"][0]["port"] == port
+        expected.append((f"http://{name}.llm.svc.cluster.local:{port}", (model,), None))
+    assert len(expected) == 3  # the values' own service and both models
     assert services == expected
-    assert [str(w.url).rstrip("/") for w in settings.workers] == [
-        "http://vllm-existing.inference.svc.cluster.local:8000"
+    assert settings.discovery.interval == 5.0
+    assert [(str(w.url).rstrip("/"), w.max_in_flight) for w in settings.workers] == [
+        ("http://vllm-existing.inference.svc.cluster.local:8000", 64)
     ]
 
 
@@ -381,13 +410,43 @@ def test_scaling_workers_leaves_the_gateway_config_alone() -> None:
     [
         (["--set", "config.routing.policy=random"], "policy"),
         (["--set", "config.routing.colour=blue"], "colour"),
+        (["--set-json", "config.routing.load_factor=0.5"], "/config/routing/load_factor"),
+        (["--set", "config.routing.scrape_timeout=0"], "/config/routing/scrape_timeout"),
         (["--set", "config.resume.max_resumes=9"], "max_resumes"),
+        (["--set", "config.discovery.interval=0"], "/config/discovery/interval"),
+        (
+            ["--set-json", 'config.discovery.services=[{"url": "http://v:8000", "port": 8000}]'],
+            "'port' not allowed",
+        ),
+        (
+            ["--set-json", 'config.workers=[{"url": "http://v:8000", "max_in_flight": 0}]'],
+            "/config/workers/0/max_in_flight",
+        ),
+        (["--set-json", 'config.fallbacks={"big": ["small", "small"]}'], "/config/fallbacks/big"),
+        (["--set", "config.retry.max_attempts=11"], "/config/retry/max_attempts"),
+        (["--set", "config.health.failures_to_eject=0"], "/config/health/failures_to_eject"),
     ],
 )
 def test_schema_checks_the_routing_settings(args: list[str], message: str) -> None:
     result = helm("template", "rel", str(CHART), *args)
     assert result.returncode != 0
     assert message in result.stderr
+
+
+def test_install_notes_list_static_workers_and_discovery_services() -> None:
+    result = helm(
+        "install", "rel", str(CHART), "--namespace", "llm", "--dry-run=client", "-f", str(ALL_ON)
+    )
+    assert result.returncode == 0, result.stderr
+    notes = result.stdout[result.stdout.index("NOTES:") :]
+    assert "http://vllm-existing.inference.svc.cluster.local:8000 (existing-model)" in notes
+    assert "Found by DNS every 5 s" in notes
+    for url in (
+        "http://vllm-pool.inference.svc.cluster.local:8000 (pool-model)",
+        "http://llm-vllm-llama.llm.svc.cluster.local:8000 (llama-3.1-8b)",
+        "http://llm-vllm-qwen-72b.llm.svc.cluster.local:8000 (Qwen/Qwen2.5-72B-Instruct)",
+    ):
+        assert url in notes
 
 
 def test_worker_pods_get_gpus_shm_and_time_to_load(all_on: list[Manifest]) -> None:
