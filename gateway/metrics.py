@@ -169,13 +169,14 @@ class GatewayMetrics:
         )
         self.ratelimit_redis_up = Gauge(
             "gateway_ratelimit_redis_up",
-            "1 while rate limits are shared through Redis; 0 while Redis is unreachable and this "
-            "replica limits on its own.",
+            "1 while rate limits are shared through Redis; 0 while Redis is unreachable (or not "
+            "configured) and this replica limits on its own.",
             registry=registry,
         )
         self.ratelimit_redis_errors = Counter(
             "gateway_ratelimit_redis_errors",
-            "Redis calls of the rate limiter that failed or timed out.",
+            "Redis calls of the rate limiter that failed or timed out, including the PINGs (one a "
+            "second) that look for it during an outage.",
             registry=registry,
         )
         self.tokens = Counter(

@@ -1,292 +1,270 @@
 """Per-key rate limits: requests per minute, tokens per minute, requests in flight.
 
-Each limit of a key (and of a key for one model, when the key sets per-model limits) is a GCRA
-over one minute (the generic cell rate algorithm: a token bucket kept as one timestamp, the
-"theoretical arrival time"): a key may spend its whole per-minute allowance at once, and it
-comes back steadily. Tokens are charged when a request is admitted at its estimate (body bytes
-/ 4 plus the completion tokens asked for) and corrected when its usage is known: refunded when
-it cost less, charged when it cost more (never refused afterwards: it was served).
+A key's limits apply to all its requests; when the key also sets limits for a model, a request
+for that model must pass both. Requests and tokens per minute are GCRAs over one minute (see
+``ratelimit_local``): a key may spend its whole allowance at once and gets it back steadily.
+Tokens are charged when a request is admitted, at its estimate (body bytes / 4 plus the
+completion tokens asked for), and corrected when it is over by its usage: refunded when it cost
+less, charged when it cost more (never refused afterwards: it was served). In-flight caps hold
+a slot from admission until ``Grant.settle``, which the proxy calls however the request ended.
 
-With ``redis.url`` the same arithmetic runs inside Redis in atomic scripts (see
-``ratelimit_redis``), so every replica shares one allowance. When Redis cannot be reached the
-limiter keeps serving on these local limits (``on_error: open``: a gauge, a counter and one log
-line per outage say so) or answers 503 (``closed``).
+Every grant and every 429 carries OpenAI's ``x-ratelimit-*`` headers for the limits that exist;
+a 429 also says when the request would be admitted (``Retry-After``, whole seconds, and
+``retry-after-ms``, which the OpenAI SDKs prefer).
+
+With ``redis.url`` the same arithmetic runs in Redis (``ratelimit_redis``), so all replicas
+share one allowance. When a Redis call fails the request is limited here instead
+(``on_error: open``) or refused with 503 (``closed``), Redis is left alone until a background
+PING answers again (once a second), ``gateway_ratelimit_redis_up`` is 0 meanwhile, and the log
+says so once when it goes and once when it is back.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 
 from gateway.auth import Client
 from gateway.errors import Overloaded, RateLimited
 from gateway.metrics import GatewayMetrics
-from gateway.ratelimit_redis import RedisLimits, RedisUnavailable
+from gateway.ratelimit_local import LocalLimits, Rate, Scope, Verdict, headers
+from gateway.ratelimit_redis import LEASE_SECONDS, RedisLimits, RedisUnavailable
 from gateway.settings import RateLimits, RedisSettings
 
 log = logging.getLogger(__name__)
 
-PERIOD = 60.0  # every rate limit is per minute
-KINDS = ("requests", "tokens")
-
-
-@dataclass(frozen=True, slots=True)
-class Rate:
-    """One per-minute limit to check: its state key, what a unit costs, and the cost."""
-
-    key: str
-    kind: str  # "requests" or "tokens"
-    limit: int
-    cost: int
-
-    @property
-    def interval(self) -> float:
-        return PERIOD / self.limit
-
-
-@dataclass(frozen=True, slots=True)
-class Verdict:
-    """The outcome of checking a set of rates: admitted or not, and what the headers say."""
-
-    admitted: bool
-    retry_after: float  # seconds until the request would be admitted; 0 when admitted
-    refused_kind: str
-    ahead: dict[str, tuple[int, float]]  # kind -> (limit, seconds of allowance spent ahead)
-
-
-class LocalWindows:
-    """The GCRA state of one replica: a theoretical arrival time per limit key."""
-
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        self._clock = clock
-        self._tat: dict[str, float] = {}
-
-    def check(self, rates: list[Rate]) -> Verdict:
-        now = self._clock()
-        worst, refused = 0.0, ""
-        new_tats = []
-        for rate in rates:
-            tat = max(self._tat.get(rate.key, now), now)
-            new_tat = tat + min(rate.cost, rate.limit) * rate.interval
-            wait = new_tat - PERIOD - now
-            if wait > worst:
-                worst, refused = wait, rate.kind
-            new_tats.append(new_tat)
-        if worst > 0:
-            return Verdict(
-                False,
-                worst,
-                refused,
-                _ahead(rates, [max(self._tat.get(r.key, now), now) for r in rates], now),
-            )
-        for rate, new_tat in zip(rates, new_tats, strict=True):
-            self._tat[rate.key] = new_tat
-        return Verdict(True, 0.0, "", _ahead(rates, new_tats, now))
-
-    def adjust(self, rate: Rate, delta: int) -> None:
-        """Charge (delta > 0) or refund (delta < 0) tokens after the fact."""
-        now = self._clock()
-        tat = max(self._tat.get(rate.key, now), now) + delta * rate.interval
-        self._tat[rate.key] = max(tat, now)
-
-
-def _ahead(rates: list[Rate], tats: list[float], now: float) -> dict[str, tuple[int, float]]:
-    ahead: dict[str, tuple[int, float]] = {}
-    for rate, tat in zip(rates, tats, strict=True):
-        spent = max(tat - now, 0.0)
-        limit, known = ahead.get(rate.kind, (rate.limit, -1.0))
-        # Several limits of one kind (key and key+model): report the tighter one.
-        if known < 0 or _remaining(rate.limit, spent) < _remaining(limit, known):
-            ahead[rate.kind] = (rate.limit, spent)
-    return ahead
-
-
-def _remaining(limit: int, spent: float) -> int:
-    return max(int((PERIOD - spent) / (PERIOD / limit)), 0)
-
-
-def headers(ahead: dict[str, tuple[int, float]]) -> dict[str, str]:
-    """OpenAI's rate-limit headers for the limits that exist."""
-    out: dict[str, str] = {}
-    for kind in KINDS:
-        if kind in ahead:
-            limit, spent = ahead[kind]
-            out[f"x-ratelimit-limit-{kind}"] = str(limit)
-            out[f"x-ratelimit-remaining-{kind}"] = str(_remaining(limit, spent))
-            out[f"x-ratelimit-reset-{kind}"] = duration(spent)
-    return out
-
-
-def duration(seconds: float) -> str:
-    """A duration the way OpenAI writes it: "120ms", "1s", "6m0s"."""
-    if seconds < 1:
-        return f"{math.ceil(seconds * 1000)}ms"
-    minutes, rest = divmod(math.ceil(seconds), 60)
-    return f"{minutes}m{rest}s" if minutes else f"{rest}s"
+RECONNECT_INTERVAL = 1.0  # seconds between PINGs while Redis is unreachable
 
 
 def rates_for(client: Client, model: str, tokens: int) -> list[Rate]:
+    """The per-minute limits a request of ``client`` for ``model`` costing ``tokens`` meets."""
     rates = []
-    scopes = [(client.name, client.limits)]
-    if model in client.models:
-        scopes.append((f"{client.name}/{model}", client.models[model]))
-    for scope, limits in scopes:
+    for scope, limits in _scopes(client, model):
         if limits.rpm is not None:
-            rates.append(Rate(f"rpm:{scope}", "requests", limits.rpm, 1))
+            rates.append(Rate(f"{scope}:rpm", "requests", limits.rpm, 1))
         if limits.tpm is not None:
-            rates.append(Rate(f"tpm:{scope}", "tokens", limits.tpm, max(tokens, 1)))
+            cost = min(max(tokens, 1), limits.tpm)
+            rates.append(Rate(f"{scope}:tpm", "tokens", limits.tpm, cost))
     return rates
 
 
-def concurrency_scopes(client: Client, model: str) -> list[tuple[str, int]]:
-    scopes = []
-    if client.limits.max_concurrent is not None:
-        scopes.append((f"conc:{client.name}", client.limits.max_concurrent))
-    per_model = client.models.get(model)
-    if per_model is not None and per_model.max_concurrent is not None:
-        scopes.append((f"conc:{client.name}/{model}", per_model.max_concurrent))
+def caps_for(client: Client, model: str) -> list[Scope]:
+    """The in-flight caps a request of ``client`` for ``model`` meets."""
+    return [
+        Scope(f"{scope}:conc", limits.max_concurrent)
+        for scope, limits in _scopes(client, model)
+        if limits.max_concurrent is not None
+    ]
+
+
+def _scopes(client: Client, model: str) -> list[tuple[str, RateLimits]]:
+    # "{name}": a Redis hash tag, so all of one key's state lives in one cluster slot. State
+    # per model exists only for the models the key configures: memory bounded by the config.
+    scopes = [(f"{{{client.name}}}", client.limits)]
+    if model in client.models:
+        scopes.append((f"{{{client.name}}}:{model}", client.models[model]))
     return scopes
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class Grant:
-    """One admitted request's share of its key's limits."""
+    """One admitted request's share of its key's limits, given back by ``settle``."""
 
     headers: dict[str, str] = field(default_factory=dict)  # x-ratelimit-* for the response
-    _limiter: RateLimiter | None = None
-    _tokens: Rate | None = None  # the per-key token rate, corrected by the usage
-    _model_tokens: Rate | None = None
-    _leases: list[tuple[str, str]] = field(default_factory=list)  # (scope, lease id)
-    _shared: bool = False
+    limiter: RateLimiter | None = None
+    tokens: tuple[Rate, ...] = ()  # token rates charged at the estimate
+    caps: tuple[Scope, ...] = ()  # in-flight slots held
+    shared: bool = False  # admitted by Redis (else by this replica alone)
+    lease: str = ""  # the Redis lease id of `caps`
+    settled: bool = False
 
     async def settle(self, tokens: int | None) -> None:
-        """The request is over: ``tokens`` is what it really cost (usage), None if unknown."""
-        if self._limiter is not None:
-            await self._limiter.settle(self, tokens)
+        """The request is over: ``tokens`` is what it really cost (its usage), None when
+        unknown (then the estimate stands). Raises nothing but cancellation; a second call
+        does nothing."""
+        if self.limiter is not None and not self.settled:
+            self.settled = True
+            await self.limiter.settle(self, tokens)
 
 
 class RateLimiter:
+    """Admits requests against their key's limits: in Redis when configured and reachable,
+    else on this replica's ``LocalLimits``."""
+
     def __init__(
         self,
         redis: RedisSettings,
         metrics: GatewayMetrics,
         clock: Callable[[], float] = time.monotonic,
-        lease_seconds: float = 660.0,
+        lease_seconds: float = LEASE_SECONDS,
     ) -> None:
-        self._settings = redis
+        self._on_error = redis.on_error
         self._metrics = metrics
-        self._local = LocalWindows(clock)
-        self._in_flight: dict[str, int] = {}
+        self._local = LocalLimits(clock)
         self._redis = RedisLimits(redis, lease_seconds) if redis.url else None
-        self._redis_down = False
-        self._lease_counter = 0
+        self._up = self._redis is not None
+        self._leases: dict[str, tuple[str, ...]] = {}  # our shared leases: id -> scope keys
+        self._lease_prefix = os.urandom(6).hex()  # lease ids unique across replicas
+        self._lease_count = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closed = False
+
+    @property
+    def shared(self) -> bool:
+        """True while limits are kept in Redis."""
+        return self._up
 
     async def start(self) -> None:
-        if self._redis is not None:
-            self._metrics.ratelimit_redis_up.set(1)
+        """Renew leases from now on, and find out whether Redis answers (bounded by
+        ``redis.timeout``; an unreachable Redis does not hold the start up)."""
+        if self._redis is None:
+            return
+        self._metrics.ratelimit_redis_up.set(1)
+        self._spawn(self._renew_forever())
+        try:
+            await self._redis.ping()
+        except RedisUnavailable as exc:
+            self._failed(exc)
 
     async def close(self) -> None:
+        self._closed = True
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._redis is not None:
             await self._redis.close()
 
     async def acquire(self, client: Client, model: str, tokens: int) -> Grant:
         """Admit one request of ``client`` for ``model`` estimated at ``tokens`` tokens, or
-        raise ``RateLimited`` (429 with Retry-After and x-ratelimit-* headers)."""
+        raise ``RateLimited`` (429); ``Overloaded`` (503) when Redis is down and
+        ``on_error`` is closed."""
         rates = rates_for(client, model, tokens)
-        scopes = concurrency_scopes(client, model)
-        if not rates and not scopes:
+        caps = caps_for(client, model)
+        if not rates and not caps:
             return Grant()
         if self._redis is not None:
-            try:
-                grant = await self._acquire_shared(client, rates, scopes)
-            except RedisUnavailable as exc:
-                self._redis_failed(exc)
-            else:
-                self._redis_ok()
-                return grant
-        return self._acquire_local(client, rates, scopes)
-
-    def _acquire_local(
-        self, client: Client, rates: list[Rate], scopes: list[tuple[str, int]]
-    ) -> Grant:
-        for scope, limit in scopes:
-            if self._in_flight.get(scope, 0) >= limit:
-                self._refuse(client, "concurrency", 1.0, {})
-        verdict = self._local.check(rates)
+            if self._up:
+                try:
+                    return await self._acquire_shared(self._redis, client, rates, caps)
+                except RedisUnavailable as exc:
+                    self._failed(exc)
+            if self._on_error == "closed":
+                raise Overloaded("Rate limits cannot be checked right now; retry shortly.")
+        verdict = self._local.acquire(rates, caps)
         if not verdict.admitted:
-            self._refuse(client, verdict.refused_kind, verdict.retry_after, headers(verdict.ahead))
-        for scope, _ in scopes:
-            self._in_flight[scope] = self._in_flight.get(scope, 0) + 1
-        return self._grant(
-            rates, [(scope, "") for scope, _ in scopes], headers(verdict.ahead), False
-        )
+            self._refuse(client, rates, verdict)
+        return self._grant(rates, caps, verdict, shared=False, lease="")
 
     async def _acquire_shared(
-        self, client: Client, rates: list[Rate], scopes: list[tuple[str, int]]
+        self, redis: RedisLimits, client: Client, rates: list[Rate], caps: list[Scope]
     ) -> Grant:
-        assert self._redis is not None
-        self._lease_counter += 1
-        lease = f"{id(self)}-{self._lease_counter}"
-        verdict, leased = await self._redis.acquire(rates, scopes, lease)
+        lease = ""
+        if caps:
+            self._lease_count += 1
+            lease = f"{self._lease_prefix}-{self._lease_count}"
+        verdict = await redis.acquire(rates, caps, lease)
         if not verdict.admitted:
-            kind = verdict.refused_kind
-            self._refuse(client, kind, verdict.retry_after, headers(verdict.ahead))
-        return self._grant(
-            rates, [(scope, lease) for scope in leased], headers(verdict.ahead), True
-        )
+            self._refuse(client, rates, verdict)
+        # Counted here too, so that if Redis goes away the local caps know what is running.
+        self._local.hold(caps)
+        if caps:
+            self._leases[lease] = tuple(cap.key for cap in caps)
+        return self._grant(rates, caps, verdict, shared=True, lease=lease)
 
     def _grant(
-        self, rates: list[Rate], leases: list[tuple[str, str]], hdrs: dict[str, str], shared: bool
+        self, rates: list[Rate], caps: list[Scope], verdict: Verdict, *, shared: bool, lease: str
     ) -> Grant:
-        tokens = [r for r in rates if r.kind == "tokens"]
         return Grant(
-            headers=hdrs,
-            _limiter=self,
-            _tokens=tokens[0] if tokens else None,
-            _model_tokens=tokens[1] if len(tokens) > 1 else None,
-            _leases=leases,
-            _shared=shared,
+            headers=headers(rates, verdict.ahead),
+            limiter=self,
+            tokens=tuple(rate for rate in rates if rate.kind == "tokens"),
+            caps=tuple(caps),
+            shared=shared,
+            lease=lease,
         )
 
-    def _refuse(self, client: Client, kind: str, retry_after: float, hdrs: dict[str, str]) -> None:
-        self._metrics.rate_limited.labels(client.name, kind).inc()
-        raise RateLimited(kind, retry_after, hdrs)
+    def _refuse(self, client: Client, rates: list[Rate], verdict: Verdict) -> None:
+        self._metrics.rate_limited.labels(client.name, verdict.kind).inc()
+        hdrs = headers(rates, verdict.ahead)
+        # Rounded to the microsecond first: float noise must not add a whole second or ms.
+        wait = round(verdict.retry_after, 6)
+        hdrs["retry-after-ms"] = str(math.ceil(wait * 1000))
+        raise RateLimited(verdict.kind, wait, hdrs)
 
     async def settle(self, grant: Grant, tokens: int | None) -> None:
+        """Give back ``grant``'s in-flight slots and correct its token charge; never raises
+        (the request has been answered). A shared grant's Redis part is skipped while Redis is
+        down, or lost if cancelled: its lease, no longer renewed, expires on its own within
+        ``lease_seconds``, and the token correction is lost."""
         corrections = [
-            (rate, tokens - min(rate.cost, rate.limit))
-            for rate in (grant._tokens, grant._model_tokens)
-            if rate is not None and tokens is not None and tokens != rate.cost
+            (rate, tokens - rate.cost)
+            for rate in grant.tokens
+            if tokens is not None and tokens != rate.cost
         ]
-        if grant._shared and self._redis is not None:
-            try:
-                await self._redis.settle(corrections, grant._leases)
-                return
-            except RedisUnavailable as exc:
-                self._redis_failed(exc)  # the leases expire on their own
-                return
-        for rate, delta in corrections:
-            self._local.adjust(rate, delta)
-        for scope, _ in grant._leases:
-            self._in_flight[scope] = max(self._in_flight.get(scope, 0) - 1, 0)
+        self._local.release(grant.caps)
+        if not grant.shared:
+            for rate, delta in corrections:
+                self._local.adjust(rate, delta)
+            return
+        scopes = self._leases.pop(grant.lease, ())
+        if self._redis is None or not self._up or not (corrections or scopes):
+            return
+        try:
+            await self._redis.settle(corrections, grant.lease, scopes)
+        except RedisUnavailable as exc:
+            self._failed(exc)
 
-    def _redis_failed(self, exc: Exception) -> None:
+    def _failed(self, exc: RedisUnavailable) -> None:
         self._metrics.ratelimit_redis_errors.inc()
-        if self._settings.on_error == "closed":
-            raise Overloaded("Rate limits cannot be checked right now; retry shortly.") from exc
-        if not self._redis_down:
-            self._redis_down = True
-            self._metrics.ratelimit_redis_up.set(0)
-            log.warning("redis unreachable (%s): rate limits are local to this replica", exc)
+        if not self._up:
+            return
+        self._up = False
+        self._metrics.ratelimit_redis_up.set(0)
+        then = (
+            "rate limits are local to this replica"
+            if self._on_error == "open"
+            else "requests of rate-limited keys are refused (503)"
+        )
+        log.warning("redis unreachable (%s): %s until it is back", exc, then)
+        self._spawn(self._reconnect())
 
-    def _redis_ok(self) -> None:
-        if self._redis_down:
-            self._redis_down = False
+    async def _reconnect(self) -> None:
+        assert self._redis is not None
+        while True:
+            await asyncio.sleep(RECONNECT_INTERVAL)
+            try:
+                await self._redis.ping()
+            except RedisUnavailable:
+                self._metrics.ratelimit_redis_errors.inc()
+                continue
+            self._up = True
             self._metrics.ratelimit_redis_up.set(1)
-            log.warning("redis reachable again: rate limits are shared")
+            log.info("redis reachable again: rate limits are shared")
+            return
+
+    async def _renew_forever(self) -> None:
+        assert self._redis is not None
+        while True:
+            await asyncio.sleep(self._redis.lease_seconds / 3)
+            if not self._up or not self._leases:
+                continue
+            try:
+                await self._redis.renew(dict(self._leases))
+            except RedisUnavailable as exc:
+                self._failed(exc)
+
+    def _spawn(self, work: Coroutine[None, None, None]) -> None:
+        if self._closed:
+            work.close()
+            return
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
 
-__all__ = ["Grant", "RateLimiter", "RateLimits"]
+__all__ = ["Grant", "RateLimiter"]
