@@ -1,7 +1,11 @@
-"""The gateway's own OpenAPI 3.1 document, served at ``/openapi.json``: its routes, the request
-bodies it reads (other fields pass through to vLLM, so bodies allow extra properties), and
-every error it can answer with, in the OpenAI shape. ``tests/test_openapi.py`` keeps it equal
-to the routes the app registers; ``tests/test_fuzz.py`` fuzzes the gateway from it.
+"""The gateway's own OpenAPI 3.1 document, served at ``/openapi.json``: the routes it registers,
+the request fields it or vLLM reads (bodies allow other properties: vLLM takes many more and the
+gateway forwards them untouched), the answers (JSON, or server-sent events for a stream), and
+every error it can answer with, in the OpenAI error shape, with the headers that go with them.
+
+A plain data structure built by small functions, once, when the handlers are imported.
+``tests/test_openapi.py`` keeps it equal to the app's routes and to the error tree in
+``gateway/errors.py``; ``tests/test_fuzz.py`` fuzzes a running gateway from it.
 """
 
 from __future__ import annotations
@@ -10,189 +14,520 @@ from typing import Any
 
 Schema = dict[str, Any]
 
-ERROR: Schema = {
-    "type": "object",
-    "required": ["error"],
-    "properties": {
-        "error": {
-            "type": "object",
-            "required": ["message", "type", "code"],
-            "properties": {
-                "message": {"type": "string"},
-                "type": {"type": "string"},
-                "param": {"type": ["string", "null"]},
-                "code": {"type": ["string", "integer", "null"]},
+VERSION = "3.1.0"
+JSON = "application/json"
+SSE = "text/event-stream"
+
+
+def _ref(name: str) -> Schema:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _nullable(kind: str, **constraints: Any) -> Schema:
+    return {"type": [kind, "null"], **constraints}
+
+
+# --- errors -----------------------------------------------------------------------------------
+
+
+def error_schema() -> Schema:
+    """``{"error": {...}}``: a response body, and an event of a stream that failed midway."""
+    return {
+        "type": "object",
+        "required": ["error"],
+        "properties": {"error": _error_fields()},
+    }
+
+
+def _error_fields() -> Schema:
+    return {
+        "type": "object",
+        "required": ["message", "type", "code"],
+        "properties": {
+            "message": {"type": "string"},
+            "type": {"type": "string"},
+            "param": {"type": ["string", "null"]},
+            "code": {
+                "type": ["string", "integer", "null"],
+                "description": "A stable string for the gateway's own errors; a worker's error "
+                "is relayed as the worker wrote it (vLLM puts the HTTP status here).",
             },
+        },
+    }
+
+
+# Why each status can answer an OpenAI route, with the codes of gateway/errors.py (a test checks
+# that every code of the tree is named under its status).
+OPENAI_ROUTE_ERRORS: dict[str, str] = {
+    "400": "The body is not JSON (invalid_json), not an object or nested too deep "
+    "(invalid_body), or a field the gateway checks is wrong or over a limit (invalid_field); "
+    "or the worker's own 400, relayed, such as a context-length error.",
+    "401": "Missing, unknown or revoked API key (invalid_api_key).",
+    "404": "No worker serves the model (model_not_found).",
+    "408": "The request body did not arrive in time (request_body_timeout), or the client "
+    "stopped reading the answer (client_too_slow).",
+    "413": "The body is larger than server.max_body_bytes (request_too_large).",
+    "415": "Content-Type is not application/json (unsupported_media_type).",
+    "429": "The key used up a rate limit (rate_limit_exceeded; `type` names it: requests, "
+    "tokens or concurrency), or the worker's own 429, relayed (upstream_unavailable).",
+    "500": "A bug in the gateway (internal_error; details only in its log), or the worker's "
+    "own 500, relayed.",
+    "502": "The worker failed (upstream_error): could not connect (upstream_connect_error), "
+    "closed the connection (upstream_disconnected), answered with an error "
+    "(upstream_unavailable, upstream_http_<status>) or with something invalid "
+    "(upstream_bad_response, upstream_bad_answer, upstream_malformed_event), or failed "
+    "mid-stream (upstream_stream_error, upstream_stream_truncated).",
+    "503": "Try again later (unavailable): the gateway is at capacity (gateway_overloaded), no "
+    "healthy worker serves the model (no_healthy_worker), or it is shutting down "
+    "(shutting_down); or the worker's own 503, relayed (upstream_unavailable).",
+    "504": "A timeout phase expired (upstream_timeout): connecting (connect_timeout), waiting "
+    "for the first token (first_token_timeout), between tokens (idle_timeout), or the whole "
+    "request (request_timeout).",
+}
+INTERNAL_ERROR = "A bug in the gateway (internal_error; details only in its log)."
+UNAUTHORIZED = OPENAI_ROUTE_ERRORS["401"]
+
+# --- request bodies ---------------------------------------------------------------------------
+
+
+def _model() -> Schema:
+    return {"type": "string", "minLength": 1, "description": "Routes the request."}
+
+
+def _token_limit() -> Schema:
+    return _nullable("integer", minimum=1, description="At most input.max_tokens when set.")
+
+
+def _sampling() -> Schema:
+    """The fields chat and text completions share."""
+    return {
+        "model": _model(),
+        "stream": _nullable("boolean", description="Answer with server-sent events."),
+        "stream_options": _nullable(
+            "object",
+            properties={
+                "include_usage": {"type": "boolean"},
+                "continuous_usage_stats": {"type": "boolean"},
+            },
+            description="Only with stream; the gateway asks for usage itself when not asked.",
+        ),
+        "max_tokens": _token_limit(),
+        "n": _nullable("integer", minimum=1, description="At most input.max_n (8 by default)."),
+        "temperature": _nullable("number", minimum=0),
+        "top_p": _nullable("number", exclusiveMinimum=0, maximum=1),
+        "presence_penalty": _nullable("number", minimum=-2, maximum=2),
+        "frequency_penalty": _nullable("number", minimum=-2, maximum=2),
+        "logit_bias": _nullable("object", additionalProperties={"type": "number"}),
+        "stop": {
+            "anyOf": [
+                {"type": "string"},
+                {"type": "array", "items": {"type": "string"}},
+                {"type": "null"},
+            ]
+        },
+        "seed": _nullable("integer"),
+        "user": {"type": "string", "description": "Keys session affinity when that is on."},
+    }
+
+
+def _message() -> Schema:
+    part = {
+        "type": "object",
+        "required": ["type"],
+        "properties": {"type": {"type": "string"}, "text": {"type": "string"}},
+    }
+    return {
+        "type": "object",
+        "required": ["role"],
+        "properties": {
+            "role": {"type": "string", "description": "system, developer, user, assistant, tool"},
+            "content": {"type": ["string", "array", "null"], "items": part},
+            "name": {"type": "string"},
+            "tool_calls": {"type": "array", "items": {"type": "object"}},
+            "tool_call_id": {"type": "string"},
+        },
+        "additionalProperties": True,
+    }
+
+
+def _tool() -> Schema:
+    function = {
+        "type": "object",
+        "required": ["name"],
+        "properties": {
+            "name": {"type": "string"},
+            "description": {"type": "string"},
+            "parameters": {"type": "object"},
+        },
+    }
+    return {
+        "type": "object",
+        "required": ["type", "function"],
+        "properties": {"type": {"const": "function"}, "function": function},
+    }
+
+
+def _text_or_tokens() -> Schema:
+    """A prompt or an embeddings input: text, texts, token ids, or lists of token ids."""
+    return {
+        "anyOf": [
+            {"type": "string", "minLength": 1},
+            {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1},
+            _token_ids(),
+            {"type": "array", "items": _token_ids(), "minItems": 1},
+        ]
+    }
+
+
+def _token_ids() -> Schema:
+    return {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}
+
+
+_BODY_RULES = (
+    "The gateway reads model, stream, stream_options, max_tokens, max_completion_tokens, n "
+    "and messages, holds the body to the input limits (JSON nesting at most "
+    "input.max_json_depth, 32 by default) and forwards it untouched; the worker judges the rest."
+)
+
+
+def _request(required: list[str], fields: Schema, description: str) -> Schema:
+    return {
+        "type": "object",
+        "description": description,
+        "required": ["model", *required],
+        "properties": fields,
+        "additionalProperties": True,
+    }
+
+
+def _streaming_request(required: list[str], fields: Schema) -> Schema:
+    """A request that can stream: vLLM takes ``stream_options`` only with ``stream: true``."""
+    return {
+        **_request(required, fields, _BODY_RULES),
+        "if": {
+            "required": ["stream_options"],
+            "properties": {"stream_options": {"type": "object"}},
+        },
+        "then": {"required": ["stream"], "properties": {"stream": {"const": True}}},
+    }
+
+
+def chat_request() -> Schema:
+    fields = {
+        **_sampling(),
+        "messages": {
+            "type": "array",
+            "items": _message(),
+            "minItems": 1,
+            "description": "At most input.max_messages (1024 by default).",
+        },
+        "max_completion_tokens": _token_limit(),
+        "tools": _nullable("array", items=_tool()),
+        "tool_choice": {"type": ["string", "object", "null"]},
+        "parallel_tool_calls": _nullable("boolean"),
+        "response_format": _nullable("object"),
+        "logprobs": _nullable("boolean"),
+        "top_logprobs": _nullable("integer", minimum=0),
+    }
+    return _streaming_request(["messages"], fields)
+
+
+def completion_request() -> Schema:
+    fields = {
+        **_sampling(),
+        "prompt": _text_or_tokens(),
+        "suffix": _nullable("string"),
+        "echo": _nullable("boolean"),
+        "best_of": _nullable("integer", minimum=1),
+        "logprobs": _nullable("integer", minimum=0),
+    }
+    return _streaming_request(["prompt"], fields)
+
+
+def embedding_request() -> Schema:
+    fields = {
+        "model": _model(),
+        "input": {
+            **_text_or_tokens(),
+            "description": "A batch larger than routing.embedding_shard_size is split across "
+            "workers and put back together in order.",
+        },
+        "encoding_format": {"enum": ["float", "base64"]},
+        "dimensions": {"type": "integer", "minimum": 1},
+        "user": {"type": "string"},
+    }
+    return _request(["input"], fields, _BODY_RULES)
+
+
+# --- answers ----------------------------------------------------------------------------------
+
+
+def _answer(kind: str, item: str) -> Schema:
+    return {
+        "type": "object",
+        "required": ["object", item],
+        "properties": {
+            "id": {"type": "string"},
+            "object": {"const": kind},
+            "model": {"type": "string"},
+            item: {"type": "array", "items": {"type": "object"}},
+            "usage": _nullable("object"),
+        },
+    }
+
+
+def stream_event() -> Schema:
+    """One server-sent event of a stream: a chunk, an in-band error after the stream started
+    (the status was sent already), or the final ``[DONE]``."""
+    chunk = {
+        "type": "object",
+        "anyOf": [{"required": ["choices"]}, {"required": ["error"]}],
+        "properties": {
+            "object": {"enum": ["chat.completion.chunk", "text_completion"]},
+            "choices": {"type": "array", "items": {"type": "object"}},
+            "error": _error_fields(),
+        },
+    }
+    return {
+        "type": "object",
+        "required": ["data"],
+        "properties": {
+            "data": {
+                "anyOf": [
+                    {"const": "[DONE]"},
+                    {"type": "string", "contentMediaType": JSON, "contentSchema": chunk},
+                ]
+            },
+            "event": {"type": "string"},
+            "id": {"type": "string"},
+        },
+    }
+
+
+def model_list() -> Schema:
+    card = {
+        "type": "object",
+        "required": ["id", "object"],
+        "properties": {
+            "id": {"type": "string"},
+            "object": {"const": "model"},
+            "created": {"type": "integer"},
+            "owned_by": {"type": "string"},
+        },
+    }
+    return {
+        "type": "object",
+        "required": ["object", "data"],
+        "properties": {"object": {"const": "list"}, "data": {"type": "array", "items": card}},
+    }
+
+
+def _status(*values: str) -> Schema:
+    return {
+        "type": "object",
+        "required": ["status"],
+        "properties": {"status": {"enum": list(values)}},
+    }
+
+
+def schemas() -> dict[str, Schema]:
+    return {
+        "Error": error_schema(),
+        "ChatCompletionRequest": chat_request(),
+        "CompletionRequest": completion_request(),
+        "EmbeddingRequest": embedding_request(),
+        "ChatCompletion": _answer("chat.completion", "choices"),
+        "Completion": _answer("text_completion", "choices"),
+        "EmbeddingList": _answer("list", "data"),
+        "StreamEvent": stream_event(),
+        "ModelList": model_list(),
+    }
+
+
+# --- headers ----------------------------------------------------------------------------------
+
+
+def _request_id_header() -> Schema:
+    return {
+        "X-Request-Id": {
+            "required": True,
+            "description": "The client's own X-Request-Id when it is 1-128 of [A-Za-z0-9._:-], "
+            "else a new one; also sent to the worker and logged with the request.",
+            "schema": {"type": "string"},
         }
-    },
-}
+    }
 
-_RETRY_AFTER = {"Retry-After": {"schema": {"type": "string"}, "description": "Seconds."}}
-_RATE_HEADERS = {
-    f"x-ratelimit-{part}-{kind}": {"schema": {"type": "string"}}
-    for part in ("limit", "remaining", "reset")
-    for kind in ("requests", "tokens")
-}
 
-# Statuses the gateway itself answers an OpenAI route with (gateway/errors.py), and why.
-_ROUTE_ERRORS = {
-    "400": "Invalid JSON or field (invalid_json, invalid_body, invalid_field), or the "
-    "worker's own 400 such as a context-length error",
-    "401": "Missing, wrong or revoked API key (invalid_api_key)",
-    "404": "Unknown model (model_not_found)",
-    "408": "The request body or the client's reading stalled (request_body_timeout, "
-    "client_too_slow)",
-    "413": "Body larger than server.max_body_bytes (request_too_large)",
-    "415": "Content-Type is not application/json (unsupported_media_type)",
-    "429": "A rate limit of the key (rate_limit_exceeded), or the worker's own 429",
-    "500": "An internal error, or the worker's own 500",
-    "502": "The worker failed (upstream_*)",
-    "503": "Overloaded, no healthy worker, shutting down, or the worker's own 503",
-    "504": "A timeout phase expired (connect_timeout, first_token_timeout, idle_timeout, "
-    "request_timeout)",
-}
+def _retry_after_header() -> Schema:
+    return {"Retry-After": {"description": "Seconds to wait.", "schema": {"type": "string"}}}
 
-_MESSAGE: Schema = {
-    "type": "object",
-    "required": ["role"],
-    "properties": {
-        "role": {"type": "string"},
-        "content": {"type": ["string", "array", "null"]},
-        "name": {"type": "string"},
-    },
-    "additionalProperties": True,
-}
 
-_GENERATION: Schema = {
-    "model": {"type": "string", "minLength": 1},
-    "stream": {"type": ["boolean", "null"]},
-    "stream_options": {"type": ["object", "null"]},
-    "max_tokens": {"type": ["integer", "null"], "minimum": 1},
-    "max_completion_tokens": {"type": ["integer", "null"], "minimum": 1},
-    "n": {"type": ["integer", "null"], "minimum": 1},
-    "temperature": {"type": ["number", "null"]},
-    "top_p": {"type": ["number", "null"]},
-    "stop": {"type": ["string", "array", "null"]},
-    "seed": {"type": ["integer", "null"]},
-    "user": {"type": "string"},
-}
+def _rate_limit_headers() -> Schema:
+    return {
+        f"x-ratelimit-{part}-{kind}": {
+            "description": f"The key's {kind} per minute: {part} (for keys with such a limit).",
+            "schema": {"type": "string"},
+        }
+        for kind in ("requests", "tokens")
+        for part in ("limit", "remaining", "reset")
+    }
 
-_BODIES: dict[str, Schema] = {
-    "chat": {
-        "type": "object",
-        "required": ["model", "messages"],
-        "properties": {
-            **_GENERATION,
-            "messages": {"type": "array", "items": _MESSAGE, "minItems": 1},
-            "tools": {"type": ["array", "null"]},
-            "logprobs": {"type": ["boolean", "null"]},
+
+# --- operations -------------------------------------------------------------------------------
+
+
+def _request_id_parameter() -> Schema:
+    return {
+        "name": "X-Request-Id",
+        "in": "header",
+        "required": False,
+        "description": "Kept and echoed when sane, replaced otherwise.",
+        "schema": {"type": "string"},
+    }
+
+
+def _json(schema: Schema, description: str = "OK", media: str = JSON) -> Schema:
+    return {
+        "description": description,
+        "headers": _request_id_header(),
+        "content": {media: {"schema": schema}},
+    }
+
+
+def _error(description: str) -> Schema:
+    return {
+        "description": description,
+        "headers": _request_id_header(),
+        "content": {JSON: {"schema": _ref("Error")}},
+    }
+
+
+def openai_errors() -> dict[str, Schema]:
+    """Every error an OpenAI route can answer with (405 is no operation's: it answers a method
+    a path does not have)."""
+    out = {status: _error(why) for status, why in OPENAI_ROUTE_ERRORS.items()}
+    out["429"]["headers"].update(_retry_after_header(), **_rate_limit_headers())
+    out["503"]["headers"].update(_retry_after_header())
+    return out
+
+
+def _generation(operation_id: str, body: str, answer: str, *, stream: bool) -> Schema:
+    content: Schema = {JSON: {"schema": _ref(answer)}}
+    if stream:
+        content[SSE] = {"schema": _ref("StreamEvent")}
+    return {
+        "operationId": operation_id,
+        "description": "The worker's answer is passed through; with `stream: true` as "
+        "server-sent events, one per chunk, then `data: [DONE]`. A failure after the first "
+        "event cannot change the status any more: it is sent in-band as an error event.",
+        "security": [{"bearer": []}],
+        "parameters": [_request_id_parameter()],
+        "requestBody": {"required": True, "content": {JSON: {"schema": _ref(body)}}},
+        "responses": {
+            "200": {
+                "description": "The answer.",
+                "headers": {**_request_id_header(), **_rate_limit_headers()},
+                "content": content,
+            },
+            **openai_errors(),
         },
-        "additionalProperties": True,
-    },
-    "completion": {
-        "type": "object",
-        "required": ["model", "prompt"],
-        "properties": {**_GENERATION, "prompt": {"type": ["string", "array"]}},
-        "additionalProperties": True,
-    },
-    "embedding": {
-        "type": "object",
-        "required": ["model", "input"],
-        "properties": {
-            "model": {"type": "string", "minLength": 1},
-            "input": {"type": ["string", "array"]},
-            "encoding_format": {"enum": ["float", "base64"]},
-            "user": {"type": "string"},
+    }
+
+
+def _models() -> Schema:
+    return {
+        "operationId": "listModels",
+        "description": "The models the healthy workers serve.",
+        "security": [{"bearer": []}],
+        "parameters": [_request_id_parameter()],
+        "responses": {
+            "200": _json(_ref("ModelList")),
+            "401": _error(UNAUTHORIZED),
+            "500": _error(INTERNAL_ERROR),
         },
-        "additionalProperties": True,
-    },
-}
+    }
+
+
+def _open(operation_id: str, description: str, responses: dict[str, Schema]) -> Schema:
+    """An operation outside /v1: it needs no key."""
+    return {
+        "operationId": operation_id,
+        "description": description,
+        "parameters": [_request_id_parameter()],
+        "responses": {**responses, "500": _error(INTERNAL_ERROR)},
+    }
+
+
+def paths() -> dict[str, Schema]:
+    return {
+        "/v1/chat/completions": {
+            "post": _generation(
+                "createChatCompletion", "ChatCompletionRequest", "ChatCompletion", stream=True
+            )
+        },
+        "/v1/completions": {
+            "post": _generation("createCompletion", "CompletionRequest", "Completion", stream=True)
+        },
+        "/v1/embeddings": {
+            "post": _generation(
+                "createEmbedding", "EmbeddingRequest", "EmbeddingList", stream=False
+            )
+        },
+        "/v1/models": {"get": _models()},
+        "/health": {
+            "get": _open(
+                "health",
+                "Liveness: the process answers. It says nothing about workers.",
+                {"200": _json(_status("ok"))},
+            )
+        },
+        "/ready": {
+            "get": _open(
+                "ready",
+                "Readiness: not draining, and a healthy worker to send requests to.",
+                {
+                    "200": _json(_status("ready")),
+                    "503": _json(_status("draining", "no healthy worker"), "Not ready."),
+                },
+            )
+        },
+        "/metrics": {
+            "get": _open(
+                "metrics",
+                "The gateway's Prometheus metrics.",
+                {"200": _json({"type": "string"}, media="text/plain")},
+            )
+        },
+        "/openapi.json": {
+            "get": _open(
+                "openapi",
+                "This document.",
+                {"200": _json({"type": "object", "required": ["openapi", "paths"]})},
+            )
+        },
+    }
 
 
 def document() -> dict[str, Any]:
     return {
-        "openapi": "3.1.0",
+        "openapi": VERSION,
         "info": {
             "title": "vllm-gateway",
             "version": "0.1.0",
-            "description": "An OpenAI-compatible gateway in front of vLLM workers.",
+            "description": "An OpenAI-compatible gateway in front of vLLM workers: streaming "
+            "pass-through, bounded waits, backpressure, load-aware routing. Every error is "
+            '`{"error": {"message", "type", "param", "code"}}`.',
         },
         "components": {
-            "schemas": {"Error": ERROR},
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
-        },
-        "paths": {
-            "/v1/chat/completions": {"post": _generation("chat", "Chat completion")},
-            "/v1/completions": {"post": _generation("completion", "Text completion")},
-            "/v1/embeddings": {"post": _generation("embedding", "Embeddings", stream=False)},
-            "/v1/models": {"get": _models()},
-            "/health": {"get": _plain("Liveness: the process answers.")},
-            "/ready": {"get": _plain("Readiness: 503 while draining or with no healthy worker.")},
-            "/metrics": {"get": _plain("Prometheus metrics.", "text/plain")},
-            "/openapi.json": {"get": _plain("This document.")},
-        },
-    }
-
-
-def _generation(body: str, summary: str, stream: bool = True) -> dict[str, Any]:
-    content: dict[str, Any] = {"application/json": {"schema": {"type": "object"}}}
-    if stream:
-        content["text/event-stream"] = {"schema": {"type": "string"}}
-    return {
-        "summary": summary,
-        "security": [{"bearer": []}],
-        "requestBody": {
-            "required": True,
-            "content": {"application/json": {"schema": _BODIES[body]}},
-        },
-        "responses": {
-            "200": {
-                "description": "The worker's answer, passed through (a stream when asked).",
-                "headers": _RATE_HEADERS,
-                "content": content,
+            "schemas": schemas(),
+            "securitySchemes": {
+                "bearer": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "An API key from auth.keys or auth.keys_file. A gateway "
+                    "without keys configured is open to anyone.",
+                }
             },
-            **_errors(),
         },
-    }
-
-
-def _models() -> dict[str, Any]:
-    listing = {
-        "type": "object",
-        "properties": {"object": {"const": "list"}, "data": {"type": "array"}},
-    }
-    return {
-        "summary": "The models served by healthy workers.",
-        "security": [{"bearer": []}],
-        "responses": {
-            "200": {"description": "OK", "content": {"application/json": {"schema": listing}}},
-            "401": _error_response(_ROUTE_ERRORS["401"]),
-        },
-    }
-
-
-def _plain(summary: str, media: str = "application/json") -> dict[str, Any]:
-    return {
-        "summary": summary,
-        "responses": {
-            "200": {"description": "OK", "content": {media: {"schema": {}}}},
-            "503": {"description": "Not ready", "content": {media: {"schema": {}}}},
-        },
-    }
-
-
-def _errors() -> dict[str, Any]:
-    out = {}
-    for status, why in _ROUTE_ERRORS.items():
-        response = _error_response(why)
-        if status in ("429", "503"):
-            response["headers"] = {**_RETRY_AFTER, **(_RATE_HEADERS if status == "429" else {})}
-        out[status] = response
-    return out
-
-
-def _error_response(description: str) -> dict[str, Any]:
-    return {
-        "description": description,
-        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+        "paths": paths(),
     }
