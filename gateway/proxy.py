@@ -42,6 +42,7 @@ from gateway.errors import (
     GatewayError,
     IdleTimeout,
     InternalError,
+    InvalidRequest,
     ModelNotFound,
     NoHealthyWorker,
     Overloaded,
@@ -199,6 +200,9 @@ class Proxy:
             raise PayloadTooLarge(limit) from None
         except TimeoutError:
             raise RequestBodyTimeout() from None
+        except web.RequestPayloadError:
+            # The body does not decode as its Content-Encoding says, or its framing is broken.
+            raise InvalidRequest("The request body could not be read as sent.") from None
 
     async def _within_deadline(self, work: Coroutine[Any, Any, None]) -> None:
         try:
