@@ -468,8 +468,8 @@ def test_nesting_at_and_beyond_the_limit(stack: Stack, depth: int) -> None:
 # --- bodies and framing the HTTP layer rejects ----------------------------------------------------
 # An undecodable body is the gateway's to answer (a 400). What aiohttp's parser answers before any
 # middleware runs is a known gap: strict xfails, so a fix asks for the marker to go. Each test
-# runs its own gateway in the test's own thread: these requests make a server log a traceback, and Python 3.11
-# formats tracebacks with the `ast` module, whose state two threads at once can corrupt
+# runs its own gateway in the test's own thread: these requests make a server log a traceback,
+# and Python 3.11 formats tracebacks with the `ast` module, whose state two threads can corrupt
 # ("SystemError: AST constructor recursion depth mismatch" while pytest reports the xfail).
 
 
