@@ -22,6 +22,9 @@ from gateway.workers import Fleet, Worker
 
 log = logging.getLogger(__name__)
 
+# A lookup that takes longer is a failed one: start-up and the next rounds must not wait on it.
+RESOLVE_TIMEOUT = 5.0
+
 # (host, port) -> addresses; raises OSError when the name does not resolve.
 Resolver = Callable[[str, int], Awaitable[list[str]]]
 
@@ -64,8 +67,9 @@ class ServiceWatcher:
 
     async def sync(self) -> None:
         try:
-            addresses = await self._resolver(self._host, self._port)
-        except OSError as exc:
+            async with asyncio.timeout(RESOLVE_TIMEOUT):  # the resolver thread may hang longer
+                addresses = await self._resolver(self._host, self._port)
+        except (OSError, TimeoutError) as exc:
             log.warning("cannot resolve %s (%s): keeping its last known workers", self._host, exc)
             self.on_error()
             return

@@ -3,6 +3,7 @@ Linux) behind one service name whose answers the test scripts, and the system re
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from collections.abc import AsyncIterator
 from typing import Any
@@ -12,6 +13,7 @@ import pytest
 from aiohttp.test_utils import TestServer
 from prometheus_client import CollectorRegistry
 
+from gateway import discovery
 from gateway.app import create_app
 from gateway.discovery import system_resolver, worker_url
 from gateway.settings import build_settings
@@ -29,11 +31,14 @@ class ScriptedDNS:
     def __init__(self, *addresses: str) -> None:
         self.addresses = list(addresses)
         self.failing = False
+        self.hanging = False
         self.calls = 0
 
     async def __call__(self, host: str, port: int) -> list[str]:
         self.calls += 1
         assert host == "vllm.test"
+        if self.hanging:
+            await asyncio.Event().wait()  # a resolver that never answers
         if self.failing:
             raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
         return list(self.addresses)
@@ -188,3 +193,29 @@ async def test_a_service_url_resolves_through_the_system(
             await gw.server.close()
     finally:
         await server.close()
+
+
+async def test_a_lookup_that_hangs_counts_as_failed_and_keeps_the_workers(
+    fleet_hosts: tuple[int, dict[str, TestServer]],
+    client: aiohttp.ClientSession,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """1. The name resolves. 2. Then lookups hang: each is given up after RESOLVE_TIMEOUT and
+    counted as an error; the workers stay and keep serving."""
+    monkeypatch.setattr(discovery, "RESOLVE_TIMEOUT", 0.05)
+    port, _ = fleet_hosts
+    dns = ScriptedDNS(*HOSTS)
+    gw = await start_gateway(port, dns)
+    try:
+        dns.hanging = True
+        source = f"http://vllm.test:{port}"
+        await wait_for(
+            lambda: gw.metric("gateway_discovery_errors_total", service=source) >= 2,
+            5.0,
+            "hung lookups counted",
+        )
+        assert len(gw.fleet.workers) == 2
+        async with client.post(f"{gw.url}/v1/chat/completions", json=chat()) as resp:
+            assert resp.status == 200
+    finally:
+        await gw.server.close()
