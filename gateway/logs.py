@@ -7,6 +7,7 @@ bodies or headers: prompts, completions and credentials never reach the log.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
 import time
@@ -64,8 +65,52 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(line, default=str).decode()
 
 
+class LoopBatchedHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """A stderr handler that writes the lines of one event-loop turn with one write: under load
+    many requests finish in one turn, and a write (and flush) per access-log line was a fifth
+    of the logging cost. Nothing waits past the current turn (``call_soon``); outside a running
+    loop every line is written at once. ``flush`` (also run by ``logging.shutdown``) writes what
+    is pending."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+        self._pending: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record)
+        except Exception:
+            self.handleError(record)
+            return
+        self._pending.append(line)
+        if len(self._pending) > 1:
+            return  # a flush is already scheduled
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.flush()
+            return
+        loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        self.acquire()
+        try:
+            lines, self._pending = self._pending, []
+            if lines:
+                self.stream.write("\n".join(lines) + "\n")
+            super().flush()
+        finally:
+            self.release()
+
+
 def configure_logging(settings: LogSettings) -> None:
-    handler = logging.StreamHandler(sys.stderr)
+    # Record fields no formatter here prints: skip collecting them for every line (the logging
+    # HOWTO's "Optimization"; finding the caller walks the stack on each call).
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
+    handler = LoopBatchedHandler()
     handler.addFilter(_RequestIdFilter())
     handler.setFormatter(JsonFormatter() if settings.format == "json" else TextFormatter())
     root = logging.getLogger()

@@ -551,9 +551,9 @@ class Proxy:
     def _observe(self, ex: Exchange, now: float) -> None:
         model = self._relay.model_label(ex)
         duration = now - ex.started
-        self._metrics.requests.labels(model, ex.route.name, str(ex.status), ex.code).inc()
-        self._metrics.client_requests.labels(ex.client.name, str(ex.status)).inc()
-        self._metrics.request_duration.labels(model, ex.route.name).observe(duration)
+        self._metrics.requests_of(model, ex.route.name, str(ex.status), ex.code).inc()
+        self._metrics.client_requests_of(ex.client.name, str(ex.status)).inc()
+        self._metrics.request_duration_of(model, ex.route.name).observe(duration)
         if not access_log.isEnabledFor(logging.INFO):
             return  # don't build the record's fields for nothing
         access_log.info(

@@ -111,7 +111,7 @@ class Relay:
             held.append(chunk)
             held_size += len(chunk)
         ex.first_token_at = loop.time()
-        self._metrics.time_to_first_token.labels(self.model_label(ex)).observe(
+        self._metrics.time_to_first_token_of(self.model_label(ex)).observe(
             ex.first_token_at - ex.started
         )
         idle = self._timeouts.idle
@@ -123,7 +123,7 @@ class Relay:
         if transcript is not None:
             transcript.feed(out)
         await self._send(ex, client, out, phase)
-        itl = self._metrics.inter_token_latency.labels(self.model_label(ex))
+        itl = self._metrics.inter_token_latency_of(self.model_label(ex))
         last = loop.time()
         while not observer.done:
             try:
@@ -212,7 +212,7 @@ class Relay:
         for kind in ("prompt", "completion"):
             tokens = usage.get(f"{kind}_tokens")
             if tokens is not None and tokens >= 0:
-                self._metrics.tokens.labels(model, kind).inc(tokens)
+                self._metrics.tokens_of(model, kind).inc(tokens)
 
     async def body(self, ex: Exchange, response: ClientResponse, phase: asyncio.Timeout) -> None:
         """A JSON answer. vLLM sends it whole once generated, so up to ``CHECKED_BODY_LIMIT`` it

@@ -598,3 +598,19 @@ def test_hot_path_hands_comments_and_multi_line_events_to_the_decoder() -> None:
     )
     assert observer.keepalives == 1
     assert observer.events == 3 and observer.done and not observer.malformed
+
+
+def test_hot_path_counts_the_events_ahead_of_the_news_and_still_sees_a_broken_one() -> None:
+    observer = StreamObserver()
+    observer.feed(_chunk({"content": "a"}, None))
+    tokens = b"".join(_chunk({"content": f" {i}"}, None) for i in range(10))
+    observer.feed(tokens + _chunk({"content": "!"}, "stop"))
+    assert (observer.events, observer.finish_reason, observer.malformed) == (12, "stop", False)
+    observer = StreamObserver()
+    observer.feed(_chunk({"content": "a"}, None))
+    observer.feed(tokens + b"data: {not json\n\n" + _chunk({"content": "!"}, "stop"))
+    assert observer.malformed and observer.finish_reason == "stop"
+    observer = StreamObserver()
+    observer.feed(_chunk({"content": "a"}, None))
+    observer.feed(tokens + b'data: {"id":"c","choices":[{"index":0,"delta":{}}]}\n\n')
+    assert observer.events == 12 and not observer.malformed
