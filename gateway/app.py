@@ -47,12 +47,17 @@ def create_app(
     registry: CollectorRegistry | None = None,
     lifecycle: Lifecycle | None = None,
     resolver: Resolver = system_resolver,
+    metrics_dir: str | None = None,
 ) -> web.Application:
+    """``metrics_dir``: prometheus_client's multiprocess folder, when this is one of several
+    serving processes (see ``supervisor``)."""
     app = web.Application(
         middlewares=[request_id_middleware, error_middleware, auth_middleware],
         client_max_size=settings.server.max_body_bytes,
     )
-    metrics = GatewayMetrics(registry if registry is not None else CollectorRegistry())
+    metrics = GatewayMetrics(
+        registry if registry is not None else CollectorRegistry(), multiprocess_dir=metrics_dir
+    )
     cap = settings.limits.pool_per_worker
     fleet = Fleet((worker_from_settings(w, cap) for w in settings.workers), settings.health)
     fleet.on_health_change = lambda worker: _export_health(metrics, worker)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sys
 import time
 from contextvars import ContextVar
@@ -51,11 +52,16 @@ class TextFormatter(logging.Formatter):
 
 
 class JsonFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__()
+        self._pid = os.getpid()  # which serving process, when there are several
+
     def format(self, record: logging.LogRecord) -> str:
         line: dict[str, Any] = {
             "ts": round(record.created, 3),
             "level": record.levelname,
             "logger": record.name,
+            "pid": self._pid,
             "msg": record.getMessage(),
             "request_id": getattr(record, "request_id", "-"),
         }

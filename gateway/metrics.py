@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Generic, TypeVar
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.metrics import MetricWrapperBase
 
 # From a millisecond to ten minutes: LLM latencies span first tokens in ms and whole answers in
@@ -46,8 +46,21 @@ class Children(Generic[M]):
 
 
 class GatewayMetrics:
-    def __init__(self, registry: CollectorRegistry) -> None:
+    """``multiprocess_dir``: set in each of several serving processes (``supervisor``), where
+    values live in prometheus_client's shared files and ``/metrics`` reads all of them.
+    ``multiprocess_mode`` says how a gauge's values from several processes combine; it is
+    ignored in a single process."""
+
+    def __init__(self, registry: CollectorRegistry, multiprocess_dir: str | None = None) -> None:
         self.registry = registry
+        self._exposition = registry
+        if multiprocess_dir is not None:
+            from prometheus_client import multiprocess
+
+            self._exposition = CollectorRegistry()
+            multiprocess.MultiProcessCollector(  # type: ignore[no-untyped-call]
+                self._exposition, path=multiprocess_dir
+            )
         self.requests = Counter(
             "gateway_requests",
             "Requests answered, by model, route, HTTP status and error code ('' on success).",
@@ -64,12 +77,14 @@ class GatewayMetrics:
         self.in_flight = Gauge(
             "gateway_requests_in_flight",
             "Requests admitted and not yet finished.",
+            multiprocess_mode="livesum",
             registry=registry,
         )
         self.worker_in_flight = Gauge(
             "gateway_worker_requests_in_flight",
             "Requests in flight to each worker, as counted by the gateway.",
             ["worker"],
+            multiprocess_mode="livesum",
             registry=registry,
         )
         # Clock: starts when the gateway has the request body; stops when the first upstream SSE
@@ -146,6 +161,7 @@ class GatewayMetrics:
             "gateway_worker_healthy",
             "1 if the worker is taking requests, else 0.",
             ["worker"],
+            multiprocess_mode="livemostrecent",
             registry=registry,
         )
         self.retry_budget_exhausted = Counter(
@@ -164,6 +180,7 @@ class GatewayMetrics:
             "Load signals scraped from each worker's /metrics: 'waiting' and 'running' requests "
             "and 'kv_cache' usage (0..1); absent while a worker cannot be scraped.",
             ["worker", "signal"],
+            multiprocess_mode="livemostrecent",
             registry=registry,
         )
         self.discovery_errors = Counter(
@@ -175,6 +192,7 @@ class GatewayMetrics:
         self.workers = Gauge(
             "gateway_workers",
             "Workers known to the gateway (configured and discovered).",
+            multiprocess_mode="livemax",
             registry=registry,
         )
         self.resumes = Counter(
@@ -196,6 +214,7 @@ class GatewayMetrics:
             "gateway_ratelimit_redis_up",
             "1 while rate limits are shared through Redis; 0 while Redis is unreachable (or not "
             "configured) and this replica limits on its own.",
+            multiprocess_mode="livemin",
             registry=registry,
         )
         self.ratelimit_redis_errors = Counter(
@@ -227,3 +246,7 @@ class GatewayMetrics:
         self.time_to_first_token_of = Children(self.time_to_first_token)
         self.inter_token_latency_of = Children(self.inter_token_latency)
         self.tokens_of = Children(self.tokens)
+
+    def exposition(self) -> bytes:
+        """The text ``/metrics`` serves: this process's metrics, or every serving process's."""
+        return generate_latest(self._exposition)

@@ -28,20 +28,27 @@ ABORT_WAIT = 2.0  # for aborted requests to write their last error event
 CLEANUP_TIMEOUT = 2.0
 
 
-async def serve(settings: Settings) -> None:
+async def serve(settings: Settings, *, metrics_dir: str | None = None) -> None:
+    """Serve until a signal, then drain. With ``metrics_dir`` this is one of several serving
+    processes (``supervisor``): it shares the port (SO_REUSEPORT), its metrics go to that
+    folder, and it answers SIGTERM only (the parent turns a Ctrl-C into one SIGTERM)."""
+    child = metrics_dir is not None
     lifecycle = Lifecycle()
-    app = create_app(settings, lifecycle=lifecycle)
+    app = create_app(settings, lifecycle=lifecycle, metrics_dir=metrics_dir)
     runner = web.AppRunner(
         app, handler_cancellation=True, access_log=None, shutdown_timeout=CLEANUP_TIMEOUT
     )
     await runner.setup()
-    site = web.TCPSite(runner, settings.server.host, settings.server.port)
+    site = web.TCPSite(runner, settings.server.host, settings.server.port, reuse_port=child)
     await site.start()
     log.info("listening on %s", " ".join(_addresses(runner)))
 
     signals = asyncio.Queue[int]()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    handled = (signal.SIGTERM,) if child else (signal.SIGTERM, signal.SIGINT)
+    if child:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for sig in handled:
         loop.add_signal_handler(sig, signals.put_nowait, sig)
     try:
         received = await signals.get()
@@ -49,7 +56,7 @@ async def serve(settings: Settings) -> None:
         await _drain(settings, lifecycle, site, signals)
     finally:
         await runner.cleanup()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in handled:
             loop.remove_signal_handler(sig)
     log.info("stopped")
 

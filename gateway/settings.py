@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, Self
+from typing import Annotated, Any, Literal, Self
 
 import yaml
 from pydantic import (
@@ -45,6 +45,9 @@ class _Frozen(BaseModel):
 class ServerSettings(_Frozen):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
+    # Serving processes sharing the port (SO_REUSEPORT); "auto": the CPUs this process may use
+    # (its affinity, capped by a cgroup CPU quota, as in a Kubernetes pod with a CPU limit).
+    processes: Annotated[int, Field(ge=1, le=256)] | Literal["auto"] = "auto"
     max_body_bytes: int = Field(10 * 1024 * 1024, gt=0)
     shutdown_grace: float = Field(5.0, ge=0)
     drain_timeout: float = Field(30.0, ge=0)
@@ -267,6 +270,46 @@ class Settings(_Frozen):
             if model in chain or len(set(chain)) != len(chain):
                 raise ValueError(f"fallbacks.{model}: a chain must not repeat a model")
         return self
+
+
+def per_process(settings: Settings, processes: int) -> Settings:
+    """The share of one of ``processes`` serving processes: the gateway-wide connection and
+    in-flight limits divided (rounded up), so the limits in the file still bound the whole
+    gateway. Each process admits, probes and routes on its own, like a replica."""
+    if processes <= 1:
+        return settings
+
+    def share(n: int) -> int:
+        return -(-n // processes)
+
+    limits = settings.limits
+    return settings.model_copy(
+        update={
+            "limits": limits.model_copy(
+                update={
+                    "max_in_flight": share(limits.max_in_flight),
+                    "pool_size": share(limits.pool_size),
+                    "pool_per_worker": share(limits.pool_per_worker),
+                }
+            ),
+            "workers": tuple(
+                w.model_copy(update={"max_in_flight": share(w.max_in_flight)})
+                if w.max_in_flight is not None
+                else w
+                for w in settings.workers
+            ),
+            "discovery": settings.discovery.model_copy(
+                update={
+                    "services": tuple(
+                        s.model_copy(update={"max_in_flight": share(s.max_in_flight)})
+                        if s.max_in_flight is not None
+                        else s
+                        for s in settings.discovery.services
+                    )
+                }
+            ),
+        }
+    )
 
 
 class SettingsError(Exception):

@@ -192,7 +192,9 @@ class GatewayProc:
 def write_config(path: Path, workers: Sequence[str], **sections: Any) -> Path:
     """A gateway YAML file listening on a port of the kernel's choice, logging text at INFO."""
     data: dict[str, Any] = {
-        "server": {"host": HOST, "port": 0},
+        # One serving process unless a test asks for more: most tests watch one process's
+        # state machines (ejection, budgets); tests/test_processes.py covers several.
+        "server": {"host": HOST, "port": 0, "processes": 1},
         "workers": [{"url": url, "models": ["sim-model"]} for url in workers],
         "health": {"interval": 60.0, "timeout": 2.0},
         "logging": {"level": "INFO", "format": "text"},

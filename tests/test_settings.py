@@ -25,6 +25,7 @@ from gateway.settings import (
     build_settings,
     load_settings,
 )
+from gateway.supervisor import cpu_count
 
 ROOT = Path(__file__).resolve().parent.parent
 GATEWAY_YAML = ROOT / "config" / "gateway.yaml"
@@ -431,6 +432,9 @@ def cli(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, tuple[in
             proc.wait()
 
 
+AUTO = cpu_count()  # the shipped file leaves server.processes at auto
+
+
 def outcome(cli: dict[str, tuple[int, str, str]], name: str) -> tuple[int, str, str]:
     if name not in cli:
         pytest.skip(f"console script not installed next to {sys.executable}")
@@ -440,7 +444,7 @@ def outcome(cli: dict[str, tuple[int, str, str]], name: str) -> tuple[int, str, 
 def test_check_accepts_the_shipped_file(cli: dict[str, tuple[int, str, str]]) -> None:
     code, out, err = outcome(cli, "module_good")
     assert (code, err) == (0, "")
-    assert out == "settings OK: 2 worker(s), port 8080\n"
+    assert out == f"settings OK: 2 worker(s), port 8080, {AUTO} serving process(es)\n"
 
 
 def test_check_rejects_a_bad_file_naming_the_key(cli: dict[str, tuple[int, str, str]]) -> None:
@@ -455,13 +459,13 @@ def test_check_rejects_a_bad_file_naming_the_key(cli: dict[str, tuple[int, str, 
 def test_check_reads_the_environment(cli: dict[str, tuple[int, str, str]]) -> None:
     code, out, err = outcome(cli, "module_env")
     assert (code, err) == (0, "")
-    assert out == "settings OK: 2 worker(s), port 9000\n"
+    assert out == f"settings OK: 2 worker(s), port 9000, {AUTO} serving process(es)\n"
 
 
 def test_console_script_checks_a_file(cli: dict[str, tuple[int, str, str]]) -> None:
     code, out, err = outcome(cli, "script_good")
     assert (code, err) == (0, "")
-    assert out == "settings OK: 2 worker(s), port 8080\n"
+    assert out == f"settings OK: 2 worker(s), port 8080, {AUTO} serving process(es)\n"
 
 
 def test_kubernetes_service_link_variables_are_not_settings() -> None:

@@ -1,0 +1,202 @@
+"""Several serving processes on one port (``server.processes``, gateway/supervisor.py), over
+real sockets with the real command line.
+
+1. Two processes share the port: fresh connections reach both, and ``/metrics`` from either
+   counts every request of both.
+2. A process that dies is restarted; the requests it had counted stay counted, and its
+   in-flight gauge no longer adds in.
+3. SIGTERM to the parent drains a stream in flight on a child, and the parent exits 0 with no
+   child and no metrics folder left behind.
+Plus the arithmetic: limits shared out, the CPU count under a cgroup quota, the setting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiohttp
+import orjson
+import pytest
+
+from gateway.settings import SettingsError, build_settings, per_process
+from gateway.supervisor import cgroup_cpu_quota, cpu_count
+from tests.processes import (
+    GatewayProc,
+    Sim,
+    poll_until,
+    start_gateway,
+    start_simulator,
+    write_config,
+)
+
+CHAT = {"model": "sim-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+OK_SERIES = (
+    'gateway_requests_total{code="",model="sim-model",route="chat_completions",status="200"}'
+)
+
+
+@pytest.fixture
+def worker() -> Iterator[Sim]:
+    sim = start_simulator("--itl", "0.05")
+    yield sim
+    sim.proc.kill()
+
+
+@pytest.fixture
+def gateway(worker: Sim, tmp_path: Path) -> Iterator[GatewayProc]:
+    config = write_config(
+        tmp_path / "gateway.yaml",
+        [worker.url],
+        server={"processes": 2, "shutdown_grace": 0.2, "drain_timeout": 10.0},
+        logging={"level": "INFO", "format": "json"},
+    )
+    gw = start_gateway(config)
+    try:
+        poll_until(lambda: len(listening(gw)) == 2, 20, "two serving processes listening")
+        yield gw
+    finally:
+        gw.proc.kill()
+
+
+def records(gw: GatewayProc) -> list[dict[str, object]]:
+    out = []
+    for line in list(gw.proc.lines):
+        if line.startswith("{"):
+            out.append(orjson.loads(line))
+    return out
+
+
+def listening(gw: GatewayProc) -> list[int]:
+    return [int(str(r["pid"])) for r in records(gw) if str(r["msg"]).startswith("listening on")]
+
+
+def served_by(gw: GatewayProc) -> list[int]:
+    return [int(str(r["pid"])) for r in records(gw) if r["logger"] == "gateway.access"]
+
+
+async def chat_on_fresh_connections(gw: GatewayProc, count: int) -> None:
+    # A new connection (a new source port) each time: SO_REUSEPORT spreads connections.
+    connector = aiohttp.TCPConnector(force_close=True)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        for _ in range(count):
+            async with session.post(f"{gw.url}/v1/chat/completions", json=CHAT) as r:
+                assert r.status == 200, await r.text()
+                await r.read()
+
+
+async def metric(gw: GatewayProc, series: str) -> float:
+    connector = aiohttp.TCPConnector(force_close=True)
+    async with (
+        aiohttp.ClientSession(connector=connector) as session,
+        session.get(f"{gw.url}/metrics") as r,
+    ):
+        text = await r.text()
+    match = re.search(rf"^{re.escape(series)} (\S+)$", text, re.MULTILINE)
+    assert match, f"{series} not in /metrics:\n{text}"
+    return float(match.group(1))
+
+
+@pytest.mark.timeout(60)
+async def test_two_processes_share_the_port_and_the_metrics(gateway: GatewayProc) -> None:
+    await chat_on_fresh_connections(gateway, 40)
+    poll_until(lambda: len(served_by(gateway)) == 40, 10, "40 access-log lines")
+    assert set(served_by(gateway)) == set(listening(gateway)), "one process served everything"
+    for _ in range(6):  # whichever process answers /metrics, it counts both
+        assert await metric(gateway, OK_SERIES) == 40
+        assert await metric(gateway, "gateway_requests_in_flight") == 0
+
+
+@pytest.mark.timeout(60)
+async def test_a_dead_process_is_replaced_and_its_counts_stay(gateway: GatewayProc) -> None:
+    await chat_on_fresh_connections(gateway, 20)
+    victim = listening(gateway)[0]
+    os.kill(victim, signal.SIGKILL)
+    gateway.proc.wait_line(rf"serving process {victim} exited with -9: restarting", 10)
+    poll_until(lambda: len(listening(gateway)) == 3, 20, "a new serving process listening")
+    await chat_on_fresh_connections(gateway, 20)
+    assert await metric(gateway, OK_SERIES) == 40
+    assert await metric(gateway, "gateway_requests_in_flight") == 0
+
+
+@pytest.mark.timeout(60)
+async def test_sigterm_drains_every_process_and_cleans_up(gateway: GatewayProc) -> None:
+    children = listening(gateway)
+    before = set(Path(tempfile.gettempdir()).glob("vllm-gateway-metrics-*"))
+    async with aiohttp.ClientSession() as session:
+        body = {**CHAT, "max_tokens": 20, "stream": True}
+        async with session.post(f"{gateway.url}/v1/chat/completions", json=body) as r:
+            assert r.status == 200
+            first = await r.content.readline()
+            assert first.startswith(b"data: ")
+            gateway.proc.signal(signal.SIGTERM)
+            rest = await asyncio.wait_for(r.content.read(), 15)
+    assert rest.rstrip().endswith(b"data: [DONE]"), rest[-200:]
+    assert b'"error"' not in rest
+    assert gateway.proc.wait_exit(20) == 0
+    for pid in children:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    after = set(Path(tempfile.gettempdir()).glob("vllm-gateway-metrics-*"))
+    assert after <= before, f"metrics folder left behind: {after - before}"
+
+
+def test_limits_are_shared_out_rounding_up() -> None:
+    settings = build_settings(
+        {
+            "workers": [{"url": "http://w1:8000", "max_in_flight": 5}, {"url": "http://w2:8000"}],
+            "discovery": {"services": [{"url": "http://vllm.svc:8000", "max_in_flight": 9}]},
+            "limits": {"max_in_flight": 255, "pool_size": 512, "pool_per_worker": 101},
+        }
+    )
+    share = per_process(settings, 2)
+    limits = share.limits
+    assert (limits.max_in_flight, limits.pool_size, limits.pool_per_worker) == (128, 256, 51)
+    assert [w.max_in_flight for w in share.workers] == [3, None]
+    assert share.discovery.services[0].max_in_flight == 5
+    assert per_process(settings, 1) is settings
+
+
+@pytest.mark.parametrize(
+    ("files", "quota"),
+    [
+        ({"cpu.max": "150000 100000\n"}, 1.5),
+        ({"cpu.max": "max 100000\n"}, None),
+        ({"cpu/cpu.cfs_quota_us": "200000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 2.0),
+        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+        ({}, None),
+    ],
+)
+def test_cgroup_cpu_quota(tmp_path: Path, files: dict[str, str], quota: float | None) -> None:
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert cgroup_cpu_quota(tmp_path) == quota
+
+
+def test_cpu_count_is_the_affinity_capped_by_the_quota_rounded_up(tmp_path: Path) -> None:
+    usable = len(os.sched_getaffinity(0))
+    assert cpu_count(tmp_path) == usable
+    (tmp_path / "cpu.max").write_text("50000 100000\n")
+    assert cpu_count(tmp_path) == 1
+    (tmp_path / "cpu.max").write_text(f"{100000 * usable + 1} 100000\n")
+    assert cpu_count(tmp_path) == usable  # a quota above the affinity does not add CPUs
+
+
+@pytest.mark.parametrize("value", [0, -1, 257, "many", 1.5])
+def test_processes_setting_is_checked(value: object) -> None:
+    with pytest.raises(SettingsError, match=r"server\.processes"):
+        build_settings({"workers": [{"url": "http://w1:8000"}], "server": {"processes": value}})
+
+
+@pytest.mark.parametrize("value", [1, 4, "auto"])
+def test_processes_setting_accepts(value: object) -> None:
+    settings = build_settings(
+        {"workers": [{"url": "http://w1:8000"}], "server": {"processes": value}}
+    )
+    assert settings.server.processes == value
