@@ -11,6 +11,7 @@ It also owns the one in-band error the gateway writes after it has committed a s
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -262,6 +263,9 @@ class StreamObserver:
         counted, by C-speed scans of the whole run (a stream read in one chunk under load is
         split only there). The cost: a broken token event that says ``"finish_reason":null``,
         or one next to an n > 1 event with two such matches, is not reported as malformed."""
+        if chunk.count(b"\n\n") == 1:  # one event a chunk, as a worker under light load sends
+            self._feed_block(chunk[:-2])
+            return
         news = _news_start(chunk)
         if news and _only_token_events(chunk[:news]):
             self.events += chunk.count(b"\n\n", 0, news)
@@ -347,6 +351,7 @@ class StreamObserver:
 _UNEVENTFUL = b'"finish_reason":null'
 # Any of these in an event means it may carry news: usage, an error, a finish (of any choice).
 _EVENTFUL = (b'"usage"', b'"error"', b'"finish_reason":"')
+_NEWS = re.compile(b"|".join(re.escape(m) for m in (*_EVENTFUL, b"[DONE]")))
 
 
 def _eventful(block: bytes) -> bool:
@@ -357,10 +362,10 @@ def _eventful(block: bytes) -> bool:
 def _news_start(chunk: bytes) -> int:
     """Where the first event that may carry news (usage, an error, a finish, ``[DONE]``)
     starts in a chunk of whole events; ``len(chunk)`` when none may."""
-    found = [i for m in (*_EVENTFUL, b"[DONE]") if (i := chunk.find(m)) >= 0]
-    if not found:
+    found = _NEWS.search(chunk)
+    if found is None:
         return len(chunk)
-    end_before = chunk.rfind(b"\n\n", 0, min(found))
+    end_before = chunk.rfind(b"\n\n", 0, found.start())
     return 0 if end_before < 0 else end_before + 2
 
 

@@ -60,7 +60,7 @@ async def test_bounded_wait_admits_when_a_slot_frees(
     _, gw = await start(sim, gateway, queue=5)
     held = await open_stalled_stream(client, gw)
     waiting = asyncio.create_task(client.post(f"{gw.url}/v1/chat/completions", json=chat()))
-    await wait_for(lambda: gw.proxy.admission._slots._waiters, 2, "second request queued")
+    await wait_for(lambda: gw.proxy.admission.waiting == 1, 2, "second request queued")
     assert not waiting.done()
     held.close()
     resp = await asyncio.wait_for(waiting, 5)

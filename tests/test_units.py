@@ -422,3 +422,66 @@ async def test_waiter_cancelled_after_being_handed_a_slot_gives_it_back() -> Non
     assert admission.in_flight == 0
     async with asyncio.timeout(DEADLINE), admission.slot():
         assert admission.in_flight == 1
+
+
+async def test_slots_go_to_waiters_in_arrival_order_and_not_to_a_newcomer() -> None:
+    """1. A holds the only slot; B then C queue. 2. A leaves: B (not C, not a newcomer D that
+    arrives in the same turn) gets it. 3. B leaves: C gets it."""
+    admission = Admission(1, queue_timeout=30.0, retry_after=1)
+    order: list[str] = []
+    gates = {name: asyncio.Event() for name in "ABCD"}
+
+    async def visit(name: str) -> None:
+        async with admission.slot():
+            order.append(name)
+            await gates[name].wait()
+
+    a = asyncio.create_task(visit("A"))
+    await asyncio.sleep(0)
+    b, c = asyncio.create_task(visit("B")), asyncio.create_task(visit("C"))
+    await asyncio.sleep(0)
+    gates["A"].set()
+    d = asyncio.create_task(visit("D"))  # arrives while B's grant is on its way
+    async with asyncio.timeout(DEADLINE):
+        while len(order) < 2:
+            await asyncio.sleep(0)
+        assert order == ["A", "B"] and admission.in_flight == 1
+        gates["B"].set()
+        while len(order) < 3:
+            await asyncio.sleep(0)
+        assert order == ["A", "B", "C"]
+        gates["C"].set()
+        gates["D"].set()
+        await asyncio.gather(a, b, c, d)
+    assert order == ["A", "B", "C", "D"]
+    await assert_all_slots_free(admission)
+
+
+async def test_a_waiter_that_is_cancelled_leaves_the_queue() -> None:
+    admission = Admission(1, queue_timeout=30.0, retry_after=1)
+    entered, release = asyncio.Event(), asyncio.Event()
+    holder = asyncio.create_task(hold(admission, entered, release))
+    await asyncio.wait_for(entered.wait(), DEADLINE)
+    gone = asyncio.create_task(hold(admission, asyncio.Event(), asyncio.Event()))
+    await asyncio.sleep(0)
+    gone.cancel()  # the client went away while queued
+    with pytest.raises(asyncio.CancelledError):
+        await gone
+    release.set()
+    await asyncio.wait_for(holder, DEADLINE)
+    await assert_all_slots_free(admission)
+
+
+async def test_a_slot_granted_as_the_wait_ends_is_passed_on() -> None:
+    """The holder leaves and, in the same loop turn, the waiter is cancelled (its timeout or
+    its client): the waiter does not get in, and the slot it was handed is not lost."""
+    admission = Admission(1, queue_timeout=30.0, retry_after=1)
+    slot = admission.slot()
+    await slot.__aenter__()
+    waiter = asyncio.create_task(hold(admission, asyncio.Event(), asyncio.Event()))
+    await asyncio.sleep(0)
+    await slot.__aexit__(None, None, None)  # hands the slot to the waiter, without suspending
+    waiter.cancel()  # before the waiter ran again
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(waiter, DEADLINE)
+    await assert_all_slots_free(admission)

@@ -1,0 +1,98 @@
+"""`python -m tests.bench.ab REV [REV ...]`: the gateway at other commits against the working
+tree, side by side in one run (runs alternate, so machine noise falls on all alike): req/s and
+CPU per request under `make bench`'s scenarios, one serving process each. For checking that a
+change to the hot path pays before it lands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import uvloop
+import yaml
+
+from tests.bench.loadgen import chat_body, closed_loop, open_loop
+from tests.bench.perf import SCENARIOS
+from tests.bench.systems import CACHE, MODELS, ROOT, System, mock_worker
+from tests.processes import START_TIMEOUT, Proc, http_status, poll_until
+
+
+def checkout(rev: str) -> Path:
+    path = CACHE / f"ab-{rev}"
+    if not path.exists():
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(path), rev],
+                       check=True, capture_output=True)  # fmt: skip
+    return path
+
+
+def start(name: str, tree: Path, worker: str, workdir: Path) -> System:
+    config = workdir / f"{name}.yaml"
+    server: dict[str, object] = {"host": "127.0.0.1", "port": 0}
+    if "processes" in (tree / "gateway" / "settings.py").read_text():
+        server["processes"] = 1  # older commits have one process and no such key
+    config.write_text(yaml.safe_dump({
+        "server": server,
+        "workers": [{"url": worker, "models": list(MODELS)}],
+        "limits": {"max_in_flight": 4096, "pool_size": 4096, "pool_per_worker": 4096},
+        "logging": {"level": "INFO", "format": "json"},
+    }))  # fmt: skip
+    proc = Proc([sys.executable, "-m", "gateway", "--config", str(config)], cwd=tree, name=name)
+    match = proc.wait_line(r"listening on (http://127\.0\.0\.1:\d+)", START_TIMEOUT)
+    url = match.group(1)
+    poll_until(lambda: http_status(url, "/ready") == 200, START_TIMEOUT, f"{name} ready")
+    return System(name, url, proc)
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m tests.bench.ab")
+    parser.add_argument("revs", nargs="+")
+    parser.add_argument("--scenarios", nargs="+", default=["c64-stream", "c64-json", "open-200"])
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    workdir = CACHE / "ab-run"
+    workdir.mkdir(parents=True, exist_ok=True)
+    direct, worker = mock_worker()
+    systems = [start(rev, checkout(rev), direct.url, workdir) for rev in args.revs]
+    systems.append(start("working-tree", ROOT, direct.url, workdir))
+    await asyncio.sleep(2)  # first probes done
+    table: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    try:
+        for i in range(args.repeats):
+            for key in args.scenarios:
+                sc = next(s for s in SCENARIOS if s.key == key)
+                for system in systems[i % len(systems) :] + systems[: i % len(systems)]:
+                    url = f"{system.url}/v1/chat/completions"
+                    data = chat_body(sc.model, sc.stream)
+                    before = system.cpu_seconds()
+                    label = f"#{i + 1} {key} {system.name}"
+                    if sc.rate:
+                        s = await open_loop(url, data, sc.stream, sc.rate, args.seconds, label)
+                    else:
+                        s = await closed_loop(url, data, sc.stream, sc.concurrency,
+                                              args.seconds, label)  # fmt: skip
+                    cpu = 1000 * (system.cpu_seconds() - before) / max(len(s.total), 1)
+                    table.setdefault((key, system.name), []).append((s.rate, cpu))
+                    await asyncio.sleep(0.5)
+    finally:
+        for system in systems:
+            assert system.proc is not None
+            system.proc.kill()
+        worker.kill()
+    print("| scenario | gateway | req/s | CPU ms / req |\n|---|---|---|---|")
+    for (key, name), runs in table.items():
+        rates, cpus = [r for r, _ in runs], [c for _, c in runs]
+        print(f"| {key} | {name} | {statistics.median(rates):.0f} ({min(rates):.0f}-"
+              f"{max(rates):.0f}) | {statistics.median(cpus):.3f} ({min(cpus):.3f}-"
+              f"{max(cpus):.3f}) |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONDONTWRITEBYTECODE", "1")
+    uvloop.run(main())

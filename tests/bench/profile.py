@@ -1,0 +1,87 @@
+"""`python -m tests.bench.profile SCENARIO`: where the gateway's CPU goes under one of
+``make bench``'s scenarios. One serving process (so one profile holds all of it) runs under
+py-spy while the load generator drives it; prints the top functions by own time and the
+gateway's own functions by inclusive time; the raw profile is kept for a flame graph.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import subprocess
+import sys
+from pathlib import Path
+
+import uvloop
+import yaml
+
+from tests.bench import loadgen
+from tests.bench.loadgen import chat_body
+from tests.bench.perf import SCENARIOS
+from tests.bench.systems import MODELS, mock_worker
+from tests.processes import start_gateway
+
+
+async def drive(url: str, key: str, seconds: float) -> loadgen.Sample:
+    sc = next(s for s in SCENARIOS if s.key == key)
+    data = chat_body(sc.model, sc.stream)
+    if sc.rate:
+        return await loadgen.open_loop(url, data, sc.stream, sc.rate, seconds, key)
+    return await loadgen.closed_loop(url, data, sc.stream, sc.concurrency, seconds, key)
+
+
+def top(raw: Path, n: int) -> str:
+    own: collections.Counter[str] = collections.Counter()
+    inclusive: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        frames = stack.split(";")
+        total += int(count)
+        own[frames[-1]] += int(count)
+        for frame in set(frames):
+            inclusive[frame] += int(count)
+    lines = [f"{total} samples", "-- own time"]
+    lines += [f"{100 * c / total:5.1f}% {f}" for f, c in own.most_common(n)]
+    lines.append("-- inclusive, the gateway's own functions")
+    ours = [(f, c) for f, c in inclusive.most_common() if "gateway/" in f and "__main__" not in f]
+    lines += [f"{100 * c / total:5.1f}% {f}" for f, c in ours[:n]]
+    return "\n".join(lines)
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m tests.bench.profile")
+    parser.add_argument("scenario", choices=[s.key for s in SCENARIOS])
+    parser.add_argument("--seconds", type=float, default=12.0)
+    parser.add_argument("--top", type=int, default=30)
+    parser.add_argument("--out", type=Path, default=Path("/tmp/vllm-gateway-profile.txt"))
+    args = parser.parse_args()
+    direct, worker = mock_worker()
+    config = args.out.with_suffix(".yaml")
+    config.write_text(yaml.safe_dump({
+        "server": {"host": "127.0.0.1", "port": 0, "processes": 1},
+        "workers": [{"url": direct.url, "models": list(MODELS)}],
+        "limits": {"max_in_flight": 4096, "pool_size": 4096, "pool_per_worker": 4096},
+        "logging": {"level": "INFO", "format": "json"},
+    }))  # fmt: skip
+    gw = start_gateway(config)
+    try:
+        url = f"{gw.url}/v1/chat/completions"
+        await drive(url, args.scenario, 2.0)  # warm up
+        spy = subprocess.Popen(
+            [str(Path(sys.executable).with_name("py-spy")), "record", "--rate", "250",
+             "--format", "raw", "--output", str(args.out), "--duration", str(int(args.seconds)),
+             "--pid", str(gw.proc.popen.pid)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        s = await drive(url, args.scenario, args.seconds + 1)
+        spy.wait(30)
+        print(f"{args.scenario}: {s.rate:.0f} req/s, {s.errors} errors")
+        print(top(args.out, args.top))
+    finally:
+        gw.proc.kill()
+        worker.kill()
+
+
+if __name__ == "__main__":
+    uvloop.run(main())
