@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import sys
 from collections.abc import Coroutine
@@ -11,7 +12,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from gateway.logs import configure_logging
-from gateway.settings import SettingsError, load_settings, per_process
+from gateway.settings import Settings, SettingsError, load_settings, per_process
 
 T = TypeVar("T")
 
@@ -30,9 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"vllm-gateway: {exc}", file=sys.stderr)
         return 2
-    from gateway.supervisor import METRICS_DIR_ENV, process_count, supervise
+    from gateway.supervisor import METRICS_DIR_ENV, exec_supervisor, process_count
 
-    processes = args.child or process_count(settings)
+    processes = args.child or process_count(settings.server.processes)
     if args.check:
         print(
             f"settings OK: {len(settings.workers)} worker(s), port {settings.server.port}, "
@@ -40,15 +41,35 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 0
     configure_logging(settings.logging)
+    if processes > 1 and not args.child:
+        _warn_local_rate_limits(settings, processes)
+        server = settings.server
+        exec_supervisor(
+            processes, server.host, server.port,
+            server.shutdown_grace + server.drain_timeout + STOP_MARGIN,
+            settings.logging.level, settings.logging.format, args.config,
+        )  # fmt: skip
     from gateway.server import serve  # not needed (nor paid for) by --check
 
     if args.child:
-        _run(serve(per_process(settings, args.child), metrics_dir=os.environ[METRICS_DIR_ENV]))
-        return 0
-    if processes == 1:
+        settings = per_process(settings, args.child)
+        _run(serve(settings, metrics_dir=os.environ[METRICS_DIR_ENV]))
+    else:
         _run(serve(settings))
-        return 0
-    return _run(supervise(settings, args.config, processes))
+    return 0
+
+
+STOP_MARGIN = 5.0  # the parent's wait for its children: their drain budget plus this
+
+
+def _warn_local_rate_limits(settings: Settings, processes: int) -> None:
+    auth = settings.auth
+    if settings.redis.url is None and (auth.keys or auth.keys_file is not None):
+        logging.getLogger("gateway").warning(
+            "per-key rate limits are counted by each of the %d serving processes on its own; "
+            "set redis.url to share them",
+            processes,
+        )
 
 
 def _run(main_coro: Coroutine[Any, Any, T]) -> T:

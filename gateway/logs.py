@@ -13,11 +13,12 @@ import os
 import sys
 import time
 from contextvars import ContextVar
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from gateway.settings import LogSettings
+if TYPE_CHECKING:  # the supervisor logs without loading the settings models (see there)
+    from gateway.settings import LogSettings
 
 request_id_var: ContextVar[str] = ContextVar("request_id", default="-")
 
@@ -110,6 +111,10 @@ class LoopBatchedHandler(logging.StreamHandler):  # type: ignore[type-arg]
 
 
 def configure_logging(settings: LogSettings) -> None:
+    configure(settings.level, settings.format)
+
+
+def configure(level: str, fmt: str) -> None:
     # Record fields no formatter here prints: skip collecting them for every line (the logging
     # HOWTO's "Optimization"; finding the caller walks the stack on each call).
     logging._srcfile = None
@@ -118,8 +123,8 @@ def configure_logging(settings: LogSettings) -> None:
     logging.logMultiprocessing = False
     handler = LoopBatchedHandler()
     handler.addFilter(_RequestIdFilter())
-    handler.setFormatter(JsonFormatter() if settings.format == "json" else TextFormatter())
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(settings.level)
+    root.setLevel(level)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)

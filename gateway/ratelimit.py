@@ -28,13 +28,24 @@ import os
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from gateway.auth import Client
 from gateway.errors import Overloaded, RateLimited
 from gateway.metrics import GatewayMetrics
-from gateway.ratelimit_local import LocalLimits, Rate, Scope, Verdict, headers
-from gateway.ratelimit_redis import LEASE_SECONDS, RedisLimits, RedisUnavailable
+from gateway.ratelimit_local import (
+    LEASE_SECONDS,
+    LocalLimits,
+    Rate,
+    RedisUnavailable,
+    Scope,
+    Verdict,
+    headers,
+)
 from gateway.settings import RateLimits, RedisSettings
+
+if TYPE_CHECKING:
+    from gateway.ratelimit_redis import RedisLimits
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +117,11 @@ class RateLimiter:
         self._on_error = redis.on_error
         self._metrics = metrics
         self._local = LocalLimits(clock)
-        self._redis = RedisLimits(redis, lease_seconds) if redis.url else None
+        self._redis: RedisLimits | None = None
+        if redis.url:
+            from gateway.ratelimit_redis import RedisLimits  # only then: see LEASE_SECONDS
+
+            self._redis = RedisLimits(redis, lease_seconds)
         self._up = self._redis is not None
         self._leases: dict[str, tuple[str, ...]] = {}  # our shared leases: id -> scope keys
         self._lease_prefix = os.urandom(6).hex()  # lease ids unique across replicas

@@ -18,6 +18,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 PERIOD = 60.0  # every rate limit is per minute
+# Shared limits (ratelimit_redis) are named here, where the request path can use them without
+# importing the Redis client, which costs 17 MB in every process that has no Redis configured.
+LEASE_SECONDS = 30.0  # an in-flight lease lives this long unless renewed
+
+
+class RedisUnavailable(Exception):
+    """Redis could not be asked: unreachable, slower than ``redis.timeout``, or an error."""
+
+
 # Seconds of float rounding forgiven: `limit` intervals of 60 / limit may sum to 60.000...01,
 # which must not refuse the limit-th request of a minute.
 SLACK = 1e-6

@@ -27,11 +27,19 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError
 
-from gateway.ratelimit_local import PERIOD, SLACK, Rate, Scope, Verdict, refusal
+from gateway.ratelimit_local import (
+    LEASE_SECONDS,
+    PERIOD,
+    SLACK,
+    Rate,
+    RedisUnavailable,
+    Scope,
+    Verdict,
+    refusal,
+)
 from gateway.settings import RedisSettings
 
 PREFIX = "vllm-gateway:"
-LEASE_SECONDS = 30.0  # an in-flight lease lives this long unless renewed
 MAX_CONNECTIONS = 32  # Redis calls in flight at once; more wait for a connection (bounded)
 CLOSE_TIMEOUT = 2.0
 
@@ -123,10 +131,6 @@ for i = 1, #KEYS do
 end
 return 1
 """)
-
-
-class RedisUnavailable(Exception):
-    """Redis could not be asked: unreachable, slower than ``redis.timeout``, or an error."""
 
 
 class RedisLimits:

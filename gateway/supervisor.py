@@ -1,10 +1,13 @@
 """Several serving processes on one port: the parent that starts, watches and stops them.
 
-With ``server.processes`` above 1 the ``vllm-gateway`` process serves nothing itself. It
+With ``server.processes`` above 1, ``vllm-gateway`` checks its settings and then replaces
+itself (``exec``, same pid: still PID 1 in a container) with ``python -m gateway.supervisor``,
+which imports nothing but the standard library and the log format, so the parent costs about
+15 MB instead of a serving process's 60. The parent
 
 1. picks the port (binding port 0 once, and keeping that socket bound, not listening, so the
    port stays ours), and makes a fresh folder for prometheus_client's multiprocess files;
-2. starts N children (``python -m gateway --config ... --child N``), each listening on the same
+2. starts N children (``python -m gateway --child N --config ...``), each listening on the same
    address with ``SO_REUSEPORT``, so the kernel spreads new connections over them; each child
    takes 1/N of the connection and in-flight limits (``settings.per_process``);
 3. restarts a child that dies on its own (after a second, so a crash loop does not spin);
@@ -23,6 +26,7 @@ worker that leaves the fleet keeps its series until the gateway restarts.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import logging
@@ -35,15 +39,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-from gateway.settings import Settings
+from gateway.logs import configure
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("gateway.supervisor")
 
 METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus_client reads it at import
 RESTART_DELAY = 1.0
-STOP_MARGIN = 5.0  # beyond the children's own grace + drain budget, before SIGKILL
-
-
 CGROUP = Path("/sys/fs/cgroup")
 
 
@@ -70,9 +71,24 @@ def cgroup_cpu_quota(cgroup: Path = CGROUP) -> float | None:
     return None
 
 
-def process_count(settings: Settings) -> int:
-    wanted = settings.server.processes
-    return cpu_count() if wanted == "auto" else wanted
+def process_count(wanted: int | str) -> int:
+    return cpu_count() if wanted == "auto" else int(wanted)
+
+
+def exec_supervisor(
+    processes: int, host: str, port: int, stop_budget: float, log_level: str, log_format: str,
+    config: Path | None,
+) -> None:  # fmt: skip
+    """Become the parent of ``processes`` serving processes (never returns)."""
+    child = ["--child", str(processes)] + (["--config", str(config)] if config else [])
+    argv = [
+        sys.executable, "-m", "gateway.supervisor", "--processes", str(processes),
+        "--host", host, "--port", str(port), "--stop-budget", str(stop_budget),
+        "--log-level", log_level, "--log-format", log_format, "--", *child,
+    ]  # fmt: skip
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, argv)  # noqa: S606 (our own interpreter, our own module)
 
 
 def reserve_port(host: str, port: int) -> socket.socket:
@@ -86,38 +102,24 @@ def reserve_port(host: str, port: int) -> socket.socket:
     return sock
 
 
-async def supervise(settings: Settings, config: Path | None, processes: int) -> int:
-    reserved = reserve_port(settings.server.host, settings.server.port)
+async def supervise(args: argparse.Namespace) -> int:
+    reserved = reserve_port(args.host, args.port)
     port = reserved.getsockname()[1]
     metrics_dir = tempfile.mkdtemp(prefix="vllm-gateway-metrics-")
-    env = {
-        **os.environ,
-        METRICS_DIR_ENV: metrics_dir,
-        "VLLM_GATEWAY_SERVER__PORT": str(port),
-    }
-    args = [sys.executable, "-m", "gateway", "--child", str(processes)]
-    if config is not None:
-        args += ["--config", str(config)]
+    env = {**os.environ, METRICS_DIR_ENV: metrics_dir, "VLLM_GATEWAY_SERVER__PORT": str(port)}
+    child_args = [sys.executable, "-m", "gateway", *args.child]
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
-    log.info("starting %d serving processes on port %d", processes, port)
-    auth = settings.auth
-    if settings.redis.url is None and (auth.keys or auth.keys_file is not None):
-        log.warning(
-            "per-key rate limits are counted by each of the %d serving processes on its own; "
-            "set redis.url to share them",
-            processes,
-        )
+    log.info("starting %d serving processes on port %d", args.processes, port)
     try:
-        slots = [_Slot(args, env, metrics_dir) for _ in range(processes)]
+        slots = [_Slot(child_args, env, metrics_dir) for _ in range(args.processes)]
         await asyncio.gather(*(slot.start() for slot in slots))
         watchers = [asyncio.create_task(slot.keep_running(stopping)) for slot in slots]
         await stopping.wait()
-        log.info("stopping: SIGTERM to %d serving processes", processes)
-        budget = settings.server.shutdown_grace + settings.server.drain_timeout + STOP_MARGIN
-        codes = await asyncio.gather(*(slot.stop(budget) for slot in slots))
+        log.info("stopping: SIGTERM to %d serving processes", args.processes)
+        codes = await asyncio.gather(*(slot.stop(args.stop_budget) for slot in slots))
         for watcher in watchers:
             watcher.cancel()
         return 0 if all(code == 0 for code in codes) else 1
@@ -176,7 +178,28 @@ class _Slot:
 
 
 def _forget(metrics_dir: str, pid: int) -> None:
-    """A dead child's live gauges (in flight) must not count any more; its counters stay."""
+    """A dead child's live gauges (in flight) must not count any more; its counters stay.
+    (Imported here: the parent pays for prometheus_client only once a child has died.)"""
     from prometheus_client import multiprocess
 
     multiprocess.mark_process_dead(pid, metrics_dir)  # type: ignore[no-untyped-call]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m gateway.supervisor")
+    parser.add_argument("--processes", type=int, required=True)
+    parser.add_argument("--host", required=True)
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--stop-budget", type=float, required=True)
+    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-format", default="json")
+    parser.add_argument("child", nargs=argparse.REMAINDER, help="-- the children's arguments")
+    args = parser.parse_args(argv)
+    if args.child[:1] == ["--"]:
+        args.child = args.child[1:]
+    configure(args.log_level, args.log_format)
+    return asyncio.run(supervise(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
