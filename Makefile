@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: run test lint format check-config clean tools prometheus-tools deploy-tools grafana-tools redis-tools bench bench-resume bench-routing
+.PHONY: run test lint format check-config clean tools prometheus-tools deploy-tools grafana-tools redis-tools bench bench-soak bench-resume bench-routing
 
 $(STAMP): pyproject.toml
 	rm -f $(VENV)/.installed-*
@@ -60,10 +60,21 @@ grafana-tools:
 test: $(STAMP) tools prometheus-tools deploy-tools grafana-tools redis-tools
 	$(PY) -m pytest
 
-# What the gateway adds per request, side by side with direct and a bare pass-through proxy;
-# writes tests/bench/RESULTS.md (a few minutes). Peers (vllm-router, LiteLLM): issue 6, to come.
-bench: $(STAMP)
+BENCH_STAMP := $(VENV)/.bench-$(shell cksum pyproject.toml | cut -d' ' -f1)
+
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e '.[dev,bench]'
+	touch $@
+
+# What the gateway adds per request, side by side with direct, a bare pass-through proxy and
+# the peers (vllm-router, LiteLLM: installed on first use into .cache/bench); writes
+# tests/bench/RESULTS.md and two plots (about 25 minutes; see --help for a shorter run).
+bench: $(BENCH_STAMP)
 	$(PY) -m tests.bench.perf
+
+# Ten minutes of steady load on the gateway: RSS at the start and the end (tests/bench/SOAK.md).
+bench-soak: $(BENCH_STAMP)
+	$(PY) -m tests.bench.soak
 
 # Streams that survive a dying worker: resume on vs off under repeated worker kills; writes
 # tests/bench/RESUME.md (about 2 minutes).

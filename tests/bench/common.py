@@ -7,6 +7,7 @@ import argparse
 import contextlib
 import os
 import platform
+from collections.abc import Callable
 from pathlib import Path
 
 import uvloop
@@ -23,11 +24,19 @@ def machine() -> str:
     return f"{os.cpu_count()} x {model}, Python {platform.python_version()}"
 
 
-def options(name: str, seconds: float, repeats: int) -> tuple[argparse.Namespace, Path]:
-    """``--seconds`` and ``--repeats`` with these defaults, and a scratch folder for the run."""
+def options(
+    name: str,
+    seconds: float,
+    repeats: int,
+    more: Callable[[argparse.ArgumentParser], None] | None = None,
+) -> tuple[argparse.Namespace, Path]:
+    """``--seconds`` and ``--repeats`` with these defaults (``more`` adds a benchmark's own
+    options), and a scratch folder for the run."""
     parser = argparse.ArgumentParser(prog=f"python -m tests.bench.{name}")
     parser.add_argument("--seconds", type=float, default=seconds, help="length of each run")
     parser.add_argument("--repeats", type=int, default=repeats, help="runs per system")
+    if more is not None:
+        more(parser)
     args = parser.parse_args()
     workdir = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench-{name}-{os.getpid()}"
     workdir.mkdir(parents=True, exist_ok=True)

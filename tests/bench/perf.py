@@ -1,241 +1,369 @@
-"""`make bench`: what the gateway adds to every request, side by side with the limit (direct
-to the worker) and the Python floor (a bare pass-through proxy).
+"""`make bench`: what the gateway adds to every request, side by side with the limit (direct to
+the worker), the Python floor (a bare pass-through proxy) and the peers (vllm-router, LiteLLM).
 
-Method: one mock worker (`mockworker.py`: 50-chunk streams written with no sleeps, or one JSON
-body) and each proxy run as subprocesses on loopback; a closed-loop client here (uvloop) keeps
-C requests in flight for a fixed time and records per request the time to the first content
-event and the total time. Systems are interleaved within each repeat so machine noise falls
-on all of them; CPU seconds and peak RSS of the proxy process come from /proc. The gateway runs
-with its features on (metrics, routing, timeouts, admission); only its limits are raised so it
-does not shed the benchmark's own load.
+Method: one mock worker (`mockworker.py`) and each system run as process trees on loopback on
+this machine; the load generator (`loadgen.py`, uvloop) runs here. Within each repeat every
+scenario runs on every system in turn (the order rotates between repeats), so machine noise
+falls on all of them alike; "added" figures are differences to direct within the same repeat.
+CPU seconds (per request) and peak resident memory are read from /proc for each system's whole
+process tree. The gateway runs as shipped, features on (metrics, least-loaded routing with
+worker scraping, every timeout, the JSON access log, `processes: auto`); only its limits are
+raised so it does not shed the benchmark's own load, as are vllm-router's.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import os
+import importlib.metadata
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
-import aiohttp
-import orjson
 import uvloop
 
+from tests.bench import loadgen
 from tests.bench.common import machine, options
-from tests.processes import Proc, free_port, http_status, poll_until, start_gateway, write_config
+from tests.bench.loadgen import Sample, chat_body, quantile
+from tests.bench.mockworker import PACES
+from tests.bench.systems import RssSampler, System, started
 
-RESULTS = Path(__file__).with_name("RESULTS.md")
-PY = sys.executable
-
-
-@dataclass
-class Sample:
-    ttft: list[float] = field(default_factory=list)
-    total: list[float] = field(default_factory=list)
-    errors: int = 0
-    seconds: float = 0.0
-    cpu: float = 0.0  # proxy CPU seconds during the run
-    rss_mb: float = 0.0
-
-    @property
-    def rate(self) -> float:
-        return len(self.total) / self.seconds if self.seconds else 0.0
-
-    def q(self, values: list[float], p: float) -> float:
-        ordered = sorted(values)
-        return ordered[min(len(ordered) - 1, int(p * len(ordered)))] if ordered else float("nan")
+HERE = Path(__file__).parent
+RESULTS = HERE / "RESULTS.md"
+SYSTEMS = ["passthrough", "vllm-gateway", "vllm-router", "litellm"]
+SLOW_GAP = 0.1  # a slow stream "saw a gap" when one exceeded the worker's step by this much
 
 
-def body(stream: bool) -> bytes:
-    return orjson.dumps(
-        {"model": "sim-model", "messages": [{"role": "user", "content": "hi"}], "stream": stream}
-    )
+@dataclass(frozen=True)
+class Scenario:
+    key: str
+    title: str
+    model: str
+    stream: bool
+    concurrency: int = 0  # closed loop at this concurrency, or
+    rate: float = 0.0  # open loop at this arrival rate
+    seconds: float = 1.0  # times --seconds
+    ramp: float = 0.0
 
 
-async def one(
-    session: aiohttp.ClientSession, url: str, data: bytes, stream: bool, s: Sample
-) -> None:
-    started = time.perf_counter()
-    first: float | None = None
-    try:
-        async with session.post(url, data=data, headers={"Content-Type": "application/json"}) as r:
-            if r.status != 200:
-                s.errors += 1
-                await r.read()
-                return
-            if stream:
-                async for line in r.content:
-                    if first is None and b'"content":" ' in line:
-                        first = time.perf_counter()
-            else:
-                await r.read()
-                first = time.perf_counter()
-    except aiohttp.ClientError:
-        s.errors += 1
-        return
-    end = time.perf_counter()
-    s.ttft.append((first or end) - started)
-    s.total.append(end - started)
+SCENARIOS = [
+    Scenario("c1-stream", "1 stream at a time", "sim-model", True, concurrency=1),
+    Scenario("c1-json", "1 JSON request at a time", "sim-model", False, concurrency=1),
+    Scenario("c16-stream", "16 concurrent streams", "sim-model", True, concurrency=16),
+    Scenario("c64-stream", "64 concurrent streams", "sim-model", True, concurrency=64),
+    Scenario("c64-json", "64 concurrent JSON requests", "sim-model", False, concurrency=64),
+    Scenario("c256-stream", "256 concurrent streams", "sim-model", True, concurrency=256),
+    Scenario("c256-json", "256 concurrent JSON requests", "sim-model", False, concurrency=256),
+    Scenario(
+        "realistic-512", "512 realistic streams (20 ms to first token, 5 ms x 50 tokens)",
+        "sim-realistic", True, concurrency=512, seconds=1.5, ramp=1.0,
+    ),
+    Scenario(
+        "open-200", "open loop, 200 realistic streams/s", "sim-realistic", True, rate=200,
+        seconds=1.5,
+    ),
+    Scenario(
+        "open-json-500", "open loop, 500 JSON requests/s", "sim-model", False, rate=500,
+        seconds=1.0,
+    ),
+    Scenario(
+        "slow-2000", "2,000 concurrent slow streams (200 ms x 25 tokens)", "sim-slow", True,
+        concurrency=2000, seconds=2.0, ramp=2.0,
+    ),
+]  # fmt: skip
+SWEEP = ["c1-stream", "c16-stream", "c64-stream", "c256-stream"]  # the plots' x axis
 
 
-async def closed_loop(url: str, concurrency: int, seconds: float, stream: bool, s: Sample) -> None:
-    data = body(stream)
-    deadline = time.perf_counter() + seconds
-    connector = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(connector=connector) as session:
-
-        async def worker() -> None:
-            while time.perf_counter() < deadline:
-                await one(session, url, data, stream, s)
-
-        started = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        s.seconds = time.perf_counter() - started
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def peak_rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
-def start(args: list[str], url: str, name: str) -> Proc:
-    proc = Proc(args, name=name)
-    poll_until(lambda: http_status(url, "/health") in (200, 404, 405), 20, f"{name} up")
-    return proc
-
-
-@dataclass
-class System:
-    name: str
-    url: str
-    pid: int | None  # the proxy process measured; None for direct
-
-
-async def measure(system: System, concurrency: int, seconds: float, stream: bool) -> Sample:
-    s = Sample()
-    before = cpu_seconds(system.pid) if system.pid else 0.0
-    await closed_loop(f"{system.url}/v1/chat/completions", concurrency, seconds, stream, s)
-    if system.pid:
-        s.cpu = cpu_seconds(system.pid) - before
-        s.rss_mb = peak_rss_mb(system.pid)
+async def measure(system: System, sc: Scenario, seconds: float, label: str) -> Sample:
+    url = f"{system.url}/v1/chat/completions"
+    data = chat_body(sc.model, sc.stream)
+    before = system.cpu_seconds()
+    with RssSampler(system) as rss:
+        if sc.rate:
+            s = await loadgen.open_loop(url, data, sc.stream, sc.rate, seconds, label)
+        else:
+            s = await loadgen.closed_loop(
+                url, data, sc.stream, sc.concurrency, seconds, label, ramp=sc.ramp
+            )
+    s.cpu = system.cpu_seconds() - before
+    s.rss_mb = rss.peak
     return s
 
 
-SCENARIOS = [(1, True), (1, False), (64, True), (64, False), (256, True)]
+Results = dict[tuple[str, str], list[Sample]]  # (system, scenario) -> one Sample per repeat
+
+
+def more_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--systems", nargs="+", default=SYSTEMS, choices=SYSTEMS)
+    parser.add_argument(
+        "--scenarios", nargs="+", default=[s.key for s in SCENARIOS],
+        choices=[s.key for s in SCENARIOS],
+    )  # fmt: skip
 
 
 async def main() -> None:
-    args, workdir = options("perf", 8.0, 3)
-    procs: list[Proc] = []
-    try:
-        wport, pport = free_port(), free_port()
-        worker_url = f"http://127.0.0.1:{wport}"
-        procs.append(
-            start([PY, "-m", "tests.bench.mockworker", "--port", str(wport)], worker_url, "mock")
-        )
-        passthrough = f"http://127.0.0.1:{pport}"
-        procs.append(
-            start(
-                [
-                    PY,
-                    "-m",
-                    "tests.bench.passthrough",
-                    "--port",
-                    str(pport),
-                    "--upstream",
-                    worker_url,
-                ],
-                passthrough,
-                "passthrough",
-            )
-        )
-        config = write_config(
-            workdir / "gateway.yaml",
-            [worker_url],
-            limits={"max_in_flight": 1024, "pool_size": 1024, "pool_per_worker": 1024},
-            logging={"level": "INFO", "format": "json"},  # the defaults: the access log is on
-        )
-        gateway = start_gateway(config)
-        procs.append(gateway.proc)
-        systems = [
-            System("direct", worker_url, None),
-            System("passthrough", passthrough, procs[1].popen.pid),
-            System("vllm-gateway", gateway.url, gateway.proc.popen.pid),
-        ]
-        results: dict[tuple[str, int, bool], list[Sample]] = {}
-        for c, stream in SCENARIOS:
-            for i in range(args.repeats):
-                for system in systems:
-                    s = await measure(system, c, args.seconds, stream)
-                    results.setdefault((system.name, c, stream), []).append(s)
-                    print(f"c={c} stream={stream} {system.name} #{i + 1}: {s.rate:.0f} req/s, "
-                          f"ttft p50 {1000 * s.q(s.ttft, 0.5):.2f} ms, errors {s.errors}",
-                          file=sys.stderr, flush=True)  # fmt: skip
-        text = report(results, systems, args)
-        RESULTS.write_text(text, encoding="utf-8")
-        print(text)
-    finally:
-        for proc in procs:
-            proc.kill()
+    args, workdir = options("perf", 6.0, 3, more_options)
+    scenarios = [s for s in SCENARIOS if s.key in args.scenarios]
+    results: Results = {}
+    with started(args.systems, workdir) as systems:
+        for i in range(args.repeats):
+            order = systems[i % len(systems) :] + systems[: i % len(systems)]
+            for sc in scenarios:
+                for system in order:
+                    label = f"#{i + 1} {sc.key} {system.name}"
+                    s = await measure(system, sc, sc.seconds * args.seconds, label)
+                    results.setdefault((system.name, sc.key), []).append(s)
+                    await asyncio.sleep(1.0)  # connections close, timers settle
+        text = report(results, systems, scenarios, args)
+    RESULTS.write_text(text, encoding="utf-8")
+    plot(results, [s.name for s in systems], scenarios)
+    print(text)
 
 
-HEADER = (
-    "| C | body | system | req/s | vs direct | TTFT p50 / p99 (ms) | added p50 / p99 (ms) "
-    "| CPU ms / req | peak RSS (MB) | errors |\n|---|---|---|---|---|---|---|---|---|---|"
-)
+# --- the report -------------------------------------------------------------------------------
 
 
-def med(values: list[float]) -> float:
+def med(values: Sequence[float]) -> float:
+    values = [v for v in values if v == v]  # drop NaN (no samples)
     return statistics.median(values) if values else float("nan")
 
 
-def report(
-    results: dict[tuple[str, int, bool], list[Sample]],
-    systems: list[System],
-    args: argparse.Namespace,
-) -> str:
-    rows = []
-    for c, stream in SCENARIOS:
-        direct = results[("direct", c, stream)]
-        for system in systems:
-            runs = results[(system.name, c, stream)]
-            rates = [r.rate for r in runs]
-            ttft50 = [1000 * r.q(r.ttft, 0.5) for r in runs]
-            ttft99 = [1000 * r.q(r.ttft, 0.99) for r in runs]
-            added50 = med(ttft50) - med([1000 * r.q(r.ttft, 0.5) for r in direct])
-            added99 = med(ttft99) - med([1000 * r.q(r.ttft, 0.99) for r in direct])
-            cpu = [1000 * r.cpu / max(len(r.total), 1) for r in runs]
-            direct_rate = med([r.rate for r in direct])
-            rows.append(
-                f"| {c} | {'stream' if stream else 'json'} | {system.name} | {med(rates):.0f} "
-                f"({min(rates):.0f}-{max(rates):.0f}) | {med(rates) / direct_rate:.2f} "
-                f"| {med(ttft50):.2f} / {med(ttft99):.2f} | {added50:+.2f} / {added99:+.2f} "
-                f"| {med(cpu):.2f} | {max(r.rss_mb for r in runs):.0f} "
-                f"| {sum(r.errors for r in runs)} |"
-            )
-    return f"""# `make bench`: what the gateway adds, side by side
+def spread(values: Sequence[float], fmt: str = "{:.0f}") -> str:
+    clean = [v for v in values if v == v]
+    if not clean:
+        return "-"
+    if len(clean) == 1:
+        return fmt.format(clean[0])
+    return f"{fmt.format(med(clean))} ({fmt.format(min(clean))}-{fmt.format(max(clean))})"
 
-{(__doc__ or "").split(chr(10), 2)[2].strip()}
+
+def ms(q: float) -> Callable[[Sample], float]:
+    return lambda s: 1000 * quantile(s.ttft, q)
+
+
+def per_repeat(results: Results, name: str, key: str, f: Callable[[Sample], float]) -> list[float]:
+    return [f(s) for s in results.get((name, key), [])]
+
+
+def added(results: Results, name: str, key: str, f: Callable[[Sample], float]) -> list[float]:
+    """``f`` of the system minus ``f`` of direct, repeat by repeat."""
+    return [a - b for a, b in zip(per_repeat(results, name, key, f),
+                                  per_repeat(results, "direct", key, f), strict=False)]  # fmt: skip
+
+
+def ratio(
+    results: Results, name: str, other: str, key: str, f: Callable[[Sample], float]
+) -> list[float]:
+    return [a / b if b else float("nan") for a, b in zip(
+        per_repeat(results, name, key, f), per_repeat(results, other, key, f), strict=False
+    )]  # fmt: skip
+
+
+def rate(s: Sample) -> float:
+    return s.rate
+
+
+def total_ms(q: float) -> Callable[[Sample], float]:
+    return lambda s: 1000 * quantile(s.total, q)
+
+
+def gap_ms(q: float) -> Callable[[Sample], float]:
+    return lambda s: 1000 * quantile(s.gaps, q)
+
+
+def cpu_ms(s: Sample) -> float:
+    return 1000 * s.cpu / max(len(s.total), 1)
+
+
+def smooth_share(step: float) -> Callable[[Sample], float]:
+    """Share of streams whose every gap stayed under the worker's step plus ``SLOW_GAP``."""
+    return lambda s: (
+        100 * sum(1 for g in s.max_gap if g <= step + SLOW_GAP) / len(s.max_gap)
+        if s.max_gap else float("nan")
+    )  # fmt: skip
+
+
+def scenario_table(results: Results, names: list[str], sc: Scenario) -> str:
+    head = (
+        "| system | req/s | vs direct | TTFT p50 / p99 (ms) | added TTFT p50 / p99 (ms) "
+        "| added total p50 / p99 (ms) | gap p99 (ms) | CPU ms / req | peak RSS (MB) | errors |"
+    )
+    rows = [head, "|" + "---|" * 10]
+    for name in names:
+        runs = results.get((name, sc.key), [])
+        if not runs:
+            continue
+        errors = sum(s.errors for s in runs)
+        kinds: dict[str, int] = {}
+        for s in runs:
+            for k, n in s.error_kinds.items():
+                kinds[k] = kinds.get(k, 0) + n
+        error_cell = str(errors) + (f" ({', '.join(f'{k}: {n}' for k, n in kinds.items())})"
+                                    if kinds else "")  # fmt: skip
+
+        def cell(f: Callable[[Sample], float], fmt: str) -> str:
+            return spread(per_repeat(results, name, sc.key, f), fmt)  # noqa: B023
+
+        proxy = name != "direct"
+        cells = [
+            name,
+            cell(rate, "{:.0f}"),
+            spread(ratio(results, name, "direct", sc.key, rate), "{:.2f}"),
+            f"{cell(ms(0.5), '{:.2f}')} / {cell(ms(0.99), '{:.2f}')}",
+            f"{_added(results, name, sc.key, ms(0.5))} / {_added(results, name, sc.key, ms(0.99))}",
+            f"{_added(results, name, sc.key, total_ms(0.5))} / "
+            f"{_added(results, name, sc.key, total_ms(0.99))}",
+            cell(gap_ms(0.99), "{:.1f}"),
+            cell(cpu_ms, "{:.2f}") if proxy else "-",
+            spread([s.rss_mb for s in runs]) if proxy else "-",
+            error_cell,
+        ]
+        rows.append("| " + " | ".join(cells) + " |")
+    if sc.model == "sim-slow":
+        step = PACES["sim-slow"].itl
+        rows.append("")
+        rows.append(
+            f"Streams with no gap over {1000 * (step + SLOW_GAP):.0f} ms (the worker's "
+            f"{1000 * step:.0f} ms step + {1000 * SLOW_GAP:.0f} ms): "
+            + "; ".join(
+                f"{name} {spread(per_repeat(results, name, sc.key, smooth_share(step)), '{:.1f}')}%"
+                for name in names if results.get((name, sc.key))
+            )
+        )  # fmt: skip
+    return "\n".join(rows)
+
+
+def _added(results: Results, name: str, key: str, f: Callable[[Sample], float]) -> str:
+    if name == "direct":
+        return "-"
+    return spread(added(results, name, key, f), "{:+.2f}")
+
+
+@dataclass
+class Check:
+    what: str
+    values: list[float]
+    target: str
+    ok: Callable[[float], bool]
+
+    def row(self) -> str:
+        clean = [v for v in self.values if v == v]
+        verdict = "met" if clean and all(self.ok(v) for v in clean) else (
+            "met on the median" if clean and self.ok(med(clean)) else "NOT met"
+        )  # fmt: skip
+        shown = ", ".join(f"{v:.2f}" for v in self.values) or "-"
+        return f"| {self.what} | {shown} | {self.target} | {verdict} |"
+
+
+def checks(results: Results, names: list[str]) -> str:
+    gw = "vllm-gateway"
+    rows = ["| what (each repeat) | values | target | verdict |", "|---|---|---|---|"]
+    items: list[Check] = []
+    for key in ("c64-stream", "c64-json"):
+        if "vllm-router" in names:
+            items.append(Check(f"{key}: req/s, gateway / vllm-router",
+                               ratio(results, gw, "vllm-router", key, rate), ">= 1.2",
+                               lambda v: v >= 1.2))  # fmt: skip
+        if "passthrough" in names:
+            items.append(Check(f"{key}: req/s, gateway / bare pass-through",
+                               ratio(results, gw, "passthrough", key, rate), ">= 0.85",
+                               lambda v: v >= 0.85))  # fmt: skip
+    items.append(Check("c1-stream: added TTFT p99 (ms)", added(results, gw, "c1-stream", ms(0.99)),
+                       "<= 1", lambda v: v <= 1.0))  # fmt: skip
+    if "vllm-router" in names:
+        rss = [a / b for a, b in zip(
+            [s.rss_mb for s in results.get((gw, "slow-2000"), [])],
+            [s.rss_mb for s in results.get(("vllm-router", "slow-2000"), [])], strict=False,
+        )]  # fmt: skip
+        items.append(Check("slow-2000: peak RSS, gateway / vllm-router", rss, "<= 1",
+                           lambda v: v <= 1.0))  # fmt: skip
+    errors = [float(sum(s.errors for k, runs in results.items() if k[0] == gw for s in runs))]
+    items.append(Check("gateway errors, all scenarios", errors, "0", lambda v: v == 0))
+    rows += [c.row() for c in items]
+    return "\n".join(rows)
+
+
+def versions(systems: list[System]) -> str:
+    libs = ", ".join(
+        f"{lib} {importlib.metadata.version(lib)}" for lib in ("aiohttp", "uvloop", "orjson")
+    )
+    peers = "; ".join(
+        f"{s.name} {s.version} ({s.notes})" if s.version else f"{s.name} ({s.notes})"
+        for s in systems if s.proc is not None
+    )  # fmt: skip
+    return f"{libs}; {peers}"
+
+
+def report(
+    results: Results, systems: list[System], scenarios: list[Scenario], args: argparse.Namespace
+) -> str:
+    names = [s.name for s in systems]
+    method = (__doc__ or "").split("\n", 2)[2].strip()
+    sections = [
+        f"### {sc.title} (`{sc.key}`, {sc.seconds * args.seconds:.0f} s a run)\n\n"
+        + scenario_table(results, names, sc)
+        for sc in scenarios
+    ]
+    return f"""# `make bench`: what the gateway adds, side by side with the peers
+
+{method}
 
 - Date: {time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}; machine: {machine()}
-- {args.repeats} repeats of {args.seconds:.0f} s per system and scenario, interleaved. Figures:
-  median (min-max) over repeats. Peers (vllm-router, LiteLLM) are not in this run yet.
+- Versions: {versions(systems)}
+- {args.repeats} repeats; figures are the median over repeats (min-max in brackets). TTFT: to
+  the first chunk carrying content; gap: between chunks after it; total: to the end of the
+  answer. Plots: `throughput.png`, `ttft_p99.png` (streams, zero-sleep worker).
+- Command: `make bench` (`python -m tests.bench.perf --seconds {args.seconds:g} --repeats
+  {args.repeats}`)
 
-{HEADER}
-{chr(10).join(rows)}
+## The issue's targets, from this run
+
+{checks(results, names)}
+
+## Every scenario
+
+{chr(10).join(sections)}
 """
 
 
+def plot(results: Results, names: list[str], scenarios: list[Scenario]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sweep = [sc for sc in scenarios if sc.key in SWEEP]
+    if len(sweep) < 2:
+        return
+    xs = [sc.concurrency for sc in sweep]
+    for filename, f, ylabel, log in (
+        ("throughput.png", rate, "requests/s", False),
+        ("ttft_p99.png", ms(0.99), "p99 time to first token (ms)", True),
+    ):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for name in names:
+            ys = [med(per_repeat(results, name, sc.key, f)) for sc in sweep]
+            ax.plot(xs, ys, marker="o", label=name)
+        ax.set_xscale("log", base=2)
+        if log:
+            ax.set_yscale("log")
+        ax.set_xticks(xs, [str(x) for x in xs])
+        ax.set_xlabel("concurrent streams (zero-sleep worker, 50 chunks)")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(HERE / filename, dpi=110)
+        plt.close(fig)
+
+
 if __name__ == "__main__":
+    if sys.platform == "linux":
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # 2,000 streams need fds
     uvloop.run(main())
