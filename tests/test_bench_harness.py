@@ -1,0 +1,66 @@
+"""The benchmark harness itself (tests/bench), so `make bench` does not rot between runs: the
+load generator against the mock worker measures what it says, and the process-tree readings
+see a process's children."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from tests.bench import loadgen
+from tests.bench.mockworker import PACES
+from tests.bench.systems import System, mock_worker, tree
+from tests.processes import Proc
+
+
+@pytest.fixture(scope="module")
+def worker() -> Iterator[System]:
+    direct, proc = mock_worker()
+    yield direct
+    proc.kill()
+
+
+@pytest.mark.timeout(30)
+async def test_closed_loop_records_first_token_every_gap_and_total(worker: System) -> None:
+    url = f"{worker.url}/v1/chat/completions"
+    s = await loadgen.closed_loop(url, loadgen.chat_body("sim-realistic", True), True, 4, 0.5, "t")
+    pace = PACES["sim-realistic"]
+    assert s.errors == 0 and len(s.total) >= 4
+    assert all(pace.ttft <= t for t in s.ttft)  # the worker's prefill is inside TTFT
+    assert all(t > f for t, f in zip(s.total, s.ttft, strict=True))
+    # One chunk per engine step: about tokens - 1 gaps per stream, none far below the step.
+    assert len(s.gaps) >= len(s.total) * (pace.tokens - 1) // 2
+    assert loadgen.quantile(s.gaps, 0.5) >= pace.itl / 2
+    assert len(s.max_gap) == len(s.total)
+
+
+@pytest.mark.timeout(30)
+async def test_open_loop_keeps_its_rate_and_counts_json(worker: System) -> None:
+    url = f"{worker.url}/v1/chat/completions"
+    s = await loadgen.open_loop(url, loadgen.chat_body("sim-model", False), False, 100, 0.5, "t")
+    assert s.errors == 0
+    assert 45 <= len(s.total) <= 55  # 100/s for 0.5 s
+    assert not s.gaps
+
+
+@pytest.mark.timeout(30)
+async def test_a_refused_request_is_an_error_not_a_sample() -> None:
+    s = await loadgen.closed_loop(
+        "http://127.0.0.1:9/v1/chat/completions", loadgen.chat_body("x", True), True, 1, 0.2, "t"
+    )
+    assert s.errors > 0 and not s.total
+    assert set(s.error_kinds) == {"ClientConnectorError"}
+
+
+def test_tree_sees_children() -> None:
+    parent = Proc(["sh", "-c", "sleep 30 & sleep 30 & wait"], name="parent")
+    try:
+        from tests.processes import poll_until
+
+        poll_until(lambda: len(tree(parent.popen.pid)) == 3, 5, "two children")
+        assert tree(parent.popen.pid)[0] == parent.popen.pid
+        assert os.getpid() not in tree(parent.popen.pid)
+    finally:
+        parent.kill()
