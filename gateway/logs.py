@@ -11,9 +11,11 @@ import asyncio
 import logging
 import os
 import sys
+import threading
 import time
 from contextvars import ContextVar
-from typing import TYPE_CHECKING, Any
+from queue import SimpleQueue
+from typing import TYPE_CHECKING, Any, TextIO
 
 import orjson
 
@@ -73,15 +75,30 @@ class JsonFormatter(logging.Formatter):
 
 
 class LoopBatchedHandler(logging.StreamHandler):  # type: ignore[type-arg]
-    """A stderr handler that writes the lines of one event-loop turn with one write: under load
-    many requests finish in one turn, and a write (and flush) per access-log line was a fifth
-    of the logging cost. Nothing waits past the current turn (``call_soon``); outside a running
-    loop every line is written at once. ``flush`` (also run by ``logging.shutdown``) writes what
-    is pending."""
+    """A stderr handler that never blocks the event loop on a write and writes the lines of one
+    loop turn together.
 
-    def __init__(self) -> None:
-        super().__init__(sys.stderr)
+    The loop thread formats each line and, once per turn (``call_soon``), hands the turn's lines
+    to one writer thread, which does the writing: a slow reader of stderr (a full pipe, a busy
+    log collector) then stalls that thread, never the requests. Under load many requests finish
+    in one turn, so there is one write per turn, not per line. What waits for the writer is
+    bounded (``MAX_QUEUED`` characters): past it a turn's lines are dropped, counted, and the
+    count is written as a line of its own once the writer catches up. Outside a running loop a
+    line is handed over at once. ``flush`` (also run by ``logging.shutdown``) hands over what is
+    pending and waits, up to ``FLUSH_TIMEOUT``, until it is written.
+    """
+
+    MAX_QUEUED = 8 * 1024 * 1024
+    FLUSH_TIMEOUT = 2.0
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        super().__init__(stream if stream is not None else sys.stderr)
         self._pending: list[str] = []
+        self._queue: SimpleQueue[str] = SimpleQueue()
+        self._state = threading.Condition(threading.Lock())
+        self._queued = 0  # characters handed over and not yet written (under _state)
+        self._dropped = 0  # lines dropped since the last note of it (under _state)
+        threading.Thread(target=self._write_forever, name="log-writer", daemon=True).start()
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -91,23 +108,47 @@ class LoopBatchedHandler(logging.StreamHandler):  # type: ignore[type-arg]
             return
         self._pending.append(line)
         if len(self._pending) > 1:
-            return  # a flush is already scheduled
+            return  # a hand-over is already scheduled
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
-            self.flush()
+            self._hand_over()
             return
-        loop.call_soon(self.flush)
+        loop.call_soon(self._hand_over)
+
+    def _hand_over(self) -> None:
+        lines, self._pending = self._pending, []
+        if not lines:
+            return
+        text = "\n".join(lines) + "\n"
+        with self._state:
+            if self._queued + len(text) > self.MAX_QUEUED:
+                self._dropped += len(lines)
+                return
+            if self._dropped:
+                text = (
+                    f"{self._dropped} log lines dropped: stderr was not read fast enough\n" + text
+                )
+                self._dropped = 0
+            self._queued += len(text)
+        self._queue.put(text)
+
+    def _write_forever(self) -> None:
+        while True:
+            text = self._queue.get()
+            try:
+                self.stream.write(text)
+                self.stream.flush()
+            except (OSError, ValueError):
+                pass  # stderr is gone: nobody to tell
+            with self._state:
+                self._queued -= len(text)
+                self._state.notify_all()
 
     def flush(self) -> None:
-        self.acquire()
-        try:
-            lines, self._pending = self._pending, []
-            if lines:
-                self.stream.write("\n".join(lines) + "\n")
-            super().flush()
-        finally:
-            self.release()
+        self._hand_over()
+        with self._state:
+            self._state.wait_for(lambda: self._queued == 0, self.FLUSH_TIMEOUT)
 
 
 def configure_logging(settings: LogSettings) -> None:

@@ -72,25 +72,45 @@ def http_status(url: str, path: str, timeout: float = 2.0) -> int | None:
 class Proc:
     """One subprocess in its own process group, with its stderr collected line by line."""
 
-    def __init__(self, args: Sequence[str], *, cwd: Path | None = None, name: str = "") -> None:
+    def __init__(
+        self,
+        args: Sequence[str],
+        *,
+        cwd: Path | None = None,
+        name: str = "",
+        log_file: Path | None = None,
+    ) -> None:
+        """``log_file``: stderr goes to that file instead of a pipe drained here (benchmarks:
+        a drain thread competing with the load generator would slow the process logging)."""
         self.name = name or " ".join(args)
-        self.lines: list[str] = []
+        self._lines: list[str] = []
+        self._log_file = log_file
+        stderr = log_file.open("wb") if log_file is not None else subprocess.PIPE
         self.popen = subprocess.Popen(
             list(args),
             cwd=cwd,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
+            stderr=stderr,
             start_new_session=True,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
         self._reader = threading.Thread(target=self._drain, daemon=True)
-        self._reader.start()
+        if log_file is None:
+            self._reader.start()
+        else:
+            stderr.close()  # type: ignore[union-attr]
+
+    @property
+    def lines(self) -> list[str]:
+        if self._log_file is not None:
+            return self._log_file.read_text(errors="replace").splitlines()
+        return self._lines
 
     def _drain(self) -> None:
         assert self.popen.stderr is not None
         for raw in self.popen.stderr:
-            self.lines.append(raw.decode(errors="replace").rstrip("\n"))
+            self._lines.append(raw.decode(errors="replace").rstrip("\n"))
 
     @property
     def output(self) -> str:
@@ -102,8 +122,9 @@ class Proc:
         deadline = time.monotonic() + timeout
         seen = 0
         while True:
-            while seen < len(self.lines):
-                match = regex.search(self.lines[seen])
+            lines = self.lines
+            while seen < len(lines):
+                match = regex.search(lines[seen])
                 seen += 1
                 if match:
                     return match
@@ -126,7 +147,8 @@ class Proc:
             raise AssertionError(
                 f"{self.name} still running after {timeout}s:\n{self.output}"
             ) from None
-        self._reader.join(5)
+        if self._reader.is_alive():
+            self._reader.join(5)
         return code
 
     def signal(self, sig: int) -> None:
@@ -138,7 +160,8 @@ class Proc:
             os.killpg(self.popen.pid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.popen.wait(10)
-        self._reader.join(5)
+        if self._reader.is_alive():
+            self._reader.join(5)
         if self.popen.stderr is not None:
             self.popen.stderr.close()
 
@@ -205,9 +228,10 @@ def write_config(path: Path, workers: Sequence[str], **sections: Any) -> Path:
     return path
 
 
-def start_gateway(config: Path) -> GatewayProc:
+def start_gateway(config: Path, log_file: Path | None = None) -> GatewayProc:
     """``python -m gateway --config FILE``; returns once ``/ready`` answers 200."""
-    proc = Proc([sys.executable, "-m", "gateway", "--config", str(config)], name="gateway")
+    args = [sys.executable, "-m", "gateway", "--config", str(config)]
+    proc = Proc(args, name="gateway", log_file=log_file)
     try:
         match = proc.wait_line(r"listening on (http://127\.0\.0\.1:\d+)", START_TIMEOUT)
         gateway = GatewayProc(match.group(1), proc, config)

@@ -1,74 +1,112 @@
-"""The log handler: the lines of one event-loop turn leave in one write, none waits longer."""
+"""The log handler: the lines of one event-loop turn leave in one write, on a writer thread, so
+a stderr nobody reads never stalls the loop; what waits is bounded and drops are told."""
 
 from __future__ import annotations
 
 import asyncio
 import io
 import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
 
+import orjson
 import pytest
 
 from gateway.logs import JsonFormatter, LoopBatchedHandler
+
+DEADLINE = 5.0
 
 
 class CountingStream(io.StringIO):
     def __init__(self) -> None:
         super().__init__()
         self.writes = 0
+        self.gate = threading.Event()
+        self.gate.set()
 
     def write(self, text: str) -> int:
+        self.gate.wait(DEADLINE)  # a test closes the gate to play a stderr nobody reads
         self.writes += 1
         return super().write(text)
 
 
+Logger = tuple[logging.Logger, LoopBatchedHandler, CountingStream]
+
+
 @pytest.fixture
-def logger() -> tuple[logging.Logger, LoopBatchedHandler, CountingStream]:
+def logger() -> Iterator[Logger]:
     stream = CountingStream()
-    handler = LoopBatchedHandler()
-    handler.setStream(stream)
+    handler = LoopBatchedHandler(stream)
     handler.setFormatter(logging.Formatter("%(message)s"))
     log = logging.getLogger("test.batched")
     log.handlers[:] = [handler]
     log.propagate = False
     log.setLevel(logging.INFO)
-    return log, handler, stream
+    yield log, handler, stream
+    stream.gate.set()
+    log.handlers[:] = []
 
 
-async def test_one_turn_is_one_write_and_is_written_by_the_next_turn(
-    logger: tuple[logging.Logger, LoopBatchedHandler, CountingStream],
-) -> None:
+def wait_until(predicate: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + DEADLINE
+    while not predicate():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.001)
+
+
+async def test_one_turn_is_one_write(logger: Logger) -> None:
     log, _, stream = logger
     for i in range(5):
         log.info("line %d", i)
-    assert stream.getvalue() == ""  # nothing written inside the turn...
-    await asyncio.sleep(0)  # ...and all of it once the loop turns
+    await asyncio.sleep(0)  # the turn ends: its lines go to the writer together
+    wait_until(lambda: stream.writes == 1, "one write")
     assert stream.getvalue() == "".join(f"line {i}\n" for i in range(5))
-    assert stream.writes == 1
     log.info("later")
     await asyncio.sleep(0)
-    assert stream.getvalue().endswith("later\n") and stream.writes == 2
+    wait_until(lambda: stream.writes == 2, "a second write for the next turn")
+    assert stream.getvalue().endswith("later\n")
 
 
-def test_outside_a_loop_every_line_is_written_at_once(
-    logger: tuple[logging.Logger, LoopBatchedHandler, CountingStream],
-) -> None:
+def test_outside_a_loop_a_line_goes_at_once(logger: Logger) -> None:
     log, _, stream = logger
     log.info("now")
-    assert stream.getvalue() == "now\n"
+    wait_until(lambda: stream.getvalue() == "now\n", "the line written")
 
 
-async def test_flush_writes_what_is_pending(
-    logger: tuple[logging.Logger, LoopBatchedHandler, CountingStream],
-) -> None:
+async def test_flush_writes_what_is_pending(logger: Logger) -> None:
     log, handler, stream = logger
     log.info("pending")
     handler.flush()  # as logging.shutdown does at exit
     assert stream.getvalue() == "pending\n"
 
 
-def test_json_lines_name_the_process() -> None:
-    import orjson
+async def test_a_stderr_nobody_reads_stalls_the_writer_not_the_loop(
+    logger: Logger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """1. The stream blocks. 2. Turns of lines keep coming and the loop keeps turning.
+    3. Past the bound, lines are dropped. 4. The stream moves again: what was queued is
+    written, then the count of what was dropped, then new lines."""
+    log, handler, stream = logger
+    monkeypatch.setattr(handler, "MAX_QUEUED", 100)
+    stream.gate.clear()
+    started = time.monotonic()
+    for turn in range(20):
+        log.info("turn %02d %s", turn, "x" * 20)
+        await asyncio.sleep(0)
+    assert time.monotonic() - started < 1.0  # never waited for the stream
+    stream.gate.set()
+    log.info("after")
+    handler.flush()
+    text = stream.getvalue()
+    assert "turn 00" in text and text.endswith("after\n")
+    assert "log lines dropped: stderr was not read fast enough" in text
+    dropped = int(text.split(" log lines dropped")[0].rsplit("\n", 1)[-1])
+    kept = text.count("turn ")
+    assert dropped + kept == 20 and dropped > 0
 
+
+def test_json_lines_name_the_process() -> None:
     record = logging.makeLogRecord({"msg": "hello", "levelname": "INFO", "name": "x"})
     line = orjson.loads(JsonFormatter().format(record))
     assert isinstance(line["pid"], int) and line["msg"] == "hello"

@@ -33,7 +33,7 @@ class Pace:
 PACES = {
     "sim-model": Pace(0.0, 0.0, CHUNKS),
     "sim-realistic": Pace(0.020, 0.005, CHUNKS),  # first token after 20 ms, then every 5 ms
-    "sim-slow": Pace(0.020, 0.200, 25),  # long-lived streams: 5 s each
+    "sim-slow": Pace(0.020, 0.500, 20),  # long-lived streams: 10 s each
 }
 
 

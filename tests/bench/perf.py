@@ -70,8 +70,8 @@ SCENARIOS = [
         seconds=1.0,
     ),
     Scenario(
-        "slow-2000", "2,000 concurrent slow streams (200 ms x 25 tokens)", "sim-slow", True,
-        concurrency=2000, seconds=2.0, ramp=2.0,
+        "slow-2000", "2,000 concurrent slow streams (500 ms x 20 tokens)", "sim-slow", True,
+        concurrency=2000, seconds=2.5, ramp=2.0,
     ),
 ]  # fmt: skip
 SWEEP = ["c1-stream", "c16-stream", "c64-stream", "c256-stream"]  # the plots' x axis

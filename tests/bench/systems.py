@@ -142,7 +142,8 @@ def gateway(worker: str, workdir: Path) -> System:
         "logging": {"level": "INFO", "format": "json"},
     }
     config.write_text(yaml.safe_dump(settings), encoding="utf-8")
-    gw = start_gateway(config)
+    # Its log (the JSON access log, a line per request) goes to a file, as to a log collector.
+    gw = start_gateway(config, log_file=workdir / "gateway.log")
     from gateway.supervisor import cpu_count
 
     return System(
