@@ -1,5 +1,5 @@
-"""The log handler: the lines of one event-loop turn leave in one write, on a writer thread, so
-a stderr nobody reads never stalls the loop; what waits is bounded and drops are told."""
+"""The log handler: lines leave in batches, on a writer thread, so a stderr nobody reads never
+stalls the loop; what waits is bounded and drops are told."""
 
 from __future__ import annotations
 
@@ -55,16 +55,24 @@ def wait_until(predicate: Callable[[], bool], what: str) -> None:
         time.sleep(0.001)
 
 
-async def test_one_turn_is_one_write(logger: Logger) -> None:
-    log, _, stream = logger
+async def async_wait_until(predicate: Callable[[], bool], what: str) -> None:
+    async with asyncio.timeout(DEADLINE):
+        while not predicate():
+            await asyncio.sleep(0.001)
+
+
+async def test_a_batch_is_one_write(logger: Logger) -> None:
+    log, handler, stream = logger
+    loop = asyncio.get_running_loop()
+    started = loop.time()
     for i in range(5):
         log.info("line %d", i)
-    await asyncio.sleep(0)  # the turn ends: its lines go to the writer together
-    wait_until(lambda: stream.writes == 1, "one write")
+        await asyncio.sleep(0)  # lines of several turns...
+    await async_wait_until(lambda: stream.writes == 1, "one write")  # ...go out together
+    assert loop.time() - started >= handler.HANDOVER_INTERVAL * 0.9
     assert stream.getvalue() == "".join(f"line {i}\n" for i in range(5))
     log.info("later")
-    await asyncio.sleep(0)
-    wait_until(lambda: stream.writes == 2, "a second write for the next turn")
+    await async_wait_until(lambda: stream.writes == 2, "a second write for the next batch")
     assert stream.getvalue().endswith("later\n")
 
 
@@ -91,9 +99,10 @@ async def test_a_stderr_nobody_reads_stalls_the_writer_not_the_loop(
     monkeypatch.setattr(handler, "MAX_QUEUED", 100)
     stream.gate.clear()
     started = time.monotonic()
+    monkeypatch.setattr(handler, "HANDOVER_INTERVAL", 0.0)  # a batch per turn
     for turn in range(20):
         log.info("turn %02d %s", turn, "x" * 20)
-        await asyncio.sleep(0)
+        await asyncio.sleep(0.001)
     assert time.monotonic() - started < 1.0  # never waited for the stream
     stream.gate.set()
     log.info("after")

@@ -42,7 +42,8 @@ def start(name: str, tree: Path, worker: str, workdir: Path) -> System:
         "limits": {"max_in_flight": 4096, "pool_size": 4096, "pool_per_worker": 4096},
         "logging": {"level": "INFO", "format": "json"},
     }))  # fmt: skip
-    proc = Proc([sys.executable, "-m", "gateway", "--config", str(config)], cwd=tree, name=name)
+    args = [sys.executable, "-m", "gateway", "--config", str(config)]
+    proc = Proc(args, cwd=tree, name=name, log_file=workdir / f"{name}.log")
     match = proc.wait_line(r"listening on (http://127\.0\.0\.1:\d+)", START_TIMEOUT)
     url = match.group(1)
     poll_until(lambda: http_status(url, "/ready") == 200, START_TIMEOUT, f"{name} ready")
