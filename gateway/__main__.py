@@ -9,12 +9,10 @@ import os
 import sys
 from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from gateway.logs import configure_logging
 from gateway.settings import Settings, SettingsError, load_settings, per_process
-
-T = TypeVar("T")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,12 +70,13 @@ def _warn_local_rate_limits(settings: Settings, processes: int) -> None:
         )
 
 
-def _run(main_coro: Coroutine[Any, Any, T]) -> T:
+def _run(main_coro: Coroutine[Any, Any, None]) -> None:
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency except on Windows
-        return asyncio.run(main_coro)
-    return uvloop.run(main_coro)
+        asyncio.run(main_coro)
+    else:
+        uvloop.run(main_coro)
 
 
 if __name__ == "__main__":

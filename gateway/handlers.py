@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import orjson
@@ -52,7 +53,10 @@ async def ready(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    body = request.app[keys.METRICS].exposition()
+    # Rendering every series (and, with several serving processes, reading their files) is
+    # work the event loop must not wait on: a thread does it.
+    loop = asyncio.get_running_loop()
+    body = await loop.run_in_executor(None, request.app[keys.METRICS].exposition)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 

@@ -119,7 +119,13 @@ class LoopBatchedHandler(logging.StreamHandler):  # type: ignore[type-arg]
         loop.call_later(self.HANDOVER_INTERVAL, self._hand_over)
 
     def _hand_over(self) -> None:
-        lines, self._pending = self._pending, []
+        # Under the handler's lock, which ``handle`` holds around ``emit``: a line another
+        # thread logs while the loop hands over is in this batch or the next, never lost.
+        self.acquire()
+        try:
+            lines, self._pending = self._pending, []
+        finally:
+            self.release()
         if not lines:
             return
         text = "\n".join(lines) + "\n"
