@@ -33,7 +33,6 @@ from typing import Any
 
 import orjson
 from aiohttp import web
-from multidict import CIMultiDict
 
 from gateway.balancer import make_policy
 from gateway.errors import (
@@ -266,7 +265,7 @@ class Proxy:
         self,
         ex: Exchange,
         body: bytes,
-        headers: CIMultiDict[str],
+        headers: bytes,
         key: str | None,
         err: UpstreamError,
     ) -> None:
@@ -332,7 +331,7 @@ class Proxy:
         ex: Exchange,
         worker: Worker,
         body: bytes,
-        headers: CIMultiDict[str],
+        headers: bytes,
         relay: RelayFn | None = None,
     ) -> None:
         ex.tried.append(worker)
@@ -377,9 +376,7 @@ class Proxy:
         )
         ex.status = 200
 
-    async def _shard(
-        self, ex: Exchange, body: bytes, headers: CIMultiDict[str], taken: list[Worker]
-    ) -> bytes:
+    async def _shard(self, ex: Exchange, body: bytes, headers: bytes, taken: list[Worker]) -> bytes:
         tried: list[Worker] = []
         last: UpstreamError | None = None
         for _ in range(self._settings.retry.max_attempts):
@@ -405,7 +402,7 @@ class Proxy:
         raise NoHealthyWorker(retry_after=self._retry_hint(ex.model))
 
     async def _attempt_buffered(
-        self, worker: Worker, path: str, body: bytes, headers: CIMultiDict[str]
+        self, worker: Worker, path: str, body: bytes, headers: bytes
     ) -> bytes:
         """One whole non-streamed answer from one worker, read into memory (bounded)."""
         worker.in_flight += 1
@@ -466,7 +463,7 @@ class Proxy:
         ex: Exchange,
         worker: Worker,
         body: bytes,
-        headers: CIMultiDict[str],
+        headers: bytes,
         relay: RelayFn | None = None,
     ) -> None:
         loop = asyncio.get_running_loop()

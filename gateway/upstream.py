@@ -1,32 +1,24 @@
-"""The gateway's HTTP client towards workers: one session, a bounded pool, mapped exceptions.
+"""The gateway's HTTP clients towards workers: the forwarding pool (``gateway.h1``) and a
+small aiohttp session for probes and scrapes, with aiohttp's exceptions mapped here.
 
-This is the only module that knows aiohttp's client exceptions; it maps each to the most
-specific ``errors.UpstreamError`` (chained with ``from``). The connect phase is bounded here
-(aiohttp's ``connect``/``sock_connect``, which includes waiting for a pooled connection); the
+The connect phase (including the wait for a pooled connection) is bounded by the pool; the
 other phases (first token, idle, total) are enforced by the proxy, because only it knows where
-a stream is. ``ClientTimeout.total`` stays None: it would count the whole streamed body.
+a stream is.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
-from contextvars import ContextVar
-from typing import Any
 
 import aiohttp
 import orjson
-import yarl
-from aiohttp.client_proto import ResponseHandler
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDictProxy
 
 from gateway.errors import (
-    ConnectTimeout,
-    UpstreamBadResponse,
-    UpstreamConnectError,
-    UpstreamDisconnected,
     UpstreamError,
 )
+from gateway.h1 import Pool, Response
 from gateway.loadsignals import LoadSignals, parse_load
 from gateway.metrics import GatewayMetrics
 from gateway.settings import HealthSettings, LimitSettings, RoutingSettings, TimeoutSettings
@@ -44,7 +36,7 @@ _DROPPED_REQUEST_HEADERS = frozenset(
     )
 )  # fmt: skip
 
-ClientResponse = aiohttp.ClientResponse
+ClientResponse = Response
 
 PROBE_POOL_SIZE = 32
 # A worker's /metrics body larger than this is not read: the signals are near its top anyway.
@@ -65,23 +57,13 @@ class Upstream:
         self._scrape_timeout = aiohttp.ClientTimeout(
             total=(routing or RoutingSettings()).scrape_timeout
         )
-        connector = _TimedConnector(
-            metrics,
+        self._metrics = metrics
+        self._pool = Pool(
             limit=limits.pool_size,
             limit_per_host=limits.pool_per_worker,
-            keepalive_timeout=limits.keepalive,
-            enable_cleanup_closed=False,
-        )
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            timeout=aiohttp.ClientTimeout(
-                total=None, connect=timeouts.connect, sock_connect=timeouts.connect
-            ),
-            auto_decompress=False,
-            skip_auto_headers=("User-Agent",),
-            # Cookies a worker sets must not travel with other clients' requests (and keeping
-            # none spares a jar look-up per request).
-            cookie_jar=aiohttp.DummyCookieJar(),
+            keepalive=limits.keepalive,
+            connect_timeout=timeouts.connect,
+            on_connect=self._connected if metrics is not None else None,
         )
         # Probes get their own small pool: a worker whose request pool is full must still be
         # probed at once, not after the requests ahead of the probe.
@@ -95,40 +77,23 @@ class Upstream:
         )
 
     async def close(self) -> None:
-        await self._session.close()
+        await self._pool.close()
         await self._probes.close()
 
-    async def send(
-        self, worker: Worker, path: str, body: bytes, headers: CIMultiDict[str]
-    ) -> ClientResponse:
-        """POST and return once the response headers are in; the caller closes the response."""
-        if worker.api_key is not None:
-            headers = headers.copy()
-            headers["Authorization"] = f"Bearer {worker.api_key}"
-        token = _CONNECTING_FOR.set(worker.url)
-        try:
-            return await self._session.post(
-                _url(worker.url, path), data=body, headers=headers, allow_redirects=False
-            )
-        except aiohttp.ConnectionTimeoutError as exc:
-            raise ConnectTimeout() from exc
-        except aiohttp.ClientConnectorError as exc:
-            raise UpstreamConnectError() from exc
-        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
-            raise UpstreamDisconnected() from exc
-        except aiohttp.ClientError as exc:
-            raise UpstreamBadResponse() from exc
-        finally:
-            _CONNECTING_FOR.reset(token)
+    def _connected(self, worker: str, seconds: float) -> None:
+        assert self._metrics is not None
+        self._metrics.upstream_connect.labels(worker).observe(seconds)
 
-    async def read_chunk(self, response: ClientResponse) -> bytes:
+    async def send(self, worker: Worker, path: str, body: bytes, headers: bytes) -> Response:
+        """POST and return once the response headers are in; the caller releases or closes the
+        response. ``headers`` comes from ``forward_headers``."""
+        if worker.api_key is not None:
+            headers += _authorization(worker.api_key)
+        return await self._pool.request(worker.url, path, headers, body)
+
+    async def read_chunk(self, response: Response) -> bytes:
         """The next bytes of the body as they arrive; b"" at its end."""
-        try:
-            return await response.content.readany()
-        except (aiohttp.ClientPayloadError, aiohttp.ClientOSError) as exc:
-            raise UpstreamDisconnected() from exc
-        except aiohttp.ClientError as exc:
-            raise UpstreamBadResponse() from exc
+        return await response.read_chunk()
 
     async def read_body(self, response: ClientResponse, limit: int) -> bytes:
         """The whole (error) body, cut at ``limit`` bytes so a bad worker cannot swell memory."""
@@ -188,40 +153,9 @@ class Upstream:
         return tuple(c for c in cards if isinstance(c, dict) and isinstance(c.get("id"), str))
 
 
-# The worker a request is connecting to, for the connect-time histogram's label.
-_CONNECTING_FOR: ContextVar[str] = ContextVar("connecting_for", default="")
-
-
-class _TimedConnector(aiohttp.TCPConnector):
-    """Feeds ``gateway_upstream_connect_seconds`` from the one place a new connection is
-    opened. (aiohttp's tracing does it too, but costs a dozen awaited signals on every request,
-    pooled or not, about 3% of the gateway's CPU.) ``_create_connection`` is aiohttp's own
-    hook for it; tests/test_fanout.py and tests/test_discovery.py fail if a release renames it."""
-
-    def __init__(self, metrics: GatewayMetrics | None, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self._metrics = metrics
-
-    async def _create_connection(
-        self,
-        req: aiohttp.ClientRequest,
-        traces: list[Any],
-        timeout: aiohttp.ClientTimeout,  # noqa: ASYNC109 (aiohttp's signature)
-    ) -> ResponseHandler:
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        protocol = await super()._create_connection(req, traces, timeout)
-        if self._metrics is not None:
-            worker = _CONNECTING_FOR.get()
-            if worker:
-                self._metrics.upstream_connect.labels(worker).observe(loop.time() - started)
-        return protocol
-
-
-@functools.lru_cache(maxsize=1024)
-def _url(base: str, path: str) -> yarl.URL:
-    """Parsed once per worker and route, not per request."""
-    return yarl.URL(base + path)
+@functools.lru_cache(maxsize=256)
+def _authorization(api_key: str) -> bytes:
+    return _line("Authorization", f"Bearer {api_key}")
 
 
 def _auth(worker: Worker) -> dict[str, str]:
@@ -232,14 +166,25 @@ async def _none() -> None:
     return None
 
 
-def forward_headers(incoming: CIMultiDictProxy[str], request_id: str) -> CIMultiDict[str]:
-    out: CIMultiDict[str] = CIMultiDict()
-    for name, value in incoming.items():
-        if name.lower() not in _DROPPED_REQUEST_HEADERS:
-            out.add(name, value)
-    out["X-Request-Id"] = request_id
-    out["Accept-Encoding"] = "identity"
-    return out
+def forward_headers(incoming: CIMultiDictProxy[str], request_id: str) -> bytes:
+    """The client's headers as a worker gets them (encoded lines; the pool adds Host and
+    Content-Length): hop-by-hop, credential and identity headers dropped, ours added."""
+    lines = [
+        _line(name, value)
+        for name, value in incoming.items()
+        if name.lower() not in _DROPPED_REQUEST_HEADERS
+    ]
+    lines.append(_line("X-Request-Id", request_id))
+    lines.append(b"Accept-Encoding: identity\r\n")
+    return b"".join(lines)
+
+
+def _line(name: str, value: str) -> bytes:
+    # aiohttp decoded the client's bytes with surrogateescape: this gives back the same bytes.
+    line = f"{name}: {value}\r\n"
+    if "\n" in line[:-2] or "\r" in line[:-2]:
+        raise ValueError(f"a line break in header {name!r}")
+    return line.encode("utf-8", "surrogateescape")
 
 
 __all__ = ["ClientResponse", "Upstream", "UpstreamError", "forward_headers"]

@@ -1,0 +1,519 @@
+"""The hot-path HTTP/1.1 client towards workers: a bounded pool of keep-alive connections per
+worker, one socket write per request, and responses parsed by httptools (llhttp, the parser
+Node.js uses) straight into a body buffer that pauses the socket when nobody reads it.
+
+Why not aiohttp's client: on the gateway's profile it was a third of the event loop's CPU for a
+small JSON request (building a ``ClientRequest``, merging headers, a ``ClientResponse``, a
+``StreamReader``); here a request is one bytes join and a response a handful of callbacks.
+aiohttp still serves the clients and makes the probes; this module only forwards.
+
+The semantics the proxy relies on:
+- ``Pool.request`` returns once the status line and headers are in; connecting (and waiting for
+  a pool slot) is bounded by ``connect_timeout``, the rest by the caller's own timeouts.
+- ``Response.read_chunk`` returns the body bytes buffered so far (chunked coding removed), b""
+  at its end; a cut or malformed body raises ``UpstreamDisconnected``/``UpstreamBadResponse``
+  once the bytes before the fault are read.
+- ``Response.release`` puts a fully read keep-alive connection back; ``close`` (and
+  ``release`` of anything else) closes it, which is what tells vLLM to abort the request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import functools
+import socket
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import httptools
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from gateway.errors import (
+    ConnectTimeout,
+    UpstreamBadResponse,
+    UpstreamConnectError,
+    UpstreamDisconnected,
+    UpstreamError,
+)
+
+# A status line and headers larger than this are not a worker's answer.
+HEAD_LIMIT = 64 * 1024
+# Body bytes buffered and not yet read before the socket stops being read (TCP then pushes
+# back on the worker); reading resumes once the reader took them.
+HIGH_WATER = 256 * 1024
+
+# Called with the worker's base URL and the seconds a new connection took.
+ConnectObserver = Callable[[str, float], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Where a worker's base URL connects to, parsed once."""
+
+    host: str
+    port: int
+    host_header: str
+    tls: ssl.SSLContext | None
+
+
+@functools.lru_cache(maxsize=1024)
+def target(base: str) -> Target:
+    scheme, sep, rest = base.partition("://")
+    if not sep or scheme not in ("http", "https"):
+        raise ValueError(f"not an http(s) URL: {base!r}")
+    authority = rest.split("/", 1)[0]
+    host, port = authority, 443 if scheme == "https" else 80
+    if authority.startswith("["):  # [v6 address]:port
+        end = authority.index("]")
+        host, after = authority[1:end], authority[end + 1 :]
+        if after.startswith(":"):
+            port = int(after[1:])
+    elif ":" in authority:
+        host, _, port_text = authority.rpartition(":")
+        port = int(port_text)
+    tls = ssl.create_default_context() if scheme == "https" else None
+    return Target(host, port, authority, tls)
+
+
+class Response:
+    """One response's status, headers and body; read it, then ``release`` or ``close``."""
+
+    __slots__ = ("_conn", "_headers", "_raw_headers", "content_length", "status")
+
+    def __init__(self, conn: _Connection) -> None:
+        self._conn: _Connection | None = conn
+        self.status = conn.status
+        self.content_length = conn.content_length
+        self._raw_headers = conn.raw_headers
+        self._headers: CIMultiDictProxy[str] | None = None
+
+    @property
+    def headers(self) -> CIMultiDictProxy[str]:
+        if self._headers is None:
+            self._headers = CIMultiDictProxy(
+                CIMultiDict(
+                    (n.decode("utf-8", "surrogateescape"), v.decode("utf-8", "surrogateescape"))
+                    for n, v in self._raw_headers
+                )
+            )
+        return self._headers
+
+    async def read_chunk(self) -> bytes:
+        conn = self._conn
+        if conn is None:
+            return b""
+        while True:
+            chunks = conn.chunks
+            if chunks:
+                conn.chunks = []
+                conn.buffered = 0
+                if conn.paused:
+                    conn.paused = False
+                    conn.transport.resume_reading()
+                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            if conn.error is not None:
+                raise conn.error
+            if conn.complete:
+                return b""
+            await conn.wait()
+
+    def release(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.pool.put_back(conn)
+
+    def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+
+
+class _Connection(asyncio.Protocol):
+    """One keep-alive connection to a worker and the state of the response being read on it."""
+
+    def __init__(self, pool: Pool, key: str) -> None:
+        self.pool = pool
+        self.key = key
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]  # set on connect
+        self.parser = httptools.HttpResponseParser(self)
+        self.busy = False  # a request is written and its response not yet released
+        self.served = 0  # responses read whole on it before the current one
+        self.lost = False
+        self.idle_since = 0.0
+        self._waiter: asyncio.Future[None] | None = None
+        self._reset()
+
+    def _reset(self) -> None:
+        self.status = 0
+        self.raw_headers: list[tuple[bytes, bytes]] = []
+        self.content_length: int | None = None
+        self.headers_done = False
+        self.until_close = False  # no length and not chunked: the body ends with the connection
+        self.complete = False
+        self.keep_alive = False
+        self.informational = False
+        self.head_size = 0
+        self.chunks: list[bytes] = []
+        self.buffered = 0
+        self.paused = False
+        self.error: UpstreamError | None = None
+
+    # -- the pool's side
+
+    def send(self, data: bytes, body: bytes) -> None:
+        self._reset()
+        self.busy = True
+        if self.lost:  # closed by the worker after the pool handed it out
+            self.error = UpstreamDisconnected()
+            return
+        if len(body) < 65536:
+            self.transport.write(data + body)
+        else:
+            self.transport.writelines((data, body))
+
+    async def wait(self) -> None:
+        """Until the next callback that changes what a reader sees."""
+        self._waiter = waiter = asyncio.get_running_loop().create_future()
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+
+    def reusable(self) -> bool:
+        return (
+            self.complete
+            and self.keep_alive
+            and self.error is None
+            and not self.lost
+            and not self.chunks
+            and not self.transport.is_closing()
+        )
+
+    def close(self) -> None:
+        if not self.lost:
+            self.transport.close()
+            self._lose()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _fail(self, err: UpstreamError) -> None:
+        if self.error is None and not self.complete:
+            self.error = err
+        self.transport.close()
+        self._wake()
+
+    def _lose(self) -> None:
+        if self.lost:
+            return
+        self.lost = True
+        if self.busy and not self.complete and self.error is None:
+            if self.headers_done and self.until_close:
+                self.complete = True
+            else:
+                self.error = UpstreamDisconnected()
+        self._wake()
+        self.pool.forget(self)
+
+    # -- asyncio's side
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lose()
+
+    def data_received(self, data: bytes) -> None:
+        if not self.busy or self.complete:
+            # Bytes nobody asked for (after the answer, or on an idle connection): the
+            # connection's framing cannot be trusted for another request.
+            self.transport.close()
+            self._lose()
+            return
+        if not self.headers_done:
+            self.head_size += len(data)
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._fail(UpstreamBadResponse("The model worker switched protocols."))
+        except httptools.HttpParserError:
+            self._fail(UpstreamBadResponse("The model worker sent a malformed HTTP response."))
+        else:
+            # A read is at most a few hundred kB, so the parser never holds more than that.
+            if not self.headers_done and self.head_size > HEAD_LIMIT:
+                self._fail(UpstreamBadResponse("The model worker sent oversized headers."))
+
+    def eof_received(self) -> bool | None:
+        return None  # close the transport: connection_lost settles the response
+
+    # -- httptools' side
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.raw_headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        if self.complete:  # a second answer to one request: never reuse this connection
+            self.keep_alive = False
+            return
+        status = self.parser.get_status_code()
+        if status < 200:  # 100 Continue and friends: the real answer follows
+            self.informational = True
+            self.raw_headers = []
+            return
+        self.status = status
+        chunked = False
+        for name, value in self.raw_headers:
+            lname = name.lower()
+            if lname == b"content-length":
+                with contextlib.suppress(ValueError):
+                    self.content_length = int(value)
+            elif lname == b"transfer-encoding":
+                chunked = b"chunked" in value.lower()
+        if chunked:
+            self.content_length = None
+        self.until_close = not chunked and self.content_length is None and status not in (204, 304)
+        self.headers_done = True
+        self._wake()
+
+    def on_body(self, body: bytes) -> None:
+        if self.complete:
+            self.keep_alive = False
+            return
+        self.chunks.append(body)
+        self.buffered += len(body)
+        if self.buffered > HIGH_WATER and not self.paused:
+            self.paused = True
+            self.transport.pause_reading()
+        self._wake()
+
+    def on_message_complete(self) -> None:
+        if self.informational:
+            self.informational = False
+            self.head_size = 0
+            return
+        if self.complete:
+            self.keep_alive = False
+            return
+        self.complete = True
+        self.keep_alive = self.parser.should_keep_alive()
+        self._wake()
+
+
+class Pool:
+    """Keep-alive connections to every worker: at most ``limit`` open in all and
+    ``limit_per_host`` to one worker; a request beyond that waits (FIFO) for a slot."""
+
+    def __init__(
+        self,
+        limit: int,
+        limit_per_host: int,
+        keepalive: float,
+        connect_timeout: float,
+        on_connect: ConnectObserver | None = None,
+    ) -> None:
+        self._limit = limit
+        self._limit_per_host = limit_per_host
+        self._keepalive = keepalive
+        self._connect_timeout = connect_timeout
+        self._on_connect = on_connect
+        self._idle: dict[str, list[_Connection]] = {}
+        self._open: collections.Counter[str] = collections.Counter()  # incl. connecting
+        self._total = 0
+        self._live: set[_Connection] = set()
+        self._waiters: collections.deque[tuple[str, asyncio.Future[None]]] = collections.deque()
+        self._sweep: asyncio.TimerHandle | None = None
+        self._closed = False
+
+    async def request(self, base: str, path: str, headers: bytes, body: bytes) -> Response:
+        """POST ``body`` to ``base + path`` with ``headers`` (encoded ``Name: value\\r\\n``
+        lines, without Host and Content-Length); return once the response headers are in."""
+        to = target(base)
+        head = (
+            (
+                f"POST {path} HTTP/1.1\r\nHost: {to.host_header}\r\nContent-Length: {len(body)}\r\n"
+            ).encode()
+            + headers
+            + b"\r\n"
+        )
+        conn = self._take_idle(base)
+        if conn is None:
+            conn = await self._bounded_acquire(base, to, fresh=False)
+        while True:
+            conn.send(head, body)
+            try:
+                while not conn.headers_done:
+                    if conn.error is not None:
+                        raise conn.error
+                    await conn.wait()
+            except UpstreamDisconnected:
+                conn.close()
+                if not conn.served or conn.head_size:
+                    raise
+                # A kept connection the worker closed as we wrote (its keep-alive timer: 5 s
+                # in vLLM's uvicorn) and not a byte back: the request was not read. Once more,
+                # on a new connection.
+                conn = await self._bounded_acquire(base, to, fresh=True)
+                continue
+            except BaseException:
+                conn.close()
+                raise
+            return Response(conn)
+
+    def put_back(self, conn: _Connection) -> None:
+        """A response is done with its connection: keep it for the next request, or close it."""
+        if self._closed or not conn.reusable():
+            conn.close()
+            return
+        conn.busy = False
+        conn.served += 1
+        conn.idle_since = asyncio.get_running_loop().time()
+        self._idle.setdefault(conn.key, []).append(conn)
+        if self._sweep is None:
+            self._sweep = asyncio.get_running_loop().call_later(self._keepalive, self._expire)
+        self._wake(conn.key)
+
+    def forget(self, conn: _Connection) -> None:
+        """``conn`` is gone (closed by either side)."""
+        if conn not in self._live:
+            return
+        self._live.discard(conn)
+        self._open[conn.key] -= 1
+        self._total -= 1
+        stack = self._idle.get(conn.key)
+        if stack and conn in stack:
+            stack.remove(conn)
+        self._wake(None)
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._sweep is not None:
+            self._sweep.cancel()
+        for conn in list(self._live):
+            conn.close()
+        for _, waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    # -- inside
+
+    def _take_idle(self, key: str) -> _Connection | None:
+        stack = self._idle.get(key)
+        while stack:
+            conn = stack.pop()
+            if conn.lost or conn.transport.is_closing():
+                conn.close()
+                continue
+            return conn
+        return None
+
+    async def _bounded_acquire(self, key: str, to: Target, fresh: bool) -> _Connection:
+        try:
+            async with asyncio.timeout(self._connect_timeout):
+                return await self._acquire(key, to, fresh)
+        except TimeoutError:
+            raise ConnectTimeout() from None
+
+    async def _acquire(self, key: str, to: Target, fresh: bool) -> _Connection:
+        """A connection to ``key``: a kept one (unless ``fresh``), else a new one when the
+        limits allow, else the next one freed."""
+        while True:
+            if self._closed:
+                raise UpstreamConnectError("The gateway is shutting down.")
+            conn = None if fresh else self._take_idle(key)
+            if conn is not None:
+                return conn
+            if self._total < self._limit and self._open[key] < self._limit_per_host:
+                return await self._connect(key, to)
+            # No room: close a kept connection to make some, this worker's first when fresh.
+            mine = self._idle.get(key) if fresh else None
+            victim = mine[0] if mine else None
+            if (
+                victim is None
+                and self._total >= self._limit
+                and self._open[key] < self._limit_per_host
+            ):
+                victim = self._oldest_idle()
+            if victim is not None:
+                victim.close()
+                continue
+            waiter = asyncio.get_running_loop().create_future()
+            entry = (key, waiter)
+            self._waiters.append(entry)
+            try:
+                await waiter
+            except asyncio.CancelledError:
+                if waiter.done() and not waiter.cancelled():
+                    self._wake(key)  # our turn came as we left: give it to the next
+                else:
+                    with contextlib.suppress(ValueError):
+                        self._waiters.remove(entry)
+                raise
+
+    async def _connect(self, key: str, to: Target) -> _Connection:
+        loop = asyncio.get_running_loop()
+        conn = _Connection(self, key)
+        self._open[key] += 1  # counted from now: forget() takes it back off
+        self._total += 1
+        self._live.add(conn)
+        started = loop.time()
+        try:
+            await loop.create_connection(
+                lambda: conn,
+                to.host,
+                to.port,
+                ssl=to.tls,
+                server_hostname=to.host if to.tls is not None else None,
+            )
+        except OSError as exc:
+            self.forget(conn)
+            raise UpstreamConnectError() from exc
+        except BaseException:
+            self.forget(conn)
+            raise
+        if self._on_connect is not None:
+            self._on_connect(key, loop.time() - started)
+        return conn
+
+    def _wake(self, key: str | None) -> None:
+        """Wake the first waiter that can now go on: one for ``key`` when an idle connection
+        of it came back, else the first with room under its worker's limit (it may close
+        another worker's idle connection to get a slot)."""
+        chosen = None
+        for i, (wkey, waiter) in enumerate(self._waiters):
+            if waiter.done():
+                continue
+            if wkey == key:
+                chosen = i
+                break
+            if chosen is None and self._open[wkey] < self._limit_per_host:
+                chosen = i
+                if key is None:
+                    break
+        if chosen is not None:
+            waiter = self._waiters[chosen][1]
+            del self._waiters[chosen]
+            waiter.set_result(None)
+
+    def _oldest_idle(self) -> _Connection | None:
+        stacks = [s for s in self._idle.values() if s]
+        return min((s[0] for s in stacks), key=lambda c: c.idle_since, default=None)
+
+    def _expire(self) -> None:
+        self._sweep = None
+        now = asyncio.get_running_loop().time()
+        for stack in list(self._idle.values()):
+            while stack and now - stack[0].idle_since >= self._keepalive:
+                stack[0].close()  # forget() takes it off the stack
+        oldest = self._oldest_idle()
+        if oldest is not None:
+            delay = oldest.idle_since + self._keepalive - now
+            self._sweep = asyncio.get_running_loop().call_later(max(delay, 0.01), self._expire)

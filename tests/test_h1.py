@@ -1,0 +1,341 @@
+"""The forwarding client (gateway/h1.py) against raw sockets that answer byte for byte what a
+test scripts: framing (length, chunked, until close, 1xx), faults mapped to the gateway's
+errors, keep-alive reuse and expiry, pool limits and their waiters, and flow control."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+
+import pytest
+
+from gateway.errors import (
+    ConnectTimeout,
+    UpstreamBadResponse,
+    UpstreamConnectError,
+    UpstreamDisconnected,
+)
+from gateway.h1 import HIGH_WATER, Pool, Response, target
+from tests.helpers import wait_for
+
+Answer = Callable[[bytes, asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+HEADERS = b"X-Test: 1\r\n"
+
+
+@dataclass
+class RawServer:
+    url: str
+    connections: int = 0
+    requests: list[bytes] = field(default_factory=list)
+    closed: asyncio.Event = field(default_factory=asyncio.Event)  # a client went away
+
+
+@contextlib.asynccontextmanager
+async def raw_server(answer: Answer) -> AsyncIterator[RawServer]:
+    """Reads each request (head and Content-Length body) and lets ``answer`` write bytes."""
+    state = RawServer("")
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        state.connections += 1
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next(
+                    int(line.split(b":")[1])
+                    for line in head.split(b"\r\n")
+                    if line.lower().startswith(b"content-length:")
+                )
+                request = head + await reader.readexactly(length)
+                state.requests.append(request)
+                await answer(request, reader, writer)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            state.closed.set()
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    state.url = f"http://127.0.0.1:{port}"
+    try:
+        yield state
+    finally:
+        server.close()
+
+
+def pool(**kwargs: float) -> Pool:
+    settings = {"limit": 8, "limit_per_host": 8, "keepalive": 30.0, "connect_timeout": 1.0}
+    settings.update(kwargs)
+    return Pool(**settings)  # type: ignore[arg-type]
+
+
+async def read_all(response: Response) -> bytes:
+    parts = []
+    while chunk := await response.read_chunk():
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+def fixed(data: bytes) -> Answer:
+    async def answer(_: bytes, __: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(data)
+
+    return answer
+
+
+OK = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
+
+
+async def test_a_request_is_sent_whole_and_the_connection_kept() -> None:
+    async with raw_server(fixed(OK)) as srv:
+        p = pool()
+        for _ in range(3):
+            resp = await p.request(srv.url, "/v1/x", HEADERS, b'{"a":1}')
+            assert (resp.status, resp.content_length) == (200, 2)
+            assert resp.headers["content-type"] == "application/json"
+            assert await read_all(resp) == b"{}"
+            resp.release()
+        await p.close()
+    assert srv.connections == 1
+    host = srv.url.removeprefix("http://")
+    assert (
+        srv.requests[0]
+        == (
+            f"POST /v1/x HTTP/1.1\r\nHost: {host}\r\nContent-Length: 7\r\nX-Test: 1\r\n\r\n"
+            '{"a":1}'
+        ).encode()
+    )
+
+
+async def test_chunked_bodies_are_decoded_and_the_connection_reused() -> None:
+    answer = (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"6\r\ndata: \r\n8\r\n{}\n\nmore\r\n0\r\n\r\n"
+    )
+    async with raw_server(fixed(answer)) as srv:
+        p = pool()
+        for _ in range(2):
+            resp = await p.request(srv.url, "/", b"", b"")
+            assert resp.content_length is None
+            assert await read_all(resp) == b"data: {}\n\nmore"
+            resp.release()
+        await p.close()
+    assert srv.connections == 1
+
+
+async def test_a_body_without_length_ends_with_the_connection_and_is_not_reused() -> None:
+    async def until_close(_: bytes, __: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        w.write(b"HTTP/1.1 200 OK\r\n\r\npart one, ")
+        await w.drain()
+        w.write(b"part two")
+        w.close()
+
+    async with raw_server(until_close) as srv:
+        p = pool()
+        for _ in range(2):
+            resp = await p.request(srv.url, "/", b"", b"")
+            assert await read_all(resp) == b"part one, part two"
+            resp.release()
+        await p.close()
+    assert srv.connections == 2
+
+
+async def test_informational_answers_are_skipped() -> None:
+    async with raw_server(fixed(b"HTTP/1.1 100 Continue\r\n\r\n" + OK)) as srv:
+        p = pool()
+        resp = await p.request(srv.url, "/", b"", b"")
+        assert resp.status == 200
+        assert await read_all(resp) == b"{}"
+        await p.close()
+
+
+@pytest.mark.parametrize(
+    ("answer", "error"),
+    [
+        (b"SMTP ready\r\n\r\n", UpstreamBadResponse),
+        (b"HTTP/1.1 200 OK\r\nX: " + b"y" * 70_000, UpstreamBadResponse),
+        (
+            b"HTTP/1.1 101 Switching\r\nConnection: upgrade\r\nUpgrade: h2c\r\n\r\n",
+            UpstreamBadResponse,
+        ),
+        (b"HTTP/1.1 200 O", UpstreamDisconnected),
+    ],
+    ids=["not http", "oversized headers", "upgrade", "cut in the head"],
+)
+async def test_a_broken_head_is_the_workers_fault(answer: bytes, error: type[Exception]) -> None:
+    async def then_close(_: bytes, __: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        w.write(answer)
+        await w.drain()
+        w.close()
+
+    async with raw_server(then_close) as srv:
+        p = pool()
+        with pytest.raises(error):
+            await p.request(srv.url, "/", b"", b"")
+        assert p._total == 0  # the connection is not kept
+        await p.close()
+
+
+async def test_a_cut_body_gives_its_bytes_then_fails() -> None:
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhello"
+
+    async def cut(_: bytes, __: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        w.write(answer)
+        await w.drain()
+        w.close()
+
+    async with raw_server(cut) as srv:
+        p = pool()
+        resp = await p.request(srv.url, "/", b"", b"")
+        assert await resp.read_chunk() == b"hello"
+        with pytest.raises(UpstreamDisconnected):
+            await resp.read_chunk()
+        resp.release()
+        assert p._total == 0
+        await p.close()
+
+
+async def test_closing_a_response_mid_body_closes_the_connection_the_worker_sees_it() -> None:
+    async def endless(_: bytes, __: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        w.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+        await w.drain()
+
+    async with raw_server(endless) as srv:
+        p = pool()
+        resp = await p.request(srv.url, "/", b"", b"")
+        assert await resp.read_chunk() == b"hello"
+        resp.close()
+        await asyncio.wait_for(srv.closed.wait(), 5)
+        await p.close()
+
+
+async def test_an_idle_connection_the_worker_closed_is_not_used_again() -> None:
+    async def once(_: bytes, __: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        w.write(OK)
+        await w.drain()
+        w.close()  # as uvicorn does after its keep-alive timeout
+
+    async with raw_server(once) as srv:
+        p = pool()
+        resp = await p.request(srv.url, "/", b"", b"")
+        assert await read_all(resp) == b"{}"
+        resp.release()
+        await wait_for(lambda: p._total == 0, 5, "the pool noticed the close")
+        resp = await p.request(srv.url, "/", b"", b"")
+        assert await read_all(resp) == b"{}"
+        await p.close()
+    assert srv.connections == 2
+
+
+async def test_a_kept_connection_closed_as_the_request_went_is_retried_once_fresh() -> None:
+    served = 0
+
+    async def first_only(_: bytes, __: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        nonlocal served
+        served += 1
+        if served == 2:  # the second request, on the kept connection: closed unanswered
+            w.transport.abort()
+            return
+        w.write(OK)
+
+    async with raw_server(first_only) as srv:
+        p = pool()
+        for _ in range(2):
+            resp = await p.request(srv.url, "/", b"", b"")
+            assert await read_all(resp) == b"{}"
+            resp.release()
+        await p.close()
+    assert (served, srv.connections) == (3, 2)
+
+
+async def test_a_new_connection_closed_unanswered_is_the_workers_fault() -> None:
+    async def hang_up(_: bytes, __: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        w.transport.abort()
+
+    async with raw_server(hang_up) as srv:
+        p = pool()
+        with pytest.raises(UpstreamDisconnected):
+            await p.request(srv.url, "/", b"", b"")
+        await p.close()
+    assert srv.connections == 1
+
+
+async def test_idle_connections_expire_after_keepalive() -> None:
+    async with raw_server(fixed(OK)) as srv:
+        p = pool(keepalive=0.05)
+        resp = await p.request(srv.url, "/", b"", b"")
+        await read_all(resp)
+        resp.release()
+        assert p._total == 1
+        await asyncio.wait_for(srv.closed.wait(), 5)
+        assert p._total == 0
+        await p.close()
+
+
+async def test_a_full_worker_pool_queues_in_order_and_bounds_the_wait() -> None:
+    async with raw_server(fixed(OK)) as srv:
+        p = pool(limit_per_host=1, connect_timeout=0.3)
+        first = await p.request(srv.url, "/", b"", b"")
+        second = asyncio.create_task(p.request(srv.url, "/", b"", b""))
+        third = asyncio.create_task(p.request(srv.url, "/", b"", b""))
+        await wait_for(lambda: len(p._waiters) == 2, 5, "both wait for the slot")
+        await read_all(first)
+        first.release()  # the slot is handed to the second ...
+        second.cancel()  # ... which leaves before it takes it: the third gets it
+        resp = await asyncio.wait_for(third, 5)
+        assert await read_all(resp) == b"{}"
+        # Held, the slot is not free: the next request's wait ends at connect_timeout.
+        with pytest.raises(ConnectTimeout):
+            await p.request(srv.url, "/", b"", b"")
+        resp.release()
+        await p.close()
+    assert srv.connections == 1
+
+
+async def test_a_full_gateway_pool_closes_another_workers_idle_connection() -> None:
+    async with raw_server(fixed(OK)) as a, raw_server(fixed(OK)) as b:
+        p = pool(limit=1)
+        resp = await p.request(a.url, "/", b"", b"")
+        await read_all(resp)
+        resp.release()
+        resp = await asyncio.wait_for(p.request(b.url, "/", b"", b""), 5)
+        assert await read_all(resp) == b"{}"
+        await asyncio.wait_for(a.closed.wait(), 5)
+        await p.close()
+
+
+async def test_a_refused_connection_is_a_connect_error() -> None:
+    async with raw_server(fixed(OK)) as srv:
+        url = srv.url
+    p = pool()
+    with pytest.raises(UpstreamConnectError):
+        await p.request(url, "/", b"", b"")
+    assert p._total == 0
+    await p.close()
+
+
+async def test_a_reader_that_falls_behind_pauses_the_socket() -> None:
+    size = 8 * HIGH_WATER
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size + b"x" * size
+    async with raw_server(fixed(answer)) as srv:
+        p = pool()
+        resp = await p.request(srv.url, "/", b"", b"")
+        conn = resp._conn
+        assert conn is not None
+        await wait_for(lambda: conn.paused, 5, "reading paused")
+        assert conn.buffered <= 2 * HIGH_WATER
+        assert len(await read_all(resp)) == size
+        resp.release()
+        assert p._total == 1  # read whole: kept
+        await p.close()
+
+
+def test_targets_are_parsed_once_with_default_ports() -> None:
+    assert (target("http://w:8000").host, target("http://w:8000").port) == ("w", 8000)
+    assert (target("https://w").port, target("https://w").tls is not None) == (443, True)
+    six = target("http://[::1]:9000")
+    assert (six.host, six.port, six.host_header) == ("::1", 9000, "[::1]:9000")
+    with pytest.raises(ValueError):
+        target("ftp://w")
