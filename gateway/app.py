@@ -25,6 +25,7 @@ from gateway.middleware import (
     add_request_id_header,
     auth_middleware,
     error_middleware,
+    expect_handler,
     request_id_middleware,
 )
 from gateway.monitor import probe_all, probe_forever, scrape_forever
@@ -76,14 +77,22 @@ def create_app(
     app.cleanup_ctx.append(_upstream_and_probes)
     app.cleanup_ctx.append(_loop_lag_timer)
     app.on_response_prepare.append(add_request_id_header)
-    app.router.add_post("/v1/chat/completions", handlers.chat_completions)
-    app.router.add_post("/v1/completions", handlers.completions)
-    app.router.add_post("/v1/embeddings", handlers.embeddings)
-    app.router.add_get("/v1/models", handlers.list_models)
-    app.router.add_get("/health", handlers.health)
-    app.router.add_get("/ready", handlers.ready)
-    app.router.add_get("/metrics", handlers.metrics)
-    app.router.add_get("/openapi.json", handlers.openapi_document)
+    posts = {
+        "/v1/chat/completions": handlers.chat_completions,
+        "/v1/completions": handlers.completions,
+        "/v1/embeddings": handlers.embeddings,
+    }
+    gets = {
+        "/v1/models": handlers.list_models,
+        "/health": handlers.health,
+        "/ready": handlers.ready,
+        "/metrics": handlers.metrics,
+        "/openapi.json": handlers.openapi_document,
+    }
+    for path, handler in posts.items():
+        app.router.add_post(path, handler, expect_handler=expect_handler)
+    for path, handler in gets.items():
+        app.router.add_get(path, handler, expect_handler=expect_handler)
     return app
 
 

@@ -11,7 +11,8 @@ failed with it may be retried on another worker (before commit only)::
     │   ├── ClientTooSlow (408)         client_too_slow
     │   ├── RequestBodyTimeout (408)    request_body_timeout
     │   ├── PayloadTooLarge (413)       request_too_large
-    │   └── UnsupportedMediaType (415)  unsupported_media_type
+    │   ├── UnsupportedMediaType (415)  unsupported_media_type
+    │   └── ExpectationFailed (417)     expectation_failed
     ├── Unauthorized (401)              invalid_api_key
     ├── RateLimited (429, Retry-After)  rate_limit_exceeded  (type: requests · tokens · concurrency)
     ├── Unavailable (503, Retry-After)  gateway_overloaded · no_healthy_worker · shutting_down
@@ -146,6 +147,14 @@ class UnsupportedMediaType(InvalidRequest):
     status = 415
     code = "unsupported_media_type"
     default_message = "Content-Type must be application/json."
+
+
+class ExpectationFailed(InvalidRequest):
+    """An ``Expect`` header other than ``100-continue`` (RFC 9110, 10.1.1)."""
+
+    status = 417
+    code = "expectation_failed"
+    default_message = "The only Expect the gateway meets is 100-continue."
 
 
 class Unauthorized(GatewayError):

@@ -12,11 +12,12 @@ import logging
 import os
 import re
 
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 from aiohttp.typedefs import Handler
 
 from gateway.auth import OPEN_CLIENT, Client, KeyRing
 from gateway.errors import (
+    ExpectationFailed,
     GatewayError,
     InternalError,
     InvalidRequest,
@@ -41,12 +42,30 @@ def error_response(err: GatewayError) -> web.Response:
     return web.Response(status=err.status, body=err.body_bytes(), headers=headers)
 
 
-@web.middleware
-async def request_id_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+def _assign_request_id(request: web.Request) -> str:
     incoming = request.headers.get("X-Request-Id", "")
     # 128 random bits as hex, like uuid4().hex without building a UUID object per request.
     request_id = incoming if _SANE_ID.fullmatch(incoming) else os.urandom(16).hex()
     request[REQUEST_ID] = request_id
+    return request_id
+
+
+async def expect_handler(request: web.Request) -> web.StreamResponse | None:
+    """aiohttp runs this before any middleware when a request carries ``Expect``: its own
+    answers a 417 in text/plain; this one answers it in the OpenAI shape."""
+    if request.version != HttpVersion11:
+        return None
+    if request.headers.get("Expect", "").lower() != "100-continue":
+        _assign_request_id(request)  # the answer carries one, as every answer does
+        return error_response(ExpectationFailed())
+    await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    request.writer.output_size = 0  # the answer proper has not started
+    return None
+
+
+@web.middleware
+async def request_id_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    request_id = _assign_request_id(request)
     token = request_id_var.set(request_id)
     try:
         return await handler(request)

@@ -68,6 +68,7 @@ OPENAI_ROUTE_ERRORS: dict[str, str] = {
     "stopped reading the answer (client_too_slow).",
     "413": "The body is larger than server.max_body_bytes (request_too_large).",
     "415": "Content-Type is not application/json (unsupported_media_type).",
+    "417": "An Expect header other than 100-continue (expectation_failed).",
     "429": "The key used up a rate limit (rate_limit_exceeded; `type` names it: requests, "
     "tokens or concurrency), or the worker's own 429, relayed (upstream_unavailable).",
     "500": "A bug in the gateway (internal_error; details only in its log), or the worker's "

@@ -46,6 +46,9 @@ CASES = [
      {"Content-Type": "application/x-www-form-urlencoded"}, 415, "unsupported_media_type", None),
     ("too large", b'{"model": "sim-model", "pad": "' + b"x" * 5000 + b'"}', JSON, 413,
      "request_too_large", None),
+    # aiohttp answers these before any middleware (text/plain) unless the route says otherwise.
+    ("unknown expectation", b'{"model": "sim-model", "messages": []}',
+     {**JSON, "Expect": "*#>"}, 417, "expectation_failed", None),
 ]  # fmt: skip
 
 
@@ -124,3 +127,15 @@ async def test_random_bodies_never_cause_a_5xx(gw: Gateway, client: aiohttp.Clie
         async with client.post(f"{gw.url}/v1/chat/completions", data=body, headers=JSON) as resp:
             assert 400 <= resp.status < 500, body
             assert "error" in await resp.json()
+
+
+async def test_expect_100_continue_is_met(gw: Gateway, client: aiohttp.ClientSession) -> None:
+    body = {"model": "sim-model", "messages": [{"role": "user", "content": "hi"}]}
+    async with client.post(
+        gw.url + "/v1/chat/completions",
+        json=body,
+        expect100=True,
+        timeout=aiohttp.ClientTimeout(10),
+    ) as response:
+        assert response.status == 200
+        assert (await response.json())["object"] == "chat.completion"

@@ -13,6 +13,7 @@ import pytest
 from gateway.errors import (
     ClientTooSlow,
     ConnectTimeout,
+    ExpectationFailed,
     FirstTokenTimeout,
     GatewayError,
     IdleTimeout,
@@ -70,6 +71,7 @@ TREE: dict[type[GatewayError], tuple[int, str, str, bool]] = {
     MethodNotAllowed: (405, "invalid_request_error", "method_not_allowed", False),
     PayloadTooLarge: (413, "invalid_request_error", "request_too_large", False),
     UnsupportedMediaType: (415, "invalid_request_error", "unsupported_media_type", False),
+    ExpectationFailed: (417, "invalid_request_error", "expectation_failed", False),
     ClientTooSlow: (408, "invalid_request_error", "client_too_slow", False),
     RequestBodyTimeout: (408, "invalid_request_error", "request_body_timeout", False),
     Unauthorized: (401, "invalid_request_error", "invalid_api_key", False),
