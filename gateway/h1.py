@@ -81,12 +81,13 @@ def target(base: str) -> Target:
 class Response:
     """One response's status, headers and body; read it, then ``release`` or ``close``."""
 
-    __slots__ = ("_conn", "_headers", "_raw_headers", "content_length", "status")
+    __slots__ = ("_conn", "_headers", "_raw_headers", "content_length", "content_type", "status")
 
     def __init__(self, conn: _Connection) -> None:
         self._conn: _Connection | None = conn
         self.status = conn.status
         self.content_length = conn.content_length
+        self.content_type = conn.content_type
         self._raw_headers = conn.raw_headers
         self._headers: CIMultiDictProxy[str] | None = None
 
@@ -150,6 +151,7 @@ class _Connection(asyncio.Protocol):
         self.status = 0
         self.raw_headers: list[tuple[bytes, bytes]] = []
         self.content_length: int | None = None
+        self.content_type: str | None = None
         self.headers_done = False
         self.until_close = False  # no length and not chunked: the body ends with the connection
         self.complete = False
@@ -278,6 +280,8 @@ class _Connection(asyncio.Protocol):
                     self.content_length = int(value)
             elif lname == b"transfer-encoding":
                 chunked = b"chunked" in value.lower()
+            elif lname == b"content-type":
+                self.content_type = value.decode("latin-1")
         if chunked:
             self.content_length = None
         self.until_close = not chunked and self.content_length is None and status not in (204, 304)

@@ -60,18 +60,26 @@ class JsonFormatter(logging.Formatter):
         self._pid = os.getpid()  # which serving process, when there are several
 
     def format(self, record: logging.LogRecord) -> str:
-        line: dict[str, Any] = {
-            "ts": round(record.created, 3),
-            "level": record.levelname,
-            "logger": record.name,
-            "pid": self._pid,
-            "msg": record.getMessage(),
-            "request_id": getattr(record, "request_id", "-"),
-        }
+        line = self.fields(
+            record.created, record.levelname, record.name, record.getMessage(),
+            getattr(record, "request_id", "-"),
+        )  # fmt: skip
         line.update(_extras(record))
         if record.exc_info:
             line["exc"] = self.formatException(record.exc_info)
         return orjson.dumps(line, default=str).decode()
+
+    def fields(
+        self, created: float, level: str, logger: str, msg: str, request_id: str
+    ) -> dict[str, Any]:
+        return {
+            "ts": round(created, 3),
+            "level": level,
+            "logger": logger,
+            "pid": self._pid,
+            "msg": msg,
+            "request_id": request_id,
+        }
 
 
 class LoopBatchedHandler(logging.StreamHandler):  # type: ignore[type-arg]
@@ -108,6 +116,10 @@ class LoopBatchedHandler(logging.StreamHandler):  # type: ignore[type-arg]
         except Exception:
             self.handleError(record)
             return
+        self.write_line(line)
+
+    def write_line(self, line: str) -> None:
+        """A formatted line, into the batch (``emit`` without the record)."""
         self._pending.append(line)
         if len(self._pending) > 1:
             return  # a hand-over is already scheduled
@@ -159,6 +171,41 @@ class LoopBatchedHandler(logging.StreamHandler):  # type: ignore[type-arg]
             self._state.wait_for(lambda: self._queued == 0, self.FLUSH_TIMEOUT)
 
 
+class AccessLog:
+    """The access log, a line per request. With the JSON format and nothing else listening it
+    goes straight to the handler: the same line, without a ``LogRecord`` (twenty attributes,
+    the filter, the scan for extras), which cost about 5% of a small request's CPU. Otherwise
+    (text format, a test's capture handler) it goes through ``logging`` as any line does."""
+
+    def __init__(self, name: str) -> None:
+        self._logger = logging.getLogger(name)
+
+    def enabled(self) -> bool:
+        return self._logger.isEnabledFor(logging.INFO)
+
+    def write(self, request_id: str, fields: dict[str, Any]) -> None:
+        handler = _direct
+        logger = self._logger
+        if (
+            handler is not None
+            and logging.root.handlers == [handler]
+            and logger.propagate
+            and not logger.handlers
+            and not logger.filters
+        ):
+            formatter = handler.formatter
+            assert isinstance(formatter, JsonFormatter)
+            line = formatter.fields(time.time(), "INFO", logger.name, "request", request_id)
+            line.update(fields)
+            handler.write_line(orjson.dumps(line, default=str).decode())
+        else:
+            logger.info("request", extra={"request_id": request_id, **fields})
+
+
+# The handler configure() installed, when its lines are JSON (AccessLog writes to it directly).
+_direct: LoopBatchedHandler | None = None
+
+
 def configure_logging(settings: LogSettings) -> None:
     configure(settings.level, settings.format)
 
@@ -175,5 +222,7 @@ def configure(level: str, fmt: str) -> None:
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
+    global _direct
+    _direct = handler if fmt == "json" else None
     root.setLevel(level)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)

@@ -60,6 +60,7 @@ from gateway.errors import (
 from gateway.fanout import merge, plan_shards
 from gateway.lifecycle import Lifecycle
 from gateway.limits import Admission
+from gateway.logs import AccessLog
 from gateway.metrics import GatewayMetrics
 from gateway.middleware import CLIENT, REQUEST_ID, error_response
 from gateway.ratelimit import RateLimiter
@@ -73,7 +74,7 @@ from gateway.upstream import ClientResponse, Upstream, forward_headers
 from gateway.workers import Fleet, Worker
 
 log = logging.getLogger(__name__)
-access_log = logging.getLogger("gateway.access")
+access_log = AccessLog("gateway.access")
 
 ERROR_BODY_LIMIT = 64 * 1024
 IN_BAND_WRITE_TIMEOUT = 1.0
@@ -95,7 +96,7 @@ class Proxy:
         self._timeouts = settings.timeouts
         self._fleet = fleet
         self._upstream = upstream
-        self._relay = Relay(upstream, metrics, settings.timeouts, fleet)
+        self._relay = Relay(metrics, settings.timeouts, fleet)
         self._metrics = metrics
         self._lifecycle = lifecycle
         self._limiter = limiter
@@ -191,6 +192,8 @@ class Proxy:
         if request.content_length is not None and request.content_length > limit:
             raise PayloadTooLarge(limit)
         try:
+            if request.content.is_eof():
+                return await request.read()  # all in already (most bodies): nothing to bound
             # A client that sends its body slowly holds no admission slot, but it must not
             # hold a handler without end either.
             async with asyncio.timeout(self._timeouts.idle):
@@ -551,12 +554,11 @@ class Proxy:
         self._metrics.requests_of(model, ex.route.name, str(ex.status), ex.code).inc()
         self._metrics.client_requests_of(ex.client.name, str(ex.status)).inc()
         self._metrics.request_duration_of(model, ex.route.name).observe(duration)
-        if not access_log.isEnabledFor(logging.INFO):
-            return  # don't build the record's fields for nothing
-        access_log.info(
-            "request",
-            extra={
-                "request_id": ex.request.get(REQUEST_ID, "-"),
+        if not access_log.enabled():
+            return  # don't build the line's fields for nothing
+        access_log.write(
+            ex.request.get(REQUEST_ID, "-"),
+            {
                 "key": ex.client.name,
                 "route": ex.route.name,
                 "model": model,

@@ -31,7 +31,7 @@ from gateway.request import Route
 from gateway.resume import Splice, Transcript, worker_fault
 from gateway.settings import TimeoutSettings
 from gateway.sse import StreamObserver
-from gateway.upstream import ClientResponse, Upstream
+from gateway.upstream import ClientResponse
 from gateway.usage import TAIL_BYTES, usage_from_tail
 from gateway.workers import Fleet, Worker
 
@@ -89,10 +89,7 @@ RelayFn = Callable[["Exchange", ClientResponse, asyncio.Timeout], Awaitable[None
 class Relay:
     """Relays for one gateway: stream, body and continuation; see the module docstring."""
 
-    def __init__(
-        self, upstream: Upstream, metrics: GatewayMetrics, timeouts: TimeoutSettings, fleet: Fleet
-    ) -> None:
-        self._upstream = upstream
+    def __init__(self, metrics: GatewayMetrics, timeouts: TimeoutSettings, fleet: Fleet) -> None:
         self._metrics = metrics
         self._timeouts = timeouts
         self._fleet = fleet
@@ -108,7 +105,7 @@ class Relay:
         held: list[bytes] = []
         held_size = 0
         while not observer.first_token and held_size <= HOLD_LIMIT:
-            chunk = await self._upstream.read_chunk(response)
+            chunk = await response.read_chunk()
             if not chunk:
                 raise UpstreamDisconnected("The model worker ended the stream before any token.")
             observer.feed(chunk)
@@ -132,7 +129,7 @@ class Relay:
         last = loop.time()
         while not observer.done:
             try:
-                chunk = await self._upstream.read_chunk(response)
+                chunk = await response.read_chunk()
             except UpstreamDisconnected as exc:
                 if observer.finish_reason is not None and ex.single_choice:
                     break  # cut after the answer was complete: finished below
@@ -186,7 +183,7 @@ class Relay:
         idle_armed = False
         while not splice.done:
             try:
-                chunk = await self._upstream.read_chunk(response)
+                chunk = await response.read_chunk()
             except UpstreamDisconnected as exc:
                 if splice.finish_reason is not None:
                     break
@@ -234,7 +231,7 @@ class Relay:
         phase.reschedule(loop.time() + idle)
         head: list[bytes] = []
         size = 0
-        while size <= CHECKED_BODY_LIMIT and (chunk := await self._upstream.read_chunk(response)):
+        while size <= CHECKED_BODY_LIMIT and (chunk := await response.read_chunk()):
             self._extend(phase, loop.time() + idle)
             head.append(chunk)
             size += len(chunk)
@@ -248,13 +245,13 @@ class Relay:
             if not isinstance(answer, dict):
                 raise UpstreamBadAnswer()
         out = web.StreamResponse(status=200)
-        out.headers["Content-Type"] = response.headers.get("Content-Type", "application/json")
+        out.headers["Content-Type"] = response.content_type or "application/json"
         if response.content_length is not None:
             out.content_length = response.content_length
         client = await self.commit(ex, out)
         await self._send(ex, client, data, phase)
         tail = data[-TAIL_BYTES:]
-        while not whole and (chunk := await self._upstream.read_chunk(response)):
+        while not whole and (chunk := await response.read_chunk()):
             self._extend(phase, loop.time() + idle)
             tail = (tail + chunk)[-TAIL_BYTES:]
             await self._send(ex, client, chunk, phase)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -119,3 +120,34 @@ def test_json_lines_name_the_process() -> None:
     record = logging.makeLogRecord({"msg": "hello", "levelname": "INFO", "name": "x"})
     line = orjson.loads(JsonFormatter().format(record))
     assert isinstance(line["pid"], int) and line["msg"] == "hello"
+
+
+def test_the_direct_access_line_is_the_line_logging_would_write(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from gateway import logs
+
+    stream = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stream)
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        logs.configure("INFO", "json")
+        token = logs.request_id_var.set("req-1")  # as the middleware sets it
+        [handler] = root.handlers
+        fields = {"route": "chat_completions", "status": 200, "ttft": None}
+        access = logs.AccessLog("gateway.access")
+        access.write("req-1", fields)  # straight to the handler
+        logging.getLogger("gateway.access").addFilter(lambda _: True)  # now through logging
+        access.write("req-1", fields)
+        handler.flush()
+        logs.request_id_var.reset(token)
+    finally:
+        logging.getLogger("gateway.access").filters.clear()
+        root.handlers[:], _ = saved
+        root.setLevel(saved[1])
+        monkeypatch.setattr(logs, "_direct", None)
+    direct, logged = (orjson.loads(line) for line in stream.getvalue().splitlines())
+    assert abs(direct.pop("ts") - logged.pop("ts")) < 5
+    assert direct == logged
+    assert direct["request_id"] == "req-1" and direct["route"] == "chat_completions"

@@ -64,7 +64,8 @@ async def main() -> None:
         "limits": {"max_in_flight": 4096, "pool_size": 4096, "pool_per_worker": 4096},
         "logging": {"level": "INFO", "format": "json"},
     }))  # fmt: skip
-    gw = start_gateway(config)
+    # As in `make bench`: the access log goes to a file, not a pipe the profiler's process reads.
+    gw = start_gateway(config, log_file=args.out.with_suffix(".log"))
     try:
         url = f"{gw.url}/v1/chat/completions"
         await drive(url, args.scenario, 2.0)  # warm up
