@@ -112,9 +112,10 @@ def _export_worker(metrics: GatewayMetrics, fleet: Fleet, worker: Worker) -> Non
 def _forget_worker(metrics: GatewayMetrics, fleet: Fleet, worker: Worker) -> None:
     """A worker that left the fleet leaves the per-worker series too: pods come and go, and
     their series must not pile up in the gateway's memory and in Prometheus."""
+    with contextlib.suppress(KeyError):
+        metrics.worker_in_flight_of.remove(worker.url)
     for family in (
         metrics.upstream_connect,
-        metrics.worker_in_flight,
         metrics.worker_ejections,
         metrics.worker_healthy,
     ):

@@ -44,6 +44,11 @@ class Children(Generic[M]):
             child = self._children[values] = self._metric.labels(*values)
         return child
 
+    def remove(self, *values: str) -> None:
+        """The series goes, from the metric and the memo (a worker that left the fleet)."""
+        self._children.pop(values, None)
+        self._metric.remove(*values)
+
 
 class GatewayMetrics:
     """``multiprocess_dir``: set in each of several serving processes (``supervisor``), where
@@ -246,6 +251,7 @@ class GatewayMetrics:
         self.time_to_first_token_of = Children(self.time_to_first_token)
         self.inter_token_latency_of = Children(self.inter_token_latency)
         self.tokens_of = Children(self.tokens)
+        self.worker_in_flight_of = Children(self.worker_in_flight)
 
     def exposition(self) -> bytes:
         """The text ``/metrics`` serves: this process's metrics, or every serving process's."""

@@ -9,7 +9,7 @@ logged with the request id and answered with a bare 500 that reveals nothing.
 from __future__ import annotations
 
 import logging
-import os
+import random
 import re
 
 from aiohttp import HttpVersion11, web
@@ -34,6 +34,7 @@ CLIENT = web.RequestKey("client", Client)
 KEYRING = web.AppKey("keyring", KeyRing)
 # The routes that need a key: the OpenAI API. Health, readiness and metrics stay open.
 _PROTECTED_PREFIX = "/v1/"
+_ids = random.Random()  # noqa: S311 (seeded from os.urandom in each process; ids grant nothing)
 _SANE_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 
 
@@ -44,8 +45,9 @@ def error_response(err: GatewayError) -> web.Response:
 
 def _assign_request_id(request: web.Request) -> str:
     incoming = request.headers.get("X-Request-Id", "")
-    # 128 random bits as hex, like uuid4().hex without building a UUID object per request.
-    request_id = incoming if _SANE_ID.fullmatch(incoming) else os.urandom(16).hex()
+    # 128 random bits as hex, like uuid4().hex without a UUID object or a getrandom() call
+    # per request: an id must be unique, not unguessable (it grants nothing).
+    request_id = incoming if _SANE_ID.fullmatch(incoming) else f"{_ids.getrandbits(128):032x}"
     request[REQUEST_ID] = request_id
     return request_id
 

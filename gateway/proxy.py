@@ -409,7 +409,7 @@ class Proxy:
     ) -> bytes:
         """One whole non-streamed answer from one worker, read into memory (bounded)."""
         worker.in_flight += 1
-        gauge = self._metrics.worker_in_flight.labels(worker.url)
+        gauge = self._metrics.worker_in_flight_of(worker.url)
         gauge.inc()
         self._fleet.begin_attempt(worker)
         response: ClientResponse | None = None
@@ -471,7 +471,7 @@ class Proxy:
     ) -> None:
         loop = asyncio.get_running_loop()
         worker.in_flight += 1
-        gauge = self._metrics.worker_in_flight.labels(worker.url)
+        gauge = self._metrics.worker_in_flight_of(worker.url)
         gauge.inc()
         response: ClientResponse | None = None
         finished = False

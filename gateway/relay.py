@@ -32,7 +32,7 @@ from gateway.resume import Splice, Transcript, worker_fault
 from gateway.settings import TimeoutSettings
 from gateway.sse import StreamObserver
 from gateway.upstream import ClientResponse
-from gateway.usage import TAIL_BYTES, usage_from_tail
+from gateway.usage import TAIL_BYTES, int_fields, usage_from_tail
 from gateway.workers import Fleet, Worker
 
 SSE_HEADERS = {
@@ -237,6 +237,7 @@ class Relay:
             size += len(chunk)
         whole = size <= CHECKED_BODY_LIMIT
         data = b"".join(head)
+        content_type = response.content_type or "application/json"
         if whole:
             try:
                 answer = orjson.loads(data)
@@ -244,14 +245,24 @@ class Relay:
                 raise UpstreamBadAnswer() from None
             if not isinstance(answer, dict):
                 raise UpstreamBadAnswer()
+            self.count_usage(ex, int_fields(answer.get("usage")))
+            # A Response, not a StreamResponse: headers and body leave in one write.
+            whole_answer = web.Response(status=200, body=data)
+            whole_answer.headers["Content-Type"] = content_type
+            client = await self.commit(ex, whole_answer)
+            ex.ending = True
+            ex.writing = True
+            await client.write_eof()
+            ex.writing = False
+            return
         out = web.StreamResponse(status=200)
-        out.headers["Content-Type"] = response.content_type or "application/json"
+        out.headers["Content-Type"] = content_type
         if response.content_length is not None:
             out.content_length = response.content_length
         client = await self.commit(ex, out)
         await self._send(ex, client, data, phase)
         tail = data[-TAIL_BYTES:]
-        while not whole and (chunk := await response.read_chunk()):
+        while chunk := await response.read_chunk():
             self._extend(phase, loop.time() + idle)
             tail = (tail + chunk)[-TAIL_BYTES:]
             await self._send(ex, client, chunk, phase)

@@ -84,8 +84,9 @@ class RetryBudget:
             self._stamp[index] = second
             self._requests[index] = 0
             self._retries[index] = 0
-        # Buckets not touched for a whole window still hold old counts: clear them.
-        for i in range(self._size):
-            if self._stamp[i] != -1 and second - self._stamp[i] >= self._size:
-                self._stamp[i], self._requests[i], self._retries[i] = -1, 0, 0
+            # Buckets not touched for a whole window still hold old counts: clear them (once
+            # a second: within it, none can go stale).
+            for i in range(self._size):
+                if self._stamp[i] != -1 and second - self._stamp[i] >= self._size:
+                    self._stamp[i], self._requests[i], self._retries[i] = -1, 0, 0
         return index

@@ -42,6 +42,11 @@ def usage_from_tail(tail: bytes) -> dict[str, int] | None:
         usage = orjson.loads(tail[start : end + 1])
     except orjson.JSONDecodeError:
         return None
+    return int_fields(usage)
+
+
+def int_fields(usage: object) -> dict[str, int] | None:
+    """A usage object's integer counts; None when it is not an object."""
     if not isinstance(usage, dict):
         return None
     return {k: v for k, v in usage.items() if isinstance(v, int) and not isinstance(v, bool)}
