@@ -7,6 +7,7 @@ error codes of ``errors.py``.
 
 from __future__ import annotations
 
+import bisect
 from typing import Generic, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -48,6 +49,44 @@ class Children(Generic[M]):
         """The series goes, from the metric and the memo (a worker that left the fleet)."""
         self._children.pop(values, None)
         self._metric.remove(*values)
+
+
+class Tally:
+    """Observations of one histogram series counted here and added to it in batches (every
+    ``FLUSH_EVERY`` and at ``flush``): a stream's inter-chunk gaps. ``Histogram.observe`` takes
+    a lock and walks the buckets in Python on every call, once per chunk of every stream.
+    The batch goes into the series' own per-bucket values (prometheus_client's ``_buckets``
+    and ``_sum``, which hold each bucket's own count; tests/test_metrics.py fails if a release
+    renames them)."""
+
+    FLUSH_EVERY = 64
+    __slots__ = ("_bounds", "_child", "_counts", "_n", "_sum")
+
+    def __init__(self, child: Histogram) -> None:
+        self._child = child
+        self._bounds: list[float] = list(child._upper_bounds)
+        self._counts = [0] * len(self._bounds)
+        self._sum = 0.0
+        self._n = 0
+
+    def add(self, value: float) -> None:
+        self._counts[bisect.bisect_left(self._bounds, value)] += 1  # le: value <= bound
+        self._sum += value
+        self._n += 1
+        if self._n >= self.FLUSH_EVERY:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._n:
+            return
+        buckets = self._child._buckets
+        for i, count in enumerate(self._counts):
+            if count:
+                buckets[i].inc(count)
+                self._counts[i] = 0
+        self._child._sum.inc(self._sum)
+        self._sum = 0.0
+        self._n = 0
 
 
 class GatewayMetrics:

@@ -197,3 +197,29 @@ async def test_passive_ejection_is_counted_and_shown_as_unhealthy(
     for w in workers:
         assert gw.metric("gateway_upstream_errors_total", worker=w.url,
                          kind="upstream_http_500") == 1  # fmt: skip
+
+
+def test_a_tally_adds_up_to_what_observe_would_have() -> None:
+    from prometheus_client import CollectorRegistry, Histogram
+
+    from gateway.metrics import SHORT_BUCKETS, Tally
+
+    registry = CollectorRegistry()
+    hist = Histogram("h", "h", ["s"], buckets=SHORT_BUCKETS, registry=registry)
+    values = [0.0, *SHORT_BUCKETS, 0.0007, 0.003, 7.0, 123.0] * 20  # bounds, between, beyond
+    tally = Tally(hist.labels("tallied"))
+    for value in values:
+        hist.labels("observed").observe(value)
+        tally.add(value)
+    assert registry.get_sample_value("h_count", {"s": "tallied"}) < len(values)  # not all yet
+    tally.flush()
+
+    def samples(series: str) -> list[tuple[str, str, float]]:
+        [family] = [m for m in registry.collect() if m.name == "h"]
+        return [
+            (s.name, s.labels.get("le", ""), round(s.value, 9))
+            for s in family.samples
+            if s.labels["s"] == series and not s.name.endswith("_created")
+        ]
+
+    assert samples("tallied") == samples("observed")
