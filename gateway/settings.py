@@ -102,7 +102,9 @@ class LimitSettings(_Frozen):
     max_in_flight: int = Field(256, gt=0)
     pool_size: int = Field(512, gt=0)
     pool_per_worker: int = Field(256, gt=0)
-    keepalive: float = Field(30.0, gt=0)
+    # Below the worker's own idle timeout (vLLM serves with uvicorn: 5 s), so it is the gateway
+    # that closes an idle connection (one the worker closed as a request went is retried, h1).
+    keepalive: float = Field(4.0, gt=0)
     retry_after: int = Field(1, ge=0)
 
     @model_validator(mode="after")
