@@ -77,6 +77,20 @@ SCENARIOS = [
 SWEEP = ["c1-stream", "c16-stream", "c64-stream", "c256-stream"]  # the plots' x axis
 
 
+async def settle(systems: list[System], quiet: float = 0.05, limit: float = 15.0) -> None:
+    """Until every system is idle (all trees under ``quiet`` of a core over 0.5 s; at most
+    ``limit`` s): a system still working off the last run's backlog (LiteLLM's queue, seconds
+    deep) must not take CPU from the next one measured."""
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + limit
+    await asyncio.sleep(0.5)  # connections close, timers settle
+    while loop.time() < give_up:
+        before = sum(s.cpu_seconds() for s in systems)
+        await asyncio.sleep(0.5)
+        if sum(s.cpu_seconds() for s in systems) - before < quiet * 0.5:
+            return
+
+
 async def measure(system: System, sc: Scenario, seconds: float, label: str) -> Sample:
     url = f"{system.url}/v1/chat/completions"
     data = chat_body(sc.model, sc.stream)
@@ -116,7 +130,7 @@ async def main() -> None:
                     label = f"#{i + 1} {sc.key} {system.name}"
                     s = await measure(system, sc, sc.seconds * args.seconds, label)
                     results.setdefault((system.name, sc.key), []).append(s)
-                    await asyncio.sleep(1.0)  # connections close, timers settle
+                    await settle(systems)
         text = report(results, systems, scenarios, args)
     RESULTS.write_text(text, encoding="utf-8")
     plot(results, [s.name for s in systems], scenarios)
