@@ -1,7 +1,8 @@
 """`python -m tests.bench.ab REV [REV ...]`: the gateway at other commits against the working
 tree, side by side in one run (runs alternate, so machine noise falls on all alike): req/s and
 CPU per request under `make bench`'s scenarios, one serving process each. For checking that a
-change to the hot path pays before it lands.
+change to the hot path pays before it lands. `--processes 1 2` runs the working tree once per
+process count instead (REVs optional): what `server.processes` is worth on this machine.
 """
 
 from __future__ import annotations
@@ -31,11 +32,11 @@ def checkout(rev: str) -> Path:
     return path
 
 
-def start(name: str, tree: Path, worker: str, workdir: Path) -> System:
+def start(name: str, tree: Path, worker: str, workdir: Path, processes: int = 1) -> System:
     config = workdir / f"{name}.yaml"
     server: dict[str, object] = {"host": "127.0.0.1", "port": 0}
     if "processes" in (tree / "gateway" / "settings.py").read_text():
-        server["processes"] = 1  # older commits have one process and no such key
+        server["processes"] = processes  # older commits have one process and no such key
     config.write_text(yaml.safe_dump({
         "server": server,
         "workers": [{"url": worker, "models": list(MODELS)}],
@@ -52,7 +53,8 @@ def start(name: str, tree: Path, worker: str, workdir: Path) -> System:
 
 async def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m tests.bench.ab")
-    parser.add_argument("revs", nargs="+")
+    parser.add_argument("revs", nargs="*")
+    parser.add_argument("--processes", type=int, nargs="+", default=[1])
     parser.add_argument("--scenarios", nargs="+", default=["c64-stream", "c64-json", "open-200"])
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--repeats", type=int, default=3)
@@ -61,7 +63,9 @@ async def main() -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     direct, worker = mock_worker()
     systems = [start(rev, checkout(rev), direct.url, workdir) for rev in args.revs]
-    systems.append(start("working-tree", ROOT, direct.url, workdir))
+    for n in args.processes:
+        name = "working-tree" if args.processes == [1] else f"working-tree x{n}"
+        systems.append(start(name.replace(" ", "-"), ROOT, direct.url, workdir, n))
     await asyncio.sleep(2)  # first probes done
     table: dict[tuple[str, str], list[tuple[float, float]]] = {}
     try:
