@@ -242,6 +242,20 @@ class StreamObserver:
         return self._decoder.has_partial
 
     def feed(self, chunk: bytes) -> None:
+        if (
+            self.first_token
+            and chunk.count(b"\n") == 2
+            and chunk.endswith(b"\n\n")
+            and chunk.startswith(b"data: ")
+            and _UNEVENTFUL in chunk
+            and not _eventful(chunk)
+            and b"\r" not in chunk
+            and self._decoder.at_boundary(chunk)
+        ):
+            # One plain token event, as vLLM sends them after the first: only counted. (The
+            # same test as the path below, without its calls and copies: it runs per chunk.)
+            self.events += 1
+            return
         if not (_plain_events(chunk) and self._decoder.at_boundary(chunk)):
             for event in self._decoder.feed(chunk):
                 self._on_event(event)
