@@ -29,6 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import httptools
+import yarl
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.errors import (
@@ -61,21 +62,11 @@ class Target:
 
 @functools.lru_cache(maxsize=1024)
 def target(base: str) -> Target:
-    scheme, sep, rest = base.partition("://")
-    if not sep or scheme not in ("http", "https"):
+    url = yarl.URL(base)
+    if url.scheme not in ("http", "https") or not url.host or url.port is None:
         raise ValueError(f"not an http(s) URL: {base!r}")
-    authority = rest.split("/", 1)[0]
-    host, port = authority, 443 if scheme == "https" else 80
-    if authority.startswith("["):  # [v6 address]:port
-        end = authority.index("]")
-        host, after = authority[1:end], authority[end + 1 :]
-        if after.startswith(":"):
-            port = int(after[1:])
-    elif ":" in authority:
-        host, _, port_text = authority.rpartition(":")
-        port = int(port_text)
-    tls = ssl.create_default_context() if scheme == "https" else None
-    return Target(host, port, authority, tls)
+    tls = ssl.create_default_context() if url.scheme == "https" else None
+    return Target(url.host, url.port, url.host_port_subcomponent or url.host, tls)
 
 
 class Response:

@@ -188,7 +188,8 @@ class AccessLog:
         logger = self._logger
         if (
             handler is not None
-            and logging.root.handlers == [handler]
+            and len(logging.root.handlers) == 1
+            and logging.root.handlers[0] is handler
             and logger.propagate
             and not logger.handlers
             and not logger.filters

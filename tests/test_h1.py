@@ -85,6 +85,26 @@ def fixed(data: bytes) -> Answer:
     return answer
 
 
+def closing(*parts: bytes) -> Answer:
+    """Writes each part (a read of its own, likely), then closes the connection."""
+
+    async def answer(_: bytes, __: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        for part in parts:
+            writer.write(part)
+            await writer.drain()
+        writer.close()
+
+    return answer
+
+
+async def fetch(p: Pool, url: str) -> bytes:
+    """One whole answer, its connection released."""
+    resp = await p.request(url, "/", b"", b"")
+    body = await read_all(resp)
+    resp.release()
+    return body
+
+
 OK = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
 
 
@@ -117,27 +137,16 @@ async def test_chunked_bodies_are_decoded_and_the_connection_reused() -> None:
     async with raw_server(fixed(answer)) as srv:
         p = pool()
         for _ in range(2):
-            resp = await p.request(srv.url, "/", b"", b"")
-            assert resp.content_length is None
-            assert await read_all(resp) == b"data: {}\n\nmore"
-            resp.release()
+            assert await fetch(p, srv.url) == b"data: {}\n\nmore"
         await p.close()
     assert srv.connections == 1
 
 
 async def test_a_body_without_length_ends_with_the_connection_and_is_not_reused() -> None:
-    async def until_close(_: bytes, __: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        w.write(b"HTTP/1.1 200 OK\r\n\r\npart one, ")
-        await w.drain()
-        w.write(b"part two")
-        w.close()
-
-    async with raw_server(until_close) as srv:
+    async with raw_server(closing(b"HTTP/1.1 200 OK\r\n\r\npart one, ", b"part two")) as srv:
         p = pool()
         for _ in range(2):
-            resp = await p.request(srv.url, "/", b"", b"")
-            assert await read_all(resp) == b"part one, part two"
-            resp.release()
+            assert await fetch(p, srv.url) == b"part one, part two"
         await p.close()
     assert srv.connections == 2
 
@@ -165,12 +174,7 @@ async def test_informational_answers_are_skipped() -> None:
     ids=["not http", "oversized headers", "upgrade", "cut in the head"],
 )
 async def test_a_broken_head_is_the_workers_fault(answer: bytes, error: type[Exception]) -> None:
-    async def then_close(_: bytes, __: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        w.write(answer)
-        await w.drain()
-        w.close()
-
-    async with raw_server(then_close) as srv:
+    async with raw_server(closing(answer)) as srv:
         p = pool()
         with pytest.raises(error):
             await p.request(srv.url, "/", b"", b"")
@@ -179,14 +183,7 @@ async def test_a_broken_head_is_the_workers_fault(answer: bytes, error: type[Exc
 
 
 async def test_a_cut_body_gives_its_bytes_then_fails() -> None:
-    answer = b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhello"
-
-    async def cut(_: bytes, __: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        w.write(answer)
-        await w.drain()
-        w.close()
-
-    async with raw_server(cut) as srv:
+    async with raw_server(closing(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhello")) as srv:
         p = pool()
         resp = await p.request(srv.url, "/", b"", b"")
         assert await resp.read_chunk() == b"hello"
@@ -212,19 +209,11 @@ async def test_closing_a_response_mid_body_closes_the_connection_the_worker_sees
 
 
 async def test_an_idle_connection_the_worker_closed_is_not_used_again() -> None:
-    async def once(_: bytes, __: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        w.write(OK)
-        await w.drain()
-        w.close()  # as uvicorn does after its keep-alive timeout
-
-    async with raw_server(once) as srv:
+    async with raw_server(closing(OK)) as srv:  # as uvicorn does after its keep-alive timeout
         p = pool()
-        resp = await p.request(srv.url, "/", b"", b"")
-        assert await read_all(resp) == b"{}"
-        resp.release()
+        assert await fetch(p, srv.url) == b"{}"
         await wait_for(lambda: p._total == 0, 5, "the pool noticed the close")
-        resp = await p.request(srv.url, "/", b"", b"")
-        assert await read_all(resp) == b"{}"
+        assert await fetch(p, srv.url) == b"{}"
         await p.close()
     assert srv.connections == 2
 
@@ -243,9 +232,7 @@ async def test_a_kept_connection_closed_as_the_request_went_is_retried_once_fres
     async with raw_server(first_only) as srv:
         p = pool()
         for _ in range(2):
-            resp = await p.request(srv.url, "/", b"", b"")
-            assert await read_all(resp) == b"{}"
-            resp.release()
+            assert await fetch(p, srv.url) == b"{}"
         await p.close()
     assert (served, srv.connections) == (3, 2)
 
