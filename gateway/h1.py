@@ -13,8 +13,11 @@ The semantics the proxy relies on:
 - ``Response.read_chunk`` returns the body bytes buffered so far (chunked coding removed), b""
   at its end; a cut or malformed body raises ``UpstreamDisconnected``/``UpstreamBadResponse``
   once the bytes before the fault are read.
-- ``Response.release`` puts a fully read keep-alive connection back; ``close`` (and
-  ``release`` of anything else) closes it, which is what tells vLLM to abort the request.
+- ``Response.release`` puts a keep-alive connection back once its body has ended; a reader
+  that stops at the end it knows (a stream's ``[DONE]`` event, whose chunked terminator vLLM
+  writes separately) leaves the rest to arrive in the background: up to ``DRAIN_LIMIT`` bytes
+  within ``DRAIN_TIMEOUT``, else the connection is closed. ``close`` closes it, which is what
+  tells vLLM to abort the request.
 """
 
 from __future__ import annotations
@@ -45,6 +48,11 @@ HEAD_LIMIT = 64 * 1024
 # Body bytes buffered and not yet read before the socket stops being read (TCP then pushes
 # back on the worker); reading resumes once the reader took them.
 HIGH_WATER = 256 * 1024
+
+# After ``release`` of a response whose body has not ended yet: how long and how many more body
+# bytes the connection may take to reach the end before it is closed instead of kept.
+DRAIN_TIMEOUT = 1.0
+DRAIN_LIMIT = 64 * 1024
 
 # Called with the worker's base URL and the seconds a new connection took.
 ConnectObserver = Callable[[str, float], None]
@@ -114,8 +122,12 @@ class Response:
 
     def release(self) -> None:
         conn, self._conn = self._conn, None
-        if conn is not None:
-            conn.pool.put_back(conn)
+        if conn is None:
+            return
+        if conn.complete or conn.error is not None or conn.lost or conn.until_close:
+            conn.pool.put_back(conn)  # closes what cannot be kept
+        else:
+            conn.drain()
 
     def close(self) -> None:
         conn, self._conn = self._conn, None
@@ -136,6 +148,8 @@ class _Connection(asyncio.Protocol):
         self.lost = False
         self.idle_since = 0.0
         self._waiter: asyncio.Future[None] | None = None
+        self._drain_timer: asyncio.TimerHandle | None = None
+        self._drain_budget = 0
         self._reset()
 
     def _reset(self) -> None:
@@ -190,6 +204,26 @@ class _Connection(asyncio.Protocol):
             self.transport.close()
             self._lose()
 
+    def drain(self) -> None:
+        """The reader is done before the body's end: discard what is left of it and go back
+        to the pool at its end, or close if that takes too long or too many bytes."""
+        self._drain_budget = DRAIN_LIMIT - self.buffered
+        self.chunks = []
+        self.buffered = 0
+        if self._drain_budget < 0:
+            self.close()
+            return
+        if self.paused:
+            self.paused = False
+            self.transport.resume_reading()
+        self._drain_timer = asyncio.get_running_loop().call_later(DRAIN_TIMEOUT, self.close)
+
+    def _drained(self) -> None:
+        timer, self._drain_timer = self._drain_timer, None
+        if timer is not None:
+            timer.cancel()
+            self.pool.put_back(self)
+
     def _wake(self) -> None:
         waiter = self._waiter
         if waiter is not None and not waiter.done():
@@ -205,6 +239,9 @@ class _Connection(asyncio.Protocol):
         if self.lost:
             return
         self.lost = True
+        if self._drain_timer is not None:
+            self._drain_timer.cancel()
+            self._drain_timer = None
         if self.busy and not self.complete and self.error is None:
             if self.headers_done and self.until_close:
                 self.complete = True
@@ -244,6 +281,8 @@ class _Connection(asyncio.Protocol):
             # A read is at most a few hundred kB, so the parser never holds more than that.
             if not self.headers_done and self.head_size > HEAD_LIMIT:
                 self._fail(UpstreamBadResponse("The model worker sent oversized headers."))
+            elif self.complete and self._drain_timer is not None:
+                self._drained()  # after the parser is done with this read
 
     def eof_received(self) -> bool | None:
         return None  # close the transport: connection_lost settles the response
@@ -282,6 +321,11 @@ class _Connection(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         if self.complete:
             self.keep_alive = False
+            return
+        if self._drain_timer is not None:
+            self._drain_budget -= len(body)
+            if self._drain_budget < 0:
+                self.close()
             return
         self.chunks.append(body)
         self.buffered += len(body)
@@ -362,6 +406,10 @@ class Pool:
                 conn.close()
                 raise
             return Response(conn)
+
+    def kept(self, base: str) -> int:
+        """How many connections to ``base`` are kept, ready for a request."""
+        return len(self._idle.get(base, ()))
 
     def put_back(self, conn: _Connection) -> None:
         """A response is done with its connection: keep it for the next request, or close it."""

@@ -17,7 +17,8 @@ from gateway.errors import (
     UpstreamConnectError,
     UpstreamDisconnected,
 )
-from gateway.h1 import HIGH_WATER, Pool, Response, target
+from gateway import h1
+from gateway.h1 import DRAIN_LIMIT, HIGH_WATER, Pool, Response, target
 from tests.helpers import wait_for
 
 Answer = Callable[[bytes, asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -205,6 +206,64 @@ async def test_closing_a_response_mid_body_closes_the_connection_the_worker_sees
         assert await resp.read_chunk() == b"hello"
         resp.close()
         await asyncio.wait_for(srv.closed.wait(), 5)
+        await p.close()
+
+
+def end_held(gate: asyncio.Event, tail: bytes = b"0\r\n\r\n") -> Answer:
+    """A chunked answer whose ``tail`` waits for ``gate``, as vLLM writes a stream's chunked
+    terminator after its ``[DONE]`` event."""
+
+    async def answer(_: bytes, __: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        w.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n6\r\n[DONE]\r\n")
+        await w.drain()
+        await gate.wait()
+        w.write(tail)
+
+    return answer
+
+
+async def released_at_done(p: Pool, url: str) -> None:
+    resp = await p.request(url, "/", b"", b"")
+    assert await resp.read_chunk() == b"[DONE]"
+    resp.release()  # the reader knows the stream is over; the body's end is still to come
+
+
+async def test_a_response_released_before_its_end_is_kept_once_the_end_arrives() -> None:
+    gate = asyncio.Event()
+    async with raw_server(end_held(gate)) as srv:
+        p = pool()
+        await released_at_done(p, srv.url)
+        assert p.kept(srv.url) == 0
+        gate.set()
+        await wait_for(lambda: p.kept(srv.url) == 1, 5, "kept at the body's end")
+        assert await fetch(p, srv.url) == b"[DONE]"
+        await p.close()
+    assert srv.connections == 1
+
+
+async def test_a_released_response_whose_end_does_not_come_is_closed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(h1, "DRAIN_TIMEOUT", 0.05)
+    gate = asyncio.Event()
+    async with raw_server(end_held(gate)) as srv:
+        p = pool()
+        await released_at_done(p, srv.url)
+        await wait_for(lambda: p._total == 0, 5, "closed after DRAIN_TIMEOUT")
+        gate.set()  # the end comes too late: the connection is gone
+        await asyncio.wait_for(srv.closed.wait(), 5)
+        await p.close()
+
+
+async def test_a_released_response_with_much_more_body_is_closed() -> None:
+    gate = asyncio.Event()
+    more = b"%x\r\n%s\r\n0\r\n\r\n" % (DRAIN_LIMIT + 1, b"x" * (DRAIN_LIMIT + 1))
+    async with raw_server(end_held(gate, more)) as srv:
+        p = pool()
+        await released_at_done(p, srv.url)
+        gate.set()
+        await asyncio.wait_for(srv.closed.wait(), 5)
+        assert p._total == 0
         await p.close()
 
 
