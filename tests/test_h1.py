@@ -11,13 +11,13 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from gateway import h1
 from gateway.errors import (
     ConnectTimeout,
     UpstreamBadResponse,
     UpstreamConnectError,
     UpstreamDisconnected,
 )
-from gateway import h1
 from gateway.h1 import DRAIN_LIMIT, HIGH_WATER, Pool, Response, target
 from tests.helpers import wait_for
 
