@@ -56,7 +56,9 @@ async def metrics(request: web.Request) -> web.Response:
     # Rendering every series (and, with several serving processes, reading their files) is
     # work the event loop must not wait on: a thread does it.
     loop = asyncio.get_running_loop()
-    body = await loop.run_in_executor(None, request.app[keys.METRICS].exposition)
+    metrics = request.app[keys.METRICS]
+    metrics.flush()  # the batched updates, here on the loop's thread
+    body = await loop.run_in_executor(None, metrics.exposition)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 

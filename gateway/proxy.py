@@ -172,8 +172,8 @@ class Proxy:
         loop = asyncio.get_running_loop()
         queued = loop.time()
         async with self._admission.slot():
-            self._metrics.queue_wait.observe(loop.time() - queued)
-            self._metrics.in_flight.inc()
+            self._metrics.queue_wait_batched.observe(loop.time() - queued)
+            self._metrics.in_flight_batched.inc()
             try:
                 shards = self._plan_fan_out(ex, meta)
                 if shards:
@@ -181,7 +181,7 @@ class Proxy:
                 else:
                     await self._within_deadline(self._forward(ex, meta))
             finally:
-                self._metrics.in_flight.dec()
+                self._metrics.in_flight_batched.dec()
         assert ex.response is not None
         return ex.response
 

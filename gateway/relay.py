@@ -26,7 +26,7 @@ from gateway.errors import (
     UpstreamStreamTruncated,
 )
 from gateway.framing import EventFramer
-from gateway.metrics import GatewayMetrics, Tally
+from gateway.metrics import GatewayMetrics
 from gateway.request import Route
 from gateway.resume import Splice, Transcript, worker_fault
 from gateway.settings import TimeoutSettings
@@ -125,32 +125,29 @@ class Relay:
         if transcript is not None:
             transcript.feed(out)
         await self._send(ex, client, out, phase)
-        itl = Tally(self._metrics.inter_token_latency_of(self.model_label(ex)))
+        itl = self._metrics.inter_token_latency_of(self.model_label(ex))
         last = loop.time()
-        try:
-            while not observer.done:
-                try:
-                    chunk = await response.read_chunk()
-                except UpstreamDisconnected as exc:
-                    if observer.finish_reason is not None and ex.single_choice:
-                        break  # cut after the answer was complete: finished below
-                    raise UpstreamStreamTruncated() from exc
-                if not chunk:
-                    break
-                now = loop.time()
-                itl.add(now - last)
-                last = now
-                self._extend(phase, now + idle)
-                observer.feed(chunk)
-                self._check_events(ex, observer)
-                if out := framer.feed(chunk):
-                    if transcript is not None:
-                        transcript.feed(out)
-                    await self._send(ex, client, out, phase)
-                elif framer.pending > MAX_EVENT_BYTES:
-                    raise UpstreamBadResponse("The model worker sent an oversized stream event.")
-        finally:
-            itl.flush()
+        while not observer.done:
+            try:
+                chunk = await response.read_chunk()
+            except UpstreamDisconnected as exc:
+                if observer.finish_reason is not None and ex.single_choice:
+                    break  # cut after the answer was complete: finished below
+                raise UpstreamStreamTruncated() from exc
+            if not chunk:
+                break
+            now = loop.time()
+            itl.observe(now - last)
+            last = now
+            self._extend(phase, now + idle)
+            observer.feed(chunk)
+            self._check_events(ex, observer)
+            if out := framer.feed(chunk):
+                if transcript is not None:
+                    transcript.feed(out)
+                await self._send(ex, client, out, phase)
+            elif framer.pending > MAX_EVENT_BYTES:
+                raise UpstreamBadResponse("The model worker sent an oversized stream event.")
         observer.finish()
         self.count_usage(ex, observer.usage)
         if not observer.done:

@@ -3,6 +3,7 @@ event-loop lag, and one JSON access line per request that never carries the prom
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
@@ -199,20 +200,36 @@ async def test_passive_ejection_is_counted_and_shown_as_unhealthy(
                          kind="upstream_http_500") == 1  # fmt: skip
 
 
-def test_a_tally_adds_up_to_what_observe_would_have() -> None:
-    from prometheus_client import CollectorRegistry, Histogram
+async def test_batched_updates_add_up_to_what_direct_ones_would_have() -> None:
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-    from gateway.metrics import SHORT_BUCKETS, Tally
+    from gateway.metrics import (
+        SHORT_BUCKETS,
+        Batch,
+        PendingCounter,
+        PendingGauge,
+        PendingHistogram,
+    )
 
     registry = CollectorRegistry()
+    batch = Batch()
     hist = Histogram("h", "h", ["s"], buckets=SHORT_BUCKETS, registry=registry)
+    count = Counter("c", "c", registry=registry)
+    level = Gauge("g", "g", registry=registry)
     values = [0.0, *SHORT_BUCKETS, 0.0007, 0.003, 7.0, 123.0] * 20  # bounds, between, beyond
-    tally = Tally(hist.labels("tallied"))
+    batched = PendingHistogram(batch, hist.labels("batched"))
+    counted, levelled = PendingCounter(batch, count), PendingGauge(batch, level)
     for value in values:
         hist.labels("observed").observe(value)
-        tally.add(value)
-    assert registry.get_sample_value("h_count", {"s": "tallied"}) < len(values)  # not all yet
-    tally.flush()
+        batched.observe(value)
+        counted.inc(2)
+        levelled.inc(3)
+        levelled.dec()
+    assert registry.get_sample_value("h_count", {"s": "batched"}) == 0  # all pending
+    assert registry.get_sample_value("c_total") == 0
+    await asyncio.sleep(0)  # one turn of the loop: the batch is flushed at its end
+    assert registry.get_sample_value("c_total") == 2 * len(values)
+    assert registry.get_sample_value("g") == 2 * len(values)
 
     def samples(series: str) -> list[tuple[str, str, float]]:
         [family] = [m for m in registry.collect() if m.name == "h"]
@@ -222,4 +239,20 @@ def test_a_tally_adds_up_to_what_observe_would_have() -> None:
             if s.labels["s"] == series and not s.name.endswith("_created")
         ]
 
-    assert samples("tallied") == samples("observed")
+    assert samples("batched") == samples("observed")
+
+
+async def test_a_collection_on_the_loop_sees_every_batched_update_at_once() -> None:
+    from prometheus_client import CollectorRegistry
+
+    from gateway.metrics import GatewayMetrics
+
+    registry = CollectorRegistry()
+    metrics = GatewayMetrics(registry)
+    metrics.requests_of("m", "chat_completions", "200", "").inc()
+    metrics.in_flight_batched.inc()
+    # No turn of the loop in between: the registry's first collector flushes the batch.
+    labels = {"model": "m", "route": "chat_completions", "status": "200", "code": ""}
+    assert registry.get_sample_value("gateway_requests_total", labels) == 1
+    assert registry.get_sample_value("gateway_requests_in_flight") == 1
+    assert b"gateway_requests_in_flight 1.0" in metrics.exposition()

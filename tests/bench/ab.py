@@ -2,7 +2,8 @@
 tree, side by side in one run (runs alternate, so machine noise falls on all alike): req/s and
 CPU per request under `make bench`'s scenarios, one serving process each. For checking that a
 change to the hot path pays before it lands. `--processes 1 2` runs the working tree once per
-process count instead (REVs optional): what `server.processes` is worth on this machine.
+process count instead (REVs optional): what `server.processes` is worth on this machine; the
+REVs run with the first count (`--processes 2`: every system with two processes).
 """
 
 from __future__ import annotations
@@ -25,9 +26,12 @@ from tests.processes import START_TIMEOUT, Proc, http_status, poll_until
 
 
 def checkout(rev: str) -> Path:
-    path = CACHE / f"ab-{rev}"
+    # By commit, not by name: a worktree made for `HEAD` must not stand for a later HEAD.
+    sha = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", rev],
+                         check=True, capture_output=True, text=True).stdout.strip()  # fmt: skip
+    path = CACHE / f"ab-{sha}"
     if not path.exists():
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(path), rev],
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(path), sha],
                        check=True, capture_output=True)  # fmt: skip
     return path
 
@@ -62,7 +66,9 @@ async def main() -> None:
     workdir = CACHE / "ab-run"
     workdir.mkdir(parents=True, exist_ok=True)
     direct, worker = mock_worker()
-    systems = [start(rev, checkout(rev), direct.url, workdir) for rev in args.revs]
+    systems = [
+        start(rev, checkout(rev), direct.url, workdir, args.processes[0]) for rev in args.revs
+    ]
     for n in args.processes:
         name = "working-tree" if args.processes == [1] else f"working-tree x{n}"
         systems.append(start(name.replace(" ", "-"), ROOT, direct.url, workdir, n))
