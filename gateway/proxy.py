@@ -229,7 +229,7 @@ class Proxy:
         the failed worker asked for time (``Retry-After``): then the request goes elsewhere at
         once. A fallback is used when a pool has no worker to try or failed retryably.
         """
-        headers = forward_headers(ex.request.headers, ex.request[REQUEST_ID])
+        headers = forward_headers(ex.request.raw_headers, ex.request[REQUEST_ID])
         self._budget.record_request()
         last: UpstreamError | None = None
         for model in self._chain(ex.model):
@@ -362,7 +362,7 @@ class Proxy:
 
     async def _fan_out(self, ex: Exchange, shards: list[bytes]) -> None:
         """Send every shard at once, each with its own retries; all or nothing."""
-        headers = forward_headers(ex.request.headers, ex.request[REQUEST_ID])
+        headers = forward_headers(ex.request.raw_headers, ex.request[REQUEST_ID])
         self._budget.record_request()
         taken: list[Worker] = []  # workers holding a shard now: others go elsewhere first
         tasks = [asyncio.create_task(self._shard(ex, body, headers, taken)) for body in shards]

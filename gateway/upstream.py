@@ -13,7 +13,6 @@ import functools
 
 import aiohttp
 import orjson
-from multidict import CIMultiDictProxy
 
 from gateway.errors import (
     UpstreamError,
@@ -35,6 +34,9 @@ _DROPPED_REQUEST_HEADERS = frozenset(
         "X-Forwarded-Host", "X-Forwarded-Proto", "X-Real-IP", "X-Api-Key",
     )
 )  # fmt: skip
+
+_DROPPED = frozenset(name.encode() for name in _DROPPED_REQUEST_HEADERS)
+RawHeaders = tuple[tuple[bytes, bytes], ...]
 
 ClientResponse = Response
 
@@ -168,19 +170,16 @@ async def _none() -> None:
     return None
 
 
-def forward_headers(incoming: CIMultiDictProxy[str], request_id: str) -> bytes:
+def forward_headers(raw: RawHeaders, request_id: str) -> bytes:
     """The client's headers as a worker gets them (encoded lines; the pool adds Host and
-    Content-Length): hop-by-hop, credential and identity headers dropped, ours added. aiohttp's
-    parser let no line break into a name or value; ``request_id`` is checked by the middleware.
+    Content-Length): hop-by-hop, credential and identity headers dropped, ours added. Built
+    from the bytes the client sent (``request.raw_headers``), which aiohttp's parser let no
+    line break into; ``request_id`` is checked by the middleware.
     """
-    lines = "".join(
-        f"{name}: {value}\r\n"
-        for name, value in incoming.items()
-        if name.lower() not in _DROPPED_REQUEST_HEADERS
+    lines = b"".join(
+        [name + b": " + value + b"\r\n" for name, value in raw if name.lower() not in _DROPPED]
     )
-    lines += f"X-Request-Id: {request_id}\r\nAccept-Encoding: identity\r\n"
-    # aiohttp decoded the client's bytes with surrogateescape: this gives back the same bytes.
-    return lines.encode("utf-8", "surrogateescape")
+    return lines + b"X-Request-Id: " + request_id.encode() + b"\r\nAccept-Encoding: identity\r\n"
 
 
 __all__ = ["ClientResponse", "Upstream", "UpstreamError", "forward_headers"]

@@ -3,6 +3,7 @@ headers never reach a worker; only the OpenAI routes are forwarded at all."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import aiohttp
@@ -124,3 +125,28 @@ async def test_no_path_reaches_vllms_admin_routes(
     async with client.post(f"{gw.url}{path}", json={}) as resp:
         assert resp.status in (404, 405)
         assert "error" in await resp.json()
+
+
+async def test_header_bytes_reach_the_worker_as_the_client_sent_them(
+    gateway: GatewayFactory,
+) -> None:
+    """Forwarded headers are the client's bytes (``request.raw_headers``): a value that is not
+    ASCII, or not even UTF-8, arrives unchanged, and a dropped name matches in any case."""
+    value = b"caf\xc3\xa9 \xff"
+    async with header_recorder() as (url, seen):
+        gw = await gateway({"url": url, "models": ["sim-model"]})
+        body = orjson.dumps(chat())
+        host = gw.url.removeprefix("http://")
+        reader, writer = await asyncio.open_connection(*host.rsplit(":", 1))
+        writer.write(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: " + host.encode() + b"\r\n"
+            b"Content-Type: application/json\r\nX-Note: " + value + b"\r\n"
+            b"x-FORWARDED-for: 10.0.0.1\r\nConnection: close\r\n"
+            b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+        )
+        answer = await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+    [headers] = seen
+    assert headers["X-Note"].encode("utf-8", "surrogateescape") == value
+    assert "X-Forwarded-For" not in headers
