@@ -193,7 +193,12 @@ class Proxy:
             raise PayloadTooLarge(limit)
         try:
             if request.content.is_eof():
-                return await request.read()  # all in already (most bodies): nothing to bound
+                # All in already (most bodies): nothing to wait for, so no timer, and the
+                # buffered bytes as they are (read() copies them through a bytearray).
+                body = request.content.read_nowait(-1)
+                if len(body) > limit:
+                    raise PayloadTooLarge(limit)
+                return body
             # A client that sends its body slowly holds no admission slot, but it must not
             # hold a handler without end either.
             async with asyncio.timeout(self._timeouts.idle):

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 
 import aiohttp
+import orjson
 import pytest
 
 from tests.conftest import Gateway, GatewayFactory, SimFactory
@@ -95,6 +97,23 @@ async def test_chunked_body_over_the_limit_is_413(
     async with client.post(f"{gw.url}/v1/completions", data=chunks(), headers=JSON) as resp:
         assert resp.status == 413
         assert_openai_error(await resp.json(), "request_too_large")
+
+
+async def test_chunked_body_over_the_limit_sent_at_once_is_413(gw: Gateway) -> None:
+    """The whole chunked body in one write: it is all buffered before the handler reads it,
+    so the limit must hold without aiohttp's read() (the gateway takes the buffer as it is)."""
+    host = gw.url.removeprefix("http://")
+    reader, writer = await asyncio.open_connection(*host.rsplit(":", 1))
+    body = b'{"model": "sim-model", "pad": "' + b"x" * 5000 + b'"}'
+    writer.write(
+        b"POST /v1/completions HTTP/1.1\r\nHost: " + host.encode() + b"\r\n"
+        b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n"
+        b"Connection: close\r\n\r\n" + b"%x\r\n" % len(body) + body + b"\r\n0\r\n\r\n"
+    )
+    answer = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+    assert_openai_error(orjson.loads(answer.partition(b"\r\n\r\n")[2]), "request_too_large")
 
 
 @pytest.mark.parametrize(
