@@ -35,6 +35,7 @@ import orjson
 from aiohttp import web
 
 from gateway.balancer import make_policy
+from gateway.deadline import Deadline
 from gateway.errors import (
     ClientTooSlow,
     FirstTokenTimeout,
@@ -212,8 +213,9 @@ class Proxy:
             raise InvalidRequest("The request body could not be read as sent.") from None
 
     async def _within_deadline(self, work: Coroutine[Any, Any, None]) -> None:
+        deadline = Deadline(asyncio.get_running_loop().time() + self._timeouts.total)
         try:
-            async with asyncio.timeout(self._timeouts.total) as deadline:
+            async with deadline:
                 await work
         except TimeoutError:
             if deadline.expired():
@@ -419,7 +421,7 @@ class Proxy:
         self._fleet.begin_attempt(worker)
         response: ClientResponse | None = None
         try:
-            async with asyncio.timeout(None) as phase:
+            async with Deadline(None) as phase:
                 response = await self._upstream.send(worker, path, body, headers)
                 if response.status != 200:
                     await self._raise_status(response, phase)
@@ -482,7 +484,7 @@ class Proxy:
         finished = False
         first_token_deadline = loop.time() + self._timeouts.first_token if ex.stream else None
         try:
-            async with asyncio.timeout_at(first_token_deadline) as phase:
+            async with Deadline(first_token_deadline) as phase:
                 response = await self._upstream.send(worker, ex.route.path, body, headers)
                 if response.status != 200:
                     await self._raise_status(response, phase)
@@ -507,7 +509,7 @@ class Proxy:
                 # what tells vLLM to abort the request when we stop early.
                 response.release() if finished else response.close()
 
-    async def _raise_status(self, response: ClientResponse, phase: asyncio.Timeout) -> None:
+    async def _raise_status(self, response: ClientResponse, phase: Deadline) -> None:
         phase.reschedule(asyncio.get_running_loop().time() + self._timeouts.idle)
         try:
             data = await self._upstream.read_body(response, ERROR_BODY_LIMIT)

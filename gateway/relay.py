@@ -17,6 +17,7 @@ import orjson
 from aiohttp import web
 
 from gateway.auth import OPEN_CLIENT, Client
+from gateway.deadline import Deadline
 from gateway.errors import (
     UpstreamBadAnswer,
     UpstreamBadResponse,
@@ -83,7 +84,7 @@ class Exchange:
 
 
 # Reads a committed-to-be stream from a worker and writes it to the client.
-RelayFn = Callable[["Exchange", ClientResponse, asyncio.Timeout], Awaitable[None]]
+RelayFn = Callable[["Exchange", ClientResponse, Deadline], Awaitable[None]]
 
 
 class Relay:
@@ -93,13 +94,8 @@ class Relay:
         self._metrics = metrics
         self._timeouts = timeouts
         self._fleet = fleet
-        # Per chunk the idle deadline only moves when it would move by more than this: moving
-        # it costs a timer cancel and a new one (11% of the CPU of a stream of small chunks),
-        # so it is re-armed about a hundred times per idle period instead of per chunk; the
-        # bound is then between 99% and 100% of ``idle``.
-        self._slack = timeouts.idle / 100
 
-    async def stream(self, ex: Exchange, response: ClientResponse, phase: asyncio.Timeout) -> None:
+    async def stream(self, ex: Exchange, response: ClientResponse, phase: Deadline) -> None:
         loop = asyncio.get_running_loop()
         observer = StreamObserver()
         held: list[bytes] = []
@@ -173,7 +169,7 @@ class Relay:
             ex.worker_error = True
 
     async def continuation(
-        self, ex: Exchange, response: ClientResponse, phase: asyncio.Timeout, splice: Splice
+        self, ex: Exchange, response: ClientResponse, phase: Deadline, splice: Splice
     ) -> None:
         """Relay a continuation as more chunks of the committed stream (see ``resume.py``)."""
         loop = asyncio.get_running_loop()
@@ -222,7 +218,7 @@ class Relay:
             if tokens is not None and tokens >= 0:
                 self._metrics.tokens_of(model, kind).inc(tokens)
 
-    async def body(self, ex: Exchange, response: ClientResponse, phase: asyncio.Timeout) -> None:
+    async def body(self, ex: Exchange, response: ClientResponse, phase: Deadline) -> None:
         """A JSON answer. vLLM sends it whole once generated, so up to ``CHECKED_BODY_LIMIT`` it
         is read before the commit and must parse: a broken answer fails over instead of
         reaching the client as a 200. A larger one (embeddings) is relayed as it arrives."""
@@ -271,7 +267,7 @@ class Relay:
         await client.write_eof()
 
     async def _send(
-        self, ex: Exchange, client: web.StreamResponse, data: bytes, phase: asyncio.Timeout
+        self, ex: Exchange, client: web.StreamResponse, data: bytes, phase: Deadline
     ) -> None:
         """Write under the idle bound, then re-arm it for the next upstream read. A client that
         does not read is its own failure (``ClientTooSlow``), never the worker's."""
@@ -281,10 +277,11 @@ class Relay:
         ex.writing = False
         self._extend(phase, loop.time() + self._timeouts.idle)
 
-    def _extend(self, phase: asyncio.Timeout, deadline: float) -> None:
-        """Push the idle deadline out to about ``deadline`` (see ``_slack``); never pull it in."""
+    def _extend(self, phase: Deadline, deadline: float) -> None:
+        """Push the idle deadline out to ``deadline``; never pull it in (before the first
+        token the phase is the first-token bound). Moving a ``Deadline`` later is cheap."""
         when = phase.when()
-        if when is None or deadline - when > self._slack:
+        if when is None or deadline > when:
             phase.reschedule(deadline)
 
     async def commit(self, ex: Exchange, response: web.StreamResponse) -> web.StreamResponse:
