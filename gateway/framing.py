@@ -43,6 +43,9 @@ class EventFramer:
 
 
 def _end_of_last_event(data: bytes) -> int:
+    if b"\r" not in data:  # LF only, as vLLM writes: one scan from the end instead of three
+        found = data.rfind(b"\n\n")
+        return 0 if found < 0 else found + 2
     end = 0
     for marker, size in _EVENT_ENDS:
         found = data.rfind(marker)
