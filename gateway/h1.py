@@ -13,11 +13,11 @@ The semantics the proxy relies on:
 - ``Response.read_chunk`` returns the body bytes buffered so far (chunked coding removed), b""
   at its end; a cut or malformed body raises ``UpstreamDisconnected``/``UpstreamBadResponse``
   once the bytes before the fault are read.
-- ``Response.release`` puts a keep-alive connection back once its body has ended; a reader
-  that stops at the end it knows (a stream's ``[DONE]`` event, whose chunked terminator vLLM
-  writes separately) leaves the rest to arrive in the background: up to ``DRAIN_LIMIT`` bytes
-  within ``DRAIN_TIMEOUT``, else the connection is closed. ``close`` closes it, which is what
-  tells vLLM to abort the request.
+- ``Response.release`` puts a keep-alive connection back once its body has ended, else closes
+  it; ``release(drain=True)``, for a reader that stopped at an end it knows (a stream's
+  ``[DONE]`` event, whose chunked terminator vLLM writes separately), lets the rest arrive in
+  the background: up to ``DRAIN_LIMIT`` bytes within ``DRAIN_TIMEOUT``, else the connection is
+  closed. ``close`` closes it, which is what tells vLLM to abort the request.
 """
 
 from __future__ import annotations
@@ -120,11 +120,14 @@ class Response:
                 return b""
             await conn.wait()
 
-    def release(self) -> None:
+    def release(self, drain: bool = False) -> None:
+        """Done with the response: its connection is kept if the body has ended, else closed;
+        with ``drain`` (the reader stopped at an end of its own, a stream's ``[DONE]``), the
+        rest of the body may still come, within bounds, and the connection is kept then."""
         conn, self._conn = self._conn, None
         if conn is None:
             return
-        if conn.complete or conn.error is not None or conn.lost or conn.until_close:
+        if not drain or conn.complete or conn.error is not None or conn.lost or conn.until_close:
             conn.pool.put_back(conn)  # closes what cannot be kept
         else:
             conn.drain()

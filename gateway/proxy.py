@@ -505,9 +505,10 @@ class Proxy:
             worker.in_flight -= 1
             gauge.dec()
             if response is not None:
-                # release() keeps a fully read connection for reuse; close() drops it, which is
+                # release() keeps a fully read connection for reuse (drain: once the stream's
+                # terminator after [DONE] is in); close() drops it, which is
                 # what tells vLLM to abort the request when we stop early.
-                response.release() if finished else response.close()
+                response.release(drain=True) if finished else response.close()
 
     async def _raise_status(self, response: ClientResponse, phase: Deadline) -> None:
         phase.reschedule(asyncio.get_running_loop().time() + self._timeouts.idle)

@@ -222,10 +222,10 @@ def end_held(gate: asyncio.Event, tail: bytes = b"0\r\n\r\n") -> Answer:
     return answer
 
 
-async def released_at_done(p: Pool, url: str) -> None:
+async def released_at_done(p: Pool, url: str, drain: bool = True) -> None:
     resp = await p.request(url, "/", b"", b"")
     assert await resp.read_chunk() == b"[DONE]"
-    resp.release()  # the reader knows the stream is over; the body's end is still to come
+    resp.release(drain=drain)  # the reader knows the stream is over; the body's end is not in
 
 
 async def test_a_response_released_before_its_end_is_kept_once_the_end_arrives() -> None:
@@ -239,6 +239,17 @@ async def test_a_response_released_before_its_end_is_kept_once_the_end_arrives()
         assert await fetch(p, srv.url) == b"[DONE]"
         await p.close()
     assert srv.connections == 1
+
+
+async def test_a_response_released_without_drain_before_its_end_is_closed() -> None:
+    gate = asyncio.Event()
+    async with raw_server(end_held(gate)) as srv:
+        p = pool()
+        await released_at_done(p, srv.url, drain=False)  # e.g. a shard answer cut at its limit
+        assert p._total == 0
+        gate.set()
+        await asyncio.wait_for(srv.closed.wait(), 5)
+        await p.close()
 
 
 async def test_a_released_response_whose_end_does_not_come_is_closed(
