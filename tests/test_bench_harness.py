@@ -64,3 +64,16 @@ def test_tree_sees_children() -> None:
         assert os.getpid() not in tree(parent.popen.pid)
     finally:
         parent.kill()
+
+
+@pytest.mark.timeout(30)
+async def test_taking_turns_gives_each_url_its_own_sample_in_turn(worker: System) -> None:
+    json_url = f"{worker.url}/v1/chat/completions"
+    urls = [json_url, "http://127.0.0.1:9/v1/chat/completions", json_url]  # the middle refuses
+    samples = await loadgen.taking_turns(urls, loadgen.chat_body("sim-model", True), True, 0.3, "t")
+    first, refused, third = samples
+    assert refused.errors > 0 and not refused.total
+    assert first.errors == third.errors == 0 and len(first.total) >= 5
+    assert abs(len(first.total) - len(third.total)) <= 1  # in turn: neither got ahead
+    assert refused.errors == len(first.total)  # one turn each, the refused one included
+    assert all(0 < f <= t for f, t in zip(first.ttft, first.total, strict=True))

@@ -171,6 +171,33 @@ async def open_loop(
     return s
 
 
+async def taking_turns(
+    urls: list[str], data: bytes, stream: bool, seconds: float, label: str
+) -> list[Sample]:
+    """One request at a time to each URL in turn (each over its own kept connection), for
+    ``seconds``: a Sample per URL. Runs one after another see different moments of a noisy
+    machine; taking turns, every system sees the same ones, so the difference of two systems'
+    latencies is what one adds to the other, not what the machine did meanwhile."""
+    samples = [Sample() for _ in urls]
+    sessions = [_session(1) for _ in urls]
+    started = time.perf_counter()
+    deadline = started + seconds
+
+    async def turns() -> None:
+        while time.perf_counter() < deadline:
+            for session, url, s in zip(sessions, urls, samples, strict=True):
+                await one(session, url, data, stream, s)
+
+    try:
+        await _with_progress(turns(), samples[-1], started, deadline, label)
+    finally:
+        for session in sessions:
+            await session.close()
+    for s in samples:
+        s.seconds = time.perf_counter() - started
+    return samples
+
+
 async def _with_progress(
     work: Awaitable[object], s: Sample, started: float, deadline: float, label: str
 ) -> None:
