@@ -91,49 +91,45 @@ class Pending:
         self._marked = False
 
 
-class PendingCounter(Pending):
-    __slots__ = ("_child", "_n")
+class _PendingSum(Pending):
+    """A sum of amounts, added to a counter or gauge series in one ``inc``."""
 
-    def __init__(self, batch: Batch, child: Counter) -> None:
+    __slots__ = ("_child", "_sum")
+
+    def __init__(self, batch: Batch, child: Counter | Gauge) -> None:
         super().__init__(batch)
         self._child = child
-        self._n = 0.0
+        self._sum = 0.0
+
+    def _add(self, amount: float) -> None:
+        self._sum += amount
+        if not self._marked:
+            self._mark()
+
+    def push(self) -> None:
+        self._marked = False
+        total, self._sum = self._sum, 0.0
+        if total:
+            self._child.inc(total)
+
+
+class PendingCounter(_PendingSum):
+    __slots__ = ()
 
     def inc(self, amount: float = 1.0) -> None:
         if amount < 0:
             raise ValueError("a counter only goes up")
-        self._n += amount
-        if not self._marked:
-            self._mark()
-
-    def push(self) -> None:
-        self._marked = False
-        n, self._n = self._n, 0.0
-        if n:
-            self._child.inc(n)
+        self._add(amount)
 
 
-class PendingGauge(Pending):
-    __slots__ = ("_child", "_delta")
-
-    def __init__(self, batch: Batch, child: Gauge) -> None:
-        super().__init__(batch)
-        self._child = child
-        self._delta = 0.0
+class PendingGauge(_PendingSum):
+    __slots__ = ()
 
     def inc(self, amount: float = 1.0) -> None:
-        self._delta += amount
-        if not self._marked:
-            self._mark()
+        self._add(amount)
 
     def dec(self, amount: float = 1.0) -> None:
-        self.inc(-amount)
-
-    def push(self) -> None:
-        self._marked = False
-        delta, self._delta = self._delta, 0.0
-        if delta:
-            self._child.inc(delta)
+        self._add(-amount)
 
 
 class PendingHistogram(Pending):
