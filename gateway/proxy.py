@@ -506,8 +506,8 @@ class Proxy:
             gauge.dec()
             if response is not None:
                 # release() keeps a fully read connection for reuse (drain: once the stream's
-                # terminator after [DONE] is in); close() drops it, which is
-                # what tells vLLM to abort the request when we stop early.
+                # terminator after [DONE] is in); close() drops it, which is what tells vLLM
+                # to abort the request when we stop early.
                 response.release(drain=True) if finished else response.close()
 
     async def _raise_status(self, response: ClientResponse, phase: Deadline) -> None:

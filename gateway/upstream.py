@@ -24,9 +24,10 @@ from gateway.settings import HealthSettings, LimitSettings, RoutingSettings, Tim
 from gateway.workers import ModelCard, ProbeResult, Worker
 
 # Headers that describe one hop, carry the client's credentials, or claim an identity the
-# client could spoof (who it is, where it came from) never go to a worker.
-_DROPPED_REQUEST_HEADERS = frozenset(
-    h.lower()
+# client could spoof (who it is, where it came from) never go to a worker. Lower-case bytes,
+# as ``forward_headers`` compares the client's raw header names.
+_DROPPED = frozenset(
+    h.lower().encode()
     for h in (
         "Host", "Connection", "Keep-Alive", "Proxy-Connection", "Transfer-Encoding", "TE",
         "Trailer", "Upgrade", "Content-Length", "Accept-Encoding", "Authorization", "Cookie",
@@ -35,7 +36,6 @@ _DROPPED_REQUEST_HEADERS = frozenset(
     )
 )  # fmt: skip
 
-_DROPPED = frozenset(name.encode() for name in _DROPPED_REQUEST_HEADERS)
 RawHeaders = tuple[tuple[bytes, bytes], ...]
 
 ClientResponse = Response
