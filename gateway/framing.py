@@ -4,24 +4,37 @@ usage chunk the gateway asked for on the client's behalf.
 Bytes pass through unchanged, but an event split across reads is held back until its blank
 line arrives. A client therefore never holds half an event when a stream is cut, so the one
 in-band error event the gateway then writes parses cleanly, and a usage-only event can be
-dropped whole. Sans-I/O: ``feed`` bytes in, get the bytes to forward.
+dropped whole. Sans-I/O: ``feed`` bytes in, get the bytes to forward; ``flush`` at the end.
+
+Dropping the usage chunk must leave the stream as vLLM would have sent it without usage. vLLM
+puts ``system_fingerprint`` on the last event only: on the usage chunk when usage was asked
+for, else as the last key of the finishing event. So with ``strip_usage`` the event that
+carries a ``finish_reason`` is held until the next event: when that is the usage chunk, its
+fingerprint is written into the held event (before its closing brace, where vLLM puts it) and
+the usage chunk is dropped. Only single-choice streams are stripped (``usage.ask_for_usage``),
+so the held event is the last one with text and waits only for the chunk vLLM sends with it.
 """
 
 from __future__ import annotations
 
 import re
 
+import orjson
+
 # A blank line ends an event; SSE lines end in LF, CRLF or CR.
 _EVENT_ENDS = ((b"\n\n", 2), (b"\r\n\r\n", 4), (b"\r\r", 2))
 _SPLIT = re.compile(rb"(\r\n\r\n|\n\n|\r\r)")
 # vLLM's usage-only chunk (sent with stream_options.include_usage) has no choices.
 _NO_CHOICES = re.compile(rb'"choices"\s*:\s*\[\s*\]')
+_FINISHED = re.compile(rb'"finish_reason"\s*:\s*"')
+_FINGERPRINT = b'"system_fingerprint"'
 
 
 class EventFramer:
     def __init__(self, *, strip_usage: bool = False) -> None:
         self._strip_usage = strip_usage
         self._tail = b""
+        self._held = b""  # the finishing event, waiting for the usage chunk's fingerprint
 
     @property
     def pending(self) -> int:
@@ -31,15 +44,71 @@ class EventFramer:
     def feed(self, chunk: bytes) -> bytes:
         if not self._tail and chunk.endswith(b"\n\n"):
             # The usual case (vLLM writes one whole event per chunk): nothing to cut or hold.
-            if self._strip_usage and b'"usage"' in chunk:
-                return _without_usage_events(chunk)
-            return chunk
-        data = self._tail + chunk if self._tail else chunk
-        end = _end_of_last_event(data)
-        complete, self._tail = data[:end], data[end:]
-        if self._strip_usage and b'"usage"' in complete:
-            return _without_usage_events(complete)
-        return complete
+            complete = chunk
+        else:
+            data = self._tail + chunk if self._tail else chunk
+            end = _end_of_last_event(data)
+            complete, self._tail = data[:end], data[end:]
+        if not self._strip_usage or not (
+            self._held or b'"usage"' in complete or b'"finish_reason":' in complete
+        ):
+            return complete
+        return self._strip(complete)
+
+    def flush(self) -> bytes:
+        """The stream ended: a held event goes out as it was."""
+        held, self._held = self._held, b""
+        return held
+
+    def _strip(self, complete: bytes) -> bytes:
+        if not self._held and b'"usage"' not in complete and not _FINISHED.search(complete):
+            return complete  # every token chunk has "finish_reason":null
+        out: list[bytes] = []
+        for event in _events(complete):
+            if b'"usage"' in event and _NO_CHOICES.search(event):
+                fingerprint = _fingerprint_of(event)
+                if self._held:
+                    out.append(_with_fingerprint(self._held, fingerprint))
+                    self._held = b""
+                continue
+            if self._held:
+                out.append(self._held)
+                self._held = b""
+            if _FINISHED.search(event) and _FINGERPRINT not in event:
+                self._held = event
+            else:
+                out.append(event)
+        return b"".join(out)
+
+
+def _events(complete: bytes) -> list[bytes]:
+    parts = _SPLIT.split(complete)
+    return [event + sep for event, sep in zip(parts[0::2], parts[1::2], strict=False)]
+
+
+def _fingerprint_of(event: bytes) -> bytes | None:
+    """The ``system_fingerprint`` value of a usage chunk, as JSON; None without one."""
+    if _FINGERPRINT not in event:
+        return None
+    for line in event.splitlines():
+        if line.startswith(b"data:"):
+            try:
+                body = orjson.loads(line[5:])
+            except orjson.JSONDecodeError:
+                return None
+            value = body.get("system_fingerprint") if isinstance(body, dict) else None
+            return orjson.dumps(value) if isinstance(value, str) else None
+    return None
+
+
+def _with_fingerprint(event: bytes, fingerprint: bytes | None) -> bytes:
+    """``event`` with ``"system_fingerprint": …`` as its JSON object's last key."""
+    if fingerprint is None:
+        return event
+    body_end = event.rstrip(b"\r\n").rfind(b"}")
+    if body_end < 0:
+        return event
+    return event[:body_end] + b',"system_fingerprint":' + fingerprint + event[body_end:]
 
 
 def _end_of_last_event(data: bytes) -> int:
@@ -52,20 +121,3 @@ def _end_of_last_event(data: bytes) -> int:
         if found >= 0:
             end = max(end, found + size)
     return end
-
-
-def _without_usage_events(complete: bytes) -> bytes:
-    # Only events from the first "usage" on can be usage events: leave the rest unscanned
-    # (a stream read in one chunk under load would otherwise be split event by event).
-    start = _end_of_last_event(complete[: complete.find(b'"usage"')])
-    return complete[:start] + _strip_usage_events(complete[start:])
-
-
-def _strip_usage_events(complete: bytes) -> bytes:
-    parts = _SPLIT.split(complete)
-    kept = []
-    for event, separator in zip(parts[0::2], parts[1::2], strict=False):
-        if b'"usage"' in event and _NO_CHOICES.search(event):
-            continue
-        kept.append(event + separator)
-    return b"".join(kept)

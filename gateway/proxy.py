@@ -67,7 +67,7 @@ from gateway.middleware import CLIENT, REQUEST_ID, error_response
 from gateway.ratelimit import RateLimiter
 from gateway.relay import Exchange, Relay, RelayFn
 from gateway.request import EMBEDDINGS, RequestMeta, Route, parse_request, with_model
-from gateway.resume import Splice, Transcript
+from gateway.resume import CONTINUATION_PATH, Splice, Transcript, ask_for_token_ids
 from gateway.retry import RetryBudget, backoff, parse_retry_after
 from gateway.settings import Settings
 from gateway.sse import encode_error_event
@@ -160,6 +160,9 @@ class Proxy:
         ex.single_choice = meta.single_choice
         if meta.resumable and self._resume_wanted(ex.request):
             ex.transcript = Transcript()
+            with_ids = ask_for_token_ids(meta.body)
+            if with_ids is not None:
+                meta, ex.scrub_ids = replace(meta, body=with_ids), True
         if not self._serves(meta.model):
             raise ModelNotFound(meta.model)
         grant = await self._limiter.acquire(ex.client, meta.model, meta.token_estimate)
@@ -297,12 +300,15 @@ class Proxy:
                 self._metrics.retry_budget_exhausted.inc()
                 self._metrics.resumes.labels(model, "budget").inc()
                 raise err
-            log.warning("resuming a stream on %s after %d tokens", worker.url, transcript.tokens)
+            log.warning(
+                "resuming a stream on %s after %d tokens (%s)",
+                worker.url, transcript.tokens, err.code,
+            )  # fmt: skip
             continuation = transcript.continuation(body)
             splice = Splice(transcript, client_wants_usage=not ex.strip_usage)
             relay = functools.partial(self._relay.continuation, splice=splice)
             try:
-                await self._attempt_on(ex, worker, continuation, headers, relay)
+                await self._attempt_on(ex, worker, continuation, headers, relay, CONTINUATION_PATH)
             except UpstreamError as again:
                 self._metrics.resumes.labels(model, "failed").inc()
                 err = again
@@ -343,12 +349,13 @@ class Proxy:
         body: bytes,
         headers: bytes,
         relay: RelayFn | None = None,
+        path: str | None = None,
     ) -> None:
         ex.tried.append(worker)
         ex.worker, ex.attempts = worker, ex.attempts + 1
         self._fleet.begin_attempt(worker)
         try:
-            await self._attempt(ex, worker, body, headers, relay)
+            await self._attempt(ex, worker, body, headers, relay, path or ex.route.path)
         except UpstreamError as err:
             self._count_failure(worker, err)
             raise
@@ -474,7 +481,8 @@ class Proxy:
         worker: Worker,
         body: bytes,
         headers: bytes,
-        relay: RelayFn | None = None,
+        relay: RelayFn | None,
+        path: str,
     ) -> None:
         loop = asyncio.get_running_loop()
         worker.in_flight += 1
@@ -485,7 +493,7 @@ class Proxy:
         first_token_deadline = loop.time() + self._timeouts.first_token if ex.stream else None
         try:
             async with Deadline(first_token_deadline) as phase:
-                response = await self._upstream.send(worker, ex.route.path, body, headers)
+                response = await self._upstream.send(worker, path, body, headers)
                 if response.status != 200:
                     await self._raise_status(response, phase)
                 elif ex.stream:

@@ -19,6 +19,7 @@ from aiohttp import web
 from gateway.auth import OPEN_CLIENT, Client
 from gateway.deadline import Deadline
 from gateway.errors import (
+    UpstreamAborted,
     UpstreamBadAnswer,
     UpstreamBadResponse,
     UpstreamDisconnected,
@@ -29,7 +30,7 @@ from gateway.errors import (
 from gateway.framing import EventFramer
 from gateway.metrics import GatewayMetrics
 from gateway.request import Route
-from gateway.resume import Splice, Transcript, worker_fault
+from gateway.resume import Splice, Transcript, scrub_token_ids, worker_fault
 from gateway.settings import TimeoutSettings
 from gateway.sse import StreamObserver
 from gateway.upstream import ClientResponse
@@ -71,6 +72,7 @@ class Exchange:
     worker: Worker | None = None
     served_model: str = ""  # the model that answered: a fallback's, when one was used
     transcript: Transcript | None = None  # what the client was sent, when it may be resumed
+    scrub_ids: bool = False  # token ids were asked for by the gateway (resume), not the client
     status: int = 0
     code: str = ""
     attempts: int = 0
@@ -120,7 +122,7 @@ class Relay:
         out = framer.feed(b"".join(held))
         if transcript is not None:
             transcript.feed(out)
-        await self._send(ex, client, out, phase)
+        await self._send(ex, client, self._scrubbed(ex, out), phase)
         itl = self._metrics.inter_token_latency_of(self.model_label(ex))
         last = loop.time()
         while not observer.done:
@@ -141,7 +143,7 @@ class Relay:
             if out := framer.feed(chunk):
                 if transcript is not None:
                     transcript.feed(out)
-                await self._send(ex, client, out, phase)
+                await self._send(ex, client, self._scrubbed(ex, out), phase)
             elif framer.pending > MAX_EVENT_BYTES:
                 raise UpstreamBadResponse("The model worker sent an oversized stream event.")
         observer.finish()
@@ -151,17 +153,23 @@ class Relay:
             if not finished and observer.error is None:
                 raise UpstreamStreamTruncated()
             # The answer was complete; only the marker was lost.
-            await self._send(ex, client, DONE_EVENT, phase)
+            await self._send(ex, client, self._scrubbed(ex, framer.flush()) + DONE_EVENT, phase)
         ex.ending = True
         await client.write_eof()
 
+    def _scrubbed(self, ex: Exchange, out: bytes) -> bytes:
+        return scrub_token_ids(out) if ex.scrub_ids else out
+
     def _check_events(self, ex: Exchange, observer: StreamObserver) -> None:
-        """A malformed event fails the attempt. So does a worker's own in-band error before
-        the commit (another worker can answer) or when the stream can be resumed (the client
-        never sees it); otherwise the client gets the worker's error event as it was sent, and
-        the attempt still counts against the worker (``worker_error``)."""
+        """A malformed event fails the attempt, and so does an ``abort`` ending (the worker is
+        stopping: never an end the client may take for complete). So does a worker's own
+        in-band error before the commit (another worker can answer) or when the stream can be
+        resumed (the client never sees it); otherwise the client gets the worker's error event
+        as it was sent, and the attempt still counts against the worker (``worker_error``)."""
         if observer.malformed:
             raise UpstreamMalformedEvent()
+        if observer.finish_reason == "abort":
+            raise UpstreamAborted()
         error = observer.error
         if error is not None and worker_fault(error):
             if not ex.committed or ex.transcript is not None:
@@ -198,12 +206,12 @@ class Relay:
                     idle_armed = True
             if out:
                 transcript.feed(out)
-                await self._send(ex, client, out, phase)
+                await self._send(ex, client, self._scrubbed(ex, out), phase)
         observer.finish()
         if not splice.done:
             if splice.finish_reason is None:
                 raise UpstreamStreamTruncated()
-            await self._send(ex, client, DONE_EVENT, phase)
+            await self._send(ex, client, self._scrubbed(ex, splice.flush()) + DONE_EVENT, phase)
         self.count_usage(ex, splice.usage)
         ex.ending = True
         await client.write_eof()
@@ -241,6 +249,8 @@ class Relay:
                 raise UpstreamBadAnswer() from None
             if not isinstance(answer, dict):
                 raise UpstreamBadAnswer()
+            if _aborted(answer):
+                raise UpstreamAborted()
             self.count_usage(ex, int_fields(answer.get("usage")))
             # A Response, not a StreamResponse: headers and body leave in one write.
             whole_answer = web.Response(status=200, body=data)
@@ -294,3 +304,10 @@ class Relay:
     def model_label(self, ex: Exchange) -> str:
         # Only known model names become label values: clients choose the string.
         return ex.model if ex.model and self._fleet.serves(ex.model) else "unknown"
+
+
+def _aborted(answer: dict[str, object]) -> bool:
+    choices = answer.get("choices")
+    return isinstance(choices, list) and any(
+        isinstance(c, dict) and c.get("finish_reason") == "abort" for c in choices
+    )

@@ -101,8 +101,9 @@ def check_input_limits(data: dict[str, Any], body: bytes, limits: InputLimitSett
         value = data.get(name)
         if value is None:
             continue
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise InvalidField(f"'{name}' must be a positive integer.", param=name)
+        # 0 is vLLM's too: with echo, prompt logprobs without generation (lm-eval's scoring).
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise InvalidField(f"'{name}' must be a non-negative integer.", param=name)
         if limits.max_tokens is not None and value > limits.max_tokens:
             raise InvalidField(f"'{name}' must be at most {limits.max_tokens}.", param=name)
         asked = max(asked, value)

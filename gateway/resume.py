@@ -1,31 +1,55 @@
-"""Resuming a chat stream on another worker mid-answer, with vLLM's ``continue_final_message``.
+"""Resuming a chat stream on another worker mid-answer, token for token.
 
-Three pure pieces; the proxy decides when and sends the request:
+A resumable stream is sent with vLLM's ``return_token_ids``: the role chunk then carries the
+prompt's token ids (after the chat template) and every chunk the ids of the tokens it carries,
+however many share a chunk (``--stream-interval``, or an API server that falls behind). The
+client does not see them unless it asked (``scrub_token_ids``). After a cut, the continuation
+is a ``/v1/completions`` request whose prompt is those prompt ids followed by the ids already
+sent: the next worker starts from exactly the state the first one was in, so greedy decoding
+goes on as if nothing happened. Re-sending the answer as text (``continue_final_message``)
+would not: the text re-tokenises differently and the template may render a final assistant
+message differently from a generation prompt.
+
+The pieces, all pure; the proxy decides when and sends the request:
 - ``resumable_request``: whether a request may be resumed at all (a chat stream, one choice,
-  no tools, no logprobs).
-- ``Transcript``: what the client has been sent so far (fed the bytes actually written, so it
-  is exact): the stream's ``id``/``created``/``model``, the answer's text, how many token
-  chunks carried it, whether a tool call or reasoning makes a continuation unfaithful.
-- ``Splice``: turns the continuation's stream into more chunks of the original one: same
-  ``id``, ``created`` and ``model``, no second role chunk, usage that adds both parts up (the
-  prompt once, completion tokens summed), then ``[DONE]``.
-
-A continuation asks for the original messages plus the partial answer as a final assistant
-message, ``continue_final_message: true``, ``add_generation_prompt: false``, and ``max_tokens``
-reduced by what was already produced. A worker with the same model and tokenizer then writes
-the rest of the same answer.
+  nothing whose state a continuation cannot carry over: tools, logprobs, structured output).
+- ``ask_for_token_ids``: the body to send instead, with ``return_token_ids``.
+- ``Transcript``: what the client has been sent so far (fed the events actually written, so
+  it is exact): the stream's ``id``/``created``/``model``, the prompt's and the answer's token
+  ids, and whether a tool call or reasoning makes a continuation unfaithful.
+- ``Splice``: turns the continuation's completions stream into more chunks of the original chat
+  stream (same ``id``, ``created`` and ``model``, vLLM's chat chunk layout), with usage that
+  counts the prompt once and every generated token once, and ``system_fingerprint`` where vLLM
+  puts it (the usage chunk, or the finishing chunk when the client did not ask for usage).
 """
 
 from __future__ import annotations
 
-from typing import Any
+import re
+from typing import Any, TypeGuard
 
 import orjson
 
 from gateway.sse import SSEDecoder
 
 DONE = b"data: [DONE]\n\n"
+CONTINUATION_PATH = "/v1/completions"
 _TOKEN_LIMIT_FIELDS = ("max_completion_tokens", "max_tokens")
+# Chat-only fields, or fields whose effect a continuation must not repeat; everything else
+# (sampling, stop conditions, penalties, priority, salts) goes to the continuation as sent.
+_NOT_CONTINUED = frozenset(
+    (
+        "messages", "tools", "tool_choice", "parallel_tool_calls", "functions", "function_call",
+        "chat_template", "chat_template_kwargs", "add_generation_prompt", "documents",
+        "continue_final_message", "echo", "stream_options", "max_completion_tokens",
+        "logprobs", "top_logprobs", "n", "response_format", "reasoning_effort",
+        "include_reasoning", "mm_processor_kwargs", "return_token_ids", "prompt",
+    )
+)  # fmt: skip
+# Fields that constrain output with a grammar: its state at the cut cannot be carried over.
+_STRUCTURED = ("response_format", "structured_outputs", "guided_json", "guided_regex",
+               "guided_choice", "guided_grammar")  # fmt: skip
+_IDS = re.compile(rb'"(prompt_)?token_ids":\[[0-9,\s]*\]')
 
 
 def resumable_request(data: dict[str, Any]) -> bool:
@@ -34,7 +58,25 @@ def resumable_request(data: dict[str, Any]) -> bool:
         return False
     if data.get("tools") or data.get("functions"):
         return False
+    if any(data.get(name) for name in _STRUCTURED):
+        return False
     return isinstance(data.get("messages"), list)
+
+
+def ask_for_token_ids(body: bytes) -> bytes | None:
+    """The body with ``return_token_ids``; None when the client asked for them itself."""
+    data = orjson.loads(body)
+    if data.get("return_token_ids") is True:
+        return None
+    data["return_token_ids"] = True
+    return orjson.dumps(data)
+
+
+def scrub_token_ids(events: bytes) -> bytes:
+    """Events as the client would have had them without ``return_token_ids``."""
+    if b'token_ids":[' not in events:
+        return events
+    return _IDS.sub(rb'"\1token_ids":null', events)
 
 
 def worker_fault(error: dict[str, object]) -> bool:
@@ -48,21 +90,33 @@ def worker_fault(error: dict[str, object]) -> bool:
 
 
 class Transcript:
-    """The stream as the client has seen it: fed the exact bytes written to the client."""
+    """The stream as the client has seen it: fed the exact events written to the client,
+    before their token ids are scrubbed."""
 
     def __init__(self) -> None:
         self._decoder = SSEDecoder()
         self.header: dict[str, Any] = {}  # id, created, model of the original stream
-        self.content: list[str] = []
+        self.prompt_ids: list[int] | None = None
+        self.ids: list[int] = []  # the answer's tokens sent so far
+        self.ids_complete = True  # every chunk with text said which tokens it carried
         self.reasoning = False
         self.tool_calls = False
-        self.tokens = 0  # chunks that carried answer text: one token each, as vLLM streams
         self.finished = False
 
     @property
+    def tokens(self) -> int:
+        return len(self.ids)
+
+    @property
     def resumable(self) -> bool:
-        # Mid-reasoning or mid-tool-call, a continuation cannot be made faithful.
-        return bool(self.header) and not (self.reasoning or self.tool_calls or self.finished)
+        # Mid-reasoning or mid-tool-call, a continuation cannot be made faithful; without the
+        # token ids (a worker that ignores return_token_ids) it cannot be made exact.
+        return (
+            bool(self.header)
+            and self.prompt_ids is not None
+            and self.ids_complete
+            and not (self.reasoning or self.tool_calls or self.finished)
+        )
 
     def feed(self, data: bytes) -> None:
         for event in self._decoder.feed(data):
@@ -77,48 +131,62 @@ class Transcript:
 
     def _observe(self, body: dict[str, Any]) -> None:
         if not self.header and isinstance(body.get("id"), str):
-            self.header = {k: body[k] for k in ("id", "created", "model") if k in body}
+            self.header = {k: body[k] for k in ("id", "object", "created", "model") if k in body}
+        prompt = body.get("prompt_token_ids")
+        if self.prompt_ids is None and _is_ids(prompt):
+            self.prompt_ids = prompt
         for choice in body.get("choices") or ():
-            if not isinstance(choice, dict):
-                continue
-            if choice.get("finish_reason") is not None:
-                self.finished = True
-            delta = choice.get("delta")
-            if not isinstance(delta, dict):
-                continue
-            if delta.get("tool_calls"):
-                self.tool_calls = True
-            if delta.get("reasoning") or delta.get("reasoning_content"):
-                self.reasoning = True
-            text = delta.get("content")
-            if isinstance(text, str) and text:
-                self.content.append(text)
-                self.tokens += 1
+            if isinstance(choice, dict):
+                self._observe_choice(choice)
+
+    def _observe_choice(self, choice: dict[str, Any]) -> None:
+        if choice.get("finish_reason") is not None:
+            self.finished = True
+        ids = choice.get("token_ids")
+        if _is_ids(ids):
+            self.ids.extend(ids)
+        delta = choice.get("delta")
+        if not isinstance(delta, dict):
+            return
+        if delta.get("tool_calls"):
+            self.tool_calls = True
+        if delta.get("reasoning") or delta.get("reasoning_content"):
+            self.reasoning = True
+        if delta.get("content") and not _is_ids(ids):
+            self.ids_complete = False
 
     def continuation(self, original: bytes) -> bytes:
-        """The request that makes another worker write the rest of the answer."""
+        """The completions request that makes another worker write the rest of the answer."""
+        assert self.prompt_ids is not None
         data = orjson.loads(original)
-        partial = {"role": "assistant", "content": "".join(self.content)}
-        data["messages"] = [*data["messages"], partial]
-        data["continue_final_message"] = True
-        data["add_generation_prompt"] = False
-        data["stream"] = True
-        data["stream_options"] = {"include_usage": True}
-        for name in _TOKEN_LIMIT_FIELDS:
-            limit = data.get(name)
-            if isinstance(limit, int) and not isinstance(limit, bool):
-                data[name] = max(limit - self.tokens, 1)
-        return orjson.dumps(data)
+        asked = next((data[n] for n in _TOKEN_LIMIT_FIELDS if isinstance(data.get(n), int)), None)
+        out = {k: v for k, v in data.items() if k not in _NOT_CONTINUED}
+        out["prompt"] = self.prompt_ids + self.ids
+        out["stream"] = True
+        out["stream_options"] = {"include_usage": True}
+        out["return_token_ids"] = True
+        if asked is not None and not isinstance(asked, bool):
+            out["max_tokens"] = max(asked - self.tokens, 1)
+        else:
+            # vLLM's default is what is left of the context: the same for the continuation.
+            out.pop("max_tokens", None)
+        least = data.get("min_tokens")
+        if isinstance(least, int) and not isinstance(least, bool):
+            out["min_tokens"] = max(least - self.tokens, 0)
+        return orjson.dumps(out)
 
 
 class Splice:
-    """Rewrites one continuation stream into chunks of the original stream."""
+    """Rewrites one continuation stream (completions chunks) into chunks of the original chat
+    stream. The finishing chunk is held until the usage chunk, which brings the fingerprint."""
 
     def __init__(self, transcript: Transcript, client_wants_usage: bool) -> None:
         self._decoder = SSEDecoder()
-        self._header = transcript.header
+        self._header = {**transcript.header, "object": "chat.completion.chunk"}
+        self._prompt = len(transcript.prompt_ids or ())
         self._before = transcript.tokens
         self._wants_usage = client_wants_usage
+        self._held: dict[str, Any] | None = None
         self.first_token = False
         self.finish_reason: str | None = None
         self.done = False
@@ -132,53 +200,81 @@ class Splice:
                 continue
             if event.data.strip() == "[DONE]":
                 self.done = True
+                out.append(self._release(None))
                 out.append(DONE)
                 continue
             body = orjson.loads(event.data)  # the caller has checked the event is JSON
-            rewritten = self._rewrite(body) if isinstance(body, dict) else None
-            if rewritten is not None:
-                out.append(b"data: " + orjson.dumps(rewritten) + b"\n\n")
+            if isinstance(body, dict):
+                out.append(self._rewrite(body))
         return b"".join(out)
 
-    def combined_usage(self, usage: dict[str, Any]) -> dict[str, int]:
-        """The continuation's prompt held the partial answer: count those tokens as completion."""
-        prompt = max(int(usage.get("prompt_tokens", 0)) - self._before, 0)
-        completion = int(usage.get("completion_tokens", 0)) + self._before
-        return {"prompt_tokens": prompt, "completion_tokens": completion,
-                "total_tokens": prompt + completion}  # fmt: skip
+    def flush(self) -> bytes:
+        """The continuation ended without its usage chunk or [DONE]: the held chunk, as is."""
+        return self._release(None)
 
-    def _rewrite(self, body: dict[str, Any]) -> dict[str, Any] | None:
+    def combined_usage(self, usage: dict[str, Any]) -> dict[str, int]:
+        """The prompt once, as the client's stream counted it; every generated token once."""
+        completion = int(usage.get("completion_tokens", 0)) + self._before
+        return {"prompt_tokens": self._prompt, "total_tokens": self._prompt + completion,
+                "completion_tokens": completion}  # fmt: skip
+
+    def _rewrite(self, body: dict[str, Any]) -> bytes:
         if body.get("error") is not None:
             self.first_token = True
-            return body  # the continuation failed in-band: the client gets its error
+            return self._release(None) + _event(body)  # the continuation failed in-band
         usage = body.get("usage")
         if isinstance(usage, dict):
             self.usage = self.combined_usage(usage)
         choices = body.get("choices")
         if not choices:
+            fingerprint = body.get("system_fingerprint")
             if self.usage is None or not self._wants_usage:
-                return None
-            return {**body, **self._header, "usage": self.usage}
-        kept = [c for c in (self._choice(c) for c in choices) if c is not None]
-        if not kept:
-            return None  # the continuation's role chunk: the client had one already
-        body = {**body, **self._header, "choices": kept}
-        body.pop("usage", None)
-        return body
+                return self._release(fingerprint)
+            usage_chunk = {**self._header, "choices": [], "usage": self.usage}
+            if fingerprint is not None:
+                usage_chunk["system_fingerprint"] = fingerprint
+            return self._release(None) + _event(usage_chunk)
+        out = []
+        for choice in choices:
+            if isinstance(choice, dict):
+                chat = self._chat_choice(choice)
+                if chat is not None:
+                    out.append(self._emit({**self._header, "choices": [chat]}))
+        return b"".join(out)
 
-    def _choice(self, choice: Any) -> Any:
-        if not isinstance(choice, dict):
-            return choice
-        delta = choice.get("delta")
-        if isinstance(delta, dict) and "role" in delta:
-            delta = {k: v for k, v in delta.items() if k != "role"}
-            choice = {**choice, "delta": delta}
+    def _chat_choice(self, choice: dict[str, Any]) -> dict[str, Any] | None:
+        text = choice.get("text") or ""
         reason = choice.get("finish_reason")
-        if isinstance(reason, str):
-            self.finish_reason = reason
-        has_text = isinstance(delta, dict) and any(v for v in delta.values())
-        if has_text:
-            self.first_token = True
-        if not has_text and reason is None:
+        if not text and reason is None:
             return None
-        return choice
+        self.first_token = True
+        chat: dict[str, Any] = {"index": 0, "delta": {"content": text}, "logprobs": None,
+                                "finish_reason": reason}  # fmt: skip
+        if reason is not None:
+            self.finish_reason = reason
+            chat["stop_reason"] = choice.get("stop_reason")
+        chat["token_ids"] = choice.get("token_ids")
+        return chat
+
+    def _emit(self, chunk: dict[str, Any]) -> bytes:
+        out = self._release(None)
+        if chunk["choices"][0]["finish_reason"] is not None:
+            self._held = chunk
+            return out
+        return out + _event(chunk)
+
+    def _release(self, fingerprint: object) -> bytes:
+        held, self._held = self._held, None
+        if held is None:
+            return b""
+        if isinstance(fingerprint, str):
+            held["system_fingerprint"] = fingerprint
+        return _event(held)
+
+
+def _event(body: dict[str, Any]) -> bytes:
+    return b"data: " + orjson.dumps(body) + b"\n\n"
+
+
+def _is_ids(value: object) -> TypeGuard[list[int]]:
+    return isinstance(value, list) and all(type(v) is int for v in value)

@@ -18,13 +18,24 @@ TAIL_BYTES = 2048
 
 def ask_for_usage(data: dict[str, Any]) -> bytes | None:
     """The body to send instead, with usage requested; None if the client asked for it itself
-    (or sent ``stream_options`` that is not an object: the worker will judge that)."""
+    (or sent ``stream_options`` that is not an object: the worker will judge that).
+
+    Only for one choice: with n > 1 vLLM puts ``system_fingerprint`` on each choice's last
+    event, and restoring them would hold back the other choices' tokens (see ``framing``).
+    ``continuous_usage_stats`` counts only with ``include_usage`` (vLLM's
+    ``should_include_usage``): a client that sent it alone gets no usage directly, so it is
+    turned off here rather than put on every chunk."""
     options = data.get("stream_options")
     if options is None:
         options = {}
     if not isinstance(options, dict) or options.get("include_usage") is True:
         return None
-    return orjson.dumps({**data, "stream_options": {**options, "include_usage": True}})
+    if data.get("n") not in (None, 1):
+        return None
+    asked = {**options, "include_usage": True}
+    if options.get("continuous_usage_stats"):
+        asked["continuous_usage_stats"] = False
+    return orjson.dumps({**data, "stream_options": asked})
 
 
 def usage_from_tail(tail: bytes) -> dict[str, int] | None:

@@ -79,6 +79,7 @@ class Proc:
         cwd: Path | None = None,
         name: str = "",
         log_file: Path | None = None,
+        env: dict[str, str] | None = None,
     ) -> None:
         """``log_file``: stderr goes to that file instead of a pipe drained here (benchmarks:
         a drain thread competing with the load generator would slow the process logging)."""
@@ -93,7 +94,7 @@ class Proc:
             stdout=subprocess.DEVNULL,
             stderr=stderr,
             start_new_session=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         )
         self._reader = threading.Thread(target=self._drain, daemon=True)
         if log_file is None:

@@ -64,14 +64,47 @@ def test_an_unfinished_event_is_held_back() -> None:
 
 
 def test_ask_for_usage_keeps_other_options_and_respects_the_client() -> None:
-    body = ask_for_usage({"model": "m", "stream_options": {"continuous_usage_stats": True}})
+    body = ask_for_usage({"model": "m", "stream_options": {"continuous_usage_stats": True, "x": 1}})
     assert body is not None
+    # Alone, continuous_usage_stats gives no usage at all from vLLM: it must stay without effect.
     assert orjson.loads(body)["stream_options"] == {
-        "continuous_usage_stats": True,
+        "continuous_usage_stats": False,
         "include_usage": True,
+        "x": 1,
     }
     assert ask_for_usage({"model": "m", "stream_options": {"include_usage": True}}) is None
     assert ask_for_usage({"model": "m", "stream_options": "bad"}) is None
+    assert ask_for_usage({"model": "m", "n": 2}) is None  # fingerprints per choice: see framing
+    assert ask_for_usage({"model": "m", "n": 1}) is not None
+
+
+FINGERPRINTED_USAGE = USAGE[:-1] + b',"system_fingerprint":"fp-1"}'
+
+
+@pytest.mark.parametrize("sep", [b"\n\n", b"\r\n\r\n"], ids=["lf", "crlf"])
+def test_a_dropped_usage_event_leaves_its_fingerprint_where_vllm_puts_it(sep: bytes) -> None:
+    """Without usage, vLLM ends the finishing event with the fingerprint: at every split the
+    client gets exactly that stream."""
+    events = (ROLE, TOKEN, FINISH, FINGERPRINTED_USAGE, DONE)
+    data = b"".join(e + sep for e in events)
+    finish = FINISH[:-1] + b',"system_fingerprint":"fp-1"}'
+    expected = b"".join(e + sep for e in (ROLE, TOKEN, finish, DONE))
+    for at in range(len(data) + 1):
+        framer = EventFramer(strip_usage=True)
+        out = b"".join(feed_split(framer, data, at)) + framer.flush()
+        assert out == expected
+
+
+def test_a_held_finishing_event_is_released_without_a_usage_event() -> None:
+    """A worker that sends no usage chunk: the finishing event goes out before [DONE], or at
+    the end of a stream cut after it (flush)."""
+    framer = EventFramer(strip_usage=True)
+    assert framer.feed(TOKEN + b"\n\n" + FINISH + b"\n\n") == TOKEN + b"\n\n"
+    assert framer.feed(DONE + b"\n\n") == FINISH + b"\n\n" + DONE + b"\n\n"
+    cut = EventFramer(strip_usage=True)
+    assert cut.feed(FINISH + b"\n\n") == b""
+    assert cut.flush() == FINISH + b"\n\n"
+    assert cut.flush() == b""
 
 
 def test_usage_from_tail() -> None:

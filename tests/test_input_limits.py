@@ -30,7 +30,7 @@ def nested(depth: int) -> Any:
     [
         ({"max_tokens": 101}, "max_tokens"),
         ({"max_completion_tokens": 1000}, "max_completion_tokens"),
-        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_tokens": -1}, "max_tokens"),
         ({"max_tokens": "10"}, "max_tokens"),
         ({"max_tokens": True}, "max_tokens"),
         ({"n": 3}, "n"),
