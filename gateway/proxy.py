@@ -494,6 +494,7 @@ class Proxy:
         try:
             async with Deadline(first_token_deadline) as phase:
                 response = await self._upstream.send(worker, path, body, headers)
+                worker.reading.add(response)
                 if response.status != 200:
                     await self._raise_status(response, phase)
                 elif ex.stream:
@@ -513,6 +514,7 @@ class Proxy:
             worker.in_flight -= 1
             gauge.dec()
             if response is not None:
+                worker.reading.discard(response)
                 # release() keeps a fully read connection for reuse (drain: once the stream's
                 # terminator after [DONE] is in); close() drops it, which is what tells vLLM
                 # to abort the request when we stop early.

@@ -111,11 +111,11 @@ class Upstream:
 
     async def probe(self, worker: Worker) -> ProbeResult:
         """``GET /health``, and ``GET /v1/models`` when the worker's models are not configured."""
-        healthy, models = await asyncio.gather(
+        health, models = await asyncio.gather(
             self._health(worker),
             self._models(worker) if not worker.configured_models else _none(),
         )
-        return ProbeResult(healthy=healthy, models=models)
+        return ProbeResult(healthy=health is True, models=models, refused=health is None)
 
     async def scrape(self, worker: Worker) -> LoadSignals | None:
         """The worker's load signals from ``GET /metrics``; None when it cannot be read."""
@@ -134,10 +134,14 @@ class Upstream:
             return None
         return parse_load(b"".join(parts))
 
-    async def _health(self, worker: Worker) -> bool:
+    async def _health(self, worker: Worker) -> bool | None:
+        """Whether ``/health`` answers 200; None when the connection is refused (nothing
+        listens there: the worker stopped, or is stopping)."""
         try:
             async with self._probes.get(worker.url + "/health") as resp:
                 return resp.status == 200
+        except aiohttp.ClientConnectorError as exc:
+            return None if isinstance(exc.os_error, ConnectionRefusedError) else False
         except (aiohttp.ClientError, TimeoutError):
             return False
 

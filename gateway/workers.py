@@ -23,7 +23,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from gateway.loadsignals import LoadSignals
 from gateway.settings import HealthSettings, WorkerSettings
@@ -50,6 +50,8 @@ class Worker:
     recovered_at: float = 0.0
     trial: bool = False  # a half-open trial request is in flight
     not_before: float = 0.0  # Retry-After: no request before this time
+    # Answers being read from it now: cut when it stops listening (see Fleet.apply_probe).
+    reading: set[Closable] = field(default_factory=set, repr=False)
     api_key: str | None = field(default=None, repr=False)  # sent to the worker, never logged
 
     @property
@@ -81,6 +83,11 @@ class Worker:
 class ProbeResult:
     healthy: bool
     models: tuple[ModelCard, ...] | None = None  # None: not asked or not answered
+    refused: bool = False  # nothing listens at its address: the server has stopped or is stopping
+
+
+class Closable(Protocol):
+    def close(self) -> None: ...
 
 
 def worker_from_settings(settings: WorkerSettings, default_cap: int) -> Worker:
@@ -191,6 +198,15 @@ class Fleet:
         if worker.healthy != result.healthy:
             worker.healthy = result.healthy
             log.warning("worker %s is now %s", worker.url, "up" if result.healthy else "down")
+        if result.refused and worker.reading:
+            # A vLLM told to stop closes its listener first, then aborts what it runs or
+            # falls silent. Either way its answers will not finish: cut them now, so they fail
+            # over or resume at once instead of at the idle timeout.
+            log.warning(
+                "worker %s stopped listening: cutting %d answers", worker.url, len(worker.reading)
+            )
+            for answer in list(worker.reading):
+                answer.close()
         self.on_health_change(worker)
 
     def add(self, worker: Worker) -> None:
