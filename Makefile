@@ -22,6 +22,12 @@ run: $(STAMP)
 	$(PY) -m gateway --config config/local.yaml & \
 	wait
 
+# The gateway on 127.0.0.1:8080 in front of two real CPU vLLM workers (ports 8001, 8002) on the
+# tiny test model, or on a local model folder: `make run-vllm MODEL=/path/to/model`.
+MODEL ?=
+run-vllm: $(STAMP) vllm
+	$(PY) -m tests.vllm.run $(if $(MODEL),--model $(MODEL))
+
 # Tools the end-to-end tests drive for real (they fail, never skip, without them).
 tools:
 	@command -v curl >/dev/null || { apt-get update -qq && apt-get install -y -qq curl; }

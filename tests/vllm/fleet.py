@@ -69,9 +69,18 @@ def build_model() -> Path:
 class VLLMWorker:
     """One ``vllm serve`` of the tiny model on its own port and process group."""
 
-    def __init__(self, name: str, args: Sequence[str] = (), port: int | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        args: Sequence[str] = (),
+        port: int | None = None,
+        model_dir: Path = MODEL_DIR,
+        served_name: str = MODEL,
+    ) -> None:
         self.name = name
         self.args = tuple(args)
+        self.model_dir = model_dir
+        self.served_name = served_name
         self.port = port or free_port()
         self.url = f"http://{HOST}:{self.port}"
         self.proc: Proc | None = None
@@ -79,8 +88,8 @@ class VLLMWorker:
     def command(self) -> list[str]:
         launcher = Path(__file__).with_name("launch.py")
         return [
-            str(PYTHON), str(launcher), "serve", str(MODEL_DIR),
-            "--served-model-name", MODEL,
+            str(PYTHON), str(launcher), "serve", str(self.model_dir),
+            "--served-model-name", self.served_name,
             "--host", HOST, "--port", str(self.port),
             "--max-model-len", str(MAX_MODEL_LEN),
             # float32, not bf16: greedy decoding on two workers must agree token for token,
@@ -95,7 +104,8 @@ class VLLMWorker:
     def start(self) -> None:
         """Start without waiting; ``wait_ready`` waits."""
         require_vllm()
-        build_model()
+        if self.model_dir == MODEL_DIR:
+            build_model()
         self.proc = Proc(self.command(), cwd=ROOT, name=f"vllm {self.name}", env=ENV)
 
     def healthy(self) -> bool:
