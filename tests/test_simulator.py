@@ -21,12 +21,14 @@ from gateway.simulator.__main__ import build_parser, config_from_args, main
 from gateway.simulator.app import SIM
 from gateway.simulator.prefix_cache import PrefixCache
 from gateway.simulator.protocol import parse_chat, parse_completion
+from gateway.simulator.text import HEADER_LEN, chat_header, text_ids, word_id
 from tests.helpers import wait_for
 
 Client = TestClient[Any, Any]
 MakeClient = Callable[..., Awaitable[Client]]
 CHAT = "/v1/chat/completions"
 QUESTION = [{"role": "user", "content": "what is continuous batching"}]
+QUESTION_TOKENS = 1 + 4 + HEADER_LEN  # the role, 4 words, the generation prompt
 
 
 @pytest.fixture
@@ -89,8 +91,8 @@ async def test_chat_stream_shape(make_client: MakeClient) -> None:
     body = chat(stream=True, max_tokens=4, stream_options={"include_usage": True})
     async with client.post(CHAT, json=body, headers={"X-Request-Id": "req-7"}) as resp:
         assert resp.status == 200
-        assert resp.content_type == "text/event-stream"
-        assert resp.headers["X-Request-Id"] == "req-7"
+        assert resp.headers["Content-Type"] == "text/event-stream; charset=utf-8"
+        assert "X-Request-Id" not in resp.headers  # adopted as the id, not echoed (as vLLM)
         events = await read_events(resp)
     payloads = data_of(events)
     assert payloads[-1] == "[DONE]"
@@ -105,9 +107,11 @@ async def test_chat_stream_shape(make_client: MakeClient) -> None:
     assert [t["choices"][0]["finish_reason"] for t in tokens] == [None, None, None, "length"]
     assert all(t["choices"][0]["delta"]["content"].startswith(" ") for t in tokens)
     assert usage_chunk["choices"] == []
-    assert usage_chunk["usage"]["prompt_tokens"] == 4
-    assert usage_chunk["usage"]["completion_tokens"] == 4
-    assert usage_chunk["usage"]["total_tokens"] == 8
+    assert usage_chunk["usage"] == {
+        "prompt_tokens": QUESTION_TOKENS,
+        "total_tokens": QUESTION_TOKENS + 4,
+        "completion_tokens": 4,
+    }
 
 
 async def test_continuous_usage_stats_on_every_chunk(make_client: MakeClient) -> None:
@@ -128,12 +132,13 @@ async def test_chat_non_stream_shape(make_client: MakeClient) -> None:
     (choice,) = body["choices"]
     assert choice["message"]["role"] == "assistant"
     assert len(choice["message"]["content"].split()) == 5
-    assert choice["finish_reason"] == "length"
+    assert choice["finish_reason"] == "stop"  # no max_tokens: the answer's own end
     assert body["usage"] == {
-        "prompt_tokens": 4,
+        "prompt_tokens": QUESTION_TOKENS,
+        "total_tokens": QUESTION_TOKENS + 5,
         "completion_tokens": 5,
-        "total_tokens": 9,
         "prompt_tokens_details": None,
+        "completion_tokens_details": None,
     }
 
 
@@ -265,13 +270,14 @@ async def test_second_request_waits_for_the_only_slot(make_client: MakeClient) -
 async def test_full_kv_cache_makes_requests_wait(make_client: MakeClient) -> None:
     client = await make_client(kv_cache_tokens=40, max_model_len=40, itl_base=0.01)
     engine = client.app[ENGINE]
-    async with client.post(CHAT, json=chat(stream=True, max_tokens=30)) as first:
+    assert QUESTION_TOKENS + 20 > 40 / 2  # two requests of 20 tokens do not fit together
+    async with client.post(CHAT, json=chat(stream=True, max_tokens=20)) as first:
         await first.content.readline()
         assert engine.kv_cache_usage() > 0
-        second = asyncio.create_task(stream_tokens(client, CHAT, chat(max_tokens=30)))
+        second = asyncio.create_task(stream_tokens(client, CHAT, chat(max_tokens=20)))
         await wait_for(lambda: engine.num_waiting == 1, timeout=1.0)
         assert engine.num_running == 1
-    assert len(await asyncio.wait_for(second, timeout=2)) == 30
+    assert len(await asyncio.wait_for(second, timeout=2)) == 20
 
 
 async def test_queue_limit_answers_503_before_the_stream(make_client: MakeClient) -> None:
@@ -338,7 +344,7 @@ async def test_metrics_use_vllm_names(make_client: MakeClient) -> None:
         f"vllm:num_requests_running{labels} 0.0",
         f"vllm:num_requests_waiting{labels} 0.0",
         f"vllm:kv_cache_usage_perc{labels} 0.0",
-        f"vllm:prompt_tokens_total{labels} 4.0",
+        f"vllm:prompt_tokens_total{labels} {QUESTION_TOKENS}.0",
         f"vllm:generation_tokens_total{labels} 3.0",
         'vllm:request_success_total{engine="0",finished_reason="length",'
         'model_name="sim-model"} 1.0',
@@ -543,13 +549,17 @@ async def test_bad_json_is_400(make_client: MakeClient, raw: bytes) -> None:
 @pytest.mark.parametrize(
     ("body", "param"),
     [
-        ({"messages": []}, "messages"),
+        ({"messages": []}, None),
+        ({"messages": "hi"}, "messages"),
         ({"messages": [{"content": "no role"}]}, "messages[0]"),
         ({"messages": QUESTION, "max_tokens": "many"}, "max_tokens"),
         ({"messages": QUESTION, "max_tokens": 0}, "max_tokens"),
         ({"messages": QUESTION, "stream": "yes"}, "stream"),
-        ({"messages": QUESTION, "stream_options": {"include_usage": True}}, "stream"),
-        ({"messages": QUESTION, "max_tokens": 10_000}, None),
+        ({"messages": QUESTION, "stream_options": {"include_usage": True}}, "stream_options"),
+        ({"messages": QUESTION, "max_tokens": 10_000}, "max_tokens"),
+        ({"messages": QUESTION, "max_completion_tokens": 10_000}, "max_completion_tokens"),
+        ({"messages": QUESTION, "n": 0}, None),
+        ({"messages": QUESTION, "top_logprobs": 2}, "top_logprobs"),
         ({"messages": QUESTION, "continue_final_message": True}, None),
     ],
 )
@@ -633,12 +643,16 @@ def test_prefix_cache_disabled_at_zero_blocks() -> None:
     assert len(cache) == 0
 
 
-def test_prompt_tokens_of_chat_include_roles_and_of_token_ids_their_numbers() -> None:
+def test_prompt_tokens_of_chat_include_the_template_and_of_token_ids_their_number() -> None:
+    """A chat prompt counts each message's role and words and the generation prompt (the
+    marker and the answer key), as vLLM counts the chat template's tokens."""
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
     gen = parse_chat({"messages": messages}, SimConfig())
-    assert gen.prompt == ("system", "be", "brief", "user", "hi")
-    assert gen.prompt_tokens == 3
-    assert parse_completion({"prompt": [7, 8]}, SimConfig()).prompt == ("7", "8")
+    system, user = word_id("<|system|>"), word_id("<|user|>")
+    assert gen.prompt_ids[:5] == (system, *text_ids("be brief"), user, word_id("hi"))
+    assert gen.prompt_ids[5:] == tuple(chat_header(gen.key))
+    assert gen.prompt_tokens == 5 + HEADER_LEN
+    assert parse_completion({"prompt": [7, 8]}, SimConfig()).prompt_ids == (7, 8)
 
 
 async def metric_value(client: Client, name: str) -> float:
@@ -685,14 +699,17 @@ async def test_shared_prefix_hits_the_cache_and_skips_its_prefill(
 
 
 async def test_chat_turns_share_their_history_in_the_cache(make_client: MakeClient) -> None:
+    """The history (role and 11 words: 3 blocks of 4) is cached; the generation prompt that
+    ended the first request differs from the second request's next message."""
     client = await make_client(prefix_cache_blocks=100, block_tokens=4)
-    history = [{"role": "user", "content": " ".join(words("w", 11))}]  # 12 words with the role
+    history = [{"role": "user", "content": " ".join(words("w", 11))}]
     await post_json(client, CHAT, {"messages": history, "max_tokens": 1})
     answer = {"role": "assistant", "content": "sure"}
     follow_up = [*history, answer, {"role": "user", "content": "and then"}]
     await post_json(client, CHAT, {"messages": follow_up, "max_tokens": 1})
     assert await metric_value(client, "vllm:prefix_cache_hits_total") == 12
-    assert await metric_value(client, "vllm:prefix_cache_queries_total") == 11 + 14
+    queries = (12 + HEADER_LEN) + (12 + 2 + 3 + HEADER_LEN)
+    assert await metric_value(client, "vllm:prefix_cache_queries_total") == queries
 
 
 async def test_prefix_cache_metrics_stay_zero_when_disabled(make_client: MakeClient) -> None:
@@ -768,3 +785,542 @@ def test_cli_rejects_a_zero_slowdown(capsys: pytest.CaptureFixture[str]) -> None
         main(["--slowdown", "0"])
     assert exited.value.code == 2
     assert "slowdown must be a finite number > 0" in capsys.readouterr().err
+
+
+# --- return_token_ids and resuming a chat answer with completions -------------------------
+
+COMPLETIONS = "/v1/completions"
+
+
+async def events_of(
+    client: Client, path: str, body: dict[str, Any], headers: dict[str, str] | None = None
+) -> list[Any]:
+    """The parsed `data:` payloads of one stream (`[DONE]` stays a string)."""
+    async with client.post(path, json={**body, "stream": True}, headers=headers) as resp:
+        assert resp.status == 200, await resp.text()
+        return data_of(await read_events(resp))
+
+
+def chunks_of(payloads: list[Any]) -> list[dict[str, Any]]:
+    return [p for p in payloads if isinstance(p, dict) and p.get("choices")]
+
+
+def stream_ids(payloads: list[Any]) -> tuple[list[int], list[int]]:
+    """(prompt token ids, answer token ids) of a stream sent with return_token_ids."""
+    prompt: list[int] = []
+    answer: list[int] = []
+    for payload in chunks_of(payloads):
+        prompt += payload.get("prompt_token_ids") or []
+        for choice in payload["choices"]:
+            prompt += choice.get("prompt_token_ids") or []
+            answer += choice.get("token_ids") or []
+    return prompt, answer
+
+
+async def test_return_token_ids_in_a_chat_stream(make_client: MakeClient) -> None:
+    client = await make_client(stream_interval=2)
+    options = {"include_usage": True}
+    body = chat(max_tokens=5, return_token_ids=True, stream_options=options)
+    payloads = await events_of(client, CHAT, body)
+    role, *tokens = chunks_of(payloads)
+    assert role["prompt_token_ids"] == list(role["prompt_token_ids"])
+    assert len(role["prompt_token_ids"]) == payloads[-2]["usage"]["prompt_tokens"]
+    assert [len(t["choices"][0]["token_ids"]) for t in tokens] == [1, 2, 2]
+    assert all(isinstance(i, int) for t in tokens for i in t["choices"][0]["token_ids"])
+    whole = await post_json(client, CHAT, chat(max_tokens=5, return_token_ids=True))
+    assert whole["prompt_token_ids"] == role["prompt_token_ids"]
+    assert whole["choices"][0]["token_ids"] == stream_ids(payloads)[1]
+
+
+async def test_without_return_token_ids_the_keys_are_null(make_client: MakeClient) -> None:
+    client = await make_client()
+    role, *tokens = chunks_of(await events_of(client, CHAT, chat(max_tokens=2)))
+    assert (role["prompt_token_ids"], role["prompt_text"]) == (None, None)
+    assert [t["choices"][0]["token_ids"] for t in tokens] == [None, None]
+    body = await post_json(client, COMPLETIONS, {"prompt": "a b", "max_tokens": 2})
+    assert (body["choices"][0]["token_ids"], body["choices"][0]["prompt_token_ids"]) == (
+        None,
+        None,
+    )
+
+
+async def test_completions_return_token_ids(make_client: MakeClient) -> None:
+    """The prompt's ids ride on the first chunk's choice; every chunk has its tokens' ids."""
+    client = await make_client()
+    body = {"prompt": "once upon a time", "max_tokens": 3, "return_token_ids": True}
+    chunks = chunks_of(await events_of(client, COMPLETIONS, body))
+    firsts = [c["choices"][0]["prompt_token_ids"] for c in chunks]
+    assert firsts == [text_ids("once upon a time"), None, None]
+    whole = await post_json(client, COMPLETIONS, body)
+    assert whole["choices"][0]["prompt_token_ids"] == firsts[0]
+    assert whole["choices"][0]["token_ids"] == [c["choices"][0]["token_ids"][0] for c in chunks]
+
+
+@pytest.mark.parametrize("seed", [None, 7])
+@pytest.mark.parametrize("max_tokens", [None, 9])
+@pytest.mark.parametrize("k", [0, 1, 5, 8])
+async def test_completions_continue_a_chat_answer_token_for_token(
+    make_client: MakeClient, k: int, max_tokens: int | None, seed: int | None
+) -> None:
+    """A gateway resumes a chat stream on another worker: prompt = the chat's prompt ids and
+    the first k answer ids; the continuation writes exactly tokens k.. of the same answer,
+    ends where the chat did (with the same finish_reason), and counts its own prompt."""
+    first, other = await make_client(), await make_client()
+    fields = {k_: v for k_, v in (("max_tokens", max_tokens), ("seed", seed)) if v is not None}
+    original = await events_of(first, CHAT, chat(return_token_ids=True, **fields))
+    prompt, answer = stream_ids(original)
+    texts = token_texts(original)
+    assert len(answer) == len(texts) == (max_tokens or 16)
+    request: dict[str, Any] = {"prompt": prompt + answer[:k], "return_token_ids": True}
+    if max_tokens is not None:
+        request["max_tokens"] = max_tokens - k
+    if seed is not None:
+        request["seed"] = seed
+    options = {"include_usage": True}
+    rest = await events_of(other, COMPLETIONS, {**request, "stream_options": options})
+    assert token_texts(rest) == texts[k:]
+    assert stream_ids(rest) == (prompt + answer[:k], answer[k:])
+    finish = [c["choices"][0]["finish_reason"] for c in chunks_of(rest)][-1]
+    assert finish == chunks_of(original)[-1]["choices"][0]["finish_reason"]
+    usage = rest[-2]["usage"]
+    assert usage["prompt_tokens"] == len(prompt) + k
+    assert usage["completion_tokens"] == len(answer) - k
+
+
+async def test_a_continuation_of_a_continued_final_message(make_client: MakeClient) -> None:
+    """`continue_final_message` renders the partial answer after the generation prompt, so
+    its prompt ids resume at the right token too."""
+    client = await make_client()
+    answer = token_texts(await events_of(client, CHAT, chat(max_tokens=8)))
+    partial = {"role": "assistant", "content": "".join(answer[:3])}
+    body = {
+        "messages": [*QUESTION, partial],
+        "max_tokens": 2,
+        "continue_final_message": True,
+        "add_generation_prompt": False,
+        "return_token_ids": True,
+    }
+    continued = await events_of(client, CHAT, body)
+    assert token_texts(continued) == answer[3:5]
+    prompt, ids = stream_ids(continued)
+    rest = await events_of(client, COMPLETIONS, {"prompt": prompt + ids, "max_tokens": 3})
+    assert token_texts(rest) == answer[5:8]
+
+
+async def test_token_ids_of_other_prompts_start_a_fresh_answer(make_client: MakeClient) -> None:
+    client = await make_client()
+    a = await post_json(client, COMPLETIONS, {"prompt": [5, 6, 7], "max_tokens": 4})
+    b = await post_json(client, COMPLETIONS, {"prompt": [5, 6, 8], "max_tokens": 4})
+    assert a["choices"][0]["text"] != b["choices"][0]["text"]
+    assert a["usage"]["prompt_tokens"] == 3
+
+
+# --- vLLM's stream and body shapes ----------------------------------------------------------
+
+CHUNK_KEYS = ["id", "object", "created", "model", "choices"]
+
+
+def keys(payload: dict[str, Any]) -> list[str]:
+    return list(payload)
+
+
+@pytest.mark.parametrize("include_usage", [False, True])
+async def test_chat_chunks_have_vllm_keys(make_client: MakeClient, include_usage: bool) -> None:
+    """The role chunk has `prompt_token_ids`/`prompt_text` and no `stop_reason`; token chunks
+    `token_ids` and no `stop_reason`; the finishing chunk `stop_reason`; the last event
+    before [DONE] (the usage chunk if asked for, else the finishing chunk) the fingerprint."""
+    client = await make_client()
+    body = chat(max_tokens=2, stream_options={"include_usage": include_usage})
+    payloads = await events_of(client, CHAT, body)
+    role, token, finish = payloads[:3]
+    assert keys(role) == [*CHUNK_KEYS, "prompt_token_ids", "prompt_text"]
+    assert keys(role["choices"][0]) == ["index", "delta", "logprobs", "finish_reason"]
+    assert keys(token) == CHUNK_KEYS
+    assert keys(token["choices"][0]) == ["index", "delta", "logprobs", "finish_reason", "token_ids"]
+    assert keys(finish["choices"][0]) == [
+        "index", "delta", "logprobs", "finish_reason", "stop_reason", "token_ids",
+    ]  # fmt: skip
+    if include_usage:
+        assert keys(finish) == CHUNK_KEYS
+        usage_chunk = payloads[3]
+        assert keys(usage_chunk) == [*CHUNK_KEYS, "usage", "system_fingerprint"]
+        assert keys(usage_chunk["usage"]) == ["prompt_tokens", "total_tokens", "completion_tokens"]
+        assert payloads[4:] == ["[DONE]"]
+    else:
+        assert keys(finish) == [*CHUNK_KEYS, "system_fingerprint"]
+        assert payloads[3:] == ["[DONE]"]
+    assert payloads[-2]["system_fingerprint"].startswith("vllm-")
+
+
+async def test_completion_chunks_have_vllm_keys(make_client: MakeClient) -> None:
+    client = await make_client()
+    payloads = await events_of(client, COMPLETIONS, {"prompt": "a b", "max_tokens": 2})
+    token, finish, done = payloads
+    choice_keys = [
+        "index", "text", "logprobs", "finish_reason", "stop_reason", "prompt_token_ids",
+        "token_ids",
+    ]  # fmt: skip
+    assert keys(token) == CHUNK_KEYS and keys(token["choices"][0]) == choice_keys
+    assert keys(finish) == [*CHUNK_KEYS, "system_fingerprint"]
+    assert keys(finish["choices"][0]) == choice_keys
+    assert done == "[DONE]"
+
+
+@pytest.mark.parametrize(
+    ("options", "role_usage", "chunk_usage"),
+    [
+        ({"continuous_usage_stats": True}, False, False),  # only counts with include_usage
+        ({"include_usage": True, "continuous_usage_stats": True}, True, True),
+        ({"include_usage": True}, False, False),
+    ],
+)
+async def test_continuous_usage_needs_include_usage(
+    make_client: MakeClient, options: dict[str, bool], role_usage: bool, chunk_usage: bool
+) -> None:
+    client = await make_client()
+    payloads = await events_of(client, CHAT, chat(max_tokens=2, stream_options=options))
+    role, *tokens = chunks_of(payloads)
+    assert ("usage" in role) == role_usage
+    assert all(("usage" in t) == chunk_usage for t in tokens)
+    if role_usage:
+        assert role["usage"] == {
+            "prompt_tokens": QUESTION_TOKENS,
+            "total_tokens": QUESTION_TOKENS,
+            "completion_tokens": 0,
+            "completion_tokens_details": None,
+        }
+        assert keys(role) == [*CHUNK_KEYS, "usage", "prompt_token_ids", "prompt_text"]
+
+
+async def test_completions_continuous_usage_has_three_keys(make_client: MakeClient) -> None:
+    client = await make_client()
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    body = {"prompt": "a b", "max_tokens": 2, "stream_options": options}
+    usages = [c["usage"] for c in chunks_of(await events_of(client, COMPLETIONS, body))]
+    assert usages == [
+        {"prompt_tokens": 2, "total_tokens": 3, "completion_tokens": 1},
+        {"prompt_tokens": 2, "total_tokens": 4, "completion_tokens": 2},
+    ]
+
+
+async def test_json_bodies_have_vllm_keys(make_client: MakeClient) -> None:
+    client = await make_client()
+    async with client.post(CHAT, json=chat(max_tokens=2)) as resp:
+        assert resp.headers["Content-Type"] == "application/json"
+        body = await resp.json()
+    assert keys(body) == [
+        "id", "object", "created", "model", "choices", "service_tier", "system_fingerprint",
+        "usage", "prompt_logprobs", "prompt_token_ids", "prompt_text", "kv_transfer_params",
+        "ec_transfer_params", "metrics",
+    ]  # fmt: skip
+    choice = body["choices"][0]
+    assert keys(choice) == [
+        "index", "message", "logprobs", "finish_reason", "stop_reason", "token_ids",
+        "routed_experts",
+    ]  # fmt: skip
+    assert keys(choice["message"]) == [
+        "role", "content", "refusal", "annotations", "audio", "function_call", "reasoning",
+    ]  # fmt: skip
+    assert keys(body["usage"]) == [
+        "prompt_tokens", "total_tokens", "completion_tokens", "prompt_tokens_details",
+        "completion_tokens_details",
+    ]  # fmt: skip
+    text = await post_json(client, COMPLETIONS, {"prompt": "a", "max_tokens": 1})
+    assert keys(text) == [
+        "id", "object", "created", "model", "choices", "service_tier", "system_fingerprint",
+        "usage", "kv_transfer_params", "ec_transfer_params", "metrics",
+    ]  # fmt: skip
+    assert keys(text["choices"][0]) == [
+        "index", "text", "logprobs", "finish_reason", "stop_reason", "token_ids",
+        "prompt_logprobs", "prompt_token_ids", "routed_experts",
+    ]  # fmt: skip
+
+
+async def test_model_card_has_vllm_keys(make_client: MakeClient) -> None:
+    client = await make_client()
+    async with client.get("/v1/models") as resp:
+        assert resp.headers["Content-Type"] == "application/json"
+        (card,) = (await resp.json())["data"]
+    assert keys(card) == [
+        "id", "object", "created", "owned_by", "root", "parent", "max_model_len", "permission",
+    ]  # fmt: skip
+    (permission,) = card["permission"]
+    assert permission["object"] == "model_permission"
+    assert permission["id"].startswith("modelperm-")
+
+
+# --- n, logprobs, echo, stream interval -------------------------------------------------------
+
+
+async def test_n_choices_interleave_and_usage_counts_them_all(make_client: MakeClient) -> None:
+    client = await make_client()
+    options = {"include_usage": True}
+    body = chat(max_tokens=3, n=2, seed=1, stream_options=options)
+    payloads = await events_of(client, CHAT, body)
+    chunks = chunks_of(payloads)
+    indexes = [c["choices"][0]["index"] for c in chunks]
+    assert indexes == [0, 1, 0, 1, 0, 1, 0, 1]  # role chunks first, then a token each
+    assert [c["choices"][0]["delta"] for c in chunks[:2]] == [
+        {"role": "assistant", "content": ""}
+    ] * 2
+    finishes = [c["choices"][0]["finish_reason"] for c in chunks]
+    assert finishes == [None] * 6 + ["length", "length"]
+    assert payloads[-2]["usage"]["completion_tokens"] == 6
+    text = {i: "".join(token_texts([c for c in chunks if c["choices"][0]["index"] == i]))
+            for i in (0, 1)}  # fmt: skip
+    assert text[0] != text[1]
+    assert text[0] == "".join(await stream_tokens(client, CHAT, chat(max_tokens=3, seed=1)))
+    whole = await post_json(client, CHAT, chat(max_tokens=3, n=2, seed=1))
+    assert [c["message"]["content"] for c in whole["choices"]] == [text[0], text[1]]
+    assert whole["usage"]["completion_tokens"] == 6
+
+
+async def test_n_choices_each_finish_with_the_fingerprint(make_client: MakeClient) -> None:
+    client = await make_client()
+    body = {"prompt": "a b", "max_tokens": 2, "n": 2}
+    chunks = chunks_of(await events_of(client, COMPLETIONS, body))
+    finishing = [c for c in chunks if c["choices"][0]["finish_reason"]]
+    assert [c["choices"][0]["index"] for c in finishing] == [0, 1]
+    assert all("system_fingerprint" in c for c in finishing)
+    assert not any("system_fingerprint" in c for c in chunks if c not in finishing)
+
+
+async def test_n_choices_count_in_metrics_as_vllm(make_client: MakeClient) -> None:
+    client = await make_client()
+    await post_json(client, CHAT, chat(max_tokens=3, n=2))
+    assert await metric_value(client, "vllm:prompt_tokens_total") == 2 * QUESTION_TOKENS
+    assert await metric_value(client, "vllm:generation_tokens_total") == 6
+
+
+async def test_chat_logprobs(make_client: MakeClient) -> None:
+    client = await make_client()
+    body = chat(max_tokens=2, logprobs=True, top_logprobs=3)
+    whole = await post_json(client, CHAT, body)
+    content = whole["choices"][0]["logprobs"]["content"]
+    text = whole["choices"][0]["message"]["content"]
+    assert "".join(entry["token"] for entry in content) == text
+    for entry in content:
+        assert keys(entry) == ["token", "logprob", "bytes", "top_logprobs"]
+        assert entry["bytes"] == list(entry["token"].encode())
+        assert len(entry["top_logprobs"]) == 3
+        assert entry["top_logprobs"][0]["token"] == entry["token"]
+        assert keys(entry["top_logprobs"][1]) == ["token", "logprob", "bytes"]
+    chunks = chunks_of(await events_of(client, CHAT, body))
+    streamed = [e for c in chunks[1:] for e in c["choices"][0]["logprobs"]["content"]]
+    assert streamed == content
+    plain = await post_json(client, CHAT, chat(max_tokens=1, logprobs=True))
+    assert plain["choices"][0]["logprobs"]["content"][0]["top_logprobs"] == []
+
+
+async def test_completion_logprobs_and_echo(make_client: MakeClient) -> None:
+    """Echo puts the prompt before the answer, in the text and the logprobs (its first token
+    has none); `logprobs: k` gives the token and k others."""
+    client = await make_client()
+    body = {"prompt": "a gateway is", "max_tokens": 2, "echo": True, "logprobs": 1}
+    whole = await post_json(client, COMPLETIONS, body)
+    choice = whole["choices"][0]
+    logprobs = choice["logprobs"]
+    assert choice["text"].startswith("a gateway is")
+    assert "".join(logprobs["tokens"]) == choice["text"]
+    assert logprobs["text_offset"] == [0, 1, 9, 12, 12 + len(logprobs["tokens"][3])]
+    assert logprobs["token_logprobs"][0] is None and logprobs["top_logprobs"][0] is None
+    assert all(len(top) == 2 for top in logprobs["top_logprobs"][1:])
+    assert choice["prompt_logprobs"][0] is None and len(choice["prompt_logprobs"]) == 3
+    assert whole["usage"]["completion_tokens"] == 2
+    chunks = chunks_of(await events_of(client, COMPLETIONS, body))
+    assert "".join(c["choices"][0]["text"] for c in chunks) == choice["text"]
+    assert chunks[0]["choices"][0]["prompt_token_ids"] == text_ids("a gateway is")
+    assert chunks[1]["choices"][0]["logprobs"]["text_offset"] == logprobs["text_offset"][4:]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_echo_without_generation(make_client: MakeClient, stream: bool) -> None:
+    """`echo` with `max_tokens: 0`: the prompt alone, though vLLM samples (and counts) one."""
+    client = await make_client()
+    body = {"prompt": "a b c", "max_tokens": 0, "echo": True}
+    if stream:
+        payloads = await events_of(
+            client, COMPLETIONS, {**body, "stream_options": {"include_usage": True}}
+        )
+        (chunk,) = chunks_of(payloads)
+        choice, usage = chunk["choices"][0], payloads[-2]["usage"]
+    else:
+        whole = await post_json(client, COMPLETIONS, body)
+        choice, usage = whole["choices"][0], whole["usage"]
+    assert (choice["text"], choice["finish_reason"]) == ("a b c", "length")
+    assert usage["completion_tokens"] == 1
+    without_echo = await post_json(client, COMPLETIONS, {**body, "echo": False}, status=400)
+    assert_error(without_echo, 400, "BadRequestError", "max_tokens")
+
+
+@pytest.mark.parametrize(("interval", "sizes"), [(1, [1] * 8), (3, [1, 3, 3, 1]), (8, [1, 7])])
+async def test_stream_interval_puts_tokens_in_one_chunk(
+    make_client: MakeClient, interval: int, sizes: list[int]
+) -> None:
+    """As vLLM's --stream-interval: the first token alone, then `interval` at a time."""
+    client = await make_client(stream_interval=interval)
+    plain = await stream_tokens(await make_client(), CHAT, chat(max_tokens=8))
+    body = chat(max_tokens=8, return_token_ids=True)
+    chunks = chunks_of(await events_of(client, CHAT, body))[1:]
+    assert [len(c["choices"][0]["token_ids"]) for c in chunks] == sizes
+    assert [c["choices"][0]["delta"]["content"].count(" ") for c in chunks] == sizes
+    assert "".join(token_texts(chunks)) == "".join(plain)
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+
+async def test_faults_strike_after_their_tokens_however_chunked(make_client: MakeClient) -> None:
+    client = await make_client(stream_interval=4)
+    payloads = await events_of(client, CHAT, chat(max_tokens=9), {"X-Sim-Fault": "error_after=3"})
+    assert len("".join(token_texts(payloads)).split()) == 3
+    assert_error(payloads[-2], 500, "InternalServerError")
+
+
+def test_cli_stream_interval() -> None:
+    config = config_from_args(build_parser().parse_args(["--stream-interval", "3"]))
+    assert config.stream_interval == 3
+    with pytest.raises(ValueError, match="stream_interval"):
+        SimConfig(stream_interval=0)
+
+
+# --- abort ------------------------------------------------------------------------------------
+
+
+def assert_aborted(payloads: list[Any], choice_keys: list[str]) -> dict[str, Any]:
+    """The stream ended as vLLM's abort: an empty choice with finish_reason "abort", [DONE]."""
+    assert payloads[-1] == "[DONE]"
+    abort = chunks_of(payloads)[-1]
+    (choice,) = abort["choices"]
+    assert choice["finish_reason"] == "abort"
+    assert keys(choice) == choice_keys
+    return abort
+
+
+CHAT_FINISH_KEYS = ["index", "delta", "logprobs", "finish_reason", "stop_reason", "token_ids"]
+
+
+async def test_abort_after_ends_a_chat_stream_as_vllm_abort(make_client: MakeClient) -> None:
+    client = await make_client()
+    engine = client.app[ENGINE]
+    headers = {"X-Sim-Fault": "abort_after=3"}
+    payloads = await events_of(client, CHAT, chat(max_tokens=8), headers)
+    abort = assert_aborted(payloads, CHAT_FINISH_KEYS)
+    assert abort["choices"][0]["delta"] == {}
+    assert "system_fingerprint" in abort
+    assert len(token_texts(payloads)) == 3
+    await wait_for(lambda: engine.num_running == 0, timeout=0.5)
+    assert engine.aborted == 1
+
+
+async def test_abort_after_with_usage_and_completions(make_client: MakeClient) -> None:
+    client = await make_client()
+    body = {"prompt": "a b", "max_tokens": 8, "stream_options": {"include_usage": True}}
+    payloads = await events_of(client, COMPLETIONS, body, {"X-Sim-Fault": "abort_after=2"})
+    choice_keys = [
+        "index", "text", "logprobs", "finish_reason", "stop_reason", "prompt_token_ids",
+        "token_ids",
+    ]  # fmt: skip
+    abort = assert_aborted(payloads, choice_keys)
+    assert abort["choices"][0]["text"] == ""
+    assert payloads[-2]["usage"]["completion_tokens"] == 2
+
+
+async def test_abort_after_zero_still_sends_the_role_chunk(make_client: MakeClient) -> None:
+    client = await make_client()
+    payloads = await events_of(client, CHAT, chat(max_tokens=8), {"X-Sim-Fault": "abort_after=0"})
+    assert payloads[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert_aborted(payloads, CHAT_FINISH_KEYS)
+    assert token_texts(payloads) == []
+
+
+async def test_abort_after_without_stream(make_client: MakeClient) -> None:
+    client = await make_client()
+    headers = {"X-Sim-Fault": "abort_after=2"}
+    async with client.post(CHAT, json=chat(max_tokens=8), headers=headers) as resp:
+        body = await resp.json()
+    assert body["choices"][0]["finish_reason"] == "abort"
+    assert body["usage"]["completion_tokens"] == 2
+
+
+async def test_shutdown_aborts_running_and_waiting_streams(aiohttp_server: Any) -> None:
+    """1. A streams (holding the only slot), B waits for it. 2. The worker shuts down.
+    3. Both end at once with vLLM's abort chunk and [DONE]; the server closes."""
+    server = await aiohttp_server(create_app(SimConfig(max_num_seqs=1, itl_base=0.05)))
+    engine = server.app[ENGINE]
+    async with aiohttp.ClientSession() as session:
+        url = str(server.make_url(CHAT))
+        running = await session.post(url, json=chat(stream=True, max_tokens=400))
+        await running.content.readline()  # the role chunk: A holds the slot
+        waiting = await session.post(url, json=chat(stream=True, max_tokens=400))
+        await wait_for(lambda: engine.num_waiting == 1, timeout=1.0)
+        closing = asyncio.create_task(server.close())
+        for resp in (running, waiting):
+            payloads = data_of(await asyncio.wait_for(read_events(resp), timeout=2))
+            assert_aborted(payloads, CHAT_FINISH_KEYS)
+            resp.close()
+        await asyncio.wait_for(closing, timeout=5)
+    assert engine.aborted == 2
+
+
+# --- counting -------------------------------------------------------------------------------
+
+
+async def test_without_max_tokens_the_answer_runs_to_its_end(make_client: MakeClient) -> None:
+    """The default limit is what is left of the context: the answer's own end (16 tokens,
+    "stop") when it fits, else the end of the context ("length")."""
+    roomy = await make_client()
+    body = await post_json(roomy, CHAT, chat())
+    assert (body["usage"]["completion_tokens"], body["choices"][0]["finish_reason"]) == (16, "stop")
+    tight = await make_client(max_model_len=QUESTION_TOKENS + 5, kv_cache_tokens=100)
+    body = await post_json(tight, CHAT, chat())
+    assert (body["usage"]["completion_tokens"], body["choices"][0]["finish_reason"]) == (
+        5,
+        "length",
+    )
+
+
+async def test_prompt_plus_max_tokens_over_the_context_is_clamped(make_client: MakeClient) -> None:
+    client = await make_client(max_model_len=QUESTION_TOKENS + 5, kv_cache_tokens=100)
+    body = await post_json(client, CHAT, chat(max_tokens=QUESTION_TOKENS + 5))
+    assert (body["usage"]["completion_tokens"], body["choices"][0]["finish_reason"]) == (
+        5,
+        "length",
+    )
+
+
+@pytest.mark.parametrize(
+    ("prompt", "count"),
+    [("w " * 30, "at least 21"), (list(range(3, 33)), "30"), (list(range(3, 24)), "at least 21")],
+)
+async def test_a_prompt_over_the_context_is_400_naming_input_tokens(
+    make_client: MakeClient, prompt: Any, count: str
+) -> None:
+    """vLLM tokenizes text only up to the limit + 1, so it says "at least"."""
+    client = await make_client(max_model_len=20, kv_cache_tokens=100, default_max_tokens=4)
+    body = await post_json(client, COMPLETIONS, {"prompt": prompt}, status=400)
+    assert_error(body, 400, "BadRequestError", "input_tokens")
+    assert body["error"]["message"] == (
+        f"This model's maximum context length is 20 tokens. However, your prompt contains "
+        f"{count} input tokens, which exceeds this limit even without any output tokens. "
+        f"Please reduce the length of the input prompt. (parameter=input_tokens, "
+        f"value={count.split()[-1]})"
+    )
+
+
+async def test_a_prompt_filling_the_context_leaves_no_room(make_client: MakeClient) -> None:
+    client = await make_client(max_model_len=20, kv_cache_tokens=100, default_max_tokens=4)
+    body = await post_json(client, COMPLETIONS, {"prompt": list(range(3, 23))}, status=400)
+    assert_error(body, 400, "BadRequestError", "max_tokens")
+    assert body["error"]["message"].startswith("max_tokens must be at least 1, got 0.")
+
+
+async def test_unknown_model_wording(make_client: MakeClient) -> None:
+    client = await make_client(models=("a", "b"))
+    body = await post_json(client, CHAT, {**chat(), "model": "gpt-9"}, status=404)
+    assert body["error"]["message"] == "The model `gpt-9` does not exist. Valid aliases: a, b."
+
+
+async def test_metrics_content_type_and_engine_label(make_client: MakeClient) -> None:
+    client = await make_client()
+    async with client.get("/metrics") as resp:
+        assert resp.headers["Content-Type"] == "text/plain; version=1.0.0; charset=utf-8"
+        assert 'vllm:num_requests_running{engine="0",model_name="sim-model"}' in await resp.text()

@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--itl-per-seq", type=float, default=0.0005, help="extra seconds per running request")
     add("--kv-cache-tokens", type=int, default=200_000)
     add("--max-model-len", type=int, default=8192)
-    add("--default-max-tokens", type=int, default=64)
+    add("--default-max-tokens", type=int, default=64, help="answer length without max_tokens")
     add("--embedding-dim", type=int, default=16)
     add("--fault", help="fault spec applied to every request, e.g. 'status=503' or 'cut_after=3'")
     add("--sse-keep-alive", type=float, help="seconds between ': keep-alive' comments")
@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--prefix-cache-blocks", type=int, default=0, help="prefix cache blocks; 0 disables it")
     add("--block-tokens", type=int, default=16, help="tokens per prefix cache block")
     add("--slowdown", type=float, default=1.0, help="multiplies every latency (3 = 3x slower)")
+    add("--stream-interval", type=int, default=1, help="tokens per stream chunk, as vLLM's flag")
     add("--log-level", default="INFO")
     return parser
 
@@ -68,6 +69,7 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         prefix_cache_blocks=args.prefix_cache_blocks,
         block_tokens=args.block_tokens,
         slowdown=args.slowdown,
+        stream_interval=args.stream_interval,
     )
 
 

@@ -1,8 +1,14 @@
-"""The aiohttp application of one simulated vLLM worker: routes, request-level faults, and
-the app keys that hold its state (no module globals: each `create_app` is independent)."""
+"""The aiohttp application of one simulated vLLM worker: routes, request-level faults, the
+shutdown that aborts in-flight requests as vLLM's does, and the app keys that hold its state
+(no module globals: each `create_app` is independent).
+
+Like vLLM, the worker adopts an incoming `X-Request-Id` as the base of the response id
+(`chatcmpl-<id>`) and does not echo the header.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -12,13 +18,15 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from . import shapes
+from .abort import Shutdown
 from .config import FaultSpec, FaultSpecError, SimConfig, parse_fault
 from .engine import Engine
 from .errors import SimError, bad_request
-from .generate import Sim, complete, forever, overloaded, stream
+from .generate import Sim, complete, forever, overloaded
 from .metrics import SimMetrics
 from .prefix_cache import PrefixCache
 from .protocol import GenerationRequest, parse_chat, parse_completion, parse_embedding
+from .streaming import stream
 from .text import embedding
 
 SIM = web.AppKey("sim", Sim)
@@ -38,9 +46,10 @@ def create_app(config: SimConfig, registry: CollectorRegistry | None = None) -> 
     metrics = SimMetrics(registry, engine, config.models)
     app = web.Application(middlewares=[_sim_errors])
     prefix_cache = PrefixCache(config.prefix_cache_blocks, config.block_tokens)
-    app[SIM] = Sim(config, engine, metrics, registry, prefix_cache)
+    shutdown = Shutdown()
+    app[SIM] = Sim(config, engine, metrics, registry, prefix_cache, shutdown)
     app[ENGINE] = engine
-    app.on_response_prepare.append(_echo_request_id)
+    app.on_shutdown.append(lambda _: _start_shutdown(shutdown))
     app.add_routes(
         [
             web.post("/v1/chat/completions", chat_completions),
@@ -63,9 +72,10 @@ async def _sim_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         return exc.response()
 
 
-async def _echo_request_id(request: web.Request, response: web.StreamResponse) -> None:
-    if REQUEST_ID_HEADER in request.headers:
-        response.headers[REQUEST_ID_HEADER] = request.headers[REQUEST_ID_HEADER]
+async def _start_shutdown(shutdown: Shutdown) -> None:
+    """aiohttp runs this before it waits for the handlers: in-flight requests end with vLLM's
+    abort (see `abort.py`) instead of running to completion or being cut."""
+    shutdown.start()
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
@@ -81,7 +91,8 @@ async def _generate(request: web.Request, parse: Parser, prefix: str) -> web.Str
     fault = await _request_fault(request, sim.config)
     gen = parse(await _json_body(request), sim.config)
     request_id = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
-    header = shapes.Header(gen.kind, f"{prefix}-{request_id}", gen.model, shapes.now())
+    fingerprint = system_fingerprint(sim.config)
+    header = shapes.Header(gen.kind, f"{prefix}-{request_id}", gen.model, shapes.now(), fingerprint)
     if gen.stream:
         return await stream(request, sim, gen, fault, header)
     return await complete(request, sim, gen, fault, header)
@@ -93,13 +104,13 @@ async def embeddings(request: web.Request) -> web.Response:
     req = parse_embedding(await _json_body(request), sim.config)
     vectors = [embedding(item, sim.config.embedding_dim) for item in req.inputs]
     body = shapes.embeddings(req.model, vectors, req.prompt_tokens, req.base64)
-    return web.json_response(body, dumps=_dumps)
+    return _json(body)
 
 
 async def models(request: web.Request) -> web.Response:
     config = request.app[SIM].config
     body = shapes.model_list(config.models, config.max_model_len, shapes.now())
-    return web.json_response(body, dumps=_dumps)
+    return _json(body)
 
 
 async def health(request: web.Request) -> web.Response:
@@ -114,7 +125,7 @@ async def metrics_text(request: web.Request) -> web.Response:
 
 
 async def version(request: web.Request) -> web.Response:
-    return web.json_response({"version": request.app[SIM].config.version})
+    return _json({"version": request.app[SIM].config.version})
 
 
 def _fault(request: web.Request, config: SimConfig) -> FaultSpec:
@@ -154,5 +165,12 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
     return body
 
 
-def _dumps(obj: Any) -> str:
-    return orjson.dumps(obj).decode()
+def _json(body: Any) -> web.Response:
+    """A JSON body with vLLM's (FastAPI's) content type, which names no charset."""
+    return web.Response(body=orjson.dumps(body), content_type="application/json")
+
+
+def system_fingerprint(config: SimConfig) -> str:
+    """vLLM's default (`--fingerprint-mode full`) form: version and a hash of the config."""
+    digest = hashlib.blake2b(repr((config.models, config.max_model_len)).encode(), digest_size=4)
+    return f"vllm-{config.version}-{digest.hexdigest()}"

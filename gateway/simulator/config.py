@@ -12,6 +12,10 @@ once)::
                | "cut_after=" INT           (tokens, >= 0)
                | "malformed_after=" INT     (tokens, >= 0)
                | "error_after=" INT         (tokens, >= 0)
+               | "abort_after=" INT         (tokens, >= 0)
+
+`abort_after` ends the stream as vLLM ends in-flight streams when it shuts down: a chunk with an
+empty delta and `finish_reason: "abort"` (then the usage chunk if asked for, and `[DONE]`).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import math
 from dataclasses import dataclass, fields
 
 _FLAGS = ("hang", "overload", "dead")
-_COUNTS = ("stall_after", "cut_after", "malformed_after", "error_after")
+_COUNTS = ("stall_after", "cut_after", "malformed_after", "error_after", "abort_after")
 
 
 class FaultSpecError(ValueError):
@@ -40,6 +44,7 @@ class FaultSpec:
     cut_after: int | None = None
     malformed_after: int | None = None
     error_after: int | None = None
+    abort_after: int | None = None
 
 
 def parse_fault(spec: str) -> FaultSpec:
@@ -111,6 +116,13 @@ class SimConfig:
     `inter_token_seconds` (`itl_base` + `itl_per_seq` * running requests) after the previous one.
     `slowdown` multiplies all of it: 3.0 is a GPU three times slower, for heterogeneous fleets.
     The prefix cache holds `prefix_cache_blocks` blocks of `block_tokens` tokens (0: disabled).
+
+    `default_max_tokens` is the length of every answer: where its end-of-sequence token comes.
+    A request without `max_tokens` ends there (`finish_reason: "stop"`), unless the context
+    (`max_model_len`) runs out first; a request with `max_tokens` always gets that many tokens
+    (as with vLLM's `ignore_eos`), clamped to the context. `stream_interval` tokens share one
+    chunk of a stream (vLLM's `--stream-interval`): the first token comes alone, and the last
+    chunk of a choice may be shorter.
     """
 
     models: tuple[str, ...] = ("sim-model",)
@@ -129,6 +141,7 @@ class SimConfig:
     prefix_cache_blocks: int = 0
     block_tokens: int = 16
     slowdown: float = 1.0
+    stream_interval: int = 1
     version: str = "0.33.0+sim"
 
     def __post_init__(self) -> None:
@@ -163,6 +176,8 @@ class SimConfig:
             raise ValueError("prefix_cache_blocks must be >= 0 (0 disables the prefix cache)")
         if self.block_tokens < 1:
             raise ValueError("block_tokens must be >= 1")
+        if self.stream_interval < 1:
+            raise ValueError("stream_interval must be >= 1")
 
     def prefill_seconds(self, uncached_tokens: int) -> float:
         """Batch slot granted -> first token, for a prompt with this many tokens to compute."""

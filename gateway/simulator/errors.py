@@ -57,3 +57,9 @@ def error_body(status: int, message: str, param: str | None = None) -> dict[str,
 
 def bad_request(message: str, param: str | None = None) -> SimError:
     return SimError(400, message, param)
+
+
+def invalid(param: str, message: str, value: object) -> SimError:
+    """A 400 worded as vLLM's `VLLMValidationError`: the parameter and value appended."""
+    detail = f"parameter={param}" if value is None else f"parameter={param}, value={value}"
+    return SimError(400, f"{message} ({detail})", param)

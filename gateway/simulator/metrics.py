@@ -7,6 +7,8 @@ simulator exactly as it reads a real worker. Histogram clocks (monotonic):
 - `vllm:inter_token_latency_seconds`: one token written -> the next one written.
 - `vllm:e2e_request_latency_seconds`: request accepted by the engine -> last token written.
 The load gauges are read from the engine at scrape time, so they can never go stale.
+A request with `n` choices counts as `n` requests, its prompt `n` times, as vLLM's do (vLLM runs
+each choice as its own engine request).
 `vllm:prefix_cache_queries_total` and `vllm:prefix_cache_hits_total` count prompt tokens (queried,
 found cached) and move only while the prefix cache is enabled; hits / queries is the hit rate.
 """
@@ -97,14 +99,20 @@ class SimMetrics:
     def observe_queue(self, model: str, seconds: float) -> None:
         self.queue_time.labels(model, ENGINE_LABEL).observe(seconds)
 
-    def observe_token(self, model: str, seconds_since_previous: float, first: bool) -> None:
-        self.generation_tokens.labels(model, ENGINE_LABEL).inc()
-        histogram = self.ttft if first else self.itl
-        histogram.labels(model, ENGINE_LABEL).observe(seconds_since_previous)
+    def observe_tokens(
+        self, model: str, choices: int, seconds_since_previous: float, first: bool
+    ) -> None:
+        """One engine step: a token for each of `choices` (vLLM's `n`) running requests."""
+        self.generation_tokens.labels(model, ENGINE_LABEL).inc(choices)
+        histogram = (self.ttft if first else self.itl).labels(model, ENGINE_LABEL)
+        for _ in range(choices):
+            histogram.observe(seconds_since_previous)
 
-    def observe_finish(self, model: str, reason: str, e2e_seconds: float) -> None:
-        self.request_success.labels(model, ENGINE_LABEL, reason).inc()
-        self.e2e.labels(model, ENGINE_LABEL).observe(e2e_seconds)
+    def observe_finish(self, model: str, reason: str, e2e_seconds: float, choices: int) -> None:
+        self.request_success.labels(model, ENGINE_LABEL, reason).inc(choices)
+        e2e = self.e2e.labels(model, ENGINE_LABEL)
+        for _ in range(choices):
+            e2e.observe(e2e_seconds)
 
     def observe_rejection(self, model: str, reason: str) -> None:
         self.admission_rejections.labels(model, ENGINE_LABEL, reason).inc()

@@ -1,5 +1,5 @@
 """One worker's prefix cache (vLLM's automatic prefix caching, simplified): which full blocks of
-prompt tokens it holds, and which it evicts first when full (least recently used).
+prompt tokens (token ids) it holds, and which it evicts first when full (least recently used).
 
 A block is named by a hash chain, as in vLLM: block k's hash covers block k-1's hash and block
 k's own tokens, so it matches only when the whole prompt up to and including it matches. The
@@ -33,11 +33,11 @@ class PrefixCache:
     def __len__(self) -> int:
         return len(self._blocks)
 
-    def match(self, tokens: Sequence[str], salt: str = "") -> int:
+    def match(self, tokens: Sequence[int | str], salt: str = "") -> int:
         """Tokens of the prompt's leading full blocks that are cached; changes nothing."""
         return self._leading_hits(self.block_hashes(tokens, salt)) * self.block_tokens
 
-    def admit(self, tokens: Sequence[str], salt: str = "") -> int:
+    def admit(self, tokens: Sequence[int | str], salt: str = "") -> int:
         """A request's prefill: the hit tokens (as `match`), then cache all its full blocks.
 
         Blocks are touched tail first, so the prompt's first block ends up most recently used:
@@ -52,7 +52,7 @@ class PrefixCache:
             self._touch(block)
         return hits * self.block_tokens
 
-    def block_hashes(self, tokens: Sequence[str], salt: str = "") -> list[bytes]:
+    def block_hashes(self, tokens: Sequence[int | str], salt: str = "") -> list[bytes]:
         """The chained hashes of the prompt's full blocks, first block first."""
         parent = hashlib.blake2b(salt.encode(), digest_size=16).digest()
         hashes = []

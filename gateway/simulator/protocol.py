@@ -1,39 +1,61 @@
 """Request validation: JSON bodies of the three POST endpoints become typed requests, or a
-`SimError` with vLLM's status and message. Unknown fields are ignored, as vLLM does."""
+`SimError` with vLLM's status, message and `param`. Unknown fields are ignored, as vLLM does.
+
+Counting follows vLLM 0.32: a prompt's tokens are its token ids (a chat prompt's include the
+template's role and generation-prompt tokens, see `text.py`); a prompt over the context is a
+400 naming `input_tokens`; `max_tokens` over the context alone is a 400; a prompt plus
+`max_tokens` over the context is clamped to what is left; without `max_tokens` the answer runs
+to its end-of-sequence token (`SimConfig.default_max_tokens`) or to the end of the context.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal, TypeGuard
 
 from .config import SimConfig
-from .errors import SimError, bad_request
-from .text import answer_key, count_tokens
+from .errors import SimError, bad_request, invalid
+from .text import answer_key, chat_header, count_tokens, find_header, text_ids, word_id
 
 Kind = Literal["chat", "completion"]
 EmbeddingInput = str | list[int]
+FINISH_LENGTH = "length"
+FINISH_STOP = "stop"
+MAX_TOP_LOGPROBS = 20
 
 
 @dataclass(frozen=True, slots=True)
 class GenerationRequest:
     """A validated chat or completions request.
 
-    Tokens `start` .. `start + max_tokens - 1` of the answer keyed by `key` are generated;
-    `start` > 0 only when continuing a partial assistant message. `prompt` is the rendered prompt
-    as the prefix cache sees it; for chat it also holds each message's role, which
-    `prompt_tokens` (the usage count) leaves out.
+    Each of the `n` choices generates tokens `start` .. `start + max_tokens - 1` of its answer
+    (keyed by `key`, see `text.choice_key`) and then ends with `finish_reason`. `start` > 0
+    when continuing a partial answer (`continue_final_message`, or a completions prompt that
+    holds a chat's prompt ids and part of its answer). `logprobs` is the number of alternatives
+    per token (None: no logprobs). `echo_only` is completions' `echo` with `max_tokens: 0`:
+    the engine still samples one token, which usage counts and the text leaves out.
     """
 
     kind: Kind
     model: str
     key: bytes
     start: int
-    prompt: tuple[str, ...]
-    prompt_tokens: int
+    prompt_ids: tuple[int, ...]
+    prompt_text: str
     max_tokens: int
-    stream: bool
-    include_usage: bool
-    continuous_usage: bool
+    finish_reason: str
+    n: int = 1
+    stream: bool = False
+    include_usage: bool = False
+    continuous_usage: bool = False
+    return_token_ids: bool = False
+    logprobs: int | None = None
+    echo: bool = False
+    echo_only: bool = False
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt_ids)
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,28 +66,46 @@ class EmbeddingRequest:
     base64: bool
 
 
+@dataclass(frozen=True, slots=True)
+class _Prompt:
+    """What the kind-specific parsing found: the answer, where it starts, the prompt."""
+
+    key: bytes
+    start: int
+    ids: list[int]
+    text: str
+    tokenized: bool  # the prompt was text (vLLM's tokenizer stops counting at the limit + 1)
+
+
 def parse_chat(body: dict[str, Any], config: SimConfig) -> GenerationRequest:
+    options = _common(body)
     model = _model(body, config)
     messages = _messages(body)
-    start, context = _continuation(body, messages)
-    prompt = tuple(word for role, text in messages for word in (role, *text.split()))
-    prompt_tokens = sum(count_tokens(text) for _, text in messages)
-    requested = _first_int(body, "max_completion_tokens", "max_tokens")
-    key = answer_key({"messages": context}, _seed(body))
-    return _generation(body, config, "chat", model, key, start, prompt, prompt_tokens, requested)
+    continue_final = _continue_final(body, messages)
+    context = messages[:-1] if messages[-1][0] == "assistant" else messages
+    key = answer_key({"messages": [[role, text] for role, text in context]}, _seed(body))
+    rendered = messages[:-1] if continue_final else messages
+    ids = [i for role, text in rendered for i in (word_id(f"<|{role}|>"), *text_ids(text))]
+    partial = text_ids(messages[-1][1]) if continue_final else []
+    prompt = _Prompt(key, len(partial), [*ids, *chat_header(key), *partial], "", True)
+    requested = _requested(body, "max_completion_tokens", "max_tokens")
+    return _generation(
+        body, config, "chat", model, prompt, requested, options, _chat_logprobs(body)
+    )
 
 
 def parse_completion(body: dict[str, Any], config: SimConfig) -> GenerationRequest:
+    options = _common(body)
     model = _model(body, config)
-    raw = _single_prompt(body.get("prompt"))
-    context: dict[str, object]
-    if isinstance(raw, str):
-        prompt, context = tuple(raw.split()), {"prompt": raw}
-    else:
-        prompt, context = tuple(map(str, raw)), {"prompt_token_ids": raw}
-    requested = _first_int(body, "max_tokens")
-    key = answer_key(context, _seed(body))
-    return _generation(body, config, "completion", model, key, 0, prompt, len(prompt), requested)
+    prompt = _completion_prompt(_single_prompt(body.get("prompt")), _seed(body))
+    echo = _bool(body, "echo", default=False)
+    requested = _requested(body, "max_tokens", zero_ok=echo)
+    logprobs = _completion_logprobs(body)
+    gen = _generation(body, config, "completion", model, prompt, requested, options, logprobs)
+    if not echo:
+        return gen
+    text = "" if gen.return_token_ids else prompt.text  # vLLM echoes no text with token ids
+    return replace(gen, echo=True, echo_only=requested == 0, prompt_text=text)
 
 
 def parse_embedding(body: dict[str, Any], config: SimConfig) -> EmbeddingRequest:
@@ -78,36 +118,103 @@ def parse_embedding(body: dict[str, Any], config: SimConfig) -> EmbeddingRequest
     return EmbeddingRequest(model, inputs, tokens, encoding == "base64")
 
 
+@dataclass(frozen=True, slots=True)
+class _Options:
+    n: int
+    stream: bool
+    include_usage: bool
+    continuous_usage: bool
+    return_token_ids: bool
+
+
+def _common(body: dict[str, Any]) -> _Options:
+    """The fields both endpoints share, checked before the model as vLLM's schema is."""
+    stream = _bool(body, "stream", default=False)
+    include_usage, continuous = _stream_options(body, stream)
+    return_ids = _bool(body, "return_token_ids", default=False)
+    return _Options(_n(body), stream, include_usage, continuous, return_ids)
+
+
 def _generation(
     body: dict[str, Any],
     config: SimConfig,
     kind: Kind,
     model: str,
-    key: bytes,
-    start: int,
-    prompt: tuple[str, ...],
-    prompt_tokens: int,
+    prompt: _Prompt,
     requested: int | None,
+    options: _Options,
+    logprobs: int | None,
 ) -> GenerationRequest:
-    _check_n(body)
-    stream = _bool(body, "stream", default=False)
-    include_usage, continuous = _stream_options(body, stream)
-    if requested is None and start:
-        # The answer's natural end (its EOS) is default_max_tokens tokens in: a continuation
-        # without a limit finishes that same answer, as vLLM's would end at the same EOS.
-        requested = max(config.default_max_tokens - start, 1)
-    max_tokens = _max_tokens(config, prompt_tokens, requested)
+    if requested is not None and requested > config.max_model_len:
+        name = _limit_field(body)
+        raise invalid(
+            name,
+            f"{name}={requested} cannot be greater than max_model_len={config.max_model_len}. "
+            "Please request fewer output tokens.",
+            requested,
+        )
+    _check_prompt_length(config, prompt)
+    max_tokens, finish = _max_tokens(config, prompt, requested)
     return GenerationRequest(
         kind,
         model,
-        key,
-        start,
-        prompt,
-        prompt_tokens,
+        prompt.key,
+        prompt.start,
+        tuple(prompt.ids),
+        prompt.text,
         max_tokens,
-        stream,
-        include_usage,
-        continuous,
+        finish,
+        options.n,
+        options.stream,
+        options.include_usage,
+        options.continuous_usage,
+        options.return_token_ids,
+        logprobs,
+    )
+
+
+def _check_prompt_length(config: SimConfig, prompt: _Prompt) -> None:
+    limit = config.max_model_len
+    count = len(prompt.ids)
+    if count <= limit:
+        return
+    if prompt.tokenized:
+        # vLLM tokenizes text with truncation to the limit + 1: it only knows "at least".
+        count = limit + 1
+    qualifier = "at least " if count == limit + 1 else ""
+    raise invalid(
+        "input_tokens",
+        f"This model's maximum context length is {limit} tokens. However, your prompt contains "
+        f"{qualifier}{count} input tokens, which exceeds this limit even without any output "
+        "tokens. Please reduce the length of the input prompt.",
+        count,
+    )
+
+
+def _max_tokens(config: SimConfig, prompt: _Prompt, requested: int | None) -> tuple[int, str]:
+    """Tokens to generate per choice, and the finish reason once they are all generated."""
+    room = config.max_model_len - len(prompt.ids)
+    if requested == 0:
+        return 1, FINISH_LENGTH  # echo without generation: vLLM samples one token anyway
+    if requested is not None:
+        return _at_least_one(min(requested, room)), FINISH_LENGTH
+    # Without a limit the answer ends at its end-of-sequence token, the same for a
+    # continuation of it, unless the context runs out first.
+    natural = max(config.default_max_tokens - prompt.start, 1)
+    if natural <= room:
+        return natural, FINISH_STOP
+    return _at_least_one(room), FINISH_LENGTH
+
+
+def _at_least_one(max_tokens: int) -> int:
+    if max_tokens < 1:
+        raise invalid("max_tokens", f"max_tokens must be at least 1, got {max_tokens}.", max_tokens)
+    return max_tokens
+
+
+def _limit_field(body: dict[str, Any]) -> str:
+    return (
+        "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     )
 
 
@@ -118,14 +225,22 @@ def _model(body: dict[str, Any], config: SimConfig) -> str:
     if not isinstance(model, str):
         raise bad_request("model must be a string", "model")
     if model not in config.models:
-        raise SimError(404, f"The model `{model}` does not exist.", "model")
+        raise SimError(
+            404,
+            f"The model `{model}` does not exist. Valid aliases: {', '.join(config.models)}.",
+            "model",
+        )
     return model
 
 
 def _messages(body: dict[str, Any]) -> list[tuple[str, str]]:
     messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise bad_request("messages must be a non-empty list", "messages")
+    if not isinstance(messages, list):
+        raise bad_request("messages must be a list", "messages")
+    if not messages:
+        raise bad_request(
+            "Cannot apply chat template to an empty conversation. Provide at least one message."
+        )
     return [_message(i, message) for i, message in enumerate(messages)]
 
 
@@ -153,25 +268,31 @@ def _content_text(content: object, param: str) -> str:
     return " ".join(texts)
 
 
-def _continuation(
-    body: dict[str, Any], messages: list[tuple[str, str]]
-) -> tuple[int, list[list[str]]]:
-    """The first token index to generate, and the conversation that keys the answer.
-
-    The key never includes a trailing assistant message, so continuing a partial answer of k
-    tokens (`continue_final_message`) generates tokens k.. of the answer to the same question.
-    """
+def _continue_final(body: dict[str, Any], messages: list[tuple[str, str]]) -> bool:
+    """Whether to continue the final assistant message: its words are then the answer's
+    first tokens, since the answer's key never includes a trailing assistant message."""
     continue_final = _bool(body, "continue_final_message", default=False)
     if continue_final and _bool(body, "add_generation_prompt", default=True):
         raise bad_request(
             "Cannot set both `continue_final_message` and `add_generation_prompt` to True."
         )
-    trailing_assistant = messages[-1][0] == "assistant"
-    if continue_final and not trailing_assistant:
+    if continue_final and messages[-1][0] != "assistant":
         raise bad_request("continue_final_message needs a final assistant message", "messages")
-    context = messages[:-1] if trailing_assistant else messages
-    start = count_tokens(messages[-1][1]) if continue_final else 0
-    return start, [[role, text] for role, text in context]
+    return continue_final
+
+
+def _completion_prompt(raw: str | list[int], seed: int | None) -> _Prompt:
+    """A text prompt, a prompt of token ids, or the continuation of a chat's answer: token
+    ids that contain a chat prompt's header (see `text.py`)."""
+    if isinstance(raw, str):
+        key = answer_key({"prompt": raw}, seed)
+        return _Prompt(key, 0, text_ids(raw), raw, True)
+    text = "".join(f" <{i}>" for i in raw)
+    found = find_header(raw)
+    if found is not None:
+        key, header_end = found
+        return _Prompt(key, len(raw) - header_end, raw, text, False)
+    return _Prompt(answer_key({"prompt_token_ids": raw}, seed), 0, raw, text, False)
 
 
 def _single_prompt(prompt: object) -> str | list[int]:
@@ -213,42 +334,57 @@ def _is_token_ids(value: object) -> TypeGuard[list[int]]:
     )
 
 
-def _max_tokens(config: SimConfig, prompt_tokens: int, requested: int | None) -> int:
-    room = config.max_model_len - prompt_tokens
-    if requested is None:
-        requested = min(config.default_max_tokens, room)
-    if requested < 1 or prompt_tokens + requested > config.max_model_len:
-        raise bad_request(
-            f"This model's maximum context length is {config.max_model_len} tokens. However, "
-            f"you requested {prompt_tokens + max(requested, 1)} tokens ({prompt_tokens} in the "
-            f"prompt, {max(requested, 1)} for the completion). Please reduce the length of the "
-            "prompt or the completion."
-        )
-    return requested
+def _int(body: dict[str, Any], name: str) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise bad_request(f"{name} must be an integer", name)
+    return value
 
 
-def _first_int(body: dict[str, Any], *names: str) -> int | None:
+def _requested(body: dict[str, Any], *names: str, zero_ok: bool = False) -> int | None:
+    """The first of `names` that is set; below 1 is refused (0 only when `zero_ok`)."""
     for name in names:
-        value = body.get(name)
+        value = _int(body, name)
         if value is None:
             continue
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise bad_request(f"{name} must be an integer >= 1", name)
+        if value < 1 and not (zero_ok and value == 0):
+            raise invalid(name, f"{name} must be at least 1, got {value}.", value)
         return value
     return None
 
 
+def _n(body: dict[str, Any]) -> int:
+    n = _int(body, "n")
+    if n is None:
+        return 1
+    if n < 1:
+        raise bad_request(f"n must be at least 1, got {n}.")
+    return n
+
+
+def _chat_logprobs(body: dict[str, Any]) -> int | None:
+    wanted = _bool(body, "logprobs", default=False)
+    top = _int(body, "top_logprobs")
+    if top is not None and not 0 <= top <= MAX_TOP_LOGPROBS:
+        raise bad_request(f"top_logprobs must be in 0..{MAX_TOP_LOGPROBS}", "top_logprobs")
+    if top and not wanted:
+        raise bad_request(
+            "when using `top_logprobs`, `logprobs` must be set to true.", "top_logprobs"
+        )
+    return (top or 0) if wanted else None
+
+
+def _completion_logprobs(body: dict[str, Any]) -> int | None:
+    logprobs = _int(body, "logprobs")
+    if logprobs is not None and not 0 <= logprobs <= MAX_TOP_LOGPROBS:
+        raise bad_request(f"logprobs must be in 0..{MAX_TOP_LOGPROBS}", "logprobs")
+    return logprobs
+
+
 def _seed(body: dict[str, Any]) -> int | None:
-    seed = body.get("seed")
-    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-        raise bad_request("seed must be an integer", "seed")
-    return seed
-
-
-def _check_n(body: dict[str, Any]) -> None:
-    n = body.get("n", 1)
-    if n is not None and n != 1:
-        raise bad_request("the simulator supports only n=1", "n")
+    return _int(body, "seed")
 
 
 def _bool(body: dict[str, Any], name: str, *, default: bool) -> bool:
@@ -261,11 +397,15 @@ def _bool(body: dict[str, Any], name: str, *, default: bool) -> bool:
 
 
 def _stream_options(body: dict[str, Any], stream: bool) -> tuple[bool, bool]:
+    """(include_usage, continuous usage): as vLLM's `should_include_usage`, continuous usage
+    only counts together with `include_usage`."""
     options = body.get("stream_options")
     if options is None:
         return False, False
     if not stream:
-        raise bad_request("Stream options can only be defined when `stream=True`.", "stream")
+        raise invalid(
+            "stream_options", "Stream options can only be defined when `stream=True`.", None
+        )
     if not isinstance(options, dict):
         raise bad_request("stream_options must be an object", "stream_options")
     include = _bool(options, "include_usage", default=False)

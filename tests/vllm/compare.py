@@ -19,7 +19,7 @@ import orjson
 
 from tests.helpers import sse_data
 
-_ID = re.compile(r"^(chatcmpl|cmpl|resp|embd|msg)-.+$")
+_ID = re.compile(r"^(chatcmpl|cmpl|resp|embd|msg|modelperm)-.+$")
 TIMEOUT = aiohttp.ClientTimeout(total=60)
 
 

@@ -14,7 +14,8 @@ import orjson
 import pytest
 
 from tests.conftest import GatewayFactory
-from tests.vllm.compare import by_choice, mask, normal_events, post, text_of, usage_of
+from tests.helpers import wait_for
+from tests.vllm.compare import TIMEOUT, by_choice, mask, normal_events, post, text_of, usage_of
 from tests.vllm.conftest import VLLMFleet, worker_entry
 from tests.vllm.fleet import MODEL
 
@@ -202,3 +203,36 @@ async def test_usage_counters_equal_usage(vllm: VLLMFleet, gateway: GatewayFacto
     for kind in ("prompt", "completion"):
         counted = gw.metric("gateway_tokens_total", model=MODEL, kind=kind)
         assert counted == stream_usage[f"{kind}_tokens"] + json_usage[f"{kind}_tokens"]
+
+
+async def test_models_discovered_from_the_worker_equal_its_own_list(
+    vllm: VLLMFleet, gateway: GatewayFactory
+) -> None:
+    """A worker listed without ``models``: the gateway's /v1/models shows vLLM's own cards."""
+    gw = await gateway({"url": vllm.plain.url})
+    async with aiohttp.ClientSession() as session:
+        async with session.get(vllm.plain.url + "/v1/models", timeout=TIMEOUT) as response:
+            direct = await response.json()
+        async with session.get(gw.url + "/v1/models", timeout=TIMEOUT) as response:
+            through = await response.json()
+    assert mask(through) == mask(direct)
+    assert through["data"][0]["id"] == MODEL
+
+
+async def test_load_is_read_from_real_vllm_metrics(
+    vllm: VLLMFleet, gateway: GatewayFactory
+) -> None:
+    """The scrape finds vLLM's own gauges, and a request running there shows in them."""
+    gw = await gateway(worker_entry(vllm.plain), routing={"scrape_interval": 0.1})
+    worker = gw.fleet.pool(MODEL)[0]
+    await wait_for(lambda: worker.load is not None, 10, "a first scrape")
+    assert worker.load.running == 0 and 0.0 <= worker.load.kv_cache <= 1.0
+    body = chat(stream=True, max_tokens=900, ignore_eos=True)
+    async with aiohttp.ClientSession() as session:
+        async with session.post(gw.url + "/v1/chat/completions", json=body, timeout=TIMEOUT) as r:
+            async for _ in r.content.iter_any():
+                if worker.load is not None and worker.load.running >= 1:
+                    break
+            else:
+                raise AssertionError("the running request never showed in vLLM's metrics")
+        assert worker.load.kv_cache > 0.0
