@@ -77,7 +77,8 @@ OPENAI_ROUTE_ERRORS: dict[str, str] = {
     "closed the connection (upstream_disconnected), answered with an error "
     "(upstream_unavailable, upstream_http_<status>) or with something invalid "
     "(upstream_bad_response, upstream_bad_answer, upstream_malformed_event), or failed "
-    "mid-stream (upstream_stream_error, upstream_stream_truncated).",
+    "mid-stream (upstream_stream_error, upstream_stream_truncated), or stopped before the "
+    "answer was complete (upstream_aborted).",
     "503": "Try again later (unavailable): the gateway is at capacity (gateway_overloaded), no "
     "healthy worker serves the model (no_healthy_worker), or it is shutting down "
     "(shutting_down); or the worker's own 503, relayed (upstream_unavailable).",

@@ -17,7 +17,7 @@ import openai
 import orjson
 import pytest
 
-from gateway.resume import Splice, Transcript, resumable_request, worker_fault
+from gateway.resume import Splice, Transcript, resumable_request, scrub_token_ids, worker_fault
 from gateway.simulator import SimConfig, parse_fault
 from tests.conftest import Gateway, GatewayFactory, Sim, SimFactory
 from tests.helpers import sse_data
@@ -94,7 +94,7 @@ async def test_a_worker_cut_mid_answer_is_resumed_exactly(
     got = await sdk_stream(gw.url, RESUME, **fields)
     assert got.text == expected.text
     assert len(got.text.split()) == limit
-    assert got.finish == ["length"]
+    assert got.finish == expected.finish == (["length"] if max_tokens else ["stop"])
     assert got.usage == expected.usage
     assert len(got.ids) == 1 and got.roles == 1  # one stream: one id, one role chunk
     assert resumes(gw, "resumed") == 1
@@ -113,7 +113,7 @@ async def test_cut_before_any_token_or_after_the_last_needs_no_resume(
     expected = await uninterrupted(healthy)
     got = await sdk_stream(gw.url, RESUME)
     assert got.text == expected.text
-    assert got.finish == ["length"]
+    assert got.finish == expected.finish == ["stop"]  # the answer's natural end
     assert resumes(gw, "resumed") == 0
     assert_at_rest(gw)
 
@@ -246,6 +246,8 @@ async def test_a_continuation_is_a_valid_continue_final_message_request(
         ({"tools": [{"type": "function"}]}, False),
         ({"functions": [{"name": "f"}]}, False),
         ({"tools": []}, True),
+        ({"response_format": {"type": "json_object"}}, False),
+        ({"structured_outputs": {"regex": "a+"}}, False),
     ],
 )
 def test_resumable_request(fields: dict[str, Any], expected: bool) -> None:
@@ -269,28 +271,55 @@ def event(**body: Any) -> bytes:
     return b"data: " + orjson.dumps(body) + b"\n\n"
 
 
-def chunk(delta: dict[str, Any], finish: str | None = None, **top: Any) -> bytes:
-    header = {"id": "chatcmpl-1", "created": 7, "model": "m", "object": "chat.completion.chunk"}
-    choice = {"index": 0, "delta": delta, "finish_reason": finish}
+def chunk(
+    delta: dict[str, Any], finish: str | None = None, ids: list[int] | None = None, **top: Any
+) -> bytes:
+    header = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 7, "model": "m"}
+    choice = {"index": 0, "delta": delta, "finish_reason": finish, "token_ids": ids}
     return event(**{**header, **top, "choices": [choice]})
 
 
-def test_transcript_records_what_was_sent_and_builds_the_continuation() -> None:
+def role(prompt_ids: list[int] | None = None) -> bytes:
+    return chunk({"role": "assistant", "content": ""}, prompt_token_ids=prompt_ids)
+
+
+def completion_chunk(text: str, ids: list[int], finish: str | None = None) -> bytes:
+    choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish,
+              "stop_reason": None, "token_ids": ids}  # fmt: skip
+    return event(id="cmpl-2", object="text_completion", created=99, model="m2", choices=[choice])
+
+
+def test_transcript_records_the_token_ids_sent_and_builds_a_token_exact_continuation() -> None:
     t = Transcript()
     assert not t.resumable  # nothing sent yet: nothing to continue
-    sent = chunk({"role": "assistant", "content": ""}) + b": keep-alive\n\n"
-    t.feed(sent + chunk({"content": " the"}) + chunk({"content": " fox"})[:10])
-    t.feed(chunk({"content": " fox"})[10:])
-    assert t.content == [" the", " fox"] and t.tokens == 2
-    assert t.header == {"id": "chatcmpl-1", "created": 7, "model": "m"}
+    sent = role([5, 6, 7]) + b": keep-alive\n\n"
+    t.feed(
+        sent + chunk({"content": " the"}, ids=[11]) + chunk({"content": " fo x"}, ids=[12, 13])[:10]
+    )
+    t.feed(chunk({"content": " fo x"}, ids=[12, 13])[10:])
+    assert t.ids == [11, 12, 13] and t.tokens == 3  # tokens, not chunks
+    assert t.header == {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 7,
+                        "model": "m"}  # fmt: skip
     assert t.resumable
-    original = orjson.dumps({"model": "m", "messages": MESSAGES, "max_tokens": 10, "stream": True})
+    original = orjson.dumps({"model": "m", "messages": MESSAGES, "max_tokens": 10,
+                             "stream": True, "temperature": 0, "stop": ["x"],
+                             "stream_options": {"include_usage": False}})  # fmt: skip
     body = orjson.loads(t.continuation(original))
-    assert body["messages"][-1] == {"role": "assistant", "content": " the fox"}
-    assert body["messages"][:-1] == MESSAGES
-    assert (body["continue_final_message"], body["add_generation_prompt"]) == (True, False)
-    assert body["max_tokens"] == 8
-    assert body["stream_options"] == {"include_usage": True}
+    assert body == {"model": "m", "prompt": [5, 6, 7, 11, 12, 13], "max_tokens": 7,
+                    "stream": True, "temperature": 0, "stop": ["x"], "return_token_ids": True,
+                    "stream_options": {"include_usage": True}}  # fmt: skip
+    no_limit = orjson.loads(t.continuation(orjson.dumps({"model": "m", "messages": MESSAGES})))
+    assert "max_tokens" not in no_limit  # vLLM's default: the rest of the context, as before
+
+
+def test_a_transcript_without_token_ids_is_not_resumable() -> None:
+    """A worker that ignores return_token_ids: no exact continuation, so none at all."""
+    t = Transcript()
+    t.feed(role([5, 6]) + chunk({"content": " a"}))
+    assert not t.resumable
+    t = Transcript()
+    t.feed(role(None) + chunk({"content": " a"}, ids=[1]))
+    assert not t.resumable
 
 
 @pytest.mark.parametrize(
@@ -299,42 +328,63 @@ def test_transcript_records_what_was_sent_and_builds_the_continuation() -> None:
 )
 def test_a_transcript_mid_reasoning_or_tool_call_is_not_resumable(delta: dict[str, Any]) -> None:
     t = Transcript()
-    t.feed(chunk({"content": " a"}) + chunk(delta))
+    t.feed(role([1]) + chunk({"content": " a"}, ids=[2]) + chunk(delta, ids=[3]))
     assert not t.resumable
 
 
 def test_a_finished_transcript_is_not_resumed() -> None:
     t = Transcript()
-    t.feed(chunk({"content": " a"}, finish="stop"))
+    t.feed(role([1]) + chunk({"content": " a"}, finish="stop", ids=[2]))
     assert not t.resumable
 
 
-def test_splice_makes_the_continuation_part_of_the_original_stream() -> None:
-    t = Transcript()
-    t.feed(chunk({"role": "assistant", "content": ""}) + chunk({"content": " a"}))
-    splice = Splice(t, client_wants_usage=True)
-    other = {"id": "chatcmpl-2", "created": 99, "model": "m2"}
-    stream = (
-        chunk({"role": "assistant", "content": ""}, **other)
-        + chunk({"content": " b"}, **other)
-        + chunk({"content": " c"}, finish="length", **other)
-        + event(**other, choices=[], usage={"prompt_tokens": 6, "completion_tokens": 2})
+def test_scrub_token_ids_leaves_the_events_as_without_them() -> None:
+    with_ids = role([5, 6]) + chunk({"content": " a"}, ids=[1, 2])
+    assert scrub_token_ids(with_ids) == role(None) + chunk({"content": " a"})
+
+
+def continuation_stream() -> bytes:
+    usage = {"prompt_tokens": 6, "total_tokens": 8, "completion_tokens": 2}
+    return (
+        completion_chunk(" b", [21])
+        + completion_chunk(" c", [22], finish="length")
+        + event(
+            id="cmpl-2",
+            object="text_completion",
+            created=99,
+            model="m2",
+            choices=[],
+            usage=usage,
+            system_fingerprint="fp",
+        )
         + b"data: [DONE]\n\n"
     )
+
+
+def test_splice_makes_the_continuation_part_of_the_original_chat_stream() -> None:
+    t = Transcript()
+    t.feed(role([1, 2, 3]) + chunk({"content": " a"}, ids=[11]))
+    splice = Splice(t, client_wants_usage=True)
+    stream = continuation_stream()
     out = splice.feed(stream[:50]) + splice.feed(stream[50:])
     events = [orjson.loads(e) for e in sse_data(out)[:-1]]
     assert sse_data(out)[-1] == "[DONE]"
     assert [e["id"] for e in events] == ["chatcmpl-1"] * 3
+    assert {e["object"] for e in events} == {"chat.completion.chunk"}
     assert {e["created"] for e in events} == {7}
     assert [e["choices"][0]["delta"] for e in events[:2]] == [{"content": " b"}, {"content": " c"}]
-    assert events[2]["usage"] == {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
+    assert events[1]["choices"][0]["stop_reason"] is None
+    assert "stop_reason" not in events[0]["choices"][0]  # only on the final chunk, as vLLM
+    assert events[2]["usage"] == {"prompt_tokens": 3, "total_tokens": 6, "completion_tokens": 3}
+    assert events[2]["system_fingerprint"] == "fp" and "system_fingerprint" not in events[1]
     assert splice.done and splice.finish_reason == "length" and splice.first_token
 
 
-def test_splice_drops_usage_the_client_did_not_ask_for() -> None:
+def test_splice_without_usage_puts_the_fingerprint_on_the_finishing_chunk() -> None:
     t = Transcript()
-    t.feed(chunk({"content": " a"}))
+    t.feed(role([1, 2]) + chunk({"content": " a"}, ids=[11]))
     splice = Splice(t, client_wants_usage=False)
-    out = splice.feed(event(id="x", choices=[], usage={"prompt_tokens": 2, "completion_tokens": 1}))
-    assert out == b""
-    assert splice.usage == {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}
+    events = [orjson.loads(e) for e in sse_data(splice.feed(continuation_stream()))[:-1]]
+    assert len(events) == 2 and "usage" not in events[-1]
+    assert events[-1]["system_fingerprint"] == "fp"
+    assert splice.usage == {"prompt_tokens": 2, "total_tokens": 5, "completion_tokens": 3}
