@@ -145,6 +145,37 @@ async def test_a_workers_in_band_error_is_resumed_and_never_shown(
     assert_at_rest(gw)
 
 
+@pytest.mark.parametrize("stream_interval", [1, 3])
+async def test_a_workers_abort_ending_is_resumed_never_taken_for_the_end(
+    sim: SimFactory, gateway: GatewayFactory, stream_interval: int
+) -> None:
+    """vLLM told to stop ends its streams with ``finish_reason: "abort"`` and ``[DONE]``: the
+    stream goes on elsewhere, token for token, whatever the chunking; usage stays exact."""
+    aborting = await sim(fault=parse_fault("abort_after=5"), stream_interval=stream_interval)
+    healthy = await sim()
+    gw = await gateway(aborting, healthy, routing={"policy": "round_robin"})
+    expected = await uninterrupted(healthy, max_tokens=12)
+    for _ in range(2):  # round-robin: one of the two at least starts on the aborting worker
+        got = await sdk_stream(gw.url, RESUME, max_tokens=12)
+        assert got.text == expected.text and got.usage == expected.usage
+        assert got.finish == ["length"]
+    assert resumes(gw, "resumed") >= 1
+    assert_at_rest(gw)
+
+
+async def test_an_abort_ending_without_resume_is_an_error_in_band(
+    sim: SimFactory, gateway: GatewayFactory
+) -> None:
+    aborting = await sim(fault=parse_fault("abort_after=5"))
+    gw = await gateway(aborting)
+    async with aiohttp.ClientSession() as client:
+        events = await raw_stream(client, gw, {"model": "sim-model", "messages": MESSAGES,
+                                               "stream": True}, {})  # fmt: skip
+    assert events[-1] == "[DONE]"
+    assert orjson.loads(events[-2])["error"]["code"] == "upstream_aborted"
+    assert all("abort" not in e for e in events[:-2])
+
+
 async def test_resume_on_for_every_request_by_settings(
     sim: SimFactory, gateway: GatewayFactory
 ) -> None:
