@@ -50,7 +50,9 @@ class EventFramer:
             end = _end_of_last_event(data)
             complete, self._tail = data[:end], data[end:]
         if not self._strip_usage or not (
-            self._held or b'"usage"' in complete or b'"finish_reason":' in complete
+            # Token chunks say "finish_reason":null; a finish is a string. (vLLM writes compact
+            # JSON; a worker that does not has its fingerprint left on the dropped chunk.)
+            self._held or b'"usage"' in complete or b'"finish_reason":"' in complete
         ):
             return complete
         return self._strip(complete)
@@ -61,8 +63,6 @@ class EventFramer:
         return held
 
     def _strip(self, complete: bytes) -> bytes:
-        if not self._held and b'"usage"' not in complete and not _FINISHED.search(complete):
-            return complete  # every token chunk has "finish_reason":null
         out: list[bytes] = []
         for event in _events(complete):
             if b'"usage"' in event and _NO_CHOICES.search(event):
