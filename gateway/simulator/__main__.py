@@ -12,11 +12,13 @@ import argparse
 import asyncio
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 
 from aiohttp import web
 
 from .app import create_app
 from .config import FaultSpec, FaultSpecError, SimConfig, parse_fault
+from .once import Claims
 
 log = logging.getLogger("gateway.simulator")
 
@@ -39,6 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("--default-max-tokens", type=int, default=64, help="answer length without max_tokens")
     add("--embedding-dim", type=int, default=16)
     add("--fault", help="fault spec applied to every request, e.g. 'status=503' or 'cut_after=3'")
+    add(
+        "--claims-dir",
+        type=Path,
+        help="a directory shared by a fleet's workers, so a 'once' fault strikes one attempt",
+    )
     add("--sse-keep-alive", type=float, help="seconds between ': keep-alive' comments")
     add("--max-num-queued-reqs", type=int, help="admission control: 503 beyond this queue")
     add("--prefix-cache-blocks", type=int, default=0, help="prefix cache blocks; 0 disables it")
@@ -103,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         args.fault or "none",
     )
     web.run_app(
-        create_app(config),
+        create_app(config, claims=Claims(args.claims_dir)),
         host=args.host,
         port=args.port,
         handler_cancellation=True,

@@ -24,6 +24,7 @@ from .engine import Engine
 from .errors import SimError, bad_request
 from .generate import Sim, complete, forever, overloaded
 from .metrics import SimMetrics
+from .once import Claims
 from .prefix_cache import PrefixCache
 from .protocol import GenerationRequest, parse_chat, parse_completion, parse_embedding
 from .streaming import stream
@@ -31,6 +32,7 @@ from .text import embedding
 
 SIM = web.AppKey("sim", Sim)
 ENGINE = web.AppKey("sim_engine", Engine)
+CLAIMS = web.AppKey("sim_claims", Claims)
 FAULT_HEADER = "X-Sim-Fault"
 REQUEST_ID_HEADER = "X-Request-Id"
 NO_FAULT = FaultSpec()
@@ -39,8 +41,14 @@ Parser = Callable[[dict[str, Any], SimConfig], GenerationRequest]
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def create_app(config: SimConfig, registry: CollectorRegistry | None = None) -> web.Application:
-    """A worker serving `config.models`; metrics go to `registry` (a fresh one by default)."""
+def create_app(
+    config: SimConfig, registry: CollectorRegistry | None = None, claims: Claims | None = None
+) -> web.Application:
+    """A worker serving `config.models`; metrics go to `registry` (a fresh one by default).
+
+    `claims` is what `once` faults remember; pass one object to every worker of a fleet (a
+    fresh one, private to this worker, by default).
+    """
     registry = registry if registry is not None else CollectorRegistry()
     engine = Engine(config.max_num_seqs, config.kv_cache_tokens, config.max_num_queued_reqs)
     metrics = SimMetrics(registry, engine, config.models)
@@ -49,6 +57,7 @@ def create_app(config: SimConfig, registry: CollectorRegistry | None = None) -> 
     shutdown = Shutdown()
     app[SIM] = Sim(config, engine, metrics, registry, prefix_cache, shutdown)
     app[ENGINE] = engine
+    app[CLAIMS] = claims if claims is not None else Claims()
     app.on_shutdown.append(lambda _: _start_shutdown(shutdown))
     app.add_routes(
         [
@@ -115,8 +124,8 @@ async def models(request: web.Request) -> web.Response:
 
 async def health(request: web.Request) -> web.Response:
     """200 with an empty body; 503 when the engine is dead (the only fault /health obeys)."""
-    fault = _fault(request, request.app[SIM].config)
-    return web.Response(status=503 if fault.dead else 200)
+    fault = _spec(request, request.app[SIM].config)
+    return web.Response(status=503 if fault.dead and not fault.once else 200)
 
 
 async def metrics_text(request: web.Request) -> web.Response:
@@ -128,8 +137,8 @@ async def version(request: web.Request) -> web.Response:
     return _json({"version": request.app[SIM].config.version})
 
 
-def _fault(request: web.Request, config: SimConfig) -> FaultSpec:
-    """The request's fault: the `X-Sim-Fault` header wins over the configured one."""
+def _spec(request: web.Request, config: SimConfig) -> FaultSpec:
+    """The fault asked for: the `X-Sim-Fault` header wins over the configured one."""
     spec = request.headers.get(FAULT_HEADER)
     if spec is None:
         return config.fault or NO_FAULT
@@ -137,6 +146,17 @@ def _fault(request: web.Request, config: SimConfig) -> FaultSpec:
         return parse_fault(spec)
     except FaultSpecError as exc:
         raise bad_request(f"invalid {FAULT_HEADER} header: {exc}") from None
+
+
+def _fault(request: web.Request, config: SimConfig) -> FaultSpec:
+    """The fault that strikes this request: a `once` spec only on its id's first request."""
+    fault = _spec(request, config)
+    if not fault.once:
+        return fault
+    request_id = request.headers.get(REQUEST_ID_HEADER)
+    if request_id is None or request.app[CLAIMS].claim(request_id):
+        return fault
+    return NO_FAULT
 
 
 async def _request_fault(request: web.Request, config: SimConfig) -> FaultSpec:

@@ -5,7 +5,7 @@ Fault spec grammar (comma-separated items, whitespace around items ignored, each
 once)::
 
     spec      := item ("," item)*
-    item      := "hang" | "overload" | "dead"
+    item      := "hang" | "overload" | "dead" | "once"
                | "status=" INT              (400..599)
                | "slow_first_token=" FLOAT  (seconds, >= 0)
                | "stall_after=" INT         (tokens, >= 0)
@@ -13,6 +13,11 @@ once)::
                | "malformed_after=" INT     (tokens, >= 0)
                | "error_after=" INT         (tokens, >= 0)
                | "abort_after=" INT         (tokens, >= 0)
+
+`once` makes the whole spec strike only the first request carrying its `X-Request-Id` (the
+gateway sends one id on every attempt and continuation of a request): the workers of one fleet
+share what they have seen (`once.py`), so a retry or a resumed stream on another worker is served
+normally, which is what shows failover and resume working through the gateway.
 
 `abort_after` ends the stream as vLLM ends in-flight streams when it shuts down: a chunk with an
 empty delta and `finish_reason: "abort"` (then the usage chunk if asked for, and `[DONE]`).
@@ -23,7 +28,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields
 
-_FLAGS = ("hang", "overload", "dead")
+_FLAGS = ("hang", "overload", "dead", "once")
 _COUNTS = ("stall_after", "cut_after", "malformed_after", "error_after", "abort_after")
 
 
@@ -39,6 +44,7 @@ class FaultSpec:
     hang: bool = False
     overload: bool = False
     dead: bool = False
+    once: bool = False
     slow_first_token: float = 0.0
     stall_after: int | None = None
     cut_after: int | None = None
