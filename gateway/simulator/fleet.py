@@ -100,12 +100,15 @@ def run(args: argparse.Namespace, claims: Path) -> int:
     stopping = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stopping.set())
+    # The commands are this interpreter and its own modules, with the caller's arguments.
     children = [
-        subprocess.Popen(worker_command(p, args.model, claims, faults.get(p), args.worker_arg))
+        subprocess.Popen(  # noqa: S603
+            worker_command(p, args.model, claims, faults.get(p), args.worker_arg)
+        )
         for p in ports
     ]
     gateway = [sys.executable, "-m", "gateway", "--config", args.config]
-    children.append(subprocess.Popen(gateway, env=gateway_env(args.port, ports)))
+    children.append(subprocess.Popen(gateway, env=gateway_env(args.port, ports)))  # noqa: S603
     try:
         while not stopping.wait(0.2):
             if any(child.poll() is not None for child in children):
