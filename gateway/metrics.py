@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import threading
+import warnings
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
@@ -28,11 +29,38 @@ SHORT_BUCKETS = (
 )  # fmt: skip
 
 
+# prometheus_client's words when a series is removed in multi-process mode, where removal only
+# drops this process's handle: the value stays in the shared files until the gateway restarts
+# (documented), so the warning, at every worker that leaves or goes down, says nothing new.
+_MULTIPROCESS_REMOVAL = "Removal of labels has not been implemented"
+
+
+class _QuietRemoval(MetricWrapperBase):
+    """``remove`` without prometheus_client's multi-process warning (see above)."""
+
+    def remove(self, *labelvalues: Any) -> None:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", _MULTIPROCESS_REMOVAL, UserWarning)
+            super().remove(*labelvalues)
+
+
+class WorkerCounter(_QuietRemoval, Counter):
+    """A per-worker counter: its series go when the worker leaves the fleet."""
+
+
+class WorkerGauge(_QuietRemoval, Gauge):
+    """A per-worker gauge: its series go when the worker leaves the fleet or stops reporting."""
+
+
+class WorkerHistogram(_QuietRemoval, Histogram):
+    """A per-worker histogram: its series go when the worker leaves the fleet."""
+
+
 class Batch:
     """The hot path's metric updates, added to prometheus_client's series once per event-loop
     iteration instead of one by one. With several serving processes each ``inc`` or ``observe``
-    writes prometheus_client's shared file under a lock (1.6-3.3 us, measured; a request makes
-    about ten of them); a pending update is a few additions, and one iteration's requests share
+    writes prometheus_client's shared file under a lock (a request makes about ten of them); a
+    pending update is a few additions, and one iteration's requests share
     one write per series. The series are exact from the end of the iteration that made the
     update, and whenever this process collects them (``flush``, on the loop's thread)."""
 
@@ -239,7 +267,7 @@ class GatewayMetrics:
             multiprocess_mode="livesum",
             registry=registry,
         )
-        self.worker_in_flight = Gauge(
+        self.worker_in_flight = WorkerGauge(
             "gateway_worker_requests_in_flight",
             "Requests in flight to each worker, as counted by the gateway.",
             ["worker"],
@@ -278,7 +306,7 @@ class GatewayMetrics:
         # Clock: starts when the client pool opens a new TCP connection to a worker; stops when
         # the connection is established. Reused pooled connections are not observed (they cost
         # no connect); a failed connect is counted in upstream errors instead.
-        self.upstream_connect = Histogram(
+        self.upstream_connect = WorkerHistogram(
             "gateway_upstream_connect_seconds",
             "Time to open a new connection to a worker.",
             ["worker"],
@@ -310,13 +338,13 @@ class GatewayMetrics:
             ["worker", "kind"],
             registry=registry,
         )
-        self.worker_ejections = Counter(
+        self.worker_ejections = WorkerCounter(
             "gateway_worker_ejections",
             "Workers taken out after consecutive failed requests (passive health).",
             ["worker"],
             registry=registry,
         )
-        self.worker_healthy = Gauge(
+        self.worker_healthy = WorkerGauge(
             "gateway_worker_healthy",
             "1 if the worker is taking requests, else 0.",
             ["worker"],
@@ -334,7 +362,7 @@ class GatewayMetrics:
             ["model", "fallback"],
             registry=registry,
         )
-        self.worker_load = Gauge(
+        self.worker_load = WorkerGauge(
             "gateway_worker_load",
             "Load signals scraped from each worker's /metrics: 'waiting' and 'running' requests "
             "and 'kv_cache' usage (0..1); absent while a worker cannot be scraped.",
