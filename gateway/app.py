@@ -31,6 +31,7 @@ from gateway.middleware import (
 from gateway.monitor import probe_all, probe_forever, scrape_forever
 from gateway.proxy import Proxy
 from gateway.ratelimit import RateLimiter
+from gateway.ratelimit_host import HostLimits
 from gateway.settings import Settings
 from gateway.upstream import Upstream
 from gateway.workers import Fleet, Worker, worker_from_settings
@@ -49,9 +50,11 @@ def create_app(
     lifecycle: Lifecycle | None = None,
     resolver: Resolver = system_resolver,
     metrics_dir: str | None = None,
+    host_limits: HostLimits | None = None,
 ) -> web.Application:
-    """``metrics_dir``: prometheus_client's multiprocess folder, when this is one of several
-    serving processes (see ``supervisor``)."""
+    """``metrics_dir``: prometheus_client's multiprocess folder, and ``host_limits``: the
+    per-key limits the supervisor keeps, when this is one of several serving processes (see
+    ``supervisor``)."""
     app = web.Application(
         middlewares=[request_id_middleware, error_middleware, auth_middleware],
         client_max_size=settings.server.max_body_bytes,
@@ -73,6 +76,8 @@ def create_app(
     app[keys.METRICS] = metrics
     app[keys.FLEET] = fleet
     app[keys.LIFECYCLE] = lifecycle if lifecycle is not None else Lifecycle()
+    if host_limits is not None:
+        app[keys.HOST_LIMITS] = host_limits
     app.cleanup_ctx.append(_api_keys)
     app.cleanup_ctx.append(_upstream_and_probes)
     app.cleanup_ctx.append(_loop_lag_timer)
@@ -151,7 +156,7 @@ async def _upstream_and_probes(app: web.Application) -> AsyncIterator[None]:
     upstream = Upstream(
         settings.limits, settings.timeouts, settings.health, metrics, settings.routing
     )
-    limiter = RateLimiter(settings.redis, metrics)
+    limiter = RateLimiter(settings.redis, metrics, host=app.get(keys.HOST_LIMITS))
     await limiter.start()
     app[keys.PROXY] = Proxy(settings, fleet, upstream, metrics, app[keys.LIFECYCLE], limiter)
     watchers = [

@@ -8,6 +8,7 @@ from gateway.discovery import Resolver
 from gateway.lifecycle import Lifecycle
 from gateway.metrics import GatewayMetrics
 from gateway.proxy import Proxy
+from gateway.ratelimit_host import HostLimits
 from gateway.settings import Settings
 from gateway.workers import Fleet
 
@@ -17,3 +18,4 @@ METRICS = web.AppKey("metrics", GatewayMetrics)
 LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
 PROXY = web.AppKey("proxy", Proxy)
 RESOLVER: web.AppKey[Resolver] = web.AppKey("resolver")
+HOST_LIMITS = web.AppKey("host_limits", HostLimits)  # only with several serving processes

@@ -45,6 +45,7 @@ from gateway.ratelimit_local import (
 from gateway.settings import RateLimits, RedisSettings
 
 if TYPE_CHECKING:
+    from gateway.ratelimit_host import HostLimits
     from gateway.ratelimit_redis import RedisLimits
 
 log = logging.getLogger(__name__)
@@ -105,7 +106,8 @@ class Grant:
 
 class RateLimiter:
     """Admits requests against their key's limits: in Redis when configured and reachable,
-    else on this replica's ``LocalLimits``."""
+    else on this replica's own: the supervisor's (``HostLimits``) when there are several
+    serving processes, this process's ``LocalLimits`` when it is the only one."""
 
     def __init__(
         self,
@@ -113,10 +115,14 @@ class RateLimiter:
         metrics: GatewayMetrics,
         clock: Callable[[], float] = time.monotonic,
         lease_seconds: float = LEASE_SECONDS,
+        host: HostLimits | None = None,
     ) -> None:
+        """``host``: the supervisor's limits, shared by this host's serving processes; else
+        this process keeps its own (``LocalLimits``)."""
         self._on_error = redis.on_error
         self._metrics = metrics
         self._local = LocalLimits(clock)
+        self._host = host
         self._redis: RedisLimits | None = None
         if redis.url:
             from gateway.ratelimit_redis import RedisLimits  # only then: see LEASE_SECONDS
@@ -170,7 +176,10 @@ class RateLimiter:
                     self._failed(exc)
             if self._on_error == "closed":
                 raise Overloaded("Rate limits cannot be checked right now; retry shortly.")
-        verdict = self._local.acquire(rates, caps)
+        if self._host is not None:
+            verdict = await self._host.acquire(rates, caps)
+        else:
+            verdict = self._local.acquire(rates, caps)
         if not verdict.admitted:
             self._refuse(client, rates, verdict)
         return self._grant(rates, caps, verdict, shared=False, lease="")
@@ -186,7 +195,7 @@ class RateLimiter:
         if not verdict.admitted:
             self._refuse(client, rates, verdict)
         # Counted here too, so that if Redis goes away the local caps know what is running.
-        self._local.hold(caps)
+        self._hold(caps)
         if caps:
             self._leases[lease] = tuple(cap.key for cap in caps)
         return self._grant(rates, caps, verdict, shared=True, lease=lease)
@@ -221,10 +230,16 @@ class RateLimiter:
             for rate in grant.tokens
             if tokens is not None and tokens != rate.cost
         ]
-        self._local.release(grant.caps)
+        if self._host is not None:
+            self._host.release(grant.caps)
+        else:
+            self._local.release(grant.caps)
         if not grant.shared:
             for rate, delta in corrections:
-                self._local.adjust(rate, delta)
+                if self._host is not None:
+                    self._host.adjust(rate, delta)
+                else:
+                    self._local.adjust(rate, delta)
             return
         scopes = self._leases.pop(grant.lease, ())
         if self._redis is None or not self._up or not (corrections or scopes):
@@ -233,6 +248,12 @@ class RateLimiter:
             await self._redis.settle(corrections, grant.lease, scopes)
         except RedisUnavailable as exc:
             self._failed(exc)
+
+    def _hold(self, caps: list[Scope]) -> None:
+        if self._host is not None:
+            self._host.hold(caps)
+        else:
+            self._local.hold(caps)
 
     def _failed(self, exc: RedisUnavailable) -> None:
         self._metrics.ratelimit_redis_errors.inc()

@@ -7,7 +7,16 @@
 4. Cancel the stragglers: each ends with a ``shutting_down`` error (in-band if streaming).
 5. Close connections and the upstream session; return, and the process exits 0.
 
-A second signal skips what is left of the grace period.
+A second signal skips what is left of the grace period. A serving process whose supervisor is
+gone (its channel closed) drains as on SIGTERM.
+
+Start-up (building the app, reading the keys file, the first probes, listening) either
+completes, and a serving process tells its supervisor it is ready, or raises ``StartFailed``
+with a one-line reason, which a serving process also tells its supervisor.
+
+Test hook: with ``GATEWAY_TEST_HANG_ON_SIGUSR1=1`` in its environment a serving process
+blocks its event loop for good on SIGUSR1, as a stuck loop would (``tests/test_processes.py``
+checks that the supervisor's heartbeat replaces it).
 """
 
 from __future__ import annotations
@@ -15,33 +24,108 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import signal
+import socket
+import threading
 
 from aiohttp import web
 
 from gateway.app import create_app
+from gateway.channel import Channel
 from gateway.lifecycle import Lifecycle
+from gateway.ratelimit_host import HostLimits
 from gateway.settings import Settings
 
 log = logging.getLogger(__name__)
 
 ABORT_WAIT = 2.0  # for aborted requests to write their last error event
 CLEANUP_TIMEOUT = 2.0
+HANG_HOOK = "GATEWAY_TEST_HANG_ON_SIGUSR1"
 
 
-async def serve(settings: Settings, *, metrics_dir: str | None = None) -> None:
-    """Serve until a signal, then drain. With ``metrics_dir`` this is one of several serving
-    processes (``supervisor``): it shares the port (SO_REUSEPORT), its metrics go to that
-    folder, and it answers SIGTERM only (the parent turns a Ctrl-C into one SIGTERM)."""
-    child = metrics_dir is not None
+class StartFailed(Exception):
+    """Start-up could not complete; the message is one line saying why."""
+
+
+async def serve(
+    settings: Settings,
+    listener: socket.socket | None = None,
+    *,
+    metrics_dir: str | None = None,
+    parent: socket.socket | None = None,
+) -> None:
+    """Serve on ``listener`` (bound by the command line; else bind host and port here) until
+    a signal, then drain. With ``parent`` (its end of the channel to the supervisor) this is
+    one of several serving processes: per-key limits are the supervisor's, metrics go to
+    ``metrics_dir``, and it answers SIGTERM only (the parent turns a Ctrl-C into one SIGTERM).
+    """
+    channel = await Channel.over(parent) if parent is not None else None
+    if channel is not None:
+        channel.start(lambda message: None)  # the supervisor only pings (answered by Channel)
     lifecycle = Lifecycle()
-    app = create_app(settings, lifecycle=lifecycle, metrics_dir=metrics_dir)
+    try:
+        runner, site = await _start(settings, listener, lifecycle, metrics_dir, channel)
+    except StartFailed as exc:
+        if channel is not None:
+            channel.note("failed", str(exc))
+            await channel.close()
+        raise
+    try:
+        await _serve_until_stopped(settings, lifecycle, runner, site, channel)
+    finally:
+        if channel is not None:
+            await channel.close()
+    log.info("stopped")
+
+
+async def _start(
+    settings: Settings,
+    listener: socket.socket | None,
+    lifecycle: Lifecycle,
+    metrics_dir: str | None,
+    channel: Channel | None,
+) -> tuple[web.AppRunner, web.BaseSite]:
+    host_limits = HostLimits(channel) if channel is not None else None
+    app = create_app(
+        settings, lifecycle=lifecycle, metrics_dir=metrics_dir, host_limits=host_limits
+    )
     runner = web.AppRunner(
         app, handler_cancellation=True, access_log=None, shutdown_timeout=CLEANUP_TIMEOUT
     )
-    await runner.setup()
-    site = web.TCPSite(runner, settings.server.host, settings.server.port, reuse_port=child)
-    await site.start()
+    site: web.BaseSite
+    try:
+        await runner.setup()
+        if listener is not None:
+            site = web.SockSite(runner, listener)
+        else:
+            site = web.TCPSite(runner, settings.server.host, settings.server.port)
+        await site.start()
+    except (OSError, ValueError) as exc:
+        await runner.cleanup()
+        raise StartFailed(one_line(exc)) from exc
+    if channel is not None:
+        channel.note("ready")
+    return runner, site
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception as one line: the file or address it concerns and why."""
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f"{exc.filename}: " if exc.filename else ""
+        return f"{where}{exc.strerror}"
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
+
+
+async def _serve_until_stopped(
+    settings: Settings,
+    lifecycle: Lifecycle,
+    runner: web.AppRunner,
+    site: web.BaseSite,
+    channel: Channel | None,
+) -> None:
+    child = channel is not None
     # What start-up built (settings, routes, metrics, the imported modules) lives as long as
     # the process: frozen out of the collector's sight, a full collection (22 ms here
     # before, 0 after) walks only what requests leave behind.
@@ -54,21 +138,37 @@ async def serve(settings: Settings, *, metrics_dir: str | None = None) -> None:
     handled = (signal.SIGTERM,) if child else (signal.SIGTERM, signal.SIGINT)
     if child:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if os.environ.get(HANG_HOOK) == "1":
+            loop.add_signal_handler(signal.SIGUSR1, _hang)
     for sig in handled:
         loop.add_signal_handler(sig, signals.put_nowait, sig)
+    orphaned = asyncio.create_task(_orphaned(channel, signals)) if channel else None
     try:
         received = await signals.get()
         log.info("received %s: draining", signal.Signals(received).name)
         await _drain(settings, lifecycle, site, signals)
     finally:
+        if orphaned is not None:
+            orphaned.cancel()
         await runner.cleanup()
         for sig in handled:
             loop.remove_signal_handler(sig)
-    log.info("stopped")
+
+
+async def _orphaned(channel: Channel, signals: asyncio.Queue[int]) -> None:
+    await channel.closed.wait()
+    log.error("the supervisor is gone: stopping")
+    signals.put_nowait(signal.SIGTERM)
+
+
+def _hang() -> None:
+    """The test hook: block the event loop, as a stuck loop would, until the process dies."""
+    log.warning("%s: blocking the event loop on purpose", HANG_HOOK)
+    threading.Event().wait()
 
 
 async def _drain(
-    settings: Settings, lifecycle: Lifecycle, site: web.TCPSite, signals: asyncio.Queue[int]
+    settings: Settings, lifecycle: Lifecycle, site: web.BaseSite, signals: asyncio.Queue[int]
 ) -> None:
     lifecycle.draining = True
     try:

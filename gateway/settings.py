@@ -45,9 +45,14 @@ class _Frozen(BaseModel):
 class ServerSettings(_Frozen):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
-    # Serving processes sharing the port (SO_REUSEPORT); "auto": the CPUs this process may use
-    # (its affinity, capped by a cgroup CPU quota, as in a Kubernetes pod with a CPU limit).
+    # Serving processes accepting on the one listening socket (gateway/supervisor.py); "auto":
+    # the CPUs this process may use (its affinity, capped by a cgroup CPU quota, as in a
+    # Kubernetes pod with a CPU limit). Per-key limits (auth) are kept for all of them by the
+    # supervisor; limits.* and workers' max_in_flight are split between them (per_process).
     processes: Annotated[int, Field(ge=1, le=256)] | Literal["auto"] = "auto"
+    # With several processes: one whose event loop has not answered the supervisor's ping for
+    # this long is killed and replaced (its open connections are cut).
+    heartbeat_timeout: float = Field(10.0, gt=0)
     max_body_bytes: int = Field(10 * 1024 * 1024, gt=0)
     shutdown_grace: float = Field(5.0, ge=0)
     drain_timeout: float = Field(30.0, ge=0)
@@ -319,11 +324,19 @@ class SettingsError(Exception):
 
 
 def load_settings(path: Path | None, environ: Mapping[str, str]) -> Settings:
+    """Errors name each setting, where its value came from, and for an unknown key the one
+    probably meant (``settings_source``)."""
+    from gateway.settings_source import describe
+
     data: dict[str, Any] = _read_yaml(path) if path is not None else {}
-    for key, value in environ.items():
-        if key.startswith(ENV_PREFIX) and not _SERVICE_LINK.fullmatch(key):
-            _apply_override(data, key, value)
-    return build_settings(data)
+    used = {k: v for k, v in environ.items() if k.startswith(ENV_PREFIX)}
+    used = {k: v for k, v in used.items() if not _SERVICE_LINK.fullmatch(k)}
+    for key, value in used.items():
+        _apply_override(data, key, value)
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        raise SettingsError(describe(exc, Settings, path, used)) from None
 
 
 def build_settings(data: Mapping[str, Any]) -> Settings:

@@ -1,19 +1,28 @@
 """Several serving processes on one port: the parent that starts, watches and stops them.
 
-With ``server.processes`` above 1, ``vllm-gateway`` checks its settings and then replaces
+With ``server.processes`` above 1, ``vllm-gateway`` checks its settings, binds the listening
+socket (one owner of the port: a second gateway on it fails there, at start) and then replaces
 itself (``exec``, same pid: still PID 1 in a container) with ``python -m gateway.supervisor``,
-which imports nothing but the standard library and the log format, so the parent costs about
-15 MB instead of a serving process's 60. The parent
+which imports nothing but the standard library, the log format and the rate-limit arithmetic,
+so the parent costs a fraction of a serving process. The parent
 
-1. picks the port (binding port 0 once, and keeping that socket bound, not listening, so the
-   port stays ours), and makes a fresh folder for prometheus_client's multiprocess files;
-2. starts N children (``python -m gateway --child N --config ...``), each listening on the same
-   address with ``SO_REUSEPORT``, so the kernel spreads new connections over them; each child
-   takes 1/N of the connection and in-flight limits (``settings.per_process``);
-3. restarts a child that dies on its own (after a second, so a crash loop does not spin);
-4. on SIGTERM or SIGINT passes SIGTERM to every child, which drains as ``server.py`` says, waits
-   for them (bounded by the drain's own budget plus a margin, then SIGKILL), removes the metrics
-   folder and exits 0 if every child did.
+1. keeps the listening socket it was handed, and makes a fresh folder for prometheus_client's
+   multiprocess files;
+2. starts N children (``python -m gateway --child N ...``), each handed the same socket, so
+   whichever child is free accepts the next connection (one accept queue: a stuck child takes
+   none), and its end of a channel (``channel``) on which it asks the ``keeper`` for per-key
+   limits and answers the heartbeat. Each child takes 1/N of the connection and global
+   in-flight limits (``settings.per_process``);
+3. treats a child that exits, or says it failed, before it reports ready as a start-up failure:
+   it stops the others and exits 1, logging the child's one-line reason (a missing file will
+   not appear by restarting);
+4. pings each ready child every quarter of ``server.heartbeat_timeout`` and kills one that has
+   said nothing for that long (a stuck event loop); a child that dies after it was ready is
+   restarted (after a second, so a crash loop does not spin), and what it held of the per-key
+   in-flight limits is given back;
+5. on SIGTERM or SIGINT closes its copy of the socket, passes SIGTERM to every child, which
+   drains as ``server.py`` says, waits for them (bounded by the drain's own budget plus a
+   margin, then SIGKILL), removes the metrics folder and exits 0 if every child did.
 
 Children ignore SIGINT: a Ctrl-C reaches the whole process group, and a child must not count
 it and the parent's SIGTERM as the two signals that cut the grace period short.
@@ -39,12 +48,17 @@ import sys
 import tempfile
 from pathlib import Path
 
+from gateway.channel import Channel, Message
+from gateway.keeper import Holdings, Keeper
 from gateway.logs import configure
 
 log = logging.getLogger("gateway.supervisor")
 
 METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus_client reads it at import
 RESTART_DELAY = 1.0
+# A child imports aiohttp, reads its files and probes every worker (each probe bounded by
+# health.timeout) before it is ready; one slower than this is taken as failed to start.
+START_TIMEOUT = 120.0
 CGROUP = Path("/sys/fs/cgroup")
 
 
@@ -76,90 +90,192 @@ def process_count(wanted: int | str) -> int:
 
 
 def exec_supervisor(
-    processes: int, host: str, port: int, stop_budget: float, log_level: str, log_format: str,
-    config: Path | None,
+    processes: int, listener: socket.socket, stop_budget: float, heartbeat: float,
+    log_level: str, log_format: str, config: Path | None,
 ) -> None:  # fmt: skip
-    """Become the parent of ``processes`` serving processes (never returns)."""
+    """Become the parent of ``processes`` serving processes on ``listener`` (never returns)."""
     child = ["--child", str(processes)] + (["--config", str(config)] if config else [])
+    listener.set_inheritable(True)
     argv = [
         sys.executable, "-m", "gateway.supervisor", "--processes", str(processes),
-        "--host", host, "--port", str(port), "--stop-budget", str(stop_budget),
-        "--log-level", log_level, "--log-format", log_format, "--", *child,
+        "--listen-fd", str(listener.fileno()), "--stop-budget", str(stop_budget),
+        "--heartbeat", str(heartbeat), "--log-level", log_level, "--log-format", log_format,
+        "--", *child,
     ]  # fmt: skip
+    # exec discards what is buffered: the batched log handler's lines included.
+    for handler in logging.getLogger().handlers:
+        handler.flush()
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(sys.executable, argv)  # noqa: S606 (our own interpreter, our own module)
 
 
-def reserve_port(host: str, port: int) -> socket.socket:
-    """A socket bound to (host, port) with SO_REUSEPORT and not listening: it keeps a port of
-    the kernel's choice (port 0) ours while the children bind it too, and takes no connections.
-    """
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((host, port))
-    return sock
-
-
 async def supervise(args: argparse.Namespace) -> int:
-    reserved = reserve_port(args.host, args.port)
-    port = reserved.getsockname()[1]
+    listener = socket.socket(fileno=args.listen_fd)
     metrics_dir = tempfile.mkdtemp(prefix="vllm-gateway-metrics-")
-    env = {**os.environ, METRICS_DIR_ENV: metrics_dir, "VLLM_GATEWAY_SERVER__PORT": str(port)}
-    child_args = [sys.executable, "-m", "gateway", *args.child]
+    plan = _Plan(
+        argv=[sys.executable, "-m", "gateway", *args.child],
+        env={**os.environ, METRICS_DIR_ENV: metrics_dir},
+        listen_fd=args.listen_fd,
+        metrics_dir=metrics_dir,
+        keeper=Keeper(),
+        heartbeat=args.heartbeat,
+    )
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
-    log.info("starting %d serving processes on port %d", args.processes, port)
+    log.info("starting %d serving processes on port %d", args.processes, listener.getsockname()[1])
+    slots = [_Slot(plan) for _ in range(args.processes)]
+    failures: list[str] = []
+
+    async def run(slot: _Slot) -> None:
+        reason = await slot.run(stopping)
+        if reason:
+            failures.append(reason)
+            stopping.set()
+
+    runs = [asyncio.create_task(run(slot)) for slot in slots]
     try:
-        slots = [_Slot(child_args, env, metrics_dir) for _ in range(args.processes)]
-        await asyncio.gather(*(slot.start() for slot in slots))
-        watchers = [asyncio.create_task(slot.keep_running(stopping)) for slot in slots]
         await stopping.wait()
-        log.info("stopping: SIGTERM to %d serving processes", args.processes)
+        if failures:
+            log.error("serving process failed to start: %s", failures[0])
+        else:
+            log.info("stopping: SIGTERM to %d serving processes", args.processes)
+        listener.close()  # the children's copies keep it open until each stops listening
         codes = await asyncio.gather(*(slot.stop(args.stop_budget) for slot in slots))
-        for watcher in watchers:
-            watcher.cancel()
-        return 0 if all(code == 0 for code in codes) else 1
+        await asyncio.gather(*runs)
+        return 1 if failures or any(code != 0 for code in codes) else 0
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
-        reserved.close()
+        listener.close()
         shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
+class _Plan:
+    """What every slot starts its child with."""
+
+    def __init__(
+        self, argv: list[str], env: dict[str, str], listen_fd: int, metrics_dir: str,
+        keeper: Keeper, heartbeat: float,
+    ) -> None:  # fmt: skip
+        self.argv = argv
+        self.env = env
+        self.listen_fd = listen_fd
+        self.metrics_dir = metrics_dir
+        self.keeper = keeper
+        self.heartbeat = heartbeat
+
+
 class _Slot:
-    """One serving process, restarted when it dies unasked."""
+    """One serving process: started, watched by heartbeat, restarted when it dies unasked."""
 
-    def __init__(self, args: list[str], env: dict[str, str], metrics_dir: str) -> None:
-        self._args = args
-        self._env = env
-        self._metrics_dir = metrics_dir
+    def __init__(self, plan: _Plan) -> None:
+        self._plan = plan
         self._proc: asyncio.subprocess.Process | None = None
+        self._channel: Channel | None = None
+        self._holdings: Holdings | None = None
+        self._ready = asyncio.Event()
+        self._reason = ""
+        # Held while a child is being started, so that ``stop`` sees the child it must stop.
+        self._starting = asyncio.Lock()
 
-    async def start(self) -> None:
-        self._proc = await asyncio.create_subprocess_exec(
-            *self._args, env=self._env, stdin=asyncio.subprocess.DEVNULL
-        )
-
-    async def keep_running(self, stopping: asyncio.Event) -> None:
-        while not stopping.is_set():
-            assert self._proc is not None
-            code = await self._proc.wait()
+    async def run(self, stopping: asyncio.Event) -> str:
+        """Keep a child running until ``stopping``; a start-up failure's reason ends it early."""
+        while True:
+            proc = await self._start(stopping)
+            if proc is None:
+                return ""
+            reason = await self._until_ready(proc, stopping)
+            if reason or stopping.is_set():
+                return reason
+            code = await self._watch(proc)
             if stopping.is_set():
-                return
-            log.error("serving process %d exited with %d: restarting it", self._proc.pid, code)
-            _forget(self._metrics_dir, self._proc.pid)
+                return ""
+            log.error("serving process %d exited with %d: restarting it", proc.pid, code)
+            await self._forget(proc)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(RESTART_DELAY):
                     await stopping.wait()
-            if not stopping.is_set():
-                await self.start()
+
+    async def _start(self, stopping: asyncio.Event) -> asyncio.subprocess.Process | None:
+        async with self._starting:
+            return None if stopping.is_set() else await self._spawn()
+
+    async def _spawn(self) -> asyncio.subprocess.Process:
+        plan = self._plan
+        ours, theirs = socket.socketpair()
+        fds = (plan.listen_fd, theirs.fileno())
+        args = ["--listen-fd", str(fds[0]), "--channel-fd", str(fds[1])]
+        try:
+            self._proc = await asyncio.create_subprocess_exec(
+                *plan.argv, *args, env=plan.env, stdin=asyncio.subprocess.DEVNULL, pass_fds=fds
+            )
+        finally:
+            theirs.close()
+        self._ready.clear()
+        self._reason = ""
+        self._holdings = plan.keeper.holdings()
+        self._channel = await Channel.over(ours)
+        self._channel.start(self._handle)
+        return self._proc
+
+    def _handle(self, message: Message) -> Message | None:
+        if message[0] == "ready":
+            self._ready.set()
+            return None
+        if message[0] == "failed":
+            self._reason = str(message[1])
+            return None
+        assert self._holdings is not None
+        return self._holdings.handle(message)
+
+    async def _until_ready(self, proc: asyncio.subprocess.Process, stopping: asyncio.Event) -> str:
+        """Empty once the child says it is ready (or a stop is asked for); else why not."""
+        waits = [
+            asyncio.create_task(self._ready.wait()),
+            asyncio.create_task(proc.wait()),
+            asyncio.create_task(stopping.wait()),
+        ]
+        try:
+            done, _ = await asyncio.wait(
+                waits, timeout=START_TIMEOUT, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            for task in waits:
+                task.cancel()
+        if self._ready.is_set() or stopping.is_set():
+            return ""
+        if not done:
+            proc.kill()
+            return f"serving process {proc.pid} was not ready within {START_TIMEOUT:.0f}s"
+        code = await proc.wait()
+        await self._forget(proc)
+        return self._reason or f"serving process {proc.pid} exited with {code} during start-up"
+
+    async def _watch(self, proc: asyncio.subprocess.Process) -> int:
+        """Wait for the child to exit, killing it when it stops answering the heartbeat."""
+        assert self._channel is not None
+        channel, bound = self._channel, self._plan.heartbeat
+        loop = asyncio.get_running_loop()
+        while True:
+            channel.note("ping")
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(bound / 4):
+                    return await proc.wait()
+            silent = loop.time() - channel.last_heard
+            if silent > bound and proc.returncode is None:
+                log.error(
+                    "serving process %d did not answer the heartbeat for %.1fs: killing it",
+                    proc.pid,
+                    silent,
+                )
+                proc.kill()
 
     async def stop(self, budget: float) -> int:
-        proc = self._proc
+        async with self._starting:
+            proc = self._proc
         if proc is None:
             return 0
         if proc.returncode is None:
@@ -173,24 +289,30 @@ class _Slot:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
             code = await proc.wait()
-        _forget(self._metrics_dir, proc.pid)
+        await self._forget(proc)
         return code
 
+    async def _forget(self, proc: asyncio.subprocess.Process) -> None:
+        """A gone child's channel is closed, its in-flight slots are free again, and its live
+        gauges (in flight) no longer count; its counters stay."""
+        if self._channel is not None:
+            await self._channel.close()
+            self._channel = None
+        if self._holdings is not None:
+            self._holdings.release_all()
+            self._holdings = None
+        # Imported here: the parent pays for prometheus_client only once a child has died.
+        from prometheus_client import multiprocess
 
-def _forget(metrics_dir: str, pid: int) -> None:
-    """A dead child's live gauges (in flight) must not count any more; its counters stay.
-    (Imported here: the parent pays for prometheus_client only once a child has died.)"""
-    from prometheus_client import multiprocess
-
-    multiprocess.mark_process_dead(pid, metrics_dir)  # type: ignore[no-untyped-call]
+        multiprocess.mark_process_dead(proc.pid, self._plan.metrics_dir)  # type: ignore[no-untyped-call]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m gateway.supervisor")
     parser.add_argument("--processes", type=int, required=True)
-    parser.add_argument("--host", required=True)
-    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--listen-fd", type=int, required=True)
     parser.add_argument("--stop-budget", type=float, required=True)
+    parser.add_argument("--heartbeat", type=float, required=True)
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--log-format", default="json")
     parser.add_argument("child", nargs=argparse.REMAINDER, help="-- the children's arguments")

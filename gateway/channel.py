@@ -1,0 +1,124 @@
+"""The message channel between the supervisor and one serving process: a Unix socket pair,
+one JSON array per line, standard library only (the supervisor imports it).
+
+A message is ``[op, *args]``. Three shapes travel on it:
+
+- a call, ``["call", id, op, *args]``, answered by ``["re", id, *result]``;
+- a note, ``[op, *args]``, never answered (a release, a correction, "ready");
+- the heartbeat: the parent writes ``["ping"]`` and the child's event loop answers
+  ``["pong"]``. Any line from the child counts as a sign of life.
+
+``Channel`` is either end: it reads lines on its own task and hands each message to a
+handler, which answers calls by returning a list. A line is written with ``write`` (no
+``drain``): messages are tens of bytes and the other end reads continuously, so the
+socket buffer is the only queue, and a writer on the event loop never waits on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+from collections.abc import Callable
+from typing import Any
+
+Message = list[Any]
+# Answers a call (returns its result) or takes a note (returns None).
+Handler = Callable[[Message], Message | None]
+
+LINE_LIMIT = 1024 * 1024  # a call carries a few limit names: far below this
+
+
+class ChannelClosed(Exception):
+    """The other end is gone (it exited or closed its end), or a call outlived its bound."""
+
+
+class Channel:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._reader = reader
+        self._writer = writer
+        self._calls: dict[int, asyncio.Future[Message]] = {}
+        self._next_id = 0
+        self._task: asyncio.Task[None] | None = None
+        self.closed = asyncio.Event()
+        self.last_heard = asyncio.get_running_loop().time()
+
+    @classmethod
+    async def over(cls, sock: socket.socket) -> Channel:
+        reader, writer = await asyncio.open_unix_connection(sock=sock, limit=LINE_LIMIT)
+        return cls(reader, writer)
+
+    def start(self, handler: Handler) -> None:
+        """Read and dispatch messages until the other end closes."""
+        self._task = asyncio.create_task(self._read_forever(handler))
+
+    def note(self, op: str, *args: Any) -> None:
+        self._write([op, *args])
+
+    async def call(self, timeout: float, op: str, *args: Any) -> Message:  # noqa: ASYNC109 - a bound for one call
+        """The other end's answer; ``ChannelClosed`` if it is gone or slower than ``timeout``."""
+        if self.closed.is_set():
+            raise ChannelClosed("the channel is closed")
+        self._next_id += 1
+        call_id = self._next_id
+        answer: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
+        self._calls[call_id] = answer
+        self._write(["call", call_id, op, *args])
+        try:
+            async with asyncio.timeout(timeout):
+                return await answer
+        except TimeoutError:
+            raise ChannelClosed(f"no answer to {op} within {timeout}s") from None
+        finally:
+            self._calls.pop(call_id, None)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self._closed()
+        self._writer.close()
+        with contextlib.suppress(OSError):
+            await self._writer.wait_closed()
+
+    async def _read_forever(self, handler: Handler) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while line := await self._reader.readline():
+                self.last_heard = loop.time()
+                self._dispatch(json.loads(line), handler)
+        except (OSError, ValueError):
+            pass  # a reset or a broken line: the other end is as good as gone
+        finally:
+            self._closed()
+
+    def _dispatch(self, message: Message, handler: Handler) -> None:
+        op = message[0]
+        if op == "re":
+            answer = self._calls.get(message[1])
+            if answer is not None and not answer.done():
+                answer.set_result(message[2:])
+        elif op == "call":
+            result = handler(message[2:])
+            self._write(["re", message[1], *(result or [])])
+        elif op == "ping":
+            self._write(["pong"])
+        elif op != "pong":
+            handler(message)
+
+    def _write(self, message: Message) -> None:
+        # A gone end is found by the reader; writing on to it would only log asyncio warnings.
+        if not self.closed.is_set() and not self._writer.is_closing():
+            self._writer.write(_encode(message))
+
+    def _closed(self) -> None:
+        self.closed.set()
+        for answer in self._calls.values():
+            if not answer.done():
+                answer.set_exception(ChannelClosed("the other end closed the channel"))
+
+
+def _encode(message: Message) -> bytes:
+    return json.dumps(message, separators=(",", ":")).encode() + b"\n"
