@@ -3,7 +3,9 @@
 ``plain`` streams one token per chunk as vLLM does by default; ``chunky`` runs with
 ``--stream-interval 3`` (several tokens in one chunk, as vLLM also does on its own when its API
 server falls behind). A test that kills a worker leaves it dead; the ``vllm`` fixture restarts
-any worker that is not healthy before the next test, so each test starts with both up.
+any worker that was signalled or is not healthy before the next test, so each test starts with
+both up. (A worker whose engine was killed may still pass /health for a while: a test that
+started on it failed over to the other worker before its own kill, and saw no resume.)
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ class VLLMFleet:
         return (self.plain, self.chunky)
 
     def revive(self) -> None:
-        dead = [w for w in self.workers if not (w.running and w.healthy())]
+        dead = [w for w in self.workers if w.doomed or not (w.running and w.healthy())]
         for worker in dead:
             worker.stop()
             worker.start()

@@ -84,6 +84,9 @@ class VLLMWorker:
         self.port = port or free_port()
         self.url = f"http://{HOST}:{self.port}"
         self.proc: Proc | None = None
+        # Signalled or killed by a test: dying, even while /health still answers 200 (an API
+        # server notices a dead engine only after a while), so the next test must restart it.
+        self.doomed = False
 
     def command(self) -> list[str]:
         launcher = Path(__file__).with_name("launch.py")
@@ -107,6 +110,7 @@ class VLLMWorker:
         if self.model_dir == MODEL_DIR:
             build_model()
         self.proc = Proc(self.command(), cwd=ROOT, name=f"vllm {self.name}", env=ENV)
+        self.doomed = False
 
     def healthy(self) -> bool:
         return http_status(self.url, "/health") == 200
@@ -152,9 +156,11 @@ class VLLMWorker:
 
     def signal_api(self, sig: int) -> None:
         assert self.proc is not None
+        self.doomed = True
         self.proc.signal(sig)
 
     def kill_engine(self) -> None:
+        self.doomed = True
         os.kill(self.engine_pid(), signal.SIGKILL)
 
     def stop(self) -> None:
