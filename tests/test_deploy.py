@@ -1,10 +1,10 @@
 """The Helm chart and the container image in deploy/, checked offline with the real tools.
 
 helm (the one `make deploy-tools` puts in .cache/bin, else a `helm` on PATH) and
-kubernetes-validate (in the venv) are installed by `make deploy-tools`; without them these tests fail, they never skip. Every manifest of a
-built-in kind is validated against Kubernetes' own schemas with unknown fields rejected; the
-invariants that matter (shutdown timing, probes, settings, security) are asserted on the
-rendered objects.
+kubernetes-validate (in the venv) are installed by `make deploy-tools`; without them these
+tests fail, they never skip. Every manifest of a built-in kind is validated against
+Kubernetes' own schemas with unknown fields rejected; the invariants that matter (shutdown
+timing, probes, settings, security) are asserted on the rendered objects.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ KUBERNETES_VALIDATE = Path(sys.executable).parent / "kubernetes-validate"
 CHART = REPO / "deploy" / "helm" / "vllm-gateway"
 ALL_ON = CHART / "ci" / "all-on-values.yaml"
 DOCKERFILE = REPO / "deploy" / "Dockerfile"
+KEYS_FILE = "/etc/vllm-gateway/keys/keys.yaml"
 # The chart's kubeVersion floor and the newest schemas kubernetes-validate ships.
 KUBERNETES_VERSIONS = ("1.25.0", "1.37.0")
 CUSTOM_KINDS = {"ServiceMonitor", "PrometheusRule"}
@@ -74,10 +75,19 @@ def one(manifests: list[Manifest], kind: str, component: str = "gateway") -> Man
     return found[0]
 
 
-def settings_of(manifests: list[Manifest], tmp_path: Path) -> Settings:
+def config_file(manifests: list[Manifest], tmp_path: Path) -> Path:
+    """The rendered ConfigMap's gateway.yaml, with the Secret-mounted keys file (apiKeys) at a
+    path of this test, where the pod would have it."""
+    keys = tmp_path / "keys.yaml"
+    keys.write_text('- {name: team-a, key: "sk-test-key"}\n', encoding="utf-8")
+    text = one(manifests, "ConfigMap")["data"]["gateway.yaml"]
     path = tmp_path / "gateway.yaml"
-    path.write_text(one(manifests, "ConfigMap")["data"]["gateway.yaml"], encoding="utf-8")
-    return load_settings(path, {})
+    path.write_text(text.replace(KEYS_FILE, str(keys)), encoding="utf-8")
+    return path
+
+
+def settings_of(manifests: list[Manifest], tmp_path: Path) -> Settings:
+    return load_settings(config_file(manifests, tmp_path), {})
 
 
 def containers(manifests: list[Manifest]) -> Iterator[dict[str, Any]]:
@@ -207,9 +217,12 @@ def test_service_monitors_select_a_service_port_named_http(all_on: list[Manifest
         selector = monitor["spec"]["selector"]["matchLabels"].items()
         matched = [s for s in services if selector <= s["metadata"]["labels"].items()]
         assert matched, f"{monitor['metadata']['name']} selects no Service"
-        assert monitor["spec"]["endpoints"] == [
-            {"port": "http", "path": "/metrics", "interval": "30s"}
-        ]
+        [endpoint] = monitor["spec"]["endpoints"]
+        assert {k: endpoint[k] for k in ("port", "path", "interval")} == {
+            "port": "http",
+            "path": "/metrics",
+            "interval": "30s",
+        }
         for service in matched:
             assert [p["name"] for p in service["spec"]["ports"]] == ["http"]
 
@@ -265,8 +278,7 @@ def test_discovery_services_alone_are_enough_workers(tmp_path: Path) -> None:
 
 
 def test_configmap_passes_the_gateways_own_check(rendered: list[Manifest], tmp_path: Path) -> None:
-    path = tmp_path / "gateway.yaml"
-    path.write_text(one(rendered, "ConfigMap")["data"]["gateway.yaml"], encoding="utf-8")
+    path = config_file(rendered, tmp_path)
     env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_GATEWAY_")}
     result = subprocess.run(
         [sys.executable, "-m", "gateway", "--config", str(path), "--check"],
@@ -386,8 +398,7 @@ def test_every_worker_model_is_a_discovery_service(all_on: list[Manifest], tmp_p
 
 def test_gateway_with_only_chart_workers_passes_its_own_check(tmp_path: Path) -> None:
     manifests = render("-f", str(ALL_ON), "--set-json", "config.workers=[]")
-    path = tmp_path / "gateway.yaml"
-    path.write_text(one(manifests, "ConfigMap")["data"]["gateway.yaml"], encoding="utf-8")
+    path = config_file(manifests, tmp_path)
     env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_GATEWAY_")}
     result = subprocess.run(
         [sys.executable, "-m", "gateway", "--config", str(path), "--check"],
@@ -471,6 +482,135 @@ def test_worker_pods_get_gpus_shm_and_time_to_load(all_on: list[Manifest]) -> No
         if "--tensor-parallel-size" in c["args"]
     ]
     assert tensor_parallel == ["4"]
+
+
+def pod_of(manifests: list[Manifest], kind: str, component: str = "gateway") -> Manifest:
+    return one(manifests, kind, component)["spec"]["template"]["spec"]  # type: ignore[no-any-return]
+
+
+def statefulsets(manifests: list[Manifest]) -> dict[str, Manifest]:
+    return {m["metadata"]["name"]: m for m in manifests if m["kind"] == "StatefulSet"}
+
+
+def test_chart_workers_replace_the_placeholder_worker(tmp_path: Path) -> None:
+    manifests = render(*VALUE_SETS["workers-only"][2:])  # vllm on, config.workers left default
+    settings = settings_of(manifests, tmp_path)
+    assert settings.workers == ()
+    assert [str(s.url) for s in settings.discovery.services] == [
+        "http://rel-vllm-gateway-vllm-llama.llm.svc.cluster.local:8000/"
+    ]
+
+
+def test_model_cache_is_a_claim_per_pod_or_an_existing_claim(all_on: list[Manifest]) -> None:
+    for sts in statefulsets(all_on).values():
+        [template] = sts["spec"]["volumeClaimTemplates"]
+        assert template["metadata"]["name"] == "cache"
+        assert template["spec"]["resources"]["requests"]["storage"] == "500Gi"
+        assert template["spec"]["storageClassName"] == "fast-ssd"
+        pod = sts["spec"]["template"]["spec"]
+        assert "cache" not in {v["name"] for v in pod["volumes"]}
+        assert {"name": "cache", "mountPath": "/root/.cache"} in pod["containers"][0][
+            "volumeMounts"
+        ]
+    shared = render("-f", str(ALL_ON), "--set", "vllm.modelCache.existingClaim=weights")
+    for sts in statefulsets(shared).values():
+        assert "volumeClaimTemplates" not in sts["spec"]
+        volumes = {v["name"]: v for v in sts["spec"]["template"]["spec"]["volumes"]}
+        assert volumes["cache"]["persistentVolumeClaim"] == {"claimName": "weights"}
+    for sts in statefulsets(render(*VALUE_SETS["workers-only"])).values():
+        volumes = {v["name"]: v for v in sts["spec"]["template"]["spec"]["volumes"]}
+        assert volumes["cache"] == {"name": "cache", "emptyDir": {}}
+
+
+def test_worker_pods_request_cpu_and_memory(all_on: list[Manifest]) -> None:
+    default = statefulsets(render(*VALUE_SETS["workers-only"]))["rel-vllm-gateway-vllm-llama"]
+    resources = default["spec"]["template"]["spec"]["containers"][0]["resources"]
+    assert resources["requests"] == {"cpu": "4", "memory": "16Gi"}
+    assert resources["limits"] == {"nvidia.com/gpu": 1}
+    sets = statefulsets(all_on)
+    own = sets["llm-vllm-llama"]["spec"]["template"]["spec"]["containers"][0]["resources"]
+    assert own["requests"] == {"cpu": "4", "memory": "32Gi"}  # the model's own win
+    assert own["limits"] == {"memory": "48Gi", "nvidia.com/gpu": 1}
+    shared = sets["llm-vllm-qwen-72b"]["spec"]["template"]["spec"]["containers"][0]["resources"]
+    assert shared["requests"] == {"cpu": "8", "memory": "64Gi"}
+    assert shared["limits"] == {"nvidia.com/gpu": 4}
+
+
+def test_runtime_class_extra_env_and_volumes_reach_both_pods(all_on: list[Manifest]) -> None:
+    gateway = pod_of(all_on, "Deployment")
+    assert gateway["runtimeClassName"] == "gvisor"
+    assert {"name": "OTEL_SERVICE_NAME", "value": "llm-gateway"} in gateway["containers"][0]["env"]
+    assert {"name": "ca-bundle", "configMap": {"name": "corporate-ca"}} in gateway["volumes"]
+    mounts = gateway["containers"][0]["volumeMounts"]
+    assert {"name": "ca-bundle", "mountPath": "/etc/ssl/corporate", "readOnly": True} in mounts
+    for sts in statefulsets(all_on).values():
+        pod = sts["spec"]["template"]["spec"]
+        container = pod["containers"][0]
+        assert pod["runtimeClassName"] == "nvidia"
+        assert [e["name"] for e in container["env"]] == ["HF_TOKEN", "VLLM_LOGGING_LEVEL"]
+        assert {"name": "scratch", "emptyDir": {}} in pod["volumes"]
+        assert {"name": "scratch", "mountPath": "/scratch"} in container["volumeMounts"]
+    default = pod_of(render(), "Deployment")
+    assert "runtimeClassName" not in default
+    assert "env" not in default["containers"][0]
+
+
+def test_api_keys_come_from_a_secret_mounted_as_the_keys_file(all_on: list[Manifest]) -> None:
+    gateway = pod_of(all_on, "Deployment")
+    volumes = {v["name"]: v for v in gateway["volumes"]}
+    assert volumes["api-keys"]["secret"] == {
+        "secretName": "llm-api-keys",
+        "items": [{"key": "keys.yaml", "path": "keys.yaml"}],
+    }
+    [mount] = [m for m in gateway["containers"][0]["volumeMounts"] if m["name"] == "api-keys"]
+    assert mount == {"name": "api-keys", "mountPath": "/etc/vllm-gateway/keys", "readOnly": True}
+    config = yaml.safe_load(one(all_on, "ConfigMap")["data"]["gateway.yaml"])
+    assert config["auth"]["keys_file"] == KEYS_FILE
+    default = yaml.safe_load(one(render(), "ConfigMap")["data"]["gateway.yaml"])
+    assert default["auth"]["keys_file"] is None
+
+
+def test_chart_redis_shares_the_limits_unless_a_url_is_set(all_on: list[Manifest]) -> None:
+    service = one(all_on, "Service", "redis")
+    assert service["metadata"]["name"] == "llm-redis"
+    assert service["spec"]["ports"][0]["port"] == 6379
+    redis = pod_of(all_on, "Deployment", "redis")["containers"][0]
+    assert redis["image"].startswith("redis:")
+    config = yaml.safe_load(one(all_on, "ConfigMap")["data"]["gateway.yaml"])
+    assert config["redis"]["url"] == "redis://llm-redis:6379/0"
+    own = render("-f", str(ALL_ON), "--set", "config.redis.url=redis://mine:6379/1")
+    assert "redis://mine:6379/1" in one(own, "ConfigMap")["data"]["gateway.yaml"]
+    assert not [m for m in render() if m["metadata"]["name"].endswith("-redis")]
+
+
+def test_vllm_scrape_sets_instance_to_the_workers_host_and_port(all_on: list[Manifest]) -> None:
+    """The dashboard's $worker is the host:port of the gateway's worker URL (a pod IP found by
+    discovery, with vllm.port) and filters vLLM's series on `instance`."""
+    monitor = one(all_on, "ServiceMonitor", "vllm")
+    [endpoint] = monitor["spec"]["endpoints"]
+    assert {
+        "sourceLabels": ["__meta_kubernetes_pod_ip"],
+        "targetLabel": "instance",
+        "replacement": "${1}:8000",
+    } in endpoint["relabelings"]
+    dashboard = (REPO / "grafana" / "dashboard.json").read_text(encoding="utf-8")
+    assert 'instance=~\\"$worker\\"' in dashboard
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--set", "vllm.modelCache.size=lots"], "/vllm/modelCache/size"),
+        (["--set-json", 'vllm.modelCache.accessModes=["Sometimes"]'], "accessModes"),
+        (["--set", "apiKeys.secret=x"], "'secret' not allowed"),
+        (["--set-json", 'extraVolumeMounts=[{"name": "x"}]'], "mountPath"),
+        (["--set", "redis.image.tag="], "/redis/image/tag"),
+    ],
+)
+def test_schema_checks_the_production_values(args: list[str], message: str) -> None:
+    result = helm("template", "rel", str(CHART), *args)
+    assert result.returncode != 0
+    assert message in result.stderr
 
 
 # --- the image --------------------------------------------------------------------------------

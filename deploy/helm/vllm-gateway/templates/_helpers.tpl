@@ -52,7 +52,8 @@ app.kubernetes.io/component: {{ .component }}
 {{/*
 The gateway settings as rendered into the ConfigMap: .Values.config, with one DNS discovery
 service per chart-deployed worker model (its headless Service) appended to
-`discovery.services`.
+`discovery.services` (and the placeholder worker dropped then), the keys file of
+apiKeys.existingSecret, and the chart's Redis as redis.url unless one is set.
 */}}
 {{- define "vllm-gateway.config" -}}
 {{- $config := deepCopy .Values.config }}
@@ -67,6 +68,15 @@ service per chart-deployed worker model (its headless Service) appended to
 {{- $url := printf "http://%s.%s.svc.cluster.local:%d" $name $.Release.Namespace (int $.Values.vllm.port) }}
 {{- $services = append $services (dict "url" $url "models" (list (default $m.model $m.servedModelName))) }}
 {{- end }}
+{{- end }}
+{{- if and .Values.vllm.enabled (eq (toJson $config.workers) (toJson (list (dict "url" "http://vllm:8000")))) }}
+{{- $_ := set $config "workers" list }}
+{{- end }}
+{{- if .Values.apiKeys.existingSecret }}
+{{- $_ := set $config "auth" (merge (dict "keys_file" "/etc/vllm-gateway/keys/keys.yaml") (default dict $config.auth)) }}
+{{- end }}
+{{- if and .Values.redis.enabled (not (and $config.redis $config.redis.url)) }}
+{{- $_ := set $config "redis" (merge (dict "url" (printf "redis://%s-redis:6379/0" (include "vllm-gateway.fullname" .))) (default dict $config.redis)) }}
 {{- end }}
 {{- if and (not $config.workers) (not $services) }}
 {{- fail "no workers: list them in config.workers or config.discovery.services, or enable vllm with at least one model" }}
