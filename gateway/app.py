@@ -15,20 +15,25 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from gateway import handlers, keys
+from gateway import admin, handlers, keys, routes
 from gateway.auth import KeyRing, read_keys_file, watch_keys_file
 from gateway.discovery import Resolver, ServiceWatcher, system_resolver, watch_forever
 from gateway.lifecycle import Lifecycle
 from gateway.metrics import GatewayMetrics
 from gateway.middleware import (
+    CORS,
     KEYRING,
+    add_cors_headers,
     add_request_id_header,
     auth_middleware,
+    cors_middleware,
+    encoding_middleware,
     error_middleware,
     expect_handler,
     request_id_middleware,
 )
 from gateway.monitor import probe_all, probe_forever, scrape_forever
+from gateway.passthrough import Passthrough
 from gateway.proxy import Proxy
 from gateway.ratelimit import RateLimiter
 from gateway.ratelimit_host import HostLimits
@@ -56,7 +61,13 @@ def create_app(
     per-key limits the supervisor keeps, when this is one of several serving processes (see
     ``supervisor``)."""
     app = web.Application(
-        middlewares=[request_id_middleware, error_middleware, auth_middleware],
+        middlewares=[
+            request_id_middleware,
+            error_middleware,
+            cors_middleware,
+            encoding_middleware,
+            auth_middleware,
+        ],
         client_max_size=settings.server.max_body_bytes,
     )
     metrics = GatewayMetrics(
@@ -72,6 +83,7 @@ def create_app(
         _export_worker(metrics, fleet, worker)
     app[keys.SETTINGS] = settings
     app[KEYRING] = KeyRing(settings.auth)
+    app[CORS] = settings.cors
     app[keys.RESOLVER] = resolver
     app[keys.METRICS] = metrics
     app[keys.FLEET] = fleet
@@ -82,6 +94,8 @@ def create_app(
     app.cleanup_ctx.append(_upstream_and_probes)
     app.cleanup_ctx.append(_loop_lag_timer)
     app.on_response_prepare.append(add_request_id_header)
+    if settings.cors.allow_origins:
+        app.on_response_prepare.append(add_cors_headers)
     posts = {
         "/v1/chat/completions": handlers.chat_completions,
         "/v1/completions": handlers.completions,
@@ -98,6 +112,9 @@ def create_app(
         app.router.add_post(path, handler, expect_handler=expect_handler)
     for path, handler in gets.items():
         app.router.add_get(path, handler, expect_handler=expect_handler)
+    routes.register(app, expect_handler)
+    for path in admin.PATHS:
+        app.router.add_post(path, admin.lora_adapter, expect_handler=expect_handler)
     return app
 
 
@@ -158,7 +175,9 @@ async def _upstream_and_probes(app: web.Application) -> AsyncIterator[None]:
     )
     limiter = RateLimiter(settings.redis, metrics, host=app.get(keys.HOST_LIMITS))
     await limiter.start()
-    app[keys.PROXY] = Proxy(settings, fleet, upstream, metrics, app[keys.LIFECYCLE], limiter)
+    proxy = Proxy(settings, fleet, upstream, metrics, app[keys.LIFECYCLE], limiter)
+    app[keys.PROXY] = proxy
+    app[routes.PASSTHROUGH] = Passthrough(settings, fleet, upstream, metrics, proxy.admission)
     watchers = [
         ServiceWatcher(
             fleet, service, app[keys.RESOLVER], upstream.probe, settings.limits.pool_per_worker

@@ -38,6 +38,7 @@ class Client:
     name: str
     limits: RateLimits = field(default_factory=RateLimits)
     models: dict[str, RateLimits] = field(default_factory=dict)
+    admin: bool = False  # may use the admin routes (LoRA adapters)
 
 
 OPEN_CLIENT = Client(ANONYMOUS)
@@ -83,7 +84,7 @@ class KeyRing:
     def _client(self, key: ApiKeySettings) -> Client:
         own = RateLimits(rpm=key.rpm, tpm=key.tpm, max_concurrent=key.max_concurrent)
         limits = own if own != RateLimits() else self._defaults
-        return Client(key.name, limits, dict(key.models))
+        return Client(key.name, limits, dict(key.models), admin=key.admin)
 
 
 def _stored_digest(key: ApiKeySettings) -> bytes:

@@ -11,16 +11,24 @@ failed with it may be retried on another worker (before commit only)::
     │   ├── ClientTooSlow (408)         client_too_slow
     │   ├── RequestBodyTimeout (408)    request_body_timeout
     │   ├── PayloadTooLarge (413)       request_too_large
-    │   ├── UnsupportedMediaType (415)  unsupported_media_type
+    │   ├── UnsupportedMediaType (415)  unsupported_media_type · unsupported_content_encoding
+    │   ├── HeadersTooLarge (431)       headers_too_large
+    │   ├── ResponseNotFound (404)      response_not_found  (no worker holds the stored response)
+    │   ├── ResponseHolderLost (404)    response_holder_lost  (its worker left the fleet)
     │   └── ExpectationFailed (417)     expectation_failed
     ├── Unauthorized (401)              invalid_api_key
+    ├── AdminKeyRequired (403)          admin_key_required
     ├── RateLimited (429, Retry-After)  rate_limit_exceeded  (type: requests · tokens · concurrency)
     ├── Unavailable (503, Retry-After)  gateway_overloaded · no_healthy_worker · shutting_down
+    │   ├── WorkersCoolingDown          workers_cooling_down  (every worker asked for time)
+    │   └── ResponseHolderUnavailable   response_holder_unavailable  (its worker is down)
     └── UpstreamError (502)             the worker failed us
         ├── UpstreamConnectError        upstream_connect_error      retryable
         ├── UpstreamDisconnected        upstream_disconnected       retryable before headers
-        ├── UpstreamStatusError         upstream_unavailable        retryable (429/502/503/504)
+        │   └── StaleConnection         upstream_stale_connection   retryable, not the worker's
+        ├── UpstreamStatusError         upstream_unavailable        429/502/503/504
         │                               upstream_http_<status>      any other error status
+        │                               (retried when in ``retry.statuses``)
         ├── UpstreamBadResponse         upstream_bad_response
         │   ├── UpstreamBadAnswer       upstream_bad_answer         retryable
         │   └── UpstreamMalformedEvent  upstream_malformed_event    retryable
@@ -117,6 +125,13 @@ class MethodNotAllowed(InvalidRequest):
     code = "method_not_allowed"
     default_message = "Method not allowed on this path."
 
+    def __init__(self, allowed: tuple[str, ...] = ()) -> None:
+        super().__init__()
+        self.allowed = allowed
+
+    def headers(self) -> dict[str, str]:
+        return {"Allow": ", ".join(self.allowed)} if self.allowed else {}
+
 
 class PayloadTooLarge(InvalidRequest):
     status = 413
@@ -150,6 +165,41 @@ class UnsupportedMediaType(InvalidRequest):
     default_message = "Content-Type must be application/json."
 
 
+class UnsupportedContentEncoding(UnsupportedMediaType):
+    code = "unsupported_content_encoding"
+    default_message = "Content-Encoding must be gzip, deflate or identity."
+
+
+class HeadersTooLarge(InvalidRequest):
+    status = 431
+    code = "headers_too_large"
+    default_message = "The request's header fields are too large or too many."
+
+
+class ResponseNotFound(InvalidRequest):
+    """No worker holds the stored response a request names (vLLM's own answer, 404)."""
+
+    status = 404
+    code = "response_not_found"
+
+    def __init__(self, response_id: str, param: str) -> None:
+        shown = response_id if len(response_id) <= 200 else response_id[:200] + "..."
+        super().__init__(f"Response with id '{shown}' not found.", param=param)
+
+
+class ResponseHolderLost(ResponseNotFound):
+    """The worker that stored the response left the fleet, and the response with it."""
+
+    code = "response_holder_lost"
+
+    def __init__(self, response_id: str, param: str) -> None:
+        super().__init__(response_id, param)
+        self.message = (
+            f"Response with id '{response_id[:200]}' was stored by a worker that has left the "
+            "fleet; it is lost."
+        )
+
+
 class ExpectationFailed(InvalidRequest):
     """An ``Expect`` header other than ``100-continue`` (RFC 9110, 10.1.1)."""
 
@@ -168,6 +218,16 @@ class Unauthorized(GatewayError):
 
     def headers(self) -> dict[str, str]:
         return {"WWW-Authenticate": 'Bearer realm="vllm-gateway"'}
+
+
+class AdminKeyRequired(GatewayError):
+    """An admin route (LoRA adapters) asked for without an admin key; refused even when the
+    gateway has no keys at all, so an open gateway never opens its admin routes."""
+
+    status = 403
+    type = "invalid_request_error"
+    code = "admin_key_required"
+    default_message = "This route needs an API key with admin: true."
 
 
 class RateLimited(GatewayError):
@@ -217,6 +277,21 @@ class NoHealthyWorker(Unavailable):
     default_message = "No healthy worker serves this model right now."
 
 
+class WorkersCoolingDown(Unavailable):
+    """Every worker that could serve the model asked for time (``Retry-After`` on a 429 or
+    503) and that time has not passed: ``Retry-After`` says how long is left."""
+
+    code = "workers_cooling_down"
+    default_message = "Every worker for this model asked for time; retry after the indicated delay."
+
+
+class ResponseHolderUnavailable(Unavailable):
+    code = "response_holder_unavailable"
+    default_message = (
+        "The worker that stored this response is not available now; retry after the delay."
+    )
+
+
 class ShuttingDown(Unavailable):
     code = "shutting_down"
     default_message = "The gateway is shutting down; retry on another replica."
@@ -244,36 +319,44 @@ class UpstreamDisconnected(UpstreamError):
     default_message = "The model worker closed the connection."
 
 
+class StaleConnection(UpstreamDisconnected):
+    """A kept connection closed by the worker (its keep-alive timer) as the request went out,
+    with not a byte back: most likely unread, yet possibly read. Retried by the proxy like
+    any failure (counted, budgeted, logged), never silently by the forwarding client."""
+
+    code = "upstream_stale_connection"
+    default_message = "The model worker closed a kept connection as the request was sent."
+
+
 class UpstreamStatusError(UpstreamError):
     """A worker answered with an error status.
 
-    429/502/503/504 are retryable on another worker. When relayed to the client, it gets the
-    worker's own status and error body if that is OpenAI-shaped (vLLM's is: a context-length
-    400 reaches the client unchanged), else this error's body with the worker's status.
+    Whether it is retried is the retry policy's (``retry.statuses``, ``gateway/failover.py``).
+    When it reaches the client, the status is the worker's. A client error (4xx but 429) keeps
+    the worker's own body when that is OpenAI-shaped (vLLM's is: a context-length 400 reaches
+    the client unchanged). A 429 or 5xx gets this error's body, with a stable ``code`` and the
+    worker's message when it had one, and ``Retry-After`` when the worker sent one or the proxy
+    set one.
     """
 
-    RETRYABLE_STATUSES = frozenset({429, 502, 503, 504})
+    UNAVAILABLE_STATUSES = frozenset({429, 502, 503, 504})
 
     default_message = "The model worker answered with an error."
 
     def __init__(self, status: int, body: bytes, headers: dict[str, str]) -> None:
-        super().__init__()
+        super().__init__(_worker_message(body) if status >= 500 or status == 429 else None)
         self.status = status
-        self.retryable = status in self.RETRYABLE_STATUSES
+        self.retryable = status in self.UNAVAILABLE_STATUSES
         self.code = "upstream_unavailable" if self.retryable else f"upstream_http_{status}"
         if status < 500:
             self.type = "invalid_request_error"
         self.upstream_body = body
         self.upstream_headers = headers
 
-    @property
-    def worker_at_fault(self) -> bool:
-        # 429 and 503 mean busy, not sick: ejecting busy workers would cascade over the fleet.
-        # A dead engine still fails its /health probe.
-        return self.status >= 500 and self.status != 503
-
     def body_bytes(self) -> bytes:
-        return self.upstream_body if is_openai_error(self.upstream_body) else super().body_bytes()
+        if self.status < 500 and self.status != 429 and is_openai_error(self.upstream_body):
+            return self.upstream_body
+        return super().body_bytes()
 
     def headers(self) -> dict[str, str]:
         # Only Retry-After survives: the body sent is always JSON, whatever the worker's type.
@@ -350,6 +433,19 @@ class IdleTimeout(UpstreamTimeout):
 class TotalTimeout(UpstreamTimeout):
     code = "request_timeout"
     default_message = "The request took longer than the gateway allows."
+
+
+def _worker_message(body: bytes) -> str | None:
+    """The message of a worker's OpenAI-shaped error body, if it is one (bounded)."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(data, dict):
+        return None
+    inner = data.get("error")
+    message = inner.get("message") if isinstance(inner, dict) else data.get("message")
+    return message[:2000] if isinstance(message, str) and message else None
 
 
 def is_openai_error(body: bytes) -> bool:

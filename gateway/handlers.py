@@ -7,24 +7,15 @@ import time
 
 import orjson
 from aiohttp import web
-from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from gateway import keys, openapi
-from gateway.request import CHAT, COMPLETIONS, EMBEDDINGS, Route
+from gateway.request import CHAT, COMPLETIONS, EMBEDDINGS
+from gateway.routes import proxied
 
-
-def _proxied(route: Route) -> Handler:
-    async def handler(request: web.Request) -> web.StreamResponse:
-        return await request.app[keys.PROXY].handle(request, route)
-
-    handler.__name__ = route.name
-    return handler
-
-
-chat_completions = _proxied(CHAT)
-completions = _proxied(COMPLETIONS)
-embeddings = _proxied(EMBEDDINGS)
+chat_completions = proxied(CHAT)
+completions = proxied(COMPLETIONS)
+embeddings = proxied(EMBEDDINGS)
 
 
 async def list_models(request: web.Request) -> web.Response:

@@ -1,4 +1,5 @@
-"""Request middlewares: request ids, API keys, and rendering every error in the OpenAI shape.
+"""Request middlewares: request ids, CORS, API keys, the body's encoding, and rendering every
+error in the OpenAI shape.
 
 Every response carries ``X-Request-Id`` (the client's, if it sent a sane one, else a new one),
 also sent to the worker and put in every log line about the request. Every error that leaves
@@ -24,16 +25,32 @@ from gateway.errors import (
     MethodNotAllowed,
     PayloadTooLarge,
     RouteNotFound,
+    UnsupportedContentEncoding,
 )
 from gateway.logs import request_id_var
+from gateway.request import JSON_ROUTES
+from gateway.settings import CorsSettings
 
 log = logging.getLogger(__name__)
 
 REQUEST_ID = web.RequestKey("request_id", str)
 CLIENT = web.RequestKey("client", Client)
 KEYRING = web.AppKey("keyring", KeyRing)
-# The routes that need a key: the OpenAI API. Health, readiness and metrics stay open.
+CORS = web.AppKey("cors", CorsSettings)
+# The routes that need a key: the OpenAI API and vLLM's routes outside /v1. Health, readiness,
+# metrics, the API document and /version stay open (vLLM's --api-key guards only /v1 too).
 _PROTECTED_PREFIX = "/v1/"
+_PROTECTED = frozenset(route.path for route in JSON_ROUTES)
+# Content-Encodings aiohttp's server decodes; any other would reach a worker still encoded.
+_DECODED = frozenset(("gzip", "x-gzip", "deflate", "identity"))
+# What a browser script may read from an answer besides the CORS-safelisted headers.
+_EXPOSED = ", ".join(
+    (
+        "X-Request-Id", "Retry-After", "X-Gateway-Version",
+        *(f"x-ratelimit-{what}-{kind}" for what in ("limit", "remaining", "reset")
+          for kind in ("requests", "tokens")),
+    )
+)  # fmt: skip
 _ids = random.Random()  # noqa: S311 (seeded from os.urandom in each process; ids grant nothing)
 _SANE_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 
@@ -83,10 +100,71 @@ async def add_request_id_header(request: web.BaseRequest, response: web.StreamRe
 
 
 @web.middleware
+async def cors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Answers a CORS preflight itself (before the key check: a browser sends no credentials
+    with it); ``add_cors_headers`` marks every other answer to an allowed origin."""
+    if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
+        cors = request.app[CORS]
+        origin = request.headers.get("Origin", "")
+        if _allowed(cors, origin):
+            return _preflight(request, cors, origin)
+    return await handler(request)
+
+
+def _allowed(cors: CorsSettings, origin: str) -> bool:
+    return bool(origin) and ("*" in cors.allow_origins or origin in cors.allow_origins)
+
+
+def _preflight(request: web.Request, cors: CorsSettings, origin: str) -> web.Response:
+    match = request.match_info
+    methods = set(getattr(match.http_exception, "allowed_methods", ()) or ())
+    if match.route.method != "*" and match.http_exception is None:
+        methods.add(match.route.method)
+    asked = request.headers.get("Access-Control-Request-Headers", "")
+    headers = {
+        "Access-Control-Allow-Origin": "*" if "*" in cors.allow_origins else origin,
+        "Access-Control-Allow-Methods": ", ".join(sorted(methods)) or "GET, POST",
+        "Access-Control-Allow-Headers": asked if "*" in cors.allow_headers
+        else ", ".join(cors.allow_headers),
+        "Access-Control-Max-Age": str(cors.max_age),
+    }  # fmt: skip
+    if "*" not in cors.allow_origins:
+        headers["Vary"] = "Origin"
+    return web.Response(status=204, headers=headers)
+
+
+async def add_cors_headers(request: web.BaseRequest, response: web.StreamResponse) -> None:
+    """on_response_prepare: every answer to an allowed origin, streamed ones included."""
+    origin = request.headers.get("Origin")
+    if origin is None or "Access-Control-Allow-Origin" in response.headers:
+        return
+    cors = request.app[CORS] if isinstance(request, web.Request) else None
+    if cors is None or not _allowed(cors, origin):
+        return
+    wildcard = "*" in cors.allow_origins
+    response.headers["Access-Control-Allow-Origin"] = "*" if wildcard else origin
+    response.headers["Access-Control-Expose-Headers"] = _EXPOSED
+    if not wildcard:
+        response.headers["Vary"] = "Origin"
+
+
+@web.middleware
+async def encoding_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A body in a Content-Encoding aiohttp does not decode is refused (415), not read as if
+    it were plain."""
+    encoding = request.headers.get("Content-Encoding")
+    if encoding is not None:
+        codings = {c.strip().lower() for c in encoding.split(",")}
+        if not codings <= _DECODED:
+            raise UnsupportedContentEncoding()
+    return await handler(request)
+
+
+@web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Names the client of every OpenAI route, or answers 401 (rendered by error_middleware,
     which runs outside this one)."""
-    if request.path.startswith(_PROTECTED_PREFIX):
+    if request.path.startswith(_PROTECTED_PREFIX) or request.path in _PROTECTED:
         ring = request.app[KEYRING]
         request[CLIENT] = ring.identify(request.headers.get("Authorization"))
     else:
@@ -112,6 +190,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 def _from_http_exception(exc: web.HTTPException) -> GatewayError:
     if exc.status == 404:
         return RouteNotFound()
+    if isinstance(exc, web.HTTPMethodNotAllowed):
+        return MethodNotAllowed(tuple(sorted(exc.allowed_methods)))
     if exc.status == 405:
         return MethodNotAllowed()
     if exc.status == 413:

@@ -1,17 +1,24 @@
-"""What the gateway reads from a request before routing it: the OpenAI routes it forwards,
-``parse_request`` (model, stream, affinity key, resumability; the body stays untouched but for
-the usage request of a stream), and the one rewrite a fallback model needs."""
+"""What the gateway reads from a request before routing it: the routes it forwards through the
+proxy, ``parse_request`` (model, stream, affinity key, resumability; the body stays untouched but
+for the usage request of a stream), and the one rewrite a fallback model needs.
+
+The gateway checks only what it must know: the model (to route), ``stream`` (to relay), and the
+limits an operator configured. Everything else is the worker's to validate, so a body vLLM
+accepts is never refused here: fields are read the way vLLM's pydantic models read them (lax:
+``"n": 1.0`` is 1, ``"stream": "true"`` is true), and a body only Python's JSON parser accepts
+(wide integers, lone surrogates) is read with it (``jsonsplice``).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
-
 from gateway.affinity import prefix_key, session_key
 from gateway.errors import InvalidField, InvalidJSON, InvalidRequest
+from gateway.jsonsplice import BodyError, dumps, loads, replace_member
 from gateway.resume import resumable_request
 from gateway.settings import InputLimitSettings, RoutingSettings
 from gateway.usage import ask_for_usage
@@ -27,6 +34,30 @@ class Route:
 CHAT = Route("chat_completions", "/v1/chat/completions", can_stream=True)
 COMPLETIONS = Route("completions", "/v1/completions", can_stream=True)
 EMBEDDINGS = Route("embeddings", "/v1/embeddings", can_stream=False)
+
+# vLLM's other JSON routes whose answer is one JSON body: through the proxy like embeddings
+# (admission, rate limits, retries before commit). The metric label is the path's own name.
+JSON_ROUTES = tuple(
+    Route(name, path, can_stream=False)
+    for name, path in (
+        ("tokenize", "/tokenize"),
+        ("detokenize", "/detokenize"),
+        ("pooling", "/pooling"),
+        ("classify", "/classify"),
+        ("score", "/score"),
+        ("score", "/v1/score"),
+        ("rerank", "/rerank"),
+        ("rerank", "/v1/rerank"),
+        ("rerank", "/v2/rerank"),
+        ("embed", "/v2/embed"),
+        ("count_tokens", "/v1/messages/count_tokens"),
+    )
+)
+
+# The model a request without one is served by: set per request by the handler when the
+# fleet serves exactly one model (vLLM serves a model-less request with its one model). A
+# context variable because the proxy calls ``parse_request`` with the body alone.
+default_model_var: ContextVar[str | None] = ContextVar("default_model", default=None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,29 +87,26 @@ def parse_request(
     forwarded untouched, except that a stream whose client did not ask for usage asks for it
     (for exact token metrics)."""
     try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError:
+        data, plain = loads(body)
+    except BodyError:
         raise InvalidJSON() from None
     if not isinstance(data, dict):
         raise InvalidRequest("The request body must be a JSON object.")
     completion = check_input_limits(data, body, limits or InputLimitSettings())
     estimate = len(body) // 4 + completion
-    model = data.get("model")
-    if not isinstance(model, str) or not model:
-        raise InvalidField("'model' is required and must be a non-empty string.", param="model")
-    stream = data.get("stream", False)
-    if stream is None:
-        stream = False
-    if not isinstance(stream, bool):
-        raise InvalidField("'stream' must be a boolean.", param="stream")
+    model = request_model(data)
+    # A value pydantic would not read as a bool is the worker's to refuse: relayed as JSON.
+    stream = lax_bool(data.get("stream")) is True
     key = _affinity_key(data, routing)
     if not (stream and route.can_stream):
         return RequestMeta(
             model=model, stream=False, body=body, affinity_key=key, token_estimate=estimate
         )
-    single = data.get("n") in (None, 1)
-    resumable = route is CHAT and resumable_request(data)
-    rewritten = ask_for_usage(data)
+    n = lax_int(data.get("n"))
+    single = n is None or n == 1
+    # Resume re-reads the body with orjson: only for bodies orjson reads.
+    resumable = plain and route is CHAT and resumable_request(data)
+    rewritten = ask_for_usage(body, data) if single else None
     return RequestMeta(
         model=model,
         stream=True,
@@ -91,31 +119,75 @@ def parse_request(
     )
 
 
+def request_model(data: dict[str, Any]) -> str:
+    """The model to route to: the body's, else the fleet's one model (``default_model_var``).
+    A model that is not a string is routed to the default too when there is one: the worker
+    gives its own answer."""
+    model = data.get("model")
+    if isinstance(model, str) and model:
+        return model
+    default = default_model_var.get()
+    if default is not None:
+        return default
+    raise InvalidField("'model' is required and must be a non-empty string.", param="model")
+
+
 def check_input_limits(data: dict[str, Any], body: bytes, limits: InputLimitSettings) -> int:
-    """Reject what no worker should be sent (400, naming the field); return the completion
-    tokens asked for (0 when not given)."""
+    """Reject what the operator's limits forbid (400, naming the field); return the completion
+    tokens asked for (0 when not given). A value of the wrong type is the worker's to refuse:
+    only a value that counts as a number is held to a cap."""
     if _too_deep(body, data, limits.max_json_depth):
         raise InvalidRequest(f"The request body is nested deeper than {limits.max_json_depth}.")
     asked = 0
     for name in _TOKEN_LIMIT_FIELDS:
-        value = data.get(name)
+        value = lax_int(data.get(name))
         if value is None:
             continue
-        # 0 is vLLM's too: with echo, prompt logprobs without generation (lm-eval's scoring).
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise InvalidField(f"'{name}' must be a non-negative integer.", param=name)
         if limits.max_tokens is not None and value > limits.max_tokens:
             raise InvalidField(f"'{name}' must be at most {limits.max_tokens}.", param=name)
         asked = max(asked, value)
-    n = data.get("n")
-    if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
-        raise InvalidField("'n' must be a positive integer.", param="n")
-    if isinstance(n, int) and n > limits.max_n:
+    n = lax_int(data.get("n"))
+    if n is not None and limits.max_n is not None and n > limits.max_n:
         raise InvalidField(f"'n' must be at most {limits.max_n}.", param="n")
     messages = data.get("messages")
     if isinstance(messages, list) and len(messages) > limits.max_messages:
         raise InvalidField(f"At most {limits.max_messages} messages.", param="messages")
-    return asked * (n if isinstance(n, int) else 1)
+    return max(asked, 0) * (n if n is not None and n > 0 else 1)
+
+
+def lax_int(value: object) -> int | None:
+    """``value`` as pydantic's lax mode reads an int (1, 1.0, "1"); None when it does not."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            return None
+    return None
+
+
+_TRUE = frozenset({"1", "on", "t", "true", "y", "yes"})
+_FALSE = frozenset({"0", "off", "f", "false", "n", "no"})
+
+
+def lax_bool(value: object) -> bool | None:
+    """``value`` as pydantic's lax mode reads a bool; None for null or what it refuses."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int | float) and value in (0, 1):
+        return value == 1
+    if isinstance(value, str):
+        lowered = value.lower()
+        if lowered in _TRUE:
+            return True
+        if lowered in _FALSE:
+            return False
+    return None
 
 
 def _too_deep(body: bytes, data: object, limit: int) -> bool:
@@ -142,8 +214,6 @@ def _affinity_key(data: dict[str, object], routing: RoutingSettings) -> str | No
 
 
 def with_model(body: bytes, model: str) -> bytes:
-    """The body for a fallback model: the only re-serialisation on the request path, and only
-    when a fallback is used."""
-    data = orjson.loads(body)
-    data["model"] = model
-    return orjson.dumps(data)
+    """The body for a fallback model: the value of ``model`` replaced (appended when the
+    client sent none), every other byte the client's."""
+    return replace_member(body, "model", dumps(model))

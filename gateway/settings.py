@@ -21,6 +21,7 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    field_validator,
     model_validator,
 )
 
@@ -160,6 +161,20 @@ class RetrySettings(_Frozen):
     budget_min: int = Field(10, ge=0)  # ...plus this many per window
     budget_window: float = Field(10.0, gt=0)
     max_retry_after: float = Field(60.0, ge=0)  # a worker's Retry-After is honoured up to this
+    # Worker statuses retried before the commit point (elsewhere, or on the same worker when
+    # there is nowhere else). A 500 from vLLM is an engine error worth one more try.
+    statuses: tuple[int, ...] = (429, 500, 502, 503, 504)
+    # The longest Retry-After a request waits out for a same-worker retry (also bounded by the
+    # request's deadline); a longer one reaches the client with its Retry-After.
+    max_wait: float = Field(5.0, ge=0)
+
+    @field_validator("statuses")
+    @classmethod
+    def _error_statuses(cls, statuses: tuple[int, ...]) -> tuple[int, ...]:
+        bad = [s for s in statuses if not 400 <= s <= 599]
+        if bad:
+            raise ValueError(f"retry.statuses: not error statuses: {bad}")
+        return statuses
 
 
 class HealthSettings(_Frozen):
@@ -200,6 +215,7 @@ class ApiKeySettings(RateLimits):
     sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
     key: SecretStr | None = None
     revoked: bool = False
+    admin: bool = False  # may load and unload LoRA adapters on the workers
     models: dict[str, RateLimits] = {}  # per-model limits, on top of the key's own
 
     @model_validator(mode="after")
@@ -235,9 +251,19 @@ class RedisSettings(_Frozen):
 
 class InputLimitSettings(_Frozen):
     max_tokens: int | None = Field(None, gt=0)  # largest max_tokens / max_completion_tokens
-    max_n: int = Field(8, gt=0)
+    max_n: int | None = Field(None, gt=0)  # no cap by default: vLLM has none
     max_messages: int = Field(1024, gt=0)
     max_json_depth: int = Field(32, gt=0)
+
+
+class CorsSettings(_Frozen):
+    """Cross-origin access for browser apps. The default is vLLM's: every origin, no
+    credentials (keys travel in ``Authorization``, which a page must set itself); an empty
+    ``allow_origins`` turns CORS off."""
+
+    allow_origins: tuple[str, ...] = ("*",)
+    allow_headers: tuple[str, ...] = ("*",)
+    max_age: int = Field(600, ge=0)  # seconds a browser may cache a preflight's answer
 
 
 class LogSettings(_Frozen):
@@ -251,6 +277,9 @@ class Settings(_Frozen):
     discovery: DiscoverySettings = DiscoverySettings()
     routing: RoutingSettings = RoutingSettings()
     fallbacks: dict[str, tuple[str, ...]] = {}  # model -> models to try, in order, when it fails
+    # model -> longer-context models to try, in order, when a worker says the prompt does not
+    # fit the model's context (and only then)
+    context_fallbacks: dict[str, tuple[str, ...]] = {}
     timeouts: TimeoutSettings = TimeoutSettings()
     limits: LimitSettings = LimitSettings()
     retry: RetrySettings = RetrySettings()
@@ -259,6 +288,7 @@ class Settings(_Frozen):
     auth: AuthSettings = AuthSettings()
     redis: RedisSettings = RedisSettings()
     input: InputLimitSettings = InputLimitSettings()
+    cors: CorsSettings = CorsSettings()
     logging: LogSettings = LogSettings()
 
     @model_validator(mode="after")
@@ -273,16 +303,20 @@ class Settings(_Frozen):
 
     @model_validator(mode="after")
     def _fallbacks_are_chains(self) -> Self:
-        for model, chain in self.fallbacks.items():
-            if model in chain or len(set(chain)) != len(chain):
-                raise ValueError(f"fallbacks.{model}: a chain must not repeat a model")
+        named = (("fallbacks", self.fallbacks), ("context_fallbacks", self.context_fallbacks))
+        for name, chains in named:
+            for model, chain in chains.items():
+                if model in chain or len(set(chain)) != len(chain):
+                    raise ValueError(f"{name}.{model}: a chain must not repeat a model")
         return self
 
 
 def per_process(settings: Settings, processes: int) -> Settings:
     """The share of one of ``processes`` serving processes: the gateway-wide connection and
     in-flight limits divided (rounded up), so the limits in the file still bound the whole
-    gateway. Each process admits, probes and routes on its own, like a replica."""
+    gateway, and so is the retry budget's floor (its ratio applies to each process's own
+    requests, so it holds for the whole gateway as it is). Each process admits, probes and
+    routes on its own, like a replica."""
     if processes <= 1:
         return settings
 
@@ -298,6 +332,9 @@ def per_process(settings: Settings, processes: int) -> Settings:
                     "pool_size": share(limits.pool_size),
                     "pool_per_worker": share(limits.pool_per_worker),
                 }
+            ),
+            "retry": settings.retry.model_copy(
+                update={"budget_min": share(settings.retry.budget_min)}
             ),
             "workers": tuple(
                 w.model_copy(update={"max_in_flight": share(w.max_in_flight)})

@@ -1,5 +1,6 @@
-"""The gateway's HTTP clients towards workers: the forwarding pool (``gateway.h1``) and a
-small aiohttp session for probes and scrapes, with aiohttp's exceptions mapped here.
+"""The gateway's HTTP clients towards workers: the forwarding pool (``gateway.h1``), a small
+aiohttp session for probes and scrapes, and one for pass-through requests the pool cannot carry
+(any method, a streamed request body); aiohttp's exceptions are mapped here.
 
 The connect phase (including the wait for a pooled connection) is bounded by the pool; the
 other phases (first token, idle, total) are enforced by the proxy, because only it knows where
@@ -10,11 +11,18 @@ from __future__ import annotations
 
 import asyncio
 import functools
+from collections.abc import AsyncIterable
 
 import aiohttp
 import orjson
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.errors import (
+    ConnectTimeout,
+    IdleTimeout,
+    UpstreamBadResponse,
+    UpstreamConnectError,
+    UpstreamDisconnected,
     UpstreamError,
 )
 from gateway.h1 import Pool, Response
@@ -33,8 +41,12 @@ _DROPPED = frozenset(
         "Trailer", "Upgrade", "Content-Length", "Accept-Encoding", "Authorization", "Cookie",
         "Proxy-Authorization", "Expect", "Content-Encoding", "Forwarded", "X-Forwarded-For",
         "X-Forwarded-Host", "X-Forwarded-Proto", "X-Real-IP", "X-Api-Key",
+        # The gateway sends its own (the client's when it was sane): exactly one per request.
+        "X-Request-Id",
     )
 )  # fmt: skip
+# Connection options, not header names (RFC 9110, 7.6.1): never a reason to drop a header.
+_CONNECTION_OPTIONS = frozenset((b"close", b"keep-alive", b""))
 
 RawHeaders = tuple[tuple[bytes, bytes], ...]
 
@@ -77,10 +89,50 @@ class Upstream:
             skip_auto_headers=("User-Agent",),
             cookie_jar=aiohttp.DummyCookieJar(),
         )
+        # Pass-through answers are relayed as the worker sent them: no decompression, no
+        # cookies, no headers of aiohttp's own. The total bound is the caller's.
+        self._passthrough = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(
+                limit=limits.pool_size,
+                limit_per_host=limits.pool_per_worker,
+                keepalive_timeout=limits.keepalive,
+            ),
+            timeout=aiohttp.ClientTimeout(
+                total=None, connect=timeouts.connect, sock_read=timeouts.idle
+            ),
+            auto_decompress=False,
+            skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
+            cookie_jar=aiohttp.DummyCookieJar(),
+        )
+
+    async def open(
+        self,
+        method: str,
+        worker: Worker,
+        path: str,
+        headers: CIMultiDict[str],
+        body: bytes | AsyncIterable[bytes] | None,
+    ) -> PassResponse:
+        """Send a request as it came (``headers`` from ``passthrough_headers``) and return once
+        the response headers are in; the caller closes the response."""
+        if worker.api_key is not None:
+            headers["Authorization"] = f"Bearer {worker.api_key}"
+        try:
+            response = await self._passthrough.request(
+                method, worker.url + path, headers=headers, data=body, allow_redirects=False
+            )
+        except aiohttp.ClientConnectorError:
+            raise UpstreamConnectError() from None
+        except aiohttp.ClientError as exc:
+            raise _mapped(exc) from None
+        except TimeoutError:
+            raise ConnectTimeout() from None
+        return PassResponse(response)
 
     async def close(self) -> None:
         await self._pool.close()
         await self._probes.close()
+        await self._passthrough.close()
 
     def _connected(self, worker: str, seconds: float) -> None:
         assert self._metrics is not None
@@ -174,16 +226,95 @@ async def _none() -> None:
     return None
 
 
+class PassResponse:
+    """A worker's answer to a pass-through request: status, headers and body bytes as sent."""
+
+    def __init__(self, response: aiohttp.ClientResponse) -> None:
+        self._response = response
+        self.status = response.status
+        self.headers: CIMultiDictProxy[str] = response.headers
+
+    async def read_chunk(self) -> bytes:
+        """The next bytes of the body as they arrive; b"" at its end."""
+        try:
+            return await self._response.content.readany()
+        except aiohttp.ClientError as exc:
+            raise _mapped(exc) from None
+        except TimeoutError:
+            raise IdleTimeout() from None
+
+    async def read_all(self, limit: int) -> bytes:
+        """The whole body, cut at ``limit`` bytes."""
+        parts: list[bytes] = []
+        size = 0
+        while size < limit and (chunk := await self.read_chunk()):
+            parts.append(chunk)
+            size += len(chunk)
+        return b"".join(parts)[:limit]
+
+    def close(self) -> None:
+        self._response.close()
+
+
+def _mapped(exc: aiohttp.ClientError) -> UpstreamError:
+    if isinstance(exc, aiohttp.ServerTimeoutError):
+        return IdleTimeout()
+    if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientPayloadError):
+        return UpstreamDisconnected()
+    if isinstance(exc, aiohttp.ClientOSError):
+        return UpstreamConnectError()
+    return UpstreamBadResponse()
+
+
 def forward_headers(raw: RawHeaders, request_id: str) -> bytes:
     """The client's headers as a worker gets them (encoded lines; the pool adds Host and
     Content-Length): hop-by-hop, credential and identity headers dropped, ours added. Built
     from the bytes the client sent (``request.raw_headers``), which aiohttp's parser let no
     line break into; ``request_id`` is checked by the middleware.
     """
+    dropped = _dropped(raw)
     lines = b"".join(
-        [name + b": " + value + b"\r\n" for name, value in raw if name.lower() not in _DROPPED]
+        [name + b": " + value + b"\r\n" for name, value in raw if name.lower() not in dropped]
     )
     return lines + b"X-Request-Id: " + request_id.encode() + b"\r\nAccept-Encoding: identity\r\n"
 
 
-__all__ = ["ClientResponse", "Upstream", "UpstreamError", "forward_headers"]
+def passthrough_headers(raw: RawHeaders, request_id: str) -> CIMultiDict[str]:
+    """``forward_headers`` for the pass-through client (which takes str): the same headers
+    dropped, but Content-Length kept when the body goes as it came (aiohttp's server decodes
+    a gzip or deflate body, which then has another length), so a streamed body is not sent
+    chunked. Bytes are read as Latin-1 so none is lost."""
+    dropped = _dropped(raw)
+    if not any(n.lower() == b"content-encoding" and v.lower() != b"identity" for n, v in raw):
+        dropped = dropped - _BODY_HEADERS
+    headers = CIMultiDict(
+        (name.decode("latin-1"), value.decode("latin-1"))
+        for name, value in raw
+        if name.lower() not in dropped
+    )
+    headers["X-Request-Id"] = request_id
+    headers["Accept-Encoding"] = "identity"
+    return headers
+
+
+_BODY_HEADERS = frozenset((b"content-length",))
+
+
+def _dropped(raw: RawHeaders) -> frozenset[bytes]:
+    """The names never forwarded: ours, plus the ones ``Connection`` names as hop-by-hop."""
+    named = [value for name, value in raw if name.lower() == b"connection"]
+    if not named:
+        return _DROPPED
+    options = {o.strip().lower() for value in named for o in value.split(b",")}
+    extra = options - _CONNECTION_OPTIONS
+    return _DROPPED | extra if extra else _DROPPED
+
+
+__all__ = [
+    "ClientResponse",
+    "PassResponse",
+    "Upstream",
+    "UpstreamError",
+    "forward_headers",
+    "passthrough_headers",
+]

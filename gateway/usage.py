@@ -12,13 +12,19 @@ from typing import Any
 
 import orjson
 
+from gateway.jsonsplice import dumps, replace_member
+
 # vLLM writes "usage" after "choices"/"data", so it lies within the last few hundred bytes.
 TAIL_BYTES = 2048
 
 
-def ask_for_usage(data: dict[str, Any]) -> bytes | None:
+def ask_for_usage(body: bytes, data: dict[str, Any]) -> bytes | None:
     """The body to send instead, with usage requested; None if the client asked for it itself
-    (or sent ``stream_options`` that is not an object: the worker will judge that).
+    (or sent ``stream_options`` that is not an object: the worker will judge that). ``data``
+    is ``body`` parsed.
+
+    A splice (``jsonsplice``): only the value of ``stream_options`` changes, or the member is
+    appended when the client sent none; every other byte is the client's.
 
     Only for one choice: with n > 1 vLLM puts ``system_fingerprint`` on each choice's last
     event, and restoring them would hold back the other choices' tokens (see ``framing``).
@@ -35,7 +41,7 @@ def ask_for_usage(data: dict[str, Any]) -> bytes | None:
     asked = {**options, "include_usage": True}
     if options.get("continuous_usage_stats"):
         asked["continuous_usage_stats"] = False
-    return orjson.dumps({**data, "stream_options": asked})
+    return replace_member(body, "stream_options", dumps(asked))
 
 
 def usage_from_tail(tail: bytes) -> dict[str, int] | None:

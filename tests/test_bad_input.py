@@ -35,11 +35,6 @@ CASES = [
     ("deep nesting", b"[" * 2000 + b"]" * 2000, JSON, 400, "invalid_json", None),
     ("array body", b"[1, 2]", JSON, 400, "invalid_body", None),
     ("string body", b'"hello"', JSON, 400, "invalid_body", None),
-    ("missing model", b'{"messages": []}', JSON, 400, "invalid_field", "model"),
-    ("model not a string", b'{"model": 7}', JSON, 400, "invalid_field", "model"),
-    ("empty model", b'{"model": ""}', JSON, 400, "invalid_field", "model"),
-    ("stream not a bool", b'{"model": "sim-model", "stream": "yes"}', JSON, 400,
-     "invalid_field", "stream"),
     ("unknown model", b'{"model": "gpt-7", "messages": []}', JSON, 404, "model_not_found",
      "model"),
     ("text content type", b'{"model": "sim-model"}', {"Content-Type": "text/plain"}, 415,
@@ -75,6 +70,46 @@ async def test_bad_request_bodies(
         data = await resp.json()
     assert_openai_error(data, code)
     assert data["error"]["param"] == param
+
+
+# Refused by the gateway before issue 17; vLLM judges them (a fleet of one model serves a
+# request without a usable model with it): the worker's own answer must come through.
+WORKERS_TO_JUDGE = {
+    "missing model": b'{"messages": [{"role": "user", "content": "hi"}]}',
+    "model not a string": b'{"model": 7, "messages": []}',
+    "empty model": b'{"model": ""}',
+    "stream not a bool": b'{"model": "sim-model", "stream": [1]}',
+    "n a float": b'{"model": "sim-model", "n": 1.0, "messages": []}',
+    "n above 8": b'{"model": "sim-model", "n": 9, "messages": []}',
+    "max_tokens 0 with echo": b'{"model": "sim-model", "prompt": "a", "max_tokens": 0, '
+    b'"echo": true}',
+    "wide integer": b'{"model": "sim-model", "seed": 123456789012345678901234567890}',
+    "lone surrogate": b'{"model": "sim-model", "messages": [{"role": "user", '
+    b'"content": "\\ud800"}]}',
+}
+
+
+@pytest.mark.parametrize("body", WORKERS_TO_JUDGE.values(), ids=WORKERS_TO_JUDGE.keys())
+async def test_what_vllm_judges_gets_the_workers_answer(
+    gw: Gateway, client: aiohttp.ClientSession, body: bytes
+) -> None:
+    path = "/v1/completions" if b"prompt" in body else "/v1/chat/completions"
+    worker = gw.fleet.workers[0].url
+    answers = []
+    for url in (gw.url, worker):
+        async with client.post(url + path, data=body, headers=JSON) as resp:
+            data = await resp.read()
+            answers.append((resp.status, _shape(data)))
+    assert answers[0] == answers[1]
+
+
+def _shape(data: bytes) -> object:
+    """An answer without its ids and times: what must equal between gateway and worker."""
+    parsed = orjson.loads(data)
+    if isinstance(parsed, dict):
+        for key in ("id", "created", "system_fingerprint"):
+            parsed.pop(key, None)
+    return parsed
 
 
 async def test_missing_content_type_is_415(gw: Gateway, client: aiohttp.ClientSession) -> None:

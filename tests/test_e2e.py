@@ -185,12 +185,13 @@ def test_unknown_model_is_not_found_error(sdk: openai.OpenAI) -> None:
     assert "no-such-model" in caught.value.message
 
 
-def test_empty_model_is_bad_request_error(sdk: openai.OpenAI) -> None:
-    with pytest.raises(openai.BadRequestError) as caught:
+def test_empty_model_is_the_workers_to_judge(sdk: openai.OpenAI) -> None:
+    """A fleet of one model routes a request without one to it, as vLLM serves it: whatever
+    the answer, it is the worker's, not a gateway 400."""
+    try:
         sdk.chat.completions.create(model="", messages=user())
-    assert caught.value.status_code == 400
-    assert caught.value.code == "invalid_field"
-    assert caught.value.param == "model"
+    except openai.APIStatusError as caught:
+        assert caught.code != "invalid_field"
 
 
 def test_bad_field_in_extra_body_is_bad_request_error(sdk: openai.OpenAI) -> None:

@@ -63,8 +63,12 @@ def test_an_unfinished_event_is_held_back() -> None:
     assert framer.pending == 10
 
 
+def _asked(data: dict[str, object]) -> bytes | None:
+    return ask_for_usage(orjson.dumps(data), data)
+
+
 def test_ask_for_usage_keeps_other_options_and_respects_the_client() -> None:
-    body = ask_for_usage({"model": "m", "stream_options": {"continuous_usage_stats": True, "x": 1}})
+    body = _asked({"model": "m", "stream_options": {"continuous_usage_stats": True, "x": 1}})
     assert body is not None
     # Alone, continuous_usage_stats gives no usage at all from vLLM: it must stay without effect.
     assert orjson.loads(body)["stream_options"] == {
@@ -72,10 +76,10 @@ def test_ask_for_usage_keeps_other_options_and_respects_the_client() -> None:
         "include_usage": True,
         "x": 1,
     }
-    assert ask_for_usage({"model": "m", "stream_options": {"include_usage": True}}) is None
-    assert ask_for_usage({"model": "m", "stream_options": "bad"}) is None
-    assert ask_for_usage({"model": "m", "n": 2}) is None  # fingerprints per choice: see framing
-    assert ask_for_usage({"model": "m", "n": 1}) is not None
+    assert _asked({"model": "m", "stream_options": {"include_usage": True}}) is None
+    assert _asked({"model": "m", "stream_options": "bad"}) is None
+    assert _asked({"model": "m", "n": 2}) is None  # fingerprints per choice: see framing
+    assert _asked({"model": "m", "n": 1}) is not None
 
 
 FINGERPRINTED_USAGE = USAGE[:-1] + b',"system_fingerprint":"fp-1"}'

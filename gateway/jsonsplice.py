@@ -1,0 +1,110 @@
+"""Reading a client's JSON body as vLLM reads it, and editing its top-level members in place.
+
+vLLM parses bodies with Python's ``json`` module, which takes integers of any width, lone
+surrogate escapes such as ``"\\ud800"``, ``NaN`` and ``Infinity``. ``orjson`` refuses all of
+these, so ``loads`` tries it first (fast) and falls back to ``json`` on what it refuses: the
+gateway must not answer 400 to a body its workers accept.
+
+The gateway's few edits of a body (asking for usage, a fallback's model name) are splices: the
+bytes of one member's value are replaced, or one member is appended, and every other byte stays
+as the client sent it. Nothing is re-serialised but the value being replaced.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+import orjson
+
+# A JSON string (escapes skipped whole, so a quote or bracket inside one is never structure),
+# or a structural character. Numbers, literals and whitespace need no token of their own.
+_TOKEN = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[{}\[\],:]')
+_OPEN = frozenset(b"{[")
+_CLOSE = frozenset(b"}]")
+
+
+class BodyError(ValueError):
+    """The body is not JSON that Python's parser (vLLM's) would accept."""
+
+
+def loads(body: bytes) -> tuple[Any, bool]:
+    """The parsed body and whether orjson read it (False: only Python's parser could)."""
+    try:
+        return orjson.loads(body), True
+    except orjson.JSONDecodeError:
+        pass
+    try:
+        return json.loads(body), False
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        raise BodyError(str(exc)) from None
+
+
+def dumps(value: Any) -> bytes:
+    """A value as JSON: orjson where it can, Python's ``json`` for what only it can write."""
+    try:
+        return orjson.dumps(value)
+    except (TypeError, orjson.JSONEncodeError):
+        return json.dumps(value, separators=(",", ":")).encode()
+
+
+def member_span(body: bytes, name: str) -> tuple[int, int] | None:
+    """Where the value of the top-level member ``name`` lies in ``body`` (start, end), or None
+    when the object has no such member. With duplicate names, the last one (the one Python's
+    parser keeps). ``body`` must be a JSON object that parses."""
+    found: tuple[int, int] | None = None
+    depth = 0
+    key: bytes | None = None
+    value_start = -1
+    expect_key = False
+    for match in _TOKEN.finditer(body):
+        token = match.group()
+        first = token[0]
+        if first == 0x22:  # a string
+            if depth == 1 and expect_key:
+                key, expect_key = token, False
+            continue
+        if depth == 1 and first == 0x3A:  # ":" after a key
+            value_start = match.end()
+            continue
+        if depth == 1 and (first == 0x2C or first == 0x7D):  # "," or the object's "}"
+            if key is not None and _names(key, name):
+                found = _trimmed(body, value_start, match.start())
+            key, expect_key = None, True
+        if first in _OPEN:
+            depth += 1
+            if depth == 1:
+                expect_key = True
+        elif first in _CLOSE:
+            depth -= 1
+    return found
+
+
+def replace_member(body: bytes, name: str, value: bytes) -> bytes:
+    """``body`` with member ``name`` set to the JSON ``value``: its old value's bytes replaced
+    when it has one, else the member appended before the closing brace."""
+    span = member_span(body, name)
+    if span is not None:
+        return body[: span[0]] + value + body[span[1] :]
+    end = body.rstrip().rfind(b"}")
+    inner = body[body.find(b"{") + 1 : end].strip()
+    comma = b"," if inner else b""
+    return body[:end] + comma + orjson.dumps(name) + b":" + value + body[end:]
+
+
+def _names(key: bytes, name: str) -> bool:
+    if b"\\" not in key:
+        return key[1:-1] == name.encode()
+    try:
+        return bool(json.loads(key) == name)
+    except ValueError:
+        return False
+
+
+def _trimmed(body: bytes, start: int, end: int) -> tuple[int, int]:
+    while start < end and body[start] in b" \t\r\n":
+        start += 1
+    while end > start and body[end - 1] in b" \t\r\n":
+        end -= 1
+    return start, end
