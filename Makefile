@@ -7,7 +7,7 @@ PYPROJECT_SUM := $(shell cksum pyproject.toml | cut -d' ' -f1)
 RUN_STAMP := $(VENV)/.installed-run-$(PYPROJECT_SUM)
 STAMP := $(VENV)/.installed-dev-$(PYPROJECT_SUM)
 
-.PHONY: run demo run-vllm vllm test test-fast lint format check-config clean tools prometheus-tools deploy-tools grafana-tools redis-tools bench bench-soak bench-resume bench-routing
+.PHONY: run demo lock run-vllm vllm test test-fast lint format check-config clean tools prometheus-tools deploy-tools grafana-tools redis-tools bench bench-soak bench-resume bench-routing
 
 $(RUN_STAMP): pyproject.toml
 	rm -f $(VENV)/.installed-*
@@ -126,6 +126,10 @@ bench-resume: $(STAMP)
 # fleet, prefix affinity vs none on prefix-heavy traffic; writes tests/bench/ROUTING.md (~7 min).
 bench-routing: $(STAMP)
 	$(PY) -m tests.bench.routing
+
+# deploy/requirements.lock, the image's pinned dependencies: the runtime closure of this venv.
+lock: $(STAMP)
+	$(PY) deploy/lock.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check gateway tests

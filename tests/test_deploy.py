@@ -9,11 +9,15 @@ timing, probes, settings, security) are asserted on the rendered objects.
 
 from __future__ import annotations
 
+import http.server
+import importlib.util
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -651,8 +655,67 @@ def test_dockerfile_runs_the_gateway_as_non_root_with_a_health_check() -> None:
     assert ("CMD", '["--config", "/etc/vllm-gateway/gateway.yaml"]') in final
     assert ("EXPOSE", "8080") in final
     healthcheck = next(v for k, v in final if k == "HEALTHCHECK")
-    assert "urllib.request" in healthcheck
-    assert "/health" in healthcheck
+    assert '"gateway.healthcheck", "--config", "/etc/vllm-gateway/gateway.yaml"' in healthcheck
+
+
+def test_locked_dependencies_install_in_their_own_layer_before_the_code() -> None:
+    instructions = dockerfile_instructions()
+    build = instructions[: max(i for i, (k, _) in enumerate(instructions) if k == "FROM")]
+    steps = [f"{k} {v}" for k, v in build]
+    lock = next(i for i, s in enumerate(steps) if "pip install" in s and "requirements.lock" in s)
+    code = next(i for i, s in enumerate(steps) if s.startswith("COPY gateway"))
+    assert lock < code
+    assert "--no-deps" in steps[lock]
+    package = next(s for s in steps[code:] if "pip install" in s)
+    assert "--no-deps" in package and "pip check" in package
+
+
+def test_lock_file_pins_the_runtime_closure_of_this_venv() -> None:
+    """deploy/requirements.lock is what `make lock` writes now: regenerate it after a change."""
+    spec = importlib.util.spec_from_file_location("lock", REPO / "deploy" / "lock.py")
+    assert spec is not None and spec.loader is not None
+    lock = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lock)
+    pins = lock.closure("vllm-gateway")
+    text = (REPO / "deploy" / "requirements.lock").read_text(encoding="utf-8")
+    locked = dict(line.split("==") for line in text.splitlines() if line and line[0] != "#")
+    assert locked == pins
+    assert {"aiohttp", "pydantic", "prometheus-client"} <= locked.keys()
+    assert not {"pytest", "mypy", "ruff"} & locked.keys()
+
+
+class _Health(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        self.send_response(200 if self.path == "/health" else 404)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_health_check_follows_the_configured_port() -> None:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Health)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+
+        def check(port: int) -> int:
+            env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_GATEWAY_")}
+            env["VLLM_GATEWAY_SERVER__PORT"] = str(port)
+            command = [sys.executable, "-m", "gateway.healthcheck", "--config"]
+            return subprocess.run(
+                [*command, "config/local.yaml"], cwd=REPO, env=env, timeout=30, check=False
+            ).returncode
+
+        assert check(server.server_address[1]) == 0
+        with socket.socket() as unused:
+            unused.bind(("127.0.0.1", 0))
+            assert check(unused.getsockname()[1]) == 1
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
 
 
 def test_build_context_sends_what_copy_needs_and_nothing_else() -> None:
