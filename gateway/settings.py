@@ -88,7 +88,7 @@ class WorkerSettings(_Frozen):
 
 
 class TimeoutSettings(_Frozen):
-    """Named phases of one request; see DESIGN.md. Each has its own error and metric label."""
+    """Named phases of one request (README, "Timeouts"). Each has its own error and metric label."""
 
     queue: float = Field(DEFAULT_QUEUE_TIMEOUT, ge=0)
     connect: float = Field(DEFAULT_CONNECT_TIMEOUT, gt=0)
