@@ -84,6 +84,7 @@ def create_app(
     app[keys.SETTINGS] = settings
     app[KEYRING] = KeyRing(settings.auth)
     app[CORS] = settings.cors
+    app[handlers.OPENAPI] = handlers.openapi_bytes(settings)
     app[keys.RESOLVER] = resolver
     app[keys.METRICS] = metrics
     app[keys.FLEET] = fleet

@@ -12,6 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from gateway import keys, openapi
 from gateway.request import CHAT, COMPLETIONS, EMBEDDINGS
 from gateway.routes import proxied
+from gateway.settings import Settings
 
 chat_completions = proxied(CHAT)
 completions = proxied(COMPLETIONS)
@@ -55,7 +56,11 @@ async def metrics(request: web.Request) -> web.Response:
 
 async def openapi_document(request: web.Request) -> web.Response:
     """The gateway's own OpenAPI document (routes, request bodies, error responses)."""
-    return web.Response(body=_OPENAPI, content_type="application/json")
+    return web.Response(body=request.app[OPENAPI], content_type="application/json")
 
 
-_OPENAPI = orjson.dumps(openapi.document())
+OPENAPI = web.AppKey("openapi", bytes)
+
+
+def openapi_bytes(settings: Settings) -> bytes:
+    return orjson.dumps(openapi.document(settings))

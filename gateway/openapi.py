@@ -3,7 +3,7 @@ the request fields it or vLLM reads (bodies allow other properties: vLLM takes m
 gateway forwards them untouched), the answers (JSON, or server-sent events for a stream), and
 every error it can answer with, in the OpenAI error shape, with the headers that go with them.
 
-A plain data structure built by small functions, once, when the handlers are imported.
+A plain data structure built by small functions, once per app, from its settings.
 ``tests/test_openapi.py`` keeps it equal to the app's routes and to the error tree in
 ``gateway/errors.py``; ``tests/test_fuzz.py`` fuzzes a running gateway from it.
 """
@@ -11,6 +11,8 @@ A plain data structure built by small functions, once, when the handlers are imp
 from __future__ import annotations
 
 from typing import Any
+
+from gateway.settings import InputLimitSettings, Settings
 
 Schema = dict[str, Any]
 
@@ -114,7 +116,7 @@ def _sampling() -> Schema:
             description="Only with stream; the gateway asks for usage itself when not asked.",
         ),
         "max_tokens": _token_limit(),
-        "n": _nullable("integer", minimum=1, description="At most input.max_n (8 by default)."),
+        "n": _nullable("integer", minimum=1, description="At most input.max_n when set."),
         "temperature": _nullable("number", minimum=0),
         "top_p": _nullable("number", exclusiveMinimum=0, maximum=1),
         "presence_penalty": _nullable("number", minimum=-2, maximum=2),
@@ -460,8 +462,57 @@ def _open(operation_id: str, description: str, responses: dict[str, Schema]) -> 
     }
 
 
+def _vllm_route(operation_id: str, *, body: str | None = JSON) -> Schema:
+    """One of vLLM's other routes: the worker's own request and answer shapes, passed through
+    (vLLM's own API document describes them); only the gateway's errors are written here."""
+    operation: Schema = {
+        "operationId": operation_id,
+        "description": "Passed through to a worker serving the model; the answer is the "
+        "worker's, status and body.",
+        "security": [{"bearer": []}],
+        "parameters": [_request_id_parameter()],
+        "responses": {"200": {"description": "The worker's answer."}, **openai_errors()},
+    }
+    if body is not None:
+        schema: Schema = {"type": "object", "properties": {"model": _model()}}
+        operation["requestBody"] = {"required": True, "content": {body: {"schema": schema}}}
+    return operation
+
+
+def _path_parameter(name: str) -> Schema:
+    return {"in": "path", "name": name, "required": True, "schema": {"type": "string"}}
+
+
+def _vllm_paths() -> dict[str, Schema]:
+    from gateway.admin import PATHS as ADMIN_PATHS
+    from gateway.request import JSON_ROUTES
+
+    out: dict[str, Schema] = {
+        route.path: {"post": _vllm_route(route.name + route.path.replace("/", "_"))}
+        for route in JSON_ROUTES
+    }
+    for path in ("/v1/responses", "/v1/messages", *ADMIN_PATHS):
+        out[path] = {"post": _vllm_route(path.strip("/").replace("/", "_"))}
+    for path in ("/v1/audio/transcriptions", "/v1/audio/translations"):
+        name = path.strip("/").replace("/", "_")
+        out[path] = {"post": _vllm_route(name, body="multipart/form-data")}
+    out["/v1/responses/{response_id}"] = {"get": _vllm_route("getResponse", body=None)}
+    out["/v1/responses/{response_id}/cancel"] = {"post": _vllm_route("cancelResponse", body=None)}
+    for item in (out["/v1/responses/{response_id}"]["get"],
+                 out["/v1/responses/{response_id}/cancel"]["post"]):  # fmt: skip
+        item["parameters"] = [*item["parameters"], _path_parameter("response_id")]
+    retrieve = _vllm_route("retrieveModel", body=None)
+    retrieve["parameters"] = [*retrieve["parameters"], _path_parameter("model")]
+    out["/v1/models/{model}"] = {"get": retrieve}
+    version = _open("version", "A worker's /version; the gateway's in X-Gateway-Version.",
+                    {"200": _json({"type": "object"})})  # fmt: skip
+    out["/version"] = {"get": version}
+    return out
+
+
 def paths() -> dict[str, Schema]:
     return {
+        **_vllm_paths(),
         "/v1/chat/completions": {
             "post": _generation(
                 "createChatCompletion", "ChatCompletionRequest", "ChatCompletion", stream=True
@@ -510,7 +561,37 @@ def paths() -> dict[str, Schema]:
     }
 
 
-def document() -> dict[str, Any]:
+def document(settings: Settings | None = None) -> dict[str, Any]:
+    """The document for a gateway built from ``settings``: bearer auth only when it has keys,
+    and the input limits it enforces as schema constraints (``maximum``)."""
+    doc = _document()
+    limits = settings.input if settings is not None else InputLimitSettings()
+    schemas_ = doc["components"]["schemas"]
+    for name in ("ChatCompletionRequest", "CompletionRequest"):
+        fields = schemas_.get(name, {}).get("properties", {})
+        for field_name, cap in (
+            ("max_tokens", limits.max_tokens),
+            ("max_completion_tokens", limits.max_tokens),
+            ("n", limits.max_n),
+        ):
+            if cap is not None and field_name in fields:
+                _cap(fields[field_name], cap)
+    if settings is not None and not (settings.auth.keys or settings.auth.keys_file):
+        del doc["components"]["securitySchemes"]
+        for operations in doc["paths"].values():
+            for operation in operations.values():
+                operation.pop("security", None)
+                operation["responses"].pop("401", None)
+    return doc
+
+
+def _cap(schema: Schema, cap: int) -> None:
+    kind = schema.get("type")
+    if kind == "integer" or (isinstance(kind, list) and "integer" in kind):
+        schema["maximum"] = cap
+
+
+def _document() -> dict[str, Any]:
     return {
         "openapi": VERSION,
         "info": {

@@ -32,7 +32,11 @@ READ_FIELDS = {
 
 
 def operations() -> Iterator[tuple[str, str, dict[str, Any]]]:
-    for path, item in document()["paths"].items():
+    return operations_of(document())
+
+
+def operations_of(doc: dict[str, Any]) -> Iterator[tuple[str, str, dict[str, Any]]]:
+    for path, item in doc["paths"].items():
         for method, operation in item.items():
             yield path, method, operation
 
@@ -122,12 +126,27 @@ def test_every_route_of_the_app_is_documented_and_nothing_else() -> None:
 
 
 def test_the_v1_routes_and_only_they_need_a_key() -> None:
+    from gateway.middleware import _PROTECTED
+
     for path, method, operation in operations():
         expected: list[dict[str, list[str]]] | None = (
-            [{"bearer": []}] if path.startswith("/v1/") else None
+            [{"bearer": []}] if path.startswith("/v1/") or path in _PROTECTED else None
         )
         assert operation.get("security") == expected, (method, path)
     assert document()["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+
+
+def test_bearer_auth_only_when_keys_are_configured_and_caps_as_maximum() -> None:
+    from gateway.settings import build_settings
+
+    open_ = build_settings({"workers": [{"url": "http://w:1"}], "input": {"max_n": 4}})
+    doc = document(open_)
+    assert "securitySchemes" not in doc["components"]
+    assert all("security" not in op for _, _, op in operations_of(doc))
+    assert doc["components"]["schemas"]["ChatCompletionRequest"]["properties"]["n"]["maximum"] == 4
+    keyed = build_settings({"workers": [{"url": "http://w:1"}], "auth": {"keys": [
+        {"name": "a", "key": "k"}]}})  # fmt: skip
+    assert document(keyed)["components"]["securitySchemes"]
 
 
 @pytest.mark.parametrize("name", list(READ_FIELDS))
