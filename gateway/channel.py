@@ -9,9 +9,10 @@ A message is ``[op, *args]``. Three shapes travel on it:
   ``["pong"]``. Any line from the child counts as a sign of life.
 
 ``Channel`` is either end: it reads lines on its own task and hands each message to a
-handler, which answers calls by returning a list. A line is written with ``write`` (no
-``drain``): messages are tens of bytes and the other end reads continuously, so the
-socket buffer is the only queue, and a writer on the event loop never waits on it.
+handler, which answers calls by returning a list. Lines written in one turn of the event loop
+go out in one ``write`` at its end (one system call instead of one a message), with no
+``drain``: messages are tens of bytes and the other end reads continuously, so the socket
+buffer is the only queue, and a writer on the event loop never waits on it.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ class Channel:
         self._calls: dict[int, asyncio.Future[Message]] = {}
         self._next_id = 0
         self._task: asyncio.Task[None] | None = None
+        self._out: list[bytes] = []  # lines of this loop turn, written at its end
         self.closed = asyncio.Event()
         self.last_heard = asyncio.get_running_loop().time()
 
@@ -78,6 +80,7 @@ class Channel:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        self._flush()  # a last note (e.g. "failed") goes out before the close
         self._closed()
         self._writer.close()
         with contextlib.suppress(OSError):
@@ -109,9 +112,15 @@ class Channel:
             handler(message)
 
     def _write(self, message: Message) -> None:
+        self._out.append(_encode(message))
+        if len(self._out) == 1:
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        lines, self._out = self._out, []
         # A gone end is found by the reader; writing on to it would only log asyncio warnings.
         if not self.closed.is_set() and not self._writer.is_closing():
-            self._writer.write(_encode(message))
+            self._writer.write(b"".join(lines))
 
     def _closed(self) -> None:
         self.closed.set()

@@ -18,7 +18,6 @@ where a rate is ``[key, kind, limit, cost]`` and a scope ``[key, limit]``.
 from __future__ import annotations
 
 import time
-from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -50,7 +49,7 @@ class Holdings:
 
     def __init__(self, limits: LocalLimits) -> None:
         self._limits = limits
-        self._held: Counter[str] = Counter()
+        self._held: dict[str, int] = {}
 
     def handle(self, message: Message) -> Message | None:
         op = message[0]
@@ -59,12 +58,12 @@ class Holdings:
             scopes = [scope_of(s) for s in message[2]]
             verdict = self._limits.acquire(rates, scopes)
             if verdict.admitted:
-                self._held.update(scope.key for scope in scopes)
+                self._count(scopes)
             return [verdict.admitted, list(verdict.ahead), verdict.kind, verdict.retry_after]
         if op == "hold":
             scopes = [scope_of(s) for s in message[1]]
             self._limits.hold(scopes)
-            self._held.update(scope.key for scope in scopes)
+            self._count(scopes)
         elif op == "release":
             self._release([str(key) for key in message[1]])
         elif op == "adjust":
@@ -73,12 +72,25 @@ class Holdings:
 
     def release_all(self) -> None:
         """The process is gone: whatever it held in flight is free again."""
-        self._release(list(self._held.elements()))
+        self._release([key for key, count in self._held.items() for _ in range(count)])
+
+    def _count(self, scopes: list[Scope]) -> None:
+        held = self._held
+        for scope in scopes:
+            held[scope.key] = held.get(scope.key, 0) + 1
 
     def _release(self, keys: list[str]) -> None:
         # Only what this process holds: a late release from a replaced process, or a
         # duplicate, must not free another process's slot.
-        mine = [key for key in keys if self._held[key] > 0]
-        self._held.subtract(mine)
-        self._held = +self._held
-        self._limits.release([Scope(key, 0) for key in mine])
+        held = self._held
+        mine = []
+        for key in keys:
+            count = held.get(key, 0)
+            if count > 1:
+                held[key] = count - 1
+            elif count == 1:
+                del held[key]
+            else:
+                continue
+            mine.append(Scope(key, 0))
+        self._limits.release(mine)

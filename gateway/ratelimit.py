@@ -12,7 +12,9 @@ Every grant and every 429 carries OpenAI's ``x-ratelimit-*`` headers for the lim
 a 429 also says when the request would be admitted (``Retry-After``, whole seconds, and
 ``retry-after-ms``, which the OpenAI SDKs prefer).
 
-With ``redis.url`` the same arithmetic runs in Redis (``ratelimit_redis``), so all replicas
+With several serving processes (``server.processes``) the arithmetic runs once, in the
+supervisor (``keeper``, asked through ``ratelimit_host``), so the limits hold for the whole
+gateway. With ``redis.url`` the same arithmetic runs in Redis (``ratelimit_redis``), so all replicas
 share one allowance. When a Redis call fails the request is limited here instead
 (``on_error: open``) or refused with 503 (``closed``), Redis is left alone until a background
 PING answers again (once a second), ``gateway_ratelimit_redis_up`` is 0 meanwhile, and the log

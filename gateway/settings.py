@@ -105,6 +105,9 @@ class TimeoutSettings(_Frozen):
 
 
 class LimitSettings(_Frozen):
+    # Per gateway, but kept per serving process: with server.processes N each process admits
+    # up to ceil(max_in_flight / N) and queues on its own, so one can shed while another has
+    # room (per-key limits, auth, are kept gateway-wide by the supervisor).
     max_in_flight: int = Field(256, gt=0)
     pool_size: int = Field(512, gt=0)
     pool_per_worker: int = Field(256, gt=0)

@@ -2,8 +2,8 @@
 make a settings error actionable.
 
 A value comes from an environment variable (``VLLM_GATEWAY_...``, the longest one whose path
-contains the setting), else from the YAML file, else it is the default. An unknown key is
-compared with the keys allowed at its place and the closest is suggested.
+holds the setting or lies under it), else from the YAML file, else it is the default. An
+unknown key is compared with the keys allowed at its place and the closest is suggested.
 """
 
 from __future__ import annotations
@@ -30,7 +30,9 @@ def source_of(loc: Loc, config: Path | None, environ: Mapping[str, str]) -> str:
         if not name.startswith(ENV_PREFIX):
             continue
         parts = name.removeprefix(ENV_PREFIX).lower().split("__")
-        if path[: len(parts)] == parts and len(name) > len(best):
+        # The variable sets this setting or a section holding it, or it made this key up.
+        same = min(len(parts), len(path))
+        if path[:same] == parts[:same] and len(name) > len(best):
             best = name
     if best:
         return f"environment {best}"

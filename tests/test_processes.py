@@ -7,6 +7,12 @@ real sockets with the real command line.
    in-flight gauge no longer adds in.
 3. SIGTERM to the parent drains a stream in flight on a child, and the parent exits 0 with no
    child and no metrics folder left behind.
+4. A second gateway on the same port fails at start with one line; the first keeps serving.
+5. A child whose event loop is stuck (the GATEWAY_TEST_HANG_ON_SIGUSR1 hook) is killed within
+   the heartbeat bound: the stream it held ends by then, fresh connections meanwhile are served
+   by the other child, and a new child takes its place.
+6. A child that fails during start-up (its keys file is gone) makes the parent exit 1 with the
+   child's one-line reason, not restart it.
 Plus the arithmetic: limits shared out, the CPU count under a cgroup quota, the setting.
 """
 
@@ -16,7 +22,11 @@ import asyncio
 import os
 import re
 import signal
+import socket
+import subprocess
+import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,7 +37,10 @@ import pytest
 from gateway.settings import SettingsError, build_settings, per_process
 from gateway.supervisor import cgroup_cpu_quota, cpu_count
 from tests.processes import (
+    HOST,
+    START_TIMEOUT,
     GatewayProc,
+    Proc,
     Sim,
     poll_until,
     start_gateway,
@@ -144,6 +157,134 @@ async def test_sigterm_drains_every_process_and_cleans_up(gateway: GatewayProc) 
             os.kill(pid, 0)
     after = set(Path(tempfile.gettempdir()).glob("vllm-gateway-metrics-*"))
     assert after <= before, f"metrics folder left behind: {after - before}"
+
+
+@pytest.mark.timeout(60)
+async def test_a_second_gateway_on_the_port_fails_at_start_and_the_first_serves_on(
+    gateway: GatewayProc, tmp_path: Path
+) -> None:
+    port = int(gateway.url.rsplit(":", 1)[1])
+    config = write_config(
+        tmp_path / "second.yaml", ["http://127.0.0.1:9"], server={"port": port, "processes": 2}
+    )
+    second = Proc([sys.executable, "-m", "gateway", "--config", str(config)], name="second")
+    try:
+        assert second.wait_exit(START_TIMEOUT) == 2
+    finally:
+        second.kill()
+    assert second.lines == [
+        f"vllm-gateway: server.port (file {config}): cannot listen on {HOST}:{port}: "
+        "Address already in use"
+    ]
+    await chat_on_fresh_connections(gateway, 10)
+    poll_until(lambda: len(served_by(gateway)) == 10, 10, "10 access-log lines")
+
+
+HEARTBEAT = 1.0
+# The supervisor notices a silent child at its next ping (every HEARTBEAT / 4) after HEARTBEAT;
+# the rest is the kill and the client seeing its connection reset on a loaded machine.
+HEARTBEAT_BOUND = HEARTBEAT + HEARTBEAT / 4 + 1.0
+
+
+def owner_of(client: socket.socket, pids: list[int]) -> int:
+    """The pid (of ``pids``) holding the server side of the TCP connection ``client``."""
+    here, there = client.getsockname(), client.getpeername()
+    wanted = f"{_hex_address(there)} {_hex_address(here)}"
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if f"{fields[1]} {fields[2]}" == wanted:
+            inode = fields[9]
+            break
+    else:
+        raise AssertionError(f"no server side of {here} in /proc/net/tcp")
+    for pid in pids:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            if os.readlink(fd) == f"socket:[{inode}]":
+                return pid
+    raise AssertionError(f"none of {pids} holds socket {inode}")
+
+
+def _hex_address(address: tuple[str, int]) -> str:
+    packed = socket.inet_aton(address[0])
+    return f"{int.from_bytes(packed, 'little'):08X}:{address[1]:04X}"
+
+
+@pytest.mark.timeout(60)
+async def test_a_stuck_process_is_replaced_within_the_heartbeat_bound(
+    worker: Sim, tmp_path: Path
+) -> None:
+    config = write_config(
+        tmp_path / "gateway.yaml",
+        [worker.url],
+        server={"processes": 2, "heartbeat_timeout": HEARTBEAT},
+        logging={"level": "INFO", "format": "json"},
+    )
+    args = [sys.executable, "-m", "gateway", "--config", str(config)]
+    proc = Proc(args, name="gateway", env={"GATEWAY_TEST_HANG_ON_SIGUSR1": "1"})
+    try:
+        match = proc.wait_line(r"listening on (http://127\.0\.0\.1:\d+)", START_TIMEOUT)
+        gw = GatewayProc(match.group(1), proc, config)
+        poll_until(lambda: len(listening(gw)) == 2, START_TIMEOUT, "two processes listening")
+        body = {**CHAT, "max_tokens": 400, "stream": True}  # 20 s at the worker's pace
+        url = f"{gw.url}/v1/chat/completions"
+        async with aiohttp.ClientSession() as session, session.post(url, json=body) as r:
+            assert r.status == 200
+            assert (await r.content.readline()).startswith(b"data: ")
+            assert r.connection is not None and r.connection.transport is not None
+            client = r.connection.transport.get_extra_info("socket")
+            stuck = owner_of(client, listening(gw))
+            os.kill(stuck, signal.SIGUSR1)
+            hung_at = time.monotonic()
+            # Meanwhile fresh connections go to the other process, never waiting on this one.
+            await asyncio.wait_for(chat_on_fresh_connections(gw, 5), HEARTBEAT)
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await asyncio.wait_for(r.content.read(), HEARTBEAT_BOUND)
+            cut_after = time.monotonic() - hung_at
+        # Silence is counted from the last answered ping, up to a ping interval before the hang.
+        assert HEARTBEAT * 3 / 4 - 0.1 <= cut_after <= HEARTBEAT_BOUND, cut_after
+        proc.wait_line(rf"serving process {stuck} did not answer the heartbeat", 5)
+        proc.wait_line(rf"serving process {stuck} exited with -9: restarting", 5)
+        poll_until(lambda: len(listening(gw)) == 3, START_TIMEOUT, "a new process listening")
+        await chat_on_fresh_connections(gw, 5)
+    finally:
+        proc.kill()
+
+
+@pytest.mark.timeout(60)
+def test_a_process_failing_at_start_up_stops_the_gateway_with_its_reason(
+    tmp_path: Path,
+) -> None:
+    """The keys file is there for the parent's checks and gone when the children start:
+    the supervisor is run directly, with a socket of ours, as ``exec_supervisor`` runs it."""
+    keys = tmp_path / "keys.yaml"
+    config = write_config(
+        tmp_path / "gateway.yaml",
+        ["http://127.0.0.1:9"],
+        server={"processes": 2},
+        auth={"keys_file": str(keys)},
+    )
+    listener = socket.socket()
+    listener.bind((HOST, 0))
+    listener.listen()
+    fd = listener.fileno()
+    args = [sys.executable, "-m", "gateway.supervisor", "--processes", "2"]
+    args += ["--listen-fd", str(fd), "--stop-budget", "5", "--heartbeat", "5"]
+    args += ["--log-format", "text", "--", "--child", "2", "--config", str(config)]
+    proc = subprocess.Popen(  # Proc cannot hand down a socket
+        args, pass_fds=(fd,), stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    listener.close()
+    try:
+        _, output = proc.communicate(timeout=START_TIMEOUT)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 1, output
+    failed = [line for line in output.splitlines() if "failed to start" in line]
+    assert len(failed) == 1, output
+    assert failed[0].endswith(f"serving process failed to start: {keys}: No such file or directory")
+    assert "restarting" not in output
+    assert "Traceback" not in output
 
 
 def test_limits_are_shared_out_rounding_up() -> None:

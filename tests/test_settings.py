@@ -330,7 +330,7 @@ def test_other_environment_variables_are_ignored() -> None:
 )
 def test_env_override_of_unknown_key_is_named(variable: str, key: str) -> None:
     message = rejected_load(None, {"VLLM_GATEWAY_WORKERS": ENV_WORKERS, variable: "1"})
-    assert f"{key}: unknown key" in message
+    assert f"{key} (environment {variable}): unknown key" in message
 
 
 def test_env_override_with_invalid_yaml_names_the_variable() -> None:
@@ -444,7 +444,7 @@ def outcome(cli: dict[str, tuple[int, str, str]], name: str) -> tuple[int, str, 
 def test_check_accepts_the_shipped_file(cli: dict[str, tuple[int, str, str]]) -> None:
     code, out, err = outcome(cli, "module_good")
     assert (code, err) == (0, "")
-    assert out == f"settings OK: 2 worker(s), port 8080, {AUTO} serving process(es)\n"
+    assert out == f"settings OK: 2 worker(s), port 8080 free, {AUTO} serving process(es)\n"
 
 
 def test_check_rejects_a_bad_file_naming_the_key(cli: dict[str, tuple[int, str, str]]) -> None:
@@ -452,20 +452,21 @@ def test_check_rejects_a_bad_file_naming_the_key(cli: dict[str, tuple[int, str, 
     assert code == 2
     assert out == ""
     assert err.startswith("vllm-gateway: invalid settings:")
-    assert "workers.0.modelz: unknown key" in err
+    assert "workers.0.modelz (file " in err
+    assert "unknown key; did you mean workers.0.models?" in err
     assert "Traceback" not in err
 
 
 def test_check_reads_the_environment(cli: dict[str, tuple[int, str, str]]) -> None:
     code, out, err = outcome(cli, "module_env")
     assert (code, err) == (0, "")
-    assert out == f"settings OK: 2 worker(s), port 9000, {AUTO} serving process(es)\n"
+    assert out == f"settings OK: 2 worker(s), port 9000 free, {AUTO} serving process(es)\n"
 
 
 def test_console_script_checks_a_file(cli: dict[str, tuple[int, str, str]]) -> None:
     code, out, err = outcome(cli, "script_good")
     assert (code, err) == (0, "")
-    assert out == f"settings OK: 2 worker(s), port 8080, {AUTO} serving process(es)\n"
+    assert out == f"settings OK: 2 worker(s), port 8080 free, {AUTO} serving process(es)\n"
 
 
 def test_kubernetes_service_link_variables_are_not_settings() -> None:
