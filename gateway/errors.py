@@ -48,6 +48,8 @@ current vLLM use. Messages are written for the client: never exception text from
 
 from __future__ import annotations
 
+from typing import Any
+
 import orjson
 
 
@@ -76,7 +78,12 @@ class GatewayError(Exception):
         }
 
     def body_bytes(self) -> bytes:
-        return orjson.dumps(self.body())
+        try:
+            return orjson.dumps(self.body())
+        except TypeError:
+            # A client's string with a lone surrogate (valid JSON escapes, read by the lenient
+            # parser) quoted in the message: shown as "?", which every JSON parser reads.
+            return orjson.dumps(_without_surrogates(self.body()))
 
     def headers(self) -> dict[str, str]:
         return {}
@@ -312,6 +319,10 @@ class UpstreamConnectError(UpstreamError):
     retryable = True
     default_message = "Could not connect to a model worker."
 
+    def __init__(self, message: str | None = None, *, refused: bool = False) -> None:
+        super().__init__(message)
+        self.refused = refused  # nothing listens at the address: the server is gone
+
 
 class UpstreamDisconnected(UpstreamError):
     code = "upstream_disconnected"
@@ -433,6 +444,14 @@ class IdleTimeout(UpstreamTimeout):
 class TotalTimeout(UpstreamTimeout):
     code = "request_timeout"
     default_message = "The request took longer than the gateway allows."
+
+
+def _without_surrogates(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.encode("utf-8", "replace").decode("utf-8")
+    if isinstance(value, dict):
+        return {k: _without_surrogates(v) for k, v in value.items()}
+    return value
 
 
 def _worker_message(body: bytes) -> str | None:

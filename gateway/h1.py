@@ -26,6 +26,7 @@ import asyncio
 import collections
 import contextlib
 import functools
+import select
 import socket
 import ssl
 from collections.abc import Callable
@@ -37,6 +38,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.errors import (
     ConnectTimeout,
+    StaleConnection,
     UpstreamBadResponse,
     UpstreamConnectError,
     UpstreamDisconnected,
@@ -206,6 +208,20 @@ class _Connection(asyncio.Protocol):
         if not self.lost:
             self.transport.close()
             self._lose()
+
+    def readable(self) -> bool:
+        """Whether the kernel holds bytes or an end of stream that the loop has not delivered
+        yet. An idle kept connection must have neither: a worker that closed it (its keep-alive
+        timer) a moment ago would otherwise get, and maybe read, the next request as it dies.
+        One zero-timeout poll, as httpcore checks a pooled connection before reusing it."""
+        sock = self.transport.get_extra_info("socket")
+        if sock is None:
+            return False
+        try:
+            ready, _, _ = select.select([sock], [], [], 0)
+        except (OSError, ValueError):
+            return True
+        return bool(ready)
 
     def drain(self) -> None:
         """The reader is done before the body's end: discard what is left of it and go back
@@ -389,26 +405,25 @@ class Pool:
         conn = self._take_idle(base)
         if conn is None:
             conn = await self._bounded_acquire(base, to, fresh=False)
-        while True:
-            conn.send(head, body)
-            try:
-                while not conn.headers_done:
-                    if conn.error is not None:
-                        raise conn.error
-                    await conn.wait()
-            except UpstreamDisconnected:
-                conn.close()
-                if not conn.served or conn.head_size:
-                    raise
-                # A kept connection the worker closed as we wrote (its keep-alive timer: 5 s
-                # in vLLM's uvicorn) and not a byte back: the request was not read. Once more,
-                # on a new connection.
-                conn = await self._bounded_acquire(base, to, fresh=True)
-                continue
-            except BaseException:
-                conn.close()
-                raise
-            return Response(conn)
+        conn.send(head, body)
+        try:
+            while not conn.headers_done:
+                if conn.error is not None:
+                    raise conn.error
+                await conn.wait()
+        except UpstreamDisconnected:
+            conn.close()
+            if conn.served and not conn.head_size:
+                # A kept connection closed as the request went out, not a byte back (the
+                # worker's keep-alive timer; 5 s in vLLM's uvicorn) after the readability
+                # check passed. Most likely unread, but the worker may have read it: never
+                # sent again here, where nobody would count it (RFC 9110, 9.2.2).
+                raise StaleConnection() from None
+            raise
+        except BaseException:
+            conn.close()
+            raise
+        return Response(conn)
 
     def kept(self, base: str) -> int:
         """How many connections to ``base`` are kept, ready for a request."""
@@ -455,7 +470,7 @@ class Pool:
         stack = self._idle.get(key)
         while stack:
             conn = stack.pop()
-            if conn.lost or conn.transport.is_closing():
+            if conn.lost or conn.transport.is_closing() or conn.readable():
                 conn.close()
                 continue
             return conn
@@ -521,7 +536,7 @@ class Pool:
             )
         except OSError as exc:
             self.forget(conn)
-            raise UpstreamConnectError() from exc
+            raise UpstreamConnectError(refused=isinstance(exc, ConnectionRefusedError)) from exc
         except BaseException:
             self.forget(conn)
             raise

@@ -65,25 +65,31 @@ OPENAI_ROUTE_ERRORS: dict[str, str] = {
     "(invalid_body), or a field the gateway checks is wrong or over a limit (invalid_field); "
     "or the worker's own 400, relayed, such as a context-length error.",
     "401": "Missing, unknown or revoked API key (invalid_api_key).",
-    "404": "No worker serves the model (model_not_found).",
+    "403": "An admin route called without an admin key (admin_key_required).",
+    "404": "No worker serves the model (model_not_found), or no worker holds the stored "
+    "response named (response_not_found, response_holder_lost).",
     "408": "The request body did not arrive in time (request_body_timeout), or the client "
     "stopped reading the answer (client_too_slow).",
     "413": "The body is larger than server.max_body_bytes (request_too_large).",
-    "415": "Content-Type is not application/json (unsupported_media_type).",
+    "415": "Content-Type is not application/json (unsupported_media_type), or the body's "
+    "Content-Encoding is not one the gateway decodes (unsupported_content_encoding).",
     "417": "An Expect header other than 100-continue (expectation_failed).",
+    "431": "The request's headers are too large (headers_too_large).",
     "429": "The key used up a rate limit (rate_limit_exceeded; `type` names it: requests, "
     "tokens or concurrency), or the worker's own 429, relayed (upstream_unavailable).",
     "500": "A bug in the gateway (internal_error; details only in its log), or the worker's "
     "own 500, relayed.",
     "502": "The worker failed (upstream_error): could not connect (upstream_connect_error), "
-    "closed the connection (upstream_disconnected), answered with an error "
+    "closed the connection (upstream_disconnected, upstream_stale_connection), answered with an error "
     "(upstream_unavailable, upstream_http_<status>) or with something invalid "
     "(upstream_bad_response, upstream_bad_answer, upstream_malformed_event), or failed "
     "mid-stream (upstream_stream_error, upstream_stream_truncated), or stopped before the "
     "answer was complete (upstream_aborted).",
     "503": "Try again later (unavailable): the gateway is at capacity (gateway_overloaded), no "
-    "healthy worker serves the model (no_healthy_worker), or it is shutting down "
-    "(shutting_down); or the worker's own 503, relayed (upstream_unavailable).",
+    "healthy worker serves the model (no_healthy_worker), every worker of the model asked for "
+    "time (workers_cooling_down), the worker holding a stored response is down "
+    "(response_holder_unavailable), or it is shutting down (shutting_down); or the worker's "
+    "own 503, relayed (upstream_unavailable).",
     "504": "A timeout phase expired (upstream_timeout): connecting (connect_timeout), waiting "
     "for the first token (first_token_timeout), between tokens (idle_timeout), or the whole "
     "request (request_timeout).",
@@ -471,7 +477,10 @@ def _vllm_route(operation_id: str, *, body: str | None = JSON) -> Schema:
         "worker's, status and body.",
         "security": [{"bearer": []}],
         "parameters": [_request_id_parameter()],
-        "responses": {"200": {"description": "The worker's answer."}, **openai_errors()},
+        "responses": {
+            "200": {"description": "The worker's answer.", "headers": _request_id_header()},
+            **openai_errors(),
+        },
     }
     if body is not None:
         schema: Schema = {"type": "object", "properties": {"model": _model()}}

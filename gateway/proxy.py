@@ -34,13 +34,12 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from gateway.attempt import Attempts
 from gateway.balancer import make_policy
 from gateway.deadline import Deadline
 from gateway.errors import (
     ClientTooSlow,
-    FirstTokenTimeout,
     GatewayError,
-    IdleTimeout,
     InternalError,
     InvalidRequest,
     ModelNotFound,
@@ -53,11 +52,11 @@ from gateway.errors import (
     Unavailable,
     UnsupportedMediaType,
     UpstreamBadResponse,
-    UpstreamDisconnected,
     UpstreamError,
     UpstreamStatusError,
-    UpstreamStreamError,
+    WorkersCoolingDown,
 )
+from gateway.failover import Failover, Step
 from gateway.fanout import merge, plan_shards
 from gateway.lifecycle import Lifecycle
 from gateway.limits import Admission
@@ -65,10 +64,10 @@ from gateway.logs import AccessLog
 from gateway.metrics import GatewayMetrics
 from gateway.middleware import CLIENT, REQUEST_ID, error_response
 from gateway.ratelimit import RateLimiter
-from gateway.relay import Exchange, Relay, RelayFn
+from gateway.relay import Exchange, Relay
 from gateway.request import EMBEDDINGS, RequestMeta, Route, parse_request, with_model
 from gateway.resume import CONTINUATION_PATH, Splice, Transcript, ask_for_token_ids
-from gateway.retry import RetryBudget, backoff, parse_retry_after
+from gateway.retry import RetryBudget
 from gateway.settings import Settings
 from gateway.sse import encode_error_event
 from gateway.upstream import ClientResponse, Upstream, forward_headers
@@ -77,7 +76,6 @@ from gateway.workers import Fleet, Worker
 log = logging.getLogger(__name__)
 access_log = AccessLog("gateway.access")
 
-ERROR_BODY_LIMIT = 64 * 1024
 IN_BAND_WRITE_TIMEOUT = 1.0
 # One embeddings shard's answer is read into memory to be merged: bounded.
 SHARD_BODY_LIMIT = 256 * 1024 * 1024
@@ -98,6 +96,7 @@ class Proxy:
         self._fleet = fleet
         self._upstream = upstream
         self._relay = Relay(metrics, settings.timeouts, fleet)
+        self._attempts = Attempts(fleet, upstream, metrics, settings.timeouts, settings.retry)
         self._metrics = metrics
         self._lifecycle = lifecycle
         self._limiter = limiter
@@ -181,9 +180,9 @@ class Proxy:
             try:
                 shards = self._plan_fan_out(ex, meta)
                 if shards:
-                    await self._within_deadline(self._fan_out(ex, shards))
+                    await self._within_deadline(ex, self._fan_out(ex, shards))
                 else:
-                    await self._within_deadline(self._forward(ex, meta))
+                    await self._within_deadline(ex, self._forward(ex, meta))
             finally:
                 self._metrics.in_flight_batched.dec()
         assert ex.response is not None
@@ -215,8 +214,9 @@ class Proxy:
             # The body does not decode as its Content-Encoding says, or its framing is broken.
             raise InvalidRequest("The request body could not be read as sent.") from None
 
-    async def _within_deadline(self, work: Coroutine[Any, Any, None]) -> None:
-        deadline = Deadline(asyncio.get_running_loop().time() + self._timeouts.total)
+    async def _within_deadline(self, ex: Exchange, work: Coroutine[Any, Any, None]) -> None:
+        ex.deadline = asyncio.get_running_loop().time() + self._timeouts.total
+        deadline = Deadline(ex.deadline)
         try:
             async with deadline:
                 await work
@@ -232,38 +232,106 @@ class Proxy:
         return (model, *self._settings.fallbacks.get(model, ()))
 
     async def _forward(self, ex: Exchange, meta: RequestMeta) -> None:
-        """Try the model's pool, then each fallback model's, until an attempt succeeds.
-
-        Within a pool: at most ``retry.max_attempts`` attempts, never the same worker twice;
-        each retry is taken from the retry budget and waits a jittered backoff first, unless
-        the failed worker asked for time (``Retry-After``): then the request goes elsewhere at
-        once. A fallback is used when a pool has no worker to try or failed retryably.
-        """
+        """Attempts until one succeeds or the retry policy (``failover``) says the failure is
+        final. A failure after the commit point is resumed when it may be, else final."""
         headers = forward_headers(ex.request.raw_headers, ex.request[REQUEST_ID])
         self._budget.record_request()
+        failover = self._failover(ex.model)
+        step = failover.first()
+        if step is None:
+            raise self._nothing_available(ex.model)
+        relay = self._relay.stream if ex.stream else self._relay.body
         last: UpstreamError | None = None
-        for model in self._chain(ex.model):
-            body = meta.body if model == ex.model else with_model(meta.body, model)
-            for _ in range(self._settings.retry.max_attempts):
-                worker = await self._next_worker(ex.tried, model, meta.affinity_key, last)
-                if worker is None:
-                    break
-                if model != ex.model and ex.served_model != model:
-                    self._metrics.fallbacks.labels(self._relay.model_label(ex), model).inc()
-                ex.served_model = model
-                try:
-                    await self._attempt_on(ex, worker, body, headers)
+        while True:
+            worker = self._pick(step, meta.affinity_key, last)
+            if step.model != ex.model and ex.served_model != step.model:
+                self._metrics.fallbacks.labels(self._relay.model_label(ex), step.model).inc()
+            ex.served_model = step.model
+            body = meta.body if step.model == ex.model else with_model(meta.body, step.model)
+            failover.started(step.model, worker)
+            try:
+                await self._attempts.run(
+                    ex, worker, ex.route.path, body, headers, functools.partial(relay, ex), bool
+                )
+                return
+            except UpstreamError as err:
+                if ex.committed:
+                    await self._resume(ex, failover, body, headers, meta.affinity_key, err)
                     return
-                except UpstreamError as err:
-                    if ex.committed:
-                        await self._resume(ex, body, headers, meta.affinity_key, err)
-                        return
-                    if not err.retryable:
-                        raise
-                    last = err
+                last = err
+                step = await self._retry(ex, failover, err, worker)
+
+    async def _retry(
+        self, ex: Exchange, failover: Failover, err: UpstreamError, worker: Worker
+    ) -> Step:
+        """The next step after ``err``, once it is paid for from the retry budget and its wait
+        is over; raises the final error when there is none."""
+        step = failover.after(err, worker, time.time(), self._left(ex))
+        if step is None:
+            raise self._final_for(ex.model, err)
+        if not self._budget.try_spend():
+            self._metrics.retry_budget_exhausted.inc()
+            raise self._final_for(ex.model, err)
+        self._metrics.retries.labels(step.reason).inc()
+        log.info(
+            "retrying on %s (%s) after %s from %s, in %.2fs",
+            step.worker.url if step.worker else "another worker", step.model, err.code,
+            worker.url, step.wait,
+        )  # fmt: skip
+        if step.wait > 0:
+            await asyncio.sleep(step.wait)
+        return step
+
+    def _failover(self, model: str) -> Failover:
+        return Failover(
+            self._fleet,
+            self._settings.retry,
+            self._chain(model),
+            self._settings.context_fallbacks,
+            self._rng,
+        )
+
+    def _pick(self, step: Step, key: str | None, last: UpstreamError | None) -> Worker:
+        """The worker for ``step``. A worker never gets more requests than its cap (past that,
+        the pool's wait would be a hidden queue): when every candidate is at it, a first
+        attempt is ``Overloaded`` and a retry ends with the last failure."""
+        if step.worker is not None:
+            return step.worker
+        worker = self._balancer.pick([w for w in step.candidates if w.in_flight < w.cap], key)
+        if worker is not None:
+            return worker
         if last is not None:
-            raise last
-        raise NoHealthyWorker(retry_after=self._retry_hint(ex.model))
+            raise self._final_for(step.model, last)
+        raise Overloaded(retry_after=self._settings.limits.retry_after)
+
+    def _left(self, ex: Exchange) -> float:
+        """Seconds left before the request's deadline."""
+        return ex.deadline - asyncio.get_running_loop().time()
+
+    def _final_for(self, model: str, err: UpstreamError) -> UpstreamError:
+        """``err`` as the client gets it: a busy worker's 429 or 503 always with a
+        ``Retry-After`` the client can honour."""
+        if (
+            isinstance(err, UpstreamStatusError)
+            and err.status in (429, 503)
+            and "Retry-After" not in err.upstream_headers
+        ):
+            err.upstream_headers["Retry-After"] = str(self._retry_hint(model))
+        return err
+
+    def _nothing_available(self, model: str) -> GatewayError:
+        """Why no worker of the chain can take the request: every one that is up asked for
+        time (``WorkersCoolingDown``, with the time left), or none is up."""
+        now = self._fleet.clock()
+        waits = [
+            w.not_before - now
+            for m in self._chain(model)
+            for w in self._fleet.pool(m)
+            if w.healthy and w.ejected_until is None and w.not_before > now
+        ]
+        if waits:
+            return WorkersCoolingDown(retry_after=max(1, math.ceil(min(waits))))
+        return NoHealthyWorker(retry_after=self._settings.limits.retry_after)
 
     def _resume_wanted(self, request: web.Request) -> bool:
         resume = self._settings.resume
@@ -277,6 +345,7 @@ class Proxy:
     async def _resume(
         self,
         ex: Exchange,
+        failover: Failover,
         body: bytes,
         headers: bytes,
         key: str | None,
@@ -292,7 +361,8 @@ class Proxy:
             if not transcript.resumable:
                 self._metrics.resumes.labels(model, "not_resumable").inc()
                 raise err
-            worker = await self._next_worker(ex.tried, ex.served_model, key, None)
+            candidates = failover.others(ex.served_model)
+            worker = self._balancer.pick([w for w in candidates if w.in_flight < w.cap], key)
             if worker is None:
                 self._metrics.resumes.labels(model, "no_worker").inc()
                 raise err
@@ -300,15 +370,19 @@ class Proxy:
                 self._metrics.retry_budget_exhausted.inc()
                 self._metrics.resumes.labels(model, "budget").inc()
                 raise err
+            self._metrics.retries.labels(err.code).inc()
             log.warning(
                 "resuming a stream on %s after %d tokens (%s)",
                 worker.url, transcript.tokens, err.code,
             )  # fmt: skip
             continuation = transcript.continuation(body)
             splice = Splice(transcript, client_wants_usage=not ex.strip_usage)
-            relay = functools.partial(self._relay.continuation, splice=splice)
+            relay = functools.partial(self._relay.continuation, ex, splice=splice)
+            failover.started(ex.served_model, worker)
             try:
-                await self._attempt_on(ex, worker, continuation, headers, relay, CONTINUATION_PATH)
+                await self._attempts.run(
+                    ex, worker, CONTINUATION_PATH, continuation, headers, relay
+                )
             except UpstreamError as again:
                 self._metrics.resumes.labels(model, "failed").inc()
                 err = again
@@ -316,56 +390,6 @@ class Proxy:
             self._metrics.resumes.labels(model, "resumed").inc()
             return
         raise err
-
-    async def _next_worker(
-        self, tried: list[Worker], model: str, key: str | None, last: UpstreamError | None
-    ) -> Worker | None:
-        """The worker for the next attempt, or None to move on; raises ``last`` when the retry
-        budget is spent and ``Overloaded`` when every worker is at its cap."""
-        if last is not None:
-            if not self._fleet.candidates(model, tried):
-                return None
-            if not self._budget.try_spend():
-                self._metrics.retry_budget_exhausted.inc()
-                raise last
-            self._metrics.retries.labels(last.code).inc()
-            if not _asked_to_wait(last):
-                retry = self._settings.retry
-                await asyncio.sleep(
-                    backoff(len(tried), retry.backoff_base, retry.backoff_max, self._rng)
-                )
-        candidates = self._fleet.candidates(model, tried)
-        # A worker never gets more requests than its cap (at most its pooled connections):
-        # past that, the connector's wait would be a hidden queue.
-        open_ = [w for w in candidates if w.in_flight < w.cap]
-        if candidates and not open_ and last is None and not tried:
-            raise Overloaded(retry_after=self._settings.limits.retry_after)
-        return self._balancer.pick(open_, key)
-
-    async def _attempt_on(
-        self,
-        ex: Exchange,
-        worker: Worker,
-        body: bytes,
-        headers: bytes,
-        relay: RelayFn | None = None,
-        path: str | None = None,
-    ) -> None:
-        ex.tried.append(worker)
-        ex.worker, ex.attempts = worker, ex.attempts + 1
-        self._fleet.begin_attempt(worker)
-        try:
-            await self._attempt(ex, worker, body, headers, relay, path or ex.route.path)
-        except UpstreamError as err:
-            self._count_failure(worker, err)
-            raise
-        else:
-            if ex.worker_error:  # it answered, but with its own error: a sick worker
-                self._count_failure(worker, UpstreamStreamError())
-            else:
-                self._fleet.record_success(worker)
-        finally:
-            self._fleet.end_attempt(worker)
 
     def _plan_fan_out(self, ex: Exchange, meta: RequestMeta) -> list[bytes] | None:
         size = self._settings.routing.embedding_shard_size
@@ -394,59 +418,35 @@ class Proxy:
         ex.status = 200
 
     async def _shard(self, ex: Exchange, body: bytes, headers: bytes, taken: list[Worker]) -> bytes:
-        tried: list[Worker] = []
+        """One shard, with the same retry policy as a whole request but no fallback models
+        (one answer is never merged from several models)."""
+        failover = Failover(self._fleet, self._settings.retry, (ex.model,), {}, self._rng)
+        step = failover.first()
+        if step is None:
+            raise self._nothing_available(ex.model)
         last: UpstreamError | None = None
-        for _ in range(self._settings.retry.max_attempts):
-            avoid = tried + [w for w in taken if w not in tried]
-            if not self._fleet.candidates(ex.model, avoid):
-                avoid = tried
-            worker = await self._next_worker(avoid, ex.model, None, last)
-            if worker is None:
-                break
-            tried.append(worker)
+        while True:
+            free = [w for w in step.candidates if w not in taken]
+            worker = self._pick(replace(step, candidates=free or step.candidates), None, last)
+            failover.started(ex.model, worker)
             taken.append(worker)
-            ex.worker, ex.attempts = worker, ex.attempts + 1
             try:
-                return await self._attempt_buffered(worker, ex.route.path, body, headers)
+                return await self._attempts.run(
+                    ex, worker, ex.route.path, body, headers, self._read_shard
+                )
             except UpstreamError as err:
-                if not err.retryable:
-                    raise
                 last = err
+                step = await self._retry(ex, failover, err, worker)
             finally:
                 taken.remove(worker)
-        if last is not None:
-            raise last
-        raise NoHealthyWorker(retry_after=self._retry_hint(ex.model))
 
-    async def _attempt_buffered(
-        self, worker: Worker, path: str, body: bytes, headers: bytes
-    ) -> bytes:
-        """One whole non-streamed answer from one worker, read into memory (bounded)."""
-        worker.in_flight += 1
-        gauge = self._metrics.worker_in_flight_of(worker.url)
-        gauge.inc()
-        self._fleet.begin_attempt(worker)
-        response: ClientResponse | None = None
-        try:
-            async with Deadline(None) as phase:
-                response = await self._upstream.send(worker, path, body, headers)
-                if response.status != 200:
-                    await self._raise_status(response, phase)
-                data = await self._upstream.read_body(response, SHARD_BODY_LIMIT + 1)
-            if len(data) > SHARD_BODY_LIMIT:
-                raise UpstreamBadResponse("The model worker sent an oversized answer.")
-        except UpstreamError as err:
-            self._count_failure(worker, err)
-            raise
-        else:
-            self._fleet.record_success(worker)
-            return data
-        finally:
-            worker.in_flight -= 1
-            gauge.dec()
-            self._fleet.end_attempt(worker)
-            if response is not None:
-                response.release()
+    async def _read_shard(self, response: ClientResponse, phase: Deadline) -> bytes:
+        """One whole embeddings answer, read into memory (bounded) to be merged."""
+        phase.reschedule(asyncio.get_running_loop().time() + self._timeouts.idle)
+        data = await self._upstream.read_body(response, SHARD_BODY_LIMIT + 1)
+        if len(data) > SHARD_BODY_LIMIT:
+            raise UpstreamBadResponse("The model worker sent an oversized answer.")
+        return data
 
     def _retry_hint(self, model: str) -> int:
         """Seconds until a worker of the chain can take requests again, for ``Retry-After``."""
@@ -460,77 +460,6 @@ class Proxy:
         if not waits:
             return self._settings.limits.retry_after
         return max(1, math.ceil(min(waits)))
-
-    def _count_failure(self, worker: Worker, err: UpstreamError) -> None:
-        if isinstance(err, UpstreamStatusError):
-            wait = parse_retry_after(err.upstream_headers.get("Retry-After"), time.time())
-            if wait is not None and err.status in (429, 503):
-                self._fleet.retry_later(worker, min(wait, self._settings.retry.max_retry_after))
-            if not err.retryable and err.status < 500:
-                return  # a 4xx is the client's doing, not a sign of a sick worker
-            self._metrics.upstream_errors.labels(worker.url, err.code).inc()
-            if err.worker_at_fault:  # busy (429, 503) is not sick
-                self._fleet.record_failure(worker)
-            return
-        self._metrics.upstream_errors.labels(worker.url, err.code).inc()
-        self._fleet.record_failure(worker)
-
-    async def _attempt(
-        self,
-        ex: Exchange,
-        worker: Worker,
-        body: bytes,
-        headers: bytes,
-        relay: RelayFn | None,
-        path: str,
-    ) -> None:
-        loop = asyncio.get_running_loop()
-        worker.in_flight += 1
-        gauge = self._metrics.worker_in_flight_of(worker.url)
-        gauge.inc()
-        response: ClientResponse | None = None
-        finished = False
-        first_token_deadline = loop.time() + self._timeouts.first_token if ex.stream else None
-        try:
-            async with Deadline(first_token_deadline) as phase:
-                response = await self._upstream.send(worker, path, body, headers)
-                worker.reading.add(response)
-                if response.status != 200:
-                    await self._raise_status(response, phase)
-                elif ex.stream:
-                    await (relay or self._relay.stream)(ex, response, phase)
-                else:
-                    await self._relay.body(ex, response, phase)
-                finished = True
-        except TimeoutError:
-            if not phase.expired():
-                raise
-            if ex.writing:
-                raise ClientTooSlow() from None
-            if ex.first_token_at is None and ex.stream:
-                raise FirstTokenTimeout() from None
-            raise IdleTimeout() from None
-        finally:
-            worker.in_flight -= 1
-            gauge.dec()
-            if response is not None:
-                worker.reading.discard(response)
-                # release() keeps a fully read connection for reuse (drain: once the stream's
-                # terminator after [DONE] is in); close() drops it, which is what tells vLLM
-                # to abort the request when we stop early.
-                response.release(drain=True) if finished else response.close()
-
-    async def _raise_status(self, response: ClientResponse, phase: Deadline) -> None:
-        phase.reschedule(asyncio.get_running_loop().time() + self._timeouts.idle)
-        try:
-            data = await self._upstream.read_body(response, ERROR_BODY_LIMIT)
-        except UpstreamDisconnected:
-            data = b""  # the status decides; a cut error body must not make a 4xx retryable
-        # Relayed bodies are OpenAI-shaped JSON (ours or the worker's): only Retry-After is kept.
-        headers = {}
-        if "Retry-After" in response.headers:
-            headers["Retry-After"] = response.headers["Retry-After"]
-        raise UpstreamStatusError(response.status, data, headers)
 
     async def _fail(self, ex: Exchange, err: GatewayError) -> web.StreamResponse:
         ex.code = err.code
@@ -598,11 +527,6 @@ class Proxy:
 def _close(request: web.Request) -> None:
     if request.transport is not None:
         request.transport.close()
-
-
-def _asked_to_wait(err: UpstreamError) -> bool:
-    """The worker said when to come back: go elsewhere at once instead of backing off."""
-    return isinstance(err, UpstreamStatusError) and "Retry-After" in err.upstream_headers
 
 
 def _total_tokens(usage: dict[str, int] | None) -> int | None:

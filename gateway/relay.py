@@ -61,7 +61,6 @@ class Exchange:
     started: float
     client: Client = OPEN_CLIENT  # whose key; its name goes to metrics and logs
     extra_headers: dict[str, str] = field(default_factory=dict)  # x-ratelimit-*, on success
-    worker_error: bool = False  # the worker's own error event reached the client in-band
     model: str = ""
     stream: bool = False
     strip_usage: bool = False
@@ -78,15 +77,16 @@ class Exchange:
     attempts: int = 0
     first_token_at: float | None = None
     usage: dict[str, int] | None = None  # the worker's usage, when a stream carried it
-    tried: list[Worker] = field(default_factory=list)
+    deadline: float = 0.0  # loop time the whole request must end by (``timeouts.total``)
 
     @property
     def committed(self) -> bool:
         return self.response is not None and self.response.prepared
 
 
-# Reads a committed-to-be stream from a worker and writes it to the client.
-RelayFn = Callable[["Exchange", ClientResponse, Deadline], Awaitable[None]]
+# Reads a committed-to-be stream from a worker and writes it to the client; True when the
+# worker's own error event reached the client in-band (the answer ended, but the worker failed).
+RelayFn = Callable[["Exchange", ClientResponse, Deadline], Awaitable[bool]]
 
 
 class Relay:
@@ -97,9 +97,10 @@ class Relay:
         self._timeouts = timeouts
         self._fleet = fleet
 
-    async def stream(self, ex: Exchange, response: ClientResponse, phase: Deadline) -> None:
+    async def stream(self, ex: Exchange, response: ClientResponse, phase: Deadline) -> bool:
         loop = asyncio.get_running_loop()
         observer = StreamObserver()
+        sick = False
         held: list[bytes] = []
         held_size = 0
         while not observer.first_token and held_size <= HOLD_LIMIT:
@@ -107,7 +108,7 @@ class Relay:
             if not chunk:
                 raise UpstreamDisconnected("The model worker ended the stream before any token.")
             observer.feed(chunk)
-            self._check_events(ex, observer)
+            sick |= self._check_events(ex, observer)
             held.append(chunk)
             held_size += len(chunk)
         ex.first_token_at = loop.time()
@@ -139,7 +140,7 @@ class Relay:
             last = now
             self._extend(phase, now + idle)
             observer.feed(chunk)
-            self._check_events(ex, observer)
+            sick |= self._check_events(ex, observer)
             if out := framer.feed(chunk):
                 if transcript is not None:
                     transcript.feed(out)
@@ -156,16 +157,17 @@ class Relay:
             await self._send(ex, client, self._scrubbed(ex, framer.flush()) + DONE_EVENT, phase)
         ex.ending = True
         await client.write_eof()
+        return sick
 
     def _scrubbed(self, ex: Exchange, out: bytes) -> bytes:
         return scrub_token_ids(out) if ex.scrub_ids else out
 
-    def _check_events(self, ex: Exchange, observer: StreamObserver) -> None:
+    def _check_events(self, ex: Exchange, observer: StreamObserver) -> bool:
         """A malformed event fails the attempt, and so does an ``abort`` ending (the worker is
         stopping: never an end the client may take for complete). So does a worker's own
         in-band error before the commit (another worker can answer) or when the stream can be
         resumed (the client never sees it); otherwise the client gets the worker's error event
-        as it was sent, and the attempt still counts against the worker (``worker_error``)."""
+        as it was sent, and this returns True: the attempt still counts against the worker."""
         if observer.malformed:
             raise UpstreamMalformedEvent()
         if observer.finish_reason == "abort":
@@ -174,11 +176,12 @@ class Relay:
         if error is not None and worker_fault(error):
             if not ex.committed or ex.transcript is not None:
                 raise UpstreamStreamError()
-            ex.worker_error = True
+            return True
+        return False
 
     async def continuation(
         self, ex: Exchange, response: ClientResponse, phase: Deadline, splice: Splice
-    ) -> None:
+    ) -> bool:
         """Relay a continuation as more chunks of the committed stream (see ``resume.py``)."""
         loop = asyncio.get_running_loop()
         assert ex.response is not None and ex.transcript is not None
@@ -215,6 +218,7 @@ class Relay:
         self.count_usage(ex, splice.usage)
         ex.ending = True
         await client.write_eof()
+        return False  # a worker's error event always fails a continuation (see _check_events)
 
     def count_usage(self, ex: Exchange, usage: dict[str, int] | None) -> None:
         if not usage:
@@ -226,7 +230,7 @@ class Relay:
             if tokens is not None and tokens >= 0:
                 self._metrics.tokens_of(model, kind).inc(tokens)
 
-    async def body(self, ex: Exchange, response: ClientResponse, phase: Deadline) -> None:
+    async def body(self, ex: Exchange, response: ClientResponse, phase: Deadline) -> bool:
         """A JSON answer. vLLM sends it whole once generated, so up to ``CHECKED_BODY_LIMIT`` it
         is read before the commit and must parse: a broken answer fails over instead of
         reaching the client as a 200. A larger one (embeddings) is relayed as it arrives."""
@@ -260,7 +264,7 @@ class Relay:
             ex.writing = True
             await client.write_eof()
             ex.writing = False
-            return
+            return False
         out = web.StreamResponse(status=200)
         out.headers["Content-Type"] = content_type
         if response.content_length is not None:
@@ -275,6 +279,7 @@ class Relay:
         self.count_usage(ex, usage_from_tail(tail))
         ex.ending = True
         await client.write_eof()
+        return False
 
     async def _send(
         self, ex: Exchange, client: web.StreamResponse, data: bytes, phase: Deadline

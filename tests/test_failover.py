@@ -116,17 +116,22 @@ async def test_all_workers_overloaded_relays_the_workers_503(
     assert gw.metric("gateway_retries_total", reason="upstream_unavailable") == 1
 
 
-async def test_never_the_same_worker_twice(
+async def test_the_only_worker_is_tried_again_up_to_max_attempts(
     sim: SimFactory, gateway: GatewayFactory, client: aiohttp.ClientSession
 ) -> None:
+    """Nowhere else to go: the same worker again, after a backoff, ``max_attempts`` in all;
+    then its 503 with our stable code and a Retry-After the client can honour."""
     only = await sim(fault=parse_fault("status=503"))
-    gw = await gateway(only, retry={"max_attempts": 5})
+    gw = await gateway(only, retry={"max_attempts": 3})
     async with client.post(f"{gw.url}/v1/chat/completions", json=chat()) as resp:
         assert resp.status == 503
+        assert (await resp.json())["error"]["code"] == "upstream_unavailable"
+        assert int(resp.headers["Retry-After"]) >= 1
     assert (
         gw.metric("gateway_upstream_errors_total", worker=only.url, kind="upstream_unavailable")
-        == 1
+        == 3
     )
+    assert gw.metric("gateway_retries_total", reason="upstream_unavailable") == 2
 
 
 async def test_failing_worker_is_ejected_and_skipped(

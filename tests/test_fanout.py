@@ -105,10 +105,11 @@ async def test_a_failed_shard_is_retried_on_another_worker(
 async def test_a_shard_that_cannot_be_served_fails_the_whole_request(
     sim: SimFactory, gateway: GatewayFactory, client: aiohttp.ClientSession
 ) -> None:
-    broken = await sim(fault=parse_fault("status=500"))
+    # 501 is not in retry.statuses: the shard fails where it was sent (a 500 is retried).
+    broken = await sim(fault=parse_fault("status=501"))
     gw = await gateway(broken, await sim(), routing={"embedding_shard_size": 10})
     async with client.post(f"{gw.url}/v1/embeddings", json=embeddings(20)) as resp:
-        assert resp.status == 500
+        assert resp.status == 501
         error = (await resp.json())["error"]
     assert set(error) >= {"message", "type", "code"}
     assert "data" not in error

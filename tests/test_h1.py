@@ -14,6 +14,7 @@ import pytest
 from gateway import h1
 from gateway.errors import (
     ConnectTimeout,
+    StaleConnection,
     UpstreamBadResponse,
     UpstreamConnectError,
     UpstreamDisconnected,
@@ -288,7 +289,9 @@ async def test_an_idle_connection_the_worker_closed_is_not_used_again() -> None:
     assert srv.connections == 2
 
 
-async def test_a_kept_connection_closed_as_the_request_went_is_retried_once_fresh() -> None:
+async def test_a_kept_connection_closed_as_the_request_went_is_never_sent_again() -> None:
+    """The worker read the second request and closed unanswered: the pool says so with its own
+    error and does not send it again (the proxy decides, counted, whether to retry)."""
     served = 0
 
     async def first_only(_: bytes, __: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
@@ -301,10 +304,44 @@ async def test_a_kept_connection_closed_as_the_request_went_is_retried_once_fres
 
     async with raw_server(first_only) as srv:
         p = pool()
-        for _ in range(2):
-            assert await fetch(p, srv.url) == b"{}"
+        assert await fetch(p, srv.url) == b"{}"
+        with pytest.raises(StaleConnection):
+            await fetch(p, srv.url)
         await p.close()
-    assert (served, srv.connections) == (3, 2)
+    assert (served, srv.connections) == (2, 1)
+
+
+async def test_a_kept_connection_with_an_unread_close_is_not_reused() -> None:
+    """The worker closed the kept connection before the next request, and the loop has not
+    run the close's callback yet: the readability check sees it, and a new connection is
+    used. Nothing is sent on the dead one."""
+    gate = asyncio.Event()
+    gone = asyncio.Event()
+
+    async def close_when_told(_: bytes, __: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        if gate.is_set():
+            w.write(OK)
+            return
+        w.write(OK)
+        await w.drain()
+        await gate.wait()
+        w.transport.close()
+        gone.set()
+
+    async with raw_server(close_when_told) as srv:
+        p = pool()
+        assert await fetch(p, srv.url) == b"{}"
+        (conn,) = p._idle[srv.url]
+        # Hold back the callbacks that would tell the pool: only the kernel knows.
+        conn.transport.pause_reading()
+        gate.set()
+        await asyncio.wait_for(gone.wait(), 5)
+        assert not conn.lost
+        # Sent on the dead connection instead, it would wait for an answer forever.
+        assert await asyncio.wait_for(fetch(p, srv.url), 5) == b"{}"
+        await p.close()
+    assert srv.connections == 2
+    assert len(srv.requests) == 2
 
 
 async def test_a_new_connection_closed_unanswered_is_the_workers_fault() -> None:

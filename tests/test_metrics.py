@@ -178,7 +178,11 @@ async def test_passive_ejection_is_counted_and_shown_as_unhealthy(
     """The first 500 ejects its worker; the second goes to the other worker, which is then the
     last in rotation and is kept: exactly one ejection, shown on the worker that had it."""
     workers = [await sim(), await sim()]
-    gw = await gateway(*workers, health={"interval": 60.0, "timeout": 1.0, "failures_to_eject": 1})
+    gw = await gateway(
+        *workers,
+        health={"interval": 60.0, "timeout": 1.0, "failures_to_eject": 1},
+        retry={"max_attempts": 1},  # one attempt a request: one failure each
+    )
     for w in workers:
         assert gw.metric("gateway_worker_ejections_total", worker=w.url) == 0
         assert gw.metric("gateway_worker_healthy", worker=w.url) == 1

@@ -145,7 +145,7 @@ def test_bearer_auth_only_when_keys_are_configured_and_caps_as_maximum() -> None
     assert all("security" not in op for _, _, op in operations_of(doc))
     assert doc["components"]["schemas"]["ChatCompletionRequest"]["properties"]["n"]["maximum"] == 4
     keyed = build_settings({"workers": [{"url": "http://w:1"}], "auth": {"keys": [
-        {"name": "a", "key": "k"}]}})  # fmt: skip
+        {"name": "a", "key": "sk-test-0123456789"}]}})  # fmt: skip
     assert document(keyed)["components"]["securitySchemes"]
 
 

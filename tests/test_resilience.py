@@ -319,7 +319,9 @@ async def test_worker_killed_under_load_loses_no_request(
     if ejects:
         assert not victim_worker.in_rotation  # the cut streams count against it
     else:
-        assert victim_worker.in_rotation
+        # Never ejected; down, as a probe would find, once its address refused a connection.
+        assert victim_worker.ejected_until is None
+        assert not victim_worker.healthy
         failed_over = sum(
             gw.metric("gateway_retries_total", reason=reason)
             for reason in ("upstream_connect_error", "upstream_disconnected")
@@ -379,35 +381,36 @@ async def test_hung_worker_is_ejected_and_traffic_moves(
 async def test_worker_that_comes_back_is_readmitted_by_its_half_open_trial(
     sim: SimFactory, gateway: GatewayFactory, serve: Serve, client: aiohttp.ClientSession
 ) -> None:
-    """1. Two workers; the first one's server closes (its port stays free).
-    2. Requests fail over; after 2 connect errors it is ejected for 0.3 s.
-    3. A simulator starts again on the same port.
+    """1. Two workers; the first one answers 502 to everything.
+    2. Requests fail over; after 2 failures it is ejected for 0.3 s.
+    3. Its server is replaced by a healthy simulator on the same port.
     4. After the ejection time, the next request is its one half-open trial: it is served
        there and the worker is back in rotation."""
-    flaky = await sim()
+    port = free_port()
+    first = TestServer(Refuser(502).app(), host=HOST, port=port)
+    await first.start_server()
+    url = str(first.make_url("")).rstrip("/")
     good = await sim()
     gw = await gateway(
-        flaky,
-        good,
+        configured(url),
+        {"url": good.url, "models": ["sim-model"]},
         health=health(failures_to_eject=2, ejection_time=0.3),
         routing=NO_SCRAPE,
     )
     flaky_worker = gw.fleet.workers[0]
-    port = flaky.server.port
-    assert port is not None
-    await flaky.server.close()
 
     for _ in range(2):
         assert verdict(await send(client, gw, chat())) == "complete"
     assert not flaky_worker.in_rotation
-    assert gw.metric("gateway_worker_ejections_total", worker=flaky.url) == 1
-    assert gw.metric("gateway_worker_healthy", worker=flaky.url) == 0
-    errors = {"worker": flaky.url, "kind": "upstream_connect_error"}
+    assert gw.metric("gateway_worker_ejections_total", worker=url) == 1
+    assert gw.metric("gateway_worker_healthy", worker=url) == 0
+    errors = {"worker": url, "kind": "upstream_unavailable"}
     assert gw.metric("gateway_upstream_errors_total", **errors) == 2
     assert good.engine.finished == 2
 
+    await first.close()
     restarted = create_sim_app(SimConfig())
-    assert await serve(restarted, port) == flaky.url
+    assert await serve(restarted, port) == url
     ejected_until = flaky_worker.ejected_until
     assert ejected_until is not None
     await wait_for(lambda: gw.fleet.clock() >= ejected_until, 5, "ejection time over")
@@ -418,8 +421,8 @@ async def test_worker_that_comes_back_is_readmitted_by_its_half_open_trial(
     assert good.engine.finished == 2
     assert flaky_worker.in_rotation
     assert flaky_worker.consecutive_failures == 0
-    assert gw.metric("gateway_worker_healthy", worker=flaky.url) == 1
-    assert gw.metric("gateway_worker_ejections_total", worker=flaky.url) == 1
+    assert gw.metric("gateway_worker_healthy", worker=url) == 1
+    assert gw.metric("gateway_worker_ejections_total", worker=url) == 1
     await assert_at_rest(gw)
 
 
@@ -527,21 +530,23 @@ async def test_retry_after_keeps_requests_off_a_rate_limited_worker(
 async def test_retry_after_relayed_then_honoured_by_the_gateway(
     gateway: GatewayFactory, serve: Serve, client: aiohttp.ClientSession
 ) -> None:
-    """1. The only worker answers 429 + ``Retry-After: 2``: the client gets exactly that.
-    2. A second request at once is not sent to the worker: a clean 503 with a Retry-After
-       of at most the time left."""
+    """1. The only worker answers 429 + ``Retry-After: 2``, longer than ``retry.max_wait``:
+       the client gets the 429 with that Retry-After, the worker's message, our stable code.
+    2. A second request at once is not sent to the worker: a clean 503 that says the worker
+       is cooling down, with a Retry-After of at most the time left."""
     limited = rate_limiter()
-    gw = await gateway(configured(await serve(limited.app())))
+    gw = await gateway(configured(await serve(limited.app())), retry={"max_wait": 1.0})
     first = await send(client, gw, chat(stream=True))
     assert verdict(first) == "error"
     assert first.status == 429
     assert first.headers["Retry-After"] == "2"
-    assert first.json()["error"]["code"] == "rate_limit_exceeded"  # the worker's own body
+    assert first.json()["error"]["code"] == "upstream_unavailable"
+    assert first.json()["error"]["message"] == "Rate limit reached; retry later."
 
     second = await send(client, gw, chat(stream=True))
     assert verdict(second) == "error"
     assert second.status == 503
-    assert second.json()["error"]["code"] == "no_healthy_worker"
+    assert second.json()["error"]["code"] == "workers_cooling_down"
     assert 1 <= int(second.headers["Retry-After"]) <= RETRY_AFTER
     assert len(limited.hits) == 1
     await assert_at_rest(gw)

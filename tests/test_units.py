@@ -11,11 +11,13 @@ import orjson
 import pytest
 
 from gateway.errors import (
+    AdminKeyRequired,
     ClientTooSlow,
     ConnectTimeout,
     ExpectationFailed,
     FirstTokenTimeout,
     GatewayError,
+    HeadersTooLarge,
     IdleTimeout,
     InternalError,
     InvalidField,
@@ -28,11 +30,16 @@ from gateway.errors import (
     PayloadTooLarge,
     RateLimited,
     RequestBodyTimeout,
+    ResponseHolderLost,
+    ResponseHolderUnavailable,
+    ResponseNotFound,
     RouteNotFound,
     ShuttingDown,
+    StaleConnection,
     TotalTimeout,
     Unauthorized,
     Unavailable,
+    UnsupportedContentEncoding,
     UnsupportedMediaType,
     UpstreamAborted,
     UpstreamBadAnswer,
@@ -45,8 +52,10 @@ from gateway.errors import (
     UpstreamStreamError,
     UpstreamStreamTruncated,
     UpstreamTimeout,
+    WorkersCoolingDown,
     is_openai_error,
 )
+from gateway.failover import worker_at_fault
 from gateway.limits import Admission
 from gateway.middleware import error_response
 
@@ -80,10 +89,23 @@ TREE: dict[type[GatewayError], tuple[int, str, str, bool]] = {
     Unavailable: (503, "server_error", "unavailable", False),
     Overloaded: (503, "server_error", "gateway_overloaded", False),
     NoHealthyWorker: (503, "server_error", "no_healthy_worker", False),
+    WorkersCoolingDown: (503, "server_error", "workers_cooling_down", False),
+    ResponseHolderUnavailable: (503, "server_error", "response_holder_unavailable", False),
+    UnsupportedContentEncoding: (
+        415,
+        "invalid_request_error",
+        "unsupported_content_encoding",
+        False,
+    ),
+    HeadersTooLarge: (431, "invalid_request_error", "headers_too_large", False),
+    ResponseNotFound: (404, "invalid_request_error", "response_not_found", False),
+    ResponseHolderLost: (404, "invalid_request_error", "response_holder_lost", False),
+    AdminKeyRequired: (403, "invalid_request_error", "admin_key_required", False),
     ShuttingDown: (503, "server_error", "shutting_down", False),
     UpstreamError: (502, "upstream_error", "upstream_error", False),
     UpstreamConnectError: (502, "upstream_error", "upstream_connect_error", True),
     UpstreamDisconnected: (502, "upstream_error", "upstream_disconnected", True),
+    StaleConnection: (502, "upstream_error", "upstream_stale_connection", True),
     UpstreamStatusError: (503, "upstream_error", "upstream_unavailable", True),
     UpstreamBadResponse: (502, "upstream_error", "upstream_bad_response", False),
     UpstreamMalformedEvent: (502, "upstream_error", "upstream_malformed_event", True),
@@ -108,6 +130,8 @@ def instance(cls: type[GatewayError]) -> GatewayError:
         return UpstreamStatusError(503, b"<html>busy</html>", {})
     if cls is RateLimited:
         return RateLimited("requests", 1.5, {"x-ratelimit-limit-requests": "10"})
+    if issubclass(cls, ResponseNotFound):
+        return cls("resp_1", "previous_response_id")
     return cls()
 
 
@@ -263,12 +287,20 @@ def test_upstream_retry_after_is_relayed() -> None:
 
 
 @pytest.mark.parametrize("status", range(400, 600))
-def test_upstream_status_retryable_exactly_for_429_502_503_504(status: int) -> None:
+def test_upstream_status_codes_and_whose_fault(status: int) -> None:
     err = UpstreamStatusError(status, b"", {})
-    retryable = status in {429, 502, 503, 504}
-    assert err.retryable is retryable
-    assert err.code == ("upstream_unavailable" if retryable else f"upstream_http_{status}")
-    assert err.worker_at_fault is (status >= 500 and status != 503)  # busy is not sick
+    unavailable = status in {429, 502, 503, 504}
+    assert err.code == ("upstream_unavailable" if unavailable else f"upstream_http_{status}")
+    assert worker_at_fault(err) is (status >= 500 and status != 503)  # busy is not sick
+
+
+def test_a_busy_or_failed_workers_body_becomes_ours_with_its_message() -> None:
+    worker = b'{"error": {"message": "engine dead", "type": "x", "code": 7}}'
+    for status in (429, 500, 503):
+        body = orjson.loads(UpstreamStatusError(status, worker, {}).body_bytes())["error"]
+        assert body["message"] == "engine dead"
+        assert body["code"] == ("upstream_http_500" if status == 500 else "upstream_unavailable")
+    assert UpstreamStatusError(400, worker, {}).body_bytes() == worker  # the client's error
 
 
 @pytest.mark.parametrize(
