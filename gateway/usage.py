@@ -2,8 +2,10 @@
 
 Exact token counts come from the worker's own ``usage``. A stream carries it only when the
 request says ``stream_options.include_usage``, so the gateway adds that to streams whose client
-did not ask (and the relay drops the extra chunk again, see ``framing``). A JSON response has it
-near its end; reading it there costs a search in the last bytes, not a parse of the body.
+did not ask (and the relay drops the extra chunk again, see ``framing``). A JSON answer up to
+``relay.CHECKED_BODY_LIMIT`` (8 MB) is parsed whole before the commit anyway (a broken answer
+fails over), and its usage is read from that parse; only a larger one (embeddings), relayed as
+it arrives, has its usage found by a search in its last bytes (``usage_from_tail``).
 """
 
 from __future__ import annotations
