@@ -38,6 +38,7 @@ from gateway.proxy import Proxy
 from gateway.ratelimit import RateLimiter
 from gateway.ratelimit_host import HostLimits
 from gateway.settings import Settings
+from gateway.tls import WorkerTls
 from gateway.upstream import Upstream
 from gateway.workers import Fleet, Worker, worker_from_settings
 
@@ -171,8 +172,9 @@ async def _upstream_and_probes(app: web.Application) -> AsyncIterator[None]:
     settings = app[keys.SETTINGS]
     fleet = app[keys.FLEET]
     metrics = app[keys.METRICS]
+    tls = WorkerTls(settings.workers, settings.discovery.services)  # reads the TLS files
     upstream = Upstream(
-        settings.limits, settings.timeouts, settings.health, metrics, settings.routing
+        settings.limits, settings.timeouts, settings.health, metrics, settings.routing, tls
     )
     limiter = RateLimiter(settings.redis, metrics, host=app.get(keys.HOST_LIMITS))
     await limiter.start()

@@ -42,6 +42,13 @@ def worker_url(scheme: str, address: str, port: int) -> str:
     return f"{scheme}://{host}:{port}"
 
 
+def service_source(service: ServiceSettings) -> str:
+    """``scheme://host:port`` of a service: its workers' ``source``."""
+    parts = urlsplit(str(service.url))
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    return f"{parts.scheme}://{parts.hostname or ''}:{port}"
+
+
 class ServiceWatcher:
     """Keeps the fleet's workers from one service equal to what its name resolves to."""
 
@@ -62,7 +69,7 @@ class ServiceWatcher:
         self._scheme = parts.scheme
         self._host = parts.hostname or ""
         self._port = parts.port or (443 if parts.scheme == "https" else 80)
-        self.source = f"{self._scheme}://{self._host}:{self._port}"
+        self.source = service_source(service)
         self.on_error: Callable[[], None] = lambda: None
 
     async def sync(self) -> None:

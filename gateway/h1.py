@@ -5,7 +5,9 @@ Node.js uses) straight into a body buffer that pauses the socket when nobody rea
 Why not aiohttp's client: on the gateway's profile it was a third of the event loop's CPU for a
 small JSON request (building a ``ClientRequest``, merging headers, a ``ClientResponse``, a
 ``StreamReader``); here a request is one bytes join and a response a handful of callbacks.
-aiohttp still serves the clients and makes the probes; this module only forwards.
+aiohttp still serves the clients and carries pass-through requests; this module forwards,
+probes and scrapes (GET), so the probes test the very client and TLS settings that carry the
+traffic.
 
 The semantics the proxy relies on:
 - ``Pool.request`` returns once the status line and headers are in; connecting (and waiting for
@@ -25,12 +27,14 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import errno
 import functools
 import select
 import socket
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import httptools
 import yarl
@@ -45,6 +49,9 @@ from gateway.errors import (
     UpstreamError,
 )
 
+if TYPE_CHECKING:
+    from gateway.tls import ClientTls
+
 # A status line and headers larger than this are not a worker's answer.
 HEAD_LIMIT = 64 * 1024
 # Body bytes buffered and not yet read before the socket stops being read (TCP then pushes
@@ -58,6 +65,8 @@ DRAIN_LIMIT = 64 * 1024
 
 # Called with the worker's base URL and the seconds a new connection took.
 ConnectObserver = Callable[[str, float], None]
+# Called with the worker's base URL and why a new connection to it failed (refused, TLS, ...).
+ConnectFailureObserver = Callable[[str, OSError], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,7 +76,7 @@ class Target:
     host: str
     port: int
     host_header: str
-    tls: ssl.SSLContext | None
+    https: bool  # the caller gives the TLS context: one per setting, not one per URL
 
 
 @functools.lru_cache(maxsize=1024)
@@ -75,8 +84,8 @@ def target(base: str) -> Target:
     url = yarl.URL(base)
     if url.scheme not in ("http", "https") or not url.host or url.port is None:
         raise ValueError(f"not an http(s) URL: {base!r}")
-    tls = ssl.create_default_context() if url.scheme == "https" else None
-    return Target(url.host, url.port, url.host_port_subcomponent or url.host, tls)
+    https = url.scheme == "https"
+    return Target(url.host, url.port, url.host_port_subcomponent or url.host, https)
 
 
 class Response:
@@ -279,7 +288,12 @@ class _Connection(asyncio.Protocol):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if not self.lost and not self.served and not self.head_size and self._is_tls():
+            self.pool.connect_failed(self.key, _refused_session(exc))
         self._lose()
+
+    def _is_tls(self) -> bool:
+        return self.transport.get_extra_info("ssl_object") is not None
 
     def data_received(self, data: bytes) -> None:
         if not self.busy or self.complete:
@@ -366,6 +380,20 @@ class _Connection(asyncio.Protocol):
         self._wake()
 
 
+def _refused_session(exc: Exception | None) -> OSError:
+    """Why the worker closed a new TLS connection before any answer. With TLS 1.3 a server
+    checks the client's certificate after the client's side of the handshake is done, so a
+    missing or unaccepted one shows only now: as the server's alert (OpenSSL, Go, Envoy), or,
+    from an asyncio server such as vLLM's uvicorn, which sends none, as a bare close."""
+    if isinstance(exc, ssl.SSLError):
+        return exc
+    return ConnectionAbortedError(
+        errno.ECONNABORTED,
+        "TLS: the worker closed a new connection without answering "
+        "(does it require a client certificate, or refuse the one sent?)",
+    )
+
+
 class Pool:
     """Keep-alive connections to every worker: at most ``limit`` open in all and
     ``limit_per_host`` to one worker; a request beyond that waits (FIFO) for a slot."""
@@ -377,12 +405,14 @@ class Pool:
         keepalive: float,
         connect_timeout: float,
         on_connect: ConnectObserver | None = None,
+        on_connect_failure: ConnectFailureObserver | None = None,
     ) -> None:
         self._limit = limit
         self._limit_per_host = limit_per_host
         self._keepalive = keepalive
         self._connect_timeout = connect_timeout
         self._on_connect = on_connect
+        self._on_connect_failure = on_connect_failure
         self._idle: dict[str, list[_Connection]] = {}
         self._open: collections.Counter[str] = collections.Counter()  # incl. connecting
         self._total = 0
@@ -391,20 +421,31 @@ class Pool:
         self._sweep: asyncio.TimerHandle | None = None
         self._closed = False
 
-    async def request(self, base: str, path: str, headers: bytes, body: bytes) -> Response:
-        """POST ``body`` to ``base + path`` with ``headers`` (encoded ``Name: value\\r\\n``
-        lines, without Host and Content-Length); return once the response headers are in."""
+    async def request(
+        self,
+        base: str,
+        path: str,
+        headers: bytes,
+        body: bytes,
+        *,
+        method: str = "POST",
+        tls: ClientTls | None = None,
+        fresh: bool = False,
+    ) -> Response:
+        """Send ``body`` to ``base + path`` with ``headers`` (encoded ``Name: value\\r\\n``
+        lines, without Host and Content-Length); return once the response headers are in.
+        ``tls`` is required for an ``https://`` base; ``fresh`` skips kept connections (for a
+        caller that may resend an idempotent request after a ``StaleConnection``)."""
         to = target(base)
+        length = f"Content-Length: {len(body)}\r\n" if body or method == "POST" else ""
         head = (
-            (
-                f"POST {path} HTTP/1.1\r\nHost: {to.host_header}\r\nContent-Length: {len(body)}\r\n"
-            ).encode()
+            f"{method} {path} HTTP/1.1\r\nHost: {to.host_header}\r\n{length}".encode()
             + headers
             + b"\r\n"
         )
-        conn = self._take_idle(base)
+        conn = None if fresh else self._take_idle(base)
         if conn is None:
-            conn = await self._bounded_acquire(base, to, fresh=False)
+            conn = await self._bounded_acquire(base, to, tls, fresh)
         conn.send(head, body)
         try:
             while not conn.headers_done:
@@ -424,6 +465,10 @@ class Pool:
             conn.close()
             raise
         return Response(conn)
+
+    def connect_failed(self, key: str, exc: OSError) -> None:
+        if self._on_connect_failure is not None:
+            self._on_connect_failure(key, exc)
 
     def kept(self, base: str) -> int:
         """How many connections to ``base`` are kept, ready for a request."""
@@ -476,14 +521,18 @@ class Pool:
             return conn
         return None
 
-    async def _bounded_acquire(self, key: str, to: Target, fresh: bool) -> _Connection:
+    async def _bounded_acquire(
+        self, key: str, to: Target, tls: ClientTls | None, fresh: bool
+    ) -> _Connection:
         try:
             async with asyncio.timeout(self._connect_timeout):
-                return await self._acquire(key, to, fresh)
+                return await self._acquire(key, to, tls, fresh)
         except TimeoutError:
             raise ConnectTimeout() from None
 
-    async def _acquire(self, key: str, to: Target, fresh: bool) -> _Connection:
+    async def _acquire(
+        self, key: str, to: Target, tls: ClientTls | None, fresh: bool
+    ) -> _Connection:
         """A connection to ``key``: a kept one (unless ``fresh``), else a new one when the
         limits allow, else the next one freed."""
         while True:
@@ -493,7 +542,7 @@ class Pool:
             if conn is not None:
                 return conn
             if self._total < self._limit and self._open[key] < self._limit_per_host:
-                return await self._connect(key, to)
+                return await self._connect(key, to, tls)
             # No room: close a kept connection to make some, this worker's first when fresh.
             mine = self._idle.get(key) if fresh else None
             victim = mine[0] if mine else None
@@ -519,7 +568,9 @@ class Pool:
                         self._waiters.remove(entry)
                 raise
 
-    async def _connect(self, key: str, to: Target) -> _Connection:
+    async def _connect(self, key: str, to: Target, tls: ClientTls | None) -> _Connection:
+        if to.https and tls is None:
+            raise ValueError(f"{key}: an https worker needs its TLS settings")
         loop = asyncio.get_running_loop()
         conn = _Connection(self, key)
         self._open[key] += 1  # counted from now: forget() takes it back off
@@ -531,11 +582,12 @@ class Pool:
                 lambda: conn,
                 to.host,
                 to.port,
-                ssl=to.tls,
-                server_hostname=to.host if to.tls is not None else None,
+                ssl=tls.context if to.https and tls is not None else None,
+                server_hostname=(tls.server_name or to.host) if to.https and tls else None,
             )
-        except OSError as exc:
+        except OSError as exc:  # ssl.SSLError (a failed handshake or check) is one too
             self.forget(conn)
+            self.connect_failed(key, exc)
             raise UpstreamConnectError(refused=isinstance(exc, ConnectionRefusedError)) from exc
         except BaseException:
             self.forget(conn)

@@ -1,6 +1,7 @@
 """What start-up needs beyond valid settings, checked before anything is started (and all that
 ``--check`` does after validation): every file the settings name can be read (the keys file
-also parsed), and the port can be bound. Failures are ``PreflightError``s whose one-line
+also parsed, each ``tls`` section's files loaded into an SSL context), and the port can be
+bound. Failures are ``PreflightError``s whose one-line
 message names the setting and where its value came from (``settings_source``).
 
 ``listen`` is also how the gateway binds its port: the command line owns the one listening
@@ -20,6 +21,7 @@ from pydantic import BaseModel
 from gateway.auth import read_keys_file
 from gateway.settings import Settings
 from gateway.settings_source import source_of
+from gateway.tls import TlsFileError, build_context, tls_settings
 
 BACKLOG = 1024  # connections the kernel queues before the serving processes accept them
 
@@ -42,6 +44,16 @@ def check_files(settings: Settings, config: Path | None, environ: Mapping[str, s
         except (ValueError, yaml.YAMLError) as exc:
             reason = " ".join(str(exc).split())
             raise PreflightError(f"{where}: {reason}") from None
+    services = settings.discovery.services
+    for loc, tls in tls_settings(settings.workers, services):
+        try:
+            build_context(tls)
+        except TlsFileError as exc:
+            key = (*loc, exc.key)
+            where = f"{'.'.join(map(str, key))} ({source_of(key, config, environ)})"
+            path = getattr(tls, exc.key)
+            reason = " ".join(exc.reason.split())
+            raise PreflightError(f"{where}: {path} does not load: {reason}") from None
 
 
 def _paths(node: Any, loc: tuple[str | int, ...]) -> Iterator[tuple[tuple[str | int, ...], Path]]:

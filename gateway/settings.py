@@ -68,6 +68,32 @@ def _check_plain(url: AnyHttpUrl) -> None:
         raise ValueError("url must be scheme://host:port only (no path, query or fragment)")
 
 
+class TlsSettings(_Frozen):
+    """How the gateway checks an ``https://`` worker and proves itself to it (mTLS). One
+    ``ssl.SSLContext`` is built per distinct value and shared (gateway/tls.py)."""
+
+    ca_file: Path | None = None  # PEM CA bundle to verify the worker with; None: the system's
+    cert_file: Path | None = None  # PEM client certificate, for workers that require one
+    key_file: Path | None = None  # its private key; None: the key is in cert_file
+    # The name the certificate must carry, also sent as SNI; None: the URL's host, or for a
+    # discovered pod (reached by IP) the service's host name.
+    server_name: str | None = Field(None, min_length=1)
+    insecure_skip_verify: bool = False  # no certificate or name check at all: encryption only
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        if self.key_file is not None and self.cert_file is None:
+            raise ValueError("key_file needs cert_file")
+        if self.insecure_skip_verify and self.ca_file is not None:
+            raise ValueError("insecure_skip_verify ignores ca_file: set one of them")
+        return self
+
+
+def _check_tls(url: AnyHttpUrl, tls: TlsSettings | None) -> None:
+    if tls is not None and url.scheme != "https":
+        raise ValueError("tls is set but the url is not https://")
+
+
 class WorkerSettings(_Frozen):
     url: AnyHttpUrl
     models: tuple[str, ...] = ()
@@ -76,10 +102,12 @@ class WorkerSettings(_Frozen):
     # Sent to the worker as "Authorization: Bearer <api_key>" (vLLM's --api-key); the client's
     # own Authorization header never reaches a worker.
     api_key: SecretStr | None = None
+    tls: TlsSettings | None = None  # https:// only; None: the system's CAs, the URL's host
 
     @model_validator(mode="after")
     def _plain_base_url(self) -> Self:
         _check_plain(self.url)
+        _check_tls(self.url, self.tls)
         return self
 
     @property
@@ -132,10 +160,12 @@ class ServiceSettings(_Frozen):
     url: AnyHttpUrl
     models: tuple[str, ...] = ()
     max_in_flight: int | None = Field(None, gt=0)
+    tls: TlsSettings | None = None  # https:// only; verifies each pod against the service's name
 
     @model_validator(mode="after")
     def _plain(self) -> Self:
         _check_plain(self.url)
+        _check_tls(self.url, self.tls)
         return self
 
 

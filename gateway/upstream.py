@@ -1,6 +1,8 @@
-"""The gateway's HTTP clients towards workers: the forwarding pool (``gateway.h1``), a small
-aiohttp session for probes and scrapes, and one for pass-through requests the pool cannot carry
-(any method, a streamed request body); aiohttp's exceptions are mapped here.
+"""The gateway's HTTP clients towards workers: the forwarding pool (``gateway.h1``), a second
+small pool of the same client for probes and scrapes, and an aiohttp session for pass-through
+requests the pool cannot carry (any method, a streamed request body); aiohttp's exceptions are
+mapped here. All three reach a worker with its TLS settings (``gateway.tls``), and the first
+failed connect to a worker is logged with its cause, once until a connect to it succeeds.
 
 The connect phase (including the wait for a pooled connection) is bounded by the pool; the
 other phases (first token, idle, total) are enforced by the proxy, because only it knows where
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 from collections.abc import AsyncIterable
 
 import aiohttp
@@ -20,6 +23,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from gateway.errors import (
     ConnectTimeout,
     IdleTimeout,
+    StaleConnection,
     UpstreamBadResponse,
     UpstreamConnectError,
     UpstreamDisconnected,
@@ -29,7 +33,10 @@ from gateway.h1 import Pool, Response
 from gateway.loadsignals import LoadSignals, parse_load
 from gateway.metrics import GatewayMetrics
 from gateway.settings import HealthSettings, LimitSettings, RoutingSettings, TimeoutSettings
+from gateway.tls import WorkerTls, describe
 from gateway.workers import ModelCard, ProbeResult, Worker
+
+log = logging.getLogger(__name__)
 
 # Headers that describe one hop, carry the client's credentials, or claim an identity the
 # client could spoof (who it is, where it came from) never go to a worker. Lower-case bytes,
@@ -55,6 +62,38 @@ ClientResponse = Response
 PROBE_POOL_SIZE = 32
 # A worker's /metrics body larger than this is not read: the signals are near its top anyway.
 SCRAPE_LIMIT = 4 * 1024 * 1024
+# A /v1/models answer larger than this is not a list of models.
+MODELS_LIMIT = 4 * 1024 * 1024
+# Workers remembered as failing to connect (discovered pods come and go): the oldest is
+# forgotten first, and at worst its next failure is logged again.
+FAILING_REMEMBERED = 1024
+
+
+class ConnectLog:
+    """Logs the first failed connect to a worker with its cause (certificate verify failed,
+    connection refused, ...), then nothing more for that worker until a connect to it
+    succeeds: a fleet-wide TLS mistake is one line per worker, not one per request."""
+
+    def __init__(self) -> None:
+        self._failing: dict[str, str] = {}
+
+    def failed(self, worker: str, exc: OSError) -> None:
+        if worker in self._failing:
+            return
+        if len(self._failing) >= FAILING_REMEMBERED:
+            del self._failing[next(iter(self._failing))]
+        cause = self._failing[worker] = describe(exc)
+        log.warning("cannot connect to worker %s: %s", worker, cause)
+
+    def connected(self, worker: str) -> None:
+        """A response came from ``worker`` (a connect alone is not enough: a worker that
+        requires a client certificate refuses it after the TLS handshake, TLS 1.3)."""
+        if self._failing and self._failing.pop(worker, None) is not None:
+            log.info("connected to worker %s again", worker)
+
+    def failing(self, worker: str) -> str | None:
+        """The logged cause while ``worker`` fails to connect, else None."""
+        return self._failing.get(worker)
 
 
 class Upstream:
@@ -67,27 +106,32 @@ class Upstream:
         health: HealthSettings,
         metrics: GatewayMetrics | None = None,
         routing: RoutingSettings | None = None,
+        tls: WorkerTls | None = None,
     ) -> None:
-        self._scrape_timeout = aiohttp.ClientTimeout(
-            total=(routing or RoutingSettings()).scrape_timeout
-        )
+        """``tls``: the workers' TLS settings, contexts built (at start-up); None: every
+        ``https://`` worker is checked against the system's CAs and its URL's host."""
+        self._scrape_timeout = (routing or RoutingSettings()).scrape_timeout
+        self._probe_timeout = health.timeout
         self._metrics = metrics
+        self._tls = tls if tls is not None else WorkerTls()
+        self.connects = ConnectLog()
         self._pool = Pool(
             limit=limits.pool_size,
             limit_per_host=limits.pool_per_worker,
             keepalive=limits.keepalive,
             connect_timeout=timeouts.connect,
             on_connect=self._connected if metrics is not None else None,
+            on_connect_failure=self.connects.failed,
         )
         # Probes get their own small pool: a worker whose request pool is full must still be
-        # probed at once, not after the requests ahead of the probe.
-        self._probes = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(
-                limit=PROBE_POOL_SIZE, keepalive_timeout=limits.keepalive
-            ),
-            timeout=aiohttp.ClientTimeout(total=health.timeout),
-            skip_auto_headers=("User-Agent",),
-            cookie_jar=aiohttp.DummyCookieJar(),
+        # probed at once, not after the requests ahead of the probe. Its connects are not in
+        # the connect-time metric, which is about the requests' connections.
+        self._probes = Pool(
+            limit=PROBE_POOL_SIZE,
+            limit_per_host=PROBE_POOL_SIZE,
+            keepalive=limits.keepalive,
+            connect_timeout=health.timeout,
+            on_connect_failure=self.connects.failed,
         )
         # Pass-through answers are relayed as the worker sent them: no decompression, no
         # cookies, no headers of aiohttp's own. The total bound is the caller's.
@@ -117,16 +161,25 @@ class Upstream:
         the response headers are in; the caller closes the response."""
         if worker.api_key is not None:
             headers["Authorization"] = f"Bearer {worker.api_key}"
+        tls = self._tls.for_worker(worker)
         try:
             response = await self._passthrough.request(
-                method, worker.url + path, headers=headers, data=body, allow_redirects=False
+                method,
+                worker.url + path,
+                headers=headers,
+                data=body,
+                allow_redirects=False,
+                ssl=tls.context if tls is not None else True,
+                server_hostname=tls.server_name if tls is not None else None,
             )
-        except aiohttp.ClientConnectorError:
+        except aiohttp.ClientConnectorError as exc:
+            self.connects.failed(worker.url, exc.os_error)
             raise UpstreamConnectError() from None
         except aiohttp.ClientError as exc:
             raise _mapped(exc) from None
         except TimeoutError:
             raise ConnectTimeout() from None
+        self.connects.connected(worker.url)
         return PassResponse(response)
 
     async def close(self) -> None:
@@ -143,7 +196,10 @@ class Upstream:
         response. ``headers`` comes from ``forward_headers``."""
         if worker.api_key is not None:
             headers += _authorization(worker.api_key)
-        return await self._pool.request(worker.url, path, headers, body)
+        tls = self._tls.for_worker(worker)
+        response = await self._pool.request(worker.url, path, headers, body, tls=tls)
+        self.connects.connected(worker.url)
+        return response
 
     async def read_chunk(self, response: Response) -> bytes:
         """The next bytes of the body as they arrive; b"" at its end."""
@@ -172,43 +228,60 @@ class Upstream:
     async def scrape(self, worker: Worker) -> LoadSignals | None:
         """The worker's load signals from ``GET /metrics``; None when it cannot be read."""
         try:
-            async with self._probes.get(
-                worker.url + "/metrics", timeout=self._scrape_timeout
-            ) as resp:
-                if resp.status != 200:
-                    return None
-                parts: list[bytes] = []
-                size = 0
-                while size < SCRAPE_LIMIT and (chunk := await resp.content.readany()):
-                    parts.append(chunk)
-                    size += len(chunk)
-        except (aiohttp.ClientError, TimeoutError):
+            status, body = await self._get(worker, "/metrics", self._scrape_timeout, SCRAPE_LIMIT)
+        except (UpstreamError, TimeoutError):
             return None
-        return parse_load(b"".join(parts))
+        return parse_load(body) if status == 200 else None
 
     async def _health(self, worker: Worker) -> bool | None:
         """Whether ``/health`` answers 200; None when the connection is refused (nothing
         listens there: the worker stopped, or is stopping)."""
         try:
-            async with self._probes.get(worker.url + "/health") as resp:
-                return resp.status == 200
-        except aiohttp.ClientConnectorError as exc:
-            return None if isinstance(exc.os_error, ConnectionRefusedError) else False
-        except (aiohttp.ClientError, TimeoutError):
+            status, _ = await self._get(worker, "/health", self._probe_timeout, 64 * 1024)
+        except UpstreamConnectError as exc:
+            return None if exc.refused else False
+        except (UpstreamError, TimeoutError):
             return False
+        return status == 200
 
     async def _models(self, worker: Worker) -> tuple[ModelCard, ...] | None:
+        auth = _authorization(worker.api_key) if worker.api_key else b""
         try:
-            async with self._probes.get(worker.url + "/v1/models", headers=_auth(worker)) as resp:
-                if resp.status != 200:
-                    return None
-                data = orjson.loads(await resp.read())
-        except (aiohttp.ClientError, TimeoutError, orjson.JSONDecodeError):
+            status, body = await self._get(
+                worker, "/v1/models", self._probe_timeout, MODELS_LIMIT, auth
+            )
+            data = orjson.loads(body) if status == 200 else None
+        except (UpstreamError, TimeoutError, orjson.JSONDecodeError):
             return None
         cards = data.get("data") if isinstance(data, dict) else None
         if not isinstance(cards, list):
             return None
         return tuple(c for c in cards if isinstance(c, dict) and isinstance(c.get("id"), str))
+
+    async def _get(
+        self, worker: Worker, path: str, within: float, limit: int, headers: bytes = b""
+    ) -> tuple[int, bytes]:
+        """``GET path`` on the probe pool, all ``within`` seconds: the status and up to ``limit``
+        bytes of the body. A GET is idempotent, so one that met a kept connection closing
+        under it goes again, once, on a new connection (a probe is not a counted attempt)."""
+        tls = self._tls.for_worker(worker)
+        async with asyncio.timeout(within):
+            try:
+                response = await self._probes.request(
+                    worker.url, path, headers, b"", method="GET", tls=tls
+                )
+            except StaleConnection:
+                response = await self._probes.request(
+                    worker.url, path, headers, b"", method="GET", tls=tls, fresh=True
+                )
+            self.connects.connected(worker.url)
+            try:
+                body = await self.read_body(response, limit)
+            except BaseException:
+                response.close()
+                raise
+            response.release()  # kept if the body ended, else closed
+        return response.status, body
 
 
 @functools.lru_cache(maxsize=256)
@@ -216,10 +289,6 @@ def _authorization(api_key: str) -> bytes:
     if "\r" in api_key or "\n" in api_key:
         raise ValueError("a line break in a worker's api_key")
     return f"Authorization: Bearer {api_key}\r\n".encode()
-
-
-def _auth(worker: Worker) -> dict[str, str]:
-    return {"Authorization": f"Bearer {worker.api_key}"} if worker.api_key else {}
 
 
 async def _none() -> None:

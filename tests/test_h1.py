@@ -45,9 +45,12 @@ async def raw_server(answer: Answer) -> AsyncIterator[RawServer]:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
                 length = next(
-                    int(line.split(b":")[1])
-                    for line in head.split(b"\r\n")
-                    if line.lower().startswith(b"content-length:")
+                    (
+                        int(line.split(b":")[1])
+                        for line in head.split(b"\r\n")
+                        if line.lower().startswith(b"content-length:")
+                    ),
+                    0,  # a GET
                 )
                 request = head + await reader.readexactly(length)
                 state.requests.append(request)
@@ -428,8 +431,34 @@ async def test_a_reader_that_falls_behind_pauses_the_socket() -> None:
 
 def test_targets_are_parsed_once_with_default_ports() -> None:
     assert (target("http://w:8000").host, target("http://w:8000").port) == ("w", 8000)
-    assert (target("https://w").port, target("https://w").tls is not None) == (443, True)
+    assert (target("https://w").port, target("https://w").https) == (443, True)
     six = target("http://[::1]:9000")
     assert (six.host, six.port, six.host_header) == ("::1", 9000, "[::1]:9000")
     with pytest.raises(ValueError):
         target("ftp://w")
+
+
+async def test_a_get_has_no_body_and_reuses_the_connection() -> None:
+    """Probes and scrapes are GETs on the same client: no Content-Length, the answer read
+    whole, the connection kept for the next one."""
+
+    async def answer(request: bytes, reader: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+    async with raw_server(answer) as server:
+        p = pool()
+        for _ in range(2):
+            resp = await p.request(server.url, "/health", b"", b"", method="GET")
+            assert (resp.status, await read_all(resp)) == (200, b"ok")
+            resp.release()
+        assert server.connections == 1
+        host = server.url.removeprefix("http://")
+        assert server.requests[0] == f"GET /health HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
+        await p.close()
+
+
+async def test_an_https_worker_without_its_tls_settings_is_a_bug_not_a_default() -> None:
+    p = pool()
+    with pytest.raises(ValueError, match="needs its TLS settings"):
+        await p.request("https://127.0.0.1:9", "/health", b"", b"", method="GET")
+    await p.close()
