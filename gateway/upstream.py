@@ -2,7 +2,7 @@
 small pool of the same client for probes and scrapes, and an aiohttp session for pass-through
 requests the pool cannot carry (any method, a streamed request body); aiohttp's exceptions are
 mapped here. All three reach a worker with its TLS settings (``gateway.tls``), and the first
-failed connect to a worker is logged with its cause, once until a connect to it succeeds.
+failed connect to a worker is logged with its cause, once until the worker answers again.
 
 The connect phase (including the wait for a pooled connection) is bounded by the pool; the
 other phases (first token, idle, total) are enforced by the proxy, because only it knows where
@@ -71,8 +71,10 @@ FAILING_REMEMBERED = 1024
 
 class ConnectLog:
     """Logs the first failed connect to a worker with its cause (certificate verify failed,
-    connection refused, ...), then nothing more for that worker until a connect to it
-    succeeds: a fleet-wide TLS mistake is one line per worker, not one per request."""
+    connection refused, ...), then nothing more for that worker until it answers again: a
+    fleet-wide TLS mistake is one line per worker, not one per request or probe. Connects
+    that time out are not among them (``ConnectTimeout`` cannot tell a slow worker from a
+    full pool)."""
 
     def __init__(self) -> None:
         self._failing: dict[str, str] = {}

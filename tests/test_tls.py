@@ -6,8 +6,8 @@ simulated workers serve HTTPS and the gateway reaches them with its ``tls`` sett
    reached as a plain IP worker fails with "IP address mismatch", logged.
 3. mTLS: a worker that requires a client certificate serves a gateway that has one and refuses
    one that has none (the cause logged).
-4. A wrong CA: every connect fails, the cause is logged once for the worker until a connect
-   succeeds again, and logged again at the next failure.
+4. A wrong CA: every connect fails, the cause is logged once for the worker until it answers
+   again, and logged again at the next failure.
 5. ``--check`` and start-up fail fast, in one line, on a certificate that cannot be read or
    does not load.
 6. One SSL context per distinct setting, shared by the workers that use it.
