@@ -7,7 +7,7 @@ PYPROJECT_SUM := $(shell cksum pyproject.toml | cut -d' ' -f1)
 RUN_STAMP := $(VENV)/.installed-run-$(PYPROJECT_SUM)
 STAMP := $(VENV)/.installed-dev-$(PYPROJECT_SUM)
 
-.PHONY: run demo lock run-vllm vllm test test-fast lint format check-config clean tools prometheus-tools deploy-tools grafana-tools redis-tools bench bench-soak bench-resume bench-routing
+.PHONY: run demo lock run-vllm vllm test test-fast lint format check-config clean tools prometheus-tools deploy-tools grafana-tools redis-tools bench bench-quick bench-soak bench-resume bench-routing
 
 $(RUN_STAMP): pyproject.toml
 	rm -f $(VENV)/.installed-*
@@ -108,10 +108,15 @@ $(BENCH_STAMP): $(STAMP)
 	touch $@
 
 # What the gateway adds per request, side by side with direct, a bare pass-through proxy and
-# the peers (vllm-router, LiteLLM: installed on first use into .cache/bench); writes
-# tests/bench/RESULTS.md and two plots (about 35 minutes; see --help for a shorter run).
+# the peers (vllm-router, LiteLLM: installed on first use into .cache/bench); paced streams
+# first, then the zero-sleep best case; writes tests/bench/RESULTS.md and two plots (about 50
+# minutes; see --help for a shorter run).
 bench: $(BENCH_STAMP)
 	$(PY) -m tests.bench.perf
+
+# The paced scenarios alone, 2 repeats of 3 s runs, no LiteLLM: tests/bench/PACED.md (~4 min).
+bench-quick: $(BENCH_STAMP)
+	$(PY) -m tests.bench.perf --quick
 
 # Ten minutes of steady load on the gateway: RSS at the start and the end (tests/bench/SOAK.md).
 bench-soak: $(BENCH_STAMP)

@@ -3,9 +3,12 @@ pre-built answer, as one JSON body or streamed as CHUNKS events. It costs as lit
 aiohttp server can, so what a benchmark measures is the proxy in front of it.
 
 The model name picks the pace (``PACES``): ``sim-model`` writes its events with no sleeps;
-``sim-realistic`` and ``sim-slow`` wait ``ttft`` before the first token (prefill), then send one
-token per engine step of ``itl`` seconds. As in vLLM's continuous batching, one clock steps
-every running stream of a pace at once, so thousands of streams cost one timer, not thousands.
+``sim-realistic`` (5 ms steps), ``sim-itl20`` (20 ms) and ``sim-slow`` wait ``ttft`` before the
+first token (prefill), then send one token per engine step of ``itl`` seconds, one SSE event
+each, as vLLM does. As in vLLM's continuous batching, one clock steps every running stream of a
+pace at once, so thousands of streams cost one timer, not thousands. A request with
+``return_token_ids`` (the gateway's resume asks for them) gets vLLM's ``prompt_token_ids`` on the
+role chunk and ``token_ids`` on every token chunk.
 `python -m tests.bench.mockworker --port N`.
 """
 
@@ -33,18 +36,33 @@ class Pace:
 PACES = {
     "sim-model": Pace(0.0, 0.0, CHUNKS),
     "sim-realistic": Pace(0.020, 0.005, CHUNKS),  # first token after 20 ms, then every 5 ms
+    "sim-itl20": Pace(0.020, 0.020, CHUNKS),  # first token after 20 ms, then every 20 ms
     "sim-slow": Pace(0.020, 0.500, 20),  # long-lived streams: 10 s each
 }
 
 
-def _event(model: str, delta: dict[str, str], finish: str | None = None) -> bytes:
-    chunk = {
+PROMPT_IDS = [1, 2, 3, 4, 5]
+
+
+def _event(
+    model: str,
+    delta: dict[str, str],
+    finish: str | None = None,
+    ids: list[int] | None = None,
+    prompt_ids: list[int] | None = None,
+) -> bytes:
+    choice: dict[str, object] = {"index": 0, "delta": delta, "finish_reason": finish}
+    if ids is not None:
+        choice["token_ids"] = ids
+    chunk: dict[str, object] = {
         "id": "chatcmpl-bench",
         "object": "chat.completion.chunk",
         "created": 1,
         "model": model,
-        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+        "choices": [choice],
     }
+    if prompt_ids is not None:
+        chunk["prompt_token_ids"] = prompt_ids
     return b"data: " + orjson.dumps(chunk) + b"\n\n"
 
 
@@ -56,7 +74,7 @@ class Answer:
     body: bytes
 
 
-def _answer(model: str, n: int) -> Answer:
+def _answer(model: str, n: int, with_ids: bool = False) -> Answer:
     text = [f" tok{i}" for i in range(n)]
     usage = {"prompt_tokens": 5, "completion_tokens": n, "total_tokens": n + 5}
     body = {
@@ -82,9 +100,19 @@ def _answer(model: str, n: int) -> Answer:
         "usage": usage,
     }
     return Answer(
-        role=_event(model, {"role": "assistant", "content": ""}),
+        role=_event(
+            model,
+            {"role": "assistant", "content": ""},
+            ids=[] if with_ids else None,
+            prompt_ids=PROMPT_IDS if with_ids else None,
+        ),
         tokens=[
-            _event(model, {"content": t}, "length" if i == n - 1 else None)
+            _event(
+                model,
+                {"content": t},
+                "length" if i == n - 1 else None,
+                ids=[100 + i] if with_ids else None,
+            )
             for i, t in enumerate(text)
         ],
         usage=b"data: " + orjson.dumps(usage_chunk) + b"\n\n",
@@ -93,6 +121,7 @@ def _answer(model: str, n: int) -> Answer:
 
 
 ANSWERS = {model: _answer(model, pace.tokens) for model, pace in PACES.items()}
+WITH_IDS = {model: _answer(model, pace.tokens, with_ids=True) for model, pace in PACES.items()}
 DONE = b"data: [DONE]\n\n"
 
 
@@ -122,7 +151,8 @@ CLOCKS = web.AppKey("clocks", dict)
 async def chat(request: web.Request) -> web.StreamResponse:
     body = orjson.loads(await request.read())
     model = body.get("model") if body.get("model") in PACES else "sim-model"
-    pace, answer = PACES[model], ANSWERS[model]
+    pace = PACES[model]
+    answer = (WITH_IDS if body.get("return_token_ids") else ANSWERS)[model]
     if not body.get("stream"):
         if pace.ttft:
             await asyncio.sleep(pace.ttft + pace.itl * pace.tokens)

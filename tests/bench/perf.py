@@ -1,6 +1,15 @@
 """`make bench`: what the gateway adds to every request, side by side with the limit (direct to
 the worker), the Python floor (a bare pass-through proxy) and the peers (vllm-router, LiteLLM).
 
+The headline is paced streams (`paced*`): the worker sends each token as its own SSE event, one
+engine step apart (5 or 20 ms, after 20 ms to the first token), as vLLM does, so every token is
+its own read and its own write in every proxy; CPU per SSE event is the figure that matters
+there. The zero-sleep scenarios, where a whole answer arrives in one or two reads, are the best
+case. vllm-gateway runs twice: as shipped (`vllm-gateway`), and with its production features on
+(`vllm-gateway+features`: API keys with rpm, tpm and concurrency limits, resume for every
+stream, prefix affinity). LiteLLM is left out of the paced scenarios (at 20 ms of its own a
+request it would take minutes per run).
+
 Method: one mock worker (`mockworker.py`) and each system run as process trees on loopback on
 this machine; the load generator (`loadgen.py`, uvloop) runs here. Within each repeat every
 scenario runs on every system in turn (the order rotates between repeats), so machine noise
@@ -40,7 +49,9 @@ from tests.bench.systems import RssSampler, System, started
 
 HERE = Path(__file__).parent
 RESULTS = HERE / "RESULTS.md"
-SYSTEMS = ["passthrough", "vllm-gateway", "vllm-router", "litellm"]
+SYSTEMS = ["passthrough", "vllm-gateway", "vllm-gateway+features", "vllm-router", "litellm"]
+GATEWAYS = ("vllm-gateway", "vllm-gateway+features")
+QUICK_OUT = HERE / "PACED.md"
 SLOW_GAP = 0.1  # a slow stream "saw a gap" when one exceeded the worker's step by this much
 
 
@@ -58,8 +69,27 @@ class Scenario:
     # left out (at 20 ms a request it would leave the others a few hundred samples).
     turns: bool = False
 
+    @property
+    def paced(self) -> bool:
+        return self.key.startswith("paced")
+
+    @property
+    def events(self) -> int:
+        """SSE events in one answer (role, one per token, ``[DONE]``); 1 for a JSON answer."""
+        return PACES[self.model].tokens + 2 if self.stream else 1
+
 
 SCENARIOS = [
+    Scenario("paced5-c64", "64 paced streams, a token every 5 ms", "sim-realistic", True,
+             concurrency=64, seconds=0.75),
+    Scenario("paced5-c256", "256 paced streams, a token every 5 ms", "sim-realistic", True,
+             concurrency=256, seconds=0.75, ramp=0.5),
+    Scenario("paced20-c64", "64 paced streams, a token every 20 ms", "sim-itl20", True,
+             concurrency=64, seconds=0.75),
+    Scenario("paced20-c256", "256 paced streams, a token every 20 ms", "sim-itl20", True,
+             concurrency=256, seconds=0.75, ramp=0.5),
+    Scenario("paced20-c1000", "1,000 paced streams, a token every 20 ms", "sim-itl20", True,
+             concurrency=1000, seconds=0.75, ramp=1.0),
     Scenario("c1-stream", "1 stream at a time", "sim-model", True, concurrency=1),
     Scenario("c1-json", "1 JSON request at a time", "sim-model", False, concurrency=1),
     Scenario(
@@ -140,18 +170,46 @@ Results = dict[tuple[str, str], list[Sample]]  # (system, scenario) -> one Sampl
 
 
 def more_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--systems", nargs="+", default=SYSTEMS, choices=SYSTEMS)
     parser.add_argument(
-        "--scenarios", nargs="+", default=[s.key for s in SCENARIOS],
-        choices=[s.key for s in SCENARIOS],
+        "--systems",
+        nargs="+",
+        choices=SYSTEMS,
+        help=f"default: all ({', '.join(SYSTEMS)}); --quick: all but litellm",
+    )
+    parser.add_argument(
+        "--scenarios", nargs="+", choices=[s.key for s in SCENARIOS],
+        help="default: all; --quick: the paced ones",
     )  # fmt: skip
+    parser.add_argument(
+        "--quick", action="store_true",
+        help="the paced scenarios only, 3 s runs, 2 repeats, no LiteLLM (about 4 minutes); "
+        f"writes {QUICK_OUT.name} instead of {RESULTS.name}",
+    )  # fmt: skip
+    parser.add_argument("--out", type=Path, help="the report's file (default: see --quick)")
+
+
+def plan(args: argparse.Namespace) -> tuple[list[str], list[Scenario], Path]:
+    """The systems, scenarios and report file that the options ask for."""
+    if args.quick:
+        if "--seconds" not in sys.argv:
+            args.seconds = 4.0  # x 0.75: 3 s runs
+        if "--repeats" not in sys.argv:
+            args.repeats = 2
+    names = args.systems or [s for s in SYSTEMS if not (args.quick and s == "litellm")]
+    keys = args.scenarios or [s.key for s in SCENARIOS if s.paced or not args.quick]
+    out = args.out or (QUICK_OUT if args.quick else RESULTS)
+    return names, [s for s in SCENARIOS if s.key in keys], out
+
+
+def takes_part(system: System, sc: Scenario) -> bool:
+    return not (sc.paced and system.name == "litellm")
 
 
 async def main() -> None:
     args, workdir = options("perf", 6.0, 3, more_options)
-    scenarios = [s for s in SCENARIOS if s.key in args.scenarios]
+    names, scenarios, out = plan(args)
     results: Results = {}
-    with started(args.systems, workdir) as systems:
+    with started(names, workdir) as systems:
         for i in range(args.repeats):
             order = systems[i % len(systems) :] + systems[: i % len(systems)]
             for sc in scenarios:
@@ -160,13 +218,13 @@ async def main() -> None:
                         results.setdefault((system.name, sc.key), []).append(s)
                     await settle(systems)
                     continue
-                for system in order:
+                for system in (s for s in order if takes_part(s, sc)):
                     label = f"#{i + 1} {sc.key} {system.name}"
                     s = await measure(system, sc, sc.seconds * args.seconds, label)
                     results.setdefault((system.name, sc.key), []).append(s)
                     await settle(systems)
         text = report(results, systems, scenarios, args)
-    RESULTS.write_text(text, encoding="utf-8")
+    out.write_text(text, encoding="utf-8")
     plot(results, [s.name for s in systems], scenarios)
     print(text)
 
@@ -226,6 +284,17 @@ def cpu_ms(s: Sample) -> float:
     return 1000 * s.cpu / max(len(s.total), 1)
 
 
+def cpu_us_per_event(sc: Scenario) -> Callable[[Sample], float]:
+    """CPU per SSE event relayed (per answer for JSON): the system's CPU over the run divided
+    by the events of the answers it completed."""
+    return lambda s: 1e6 * s.cpu / max(len(s.total) * sc.events, 1)
+
+
+def each(values: Sequence[float], fmt: str = "{:.2f}") -> str:
+    """Every repeat's value, in the order of the repeats."""
+    return ", ".join(fmt.format(v) for v in values) or "-"
+
+
 def smooth_share(step: float) -> Callable[[Sample], float]:
     """Share of streams whose every gap stayed under the worker's step plus ``SLOW_GAP``."""
     return lambda s: (
@@ -237,9 +306,10 @@ def smooth_share(step: float) -> Callable[[Sample], float]:
 def scenario_table(results: Results, names: list[str], sc: Scenario) -> str:
     head = (
         "| system | req/s | vs direct | TTFT p50 / p99 (ms) | added TTFT p50 / p99 (ms) "
-        "| added total p50 / p99 (ms) | gap p99 (ms) | CPU ms / req | peak RSS (MB) | errors |"
+        "| added total p50 / p99 (ms) | gap p99 (ms) | CPU ms / req | CPU µs / event "
+        "| peak RSS (MB) | errors |"
     )
-    rows = [head, "|" + "---|" * 10]
+    rows = [head, "|" + "---|" * 11]
     for name in names:
         runs = results.get((name, sc.key), [])
         if not runs:
@@ -266,6 +336,7 @@ def scenario_table(results: Results, names: list[str], sc: Scenario) -> str:
             f"{_added(results, name, sc.key, total_ms(0.99))}",
             cell(gap_ms(0.99), "{:.1f}"),
             cell(cpu_ms, "{:.2f}") if proxy else "-",
+            cell(cpu_us_per_event(sc), "{:.1f}") if proxy else "-",
             spread([s.rss_mb for s in runs]) if proxy else "-",
             error_cell,
         ]
@@ -306,11 +377,69 @@ class Check:
         return f"| {self.what} | {shown} | {self.target} | {verdict} |"
 
 
-def checks(results: Results, names: list[str]) -> str:
-    gw = "vllm-gateway"
-    rows = ["| what (each repeat) | values | target | verdict |", "|---|---|---|---|"]
+def headline(results: Results, names: list[str], scenarios: list[Scenario]) -> str:
+    """The paced scenarios in one table: every value is one repeat's, in repeat order; ratios
+    are to vllm-router in the same repeat."""
+    peer = "vllm-router" if "vllm-router" in names else ""
+    rows = [
+        "| scenario | system | req/s | req/s / vllm-router | CPU µs / event "
+        "| CPU per event / vllm-router | added TTFT p99 (ms) | errors |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for sc in (sc for sc in scenarios if sc.paced):
+        per_event = cpu_us_per_event(sc)
+        for name in names:
+            runs = results.get((name, sc.key), [])
+            if name == "direct" or not runs:
+                continue
+            mine = name != peer and peer
+            cells = [
+                f"`{sc.key}`", name,
+                each(per_repeat(results, name, sc.key, rate), "{:.0f}"),
+                each(ratio(results, name, peer, sc.key, rate)) if mine else "-",
+                each(per_repeat(results, name, sc.key, per_event), "{:.1f}"),
+                each(ratio(results, name, peer, sc.key, per_event)) if mine else "-",
+                each(added(results, name, sc.key, ms(0.99)), "{:+.1f}"),
+                str(sum(s.errors for s in runs)),
+            ]  # fmt: skip
+            rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def paced_checks(results: Results, names: list[str], scenarios: list[Scenario]) -> list[Check]:
+    """Issue 21's targets on paced streams at c=64 and c=256, per gateway variant."""
+    if "vllm-router" not in names:
+        return []
+    peer = "vllm-router"
     items: list[Check] = []
-    for key in ("c64-stream", "c64-json"):
+    for sc in (sc for sc in scenarios if sc.paced and sc.concurrency in (64, 256)):
+        for gw in (g for g in GATEWAYS if g in names):
+            over = [
+                a - b
+                for a, b in zip(
+                    added(results, gw, sc.key, ms(0.99)),
+                    added(results, peer, sc.key, ms(0.99)),
+                    strict=False,
+                )
+            ]
+            items += [
+                Check(f"{sc.key}: CPU per event, {gw} / vllm-router",
+                      ratio(results, gw, peer, sc.key, cpu_us_per_event(sc)), "<= 1",
+                      lambda v: v <= 1.0),
+                Check(f"{sc.key}: added TTFT p99, {gw} - vllm-router (ms)", over, "<= 2",
+                      lambda v: v <= 2.0),
+                Check(f"{sc.key}: req/s, {gw} / vllm-router",
+                      ratio(results, gw, peer, sc.key, rate), ">= 1.0", lambda v: v >= 1.0),
+            ]  # fmt: skip
+    return items
+
+
+def checks(results: Results, names: list[str], scenarios: list[Scenario]) -> str:
+    gw = "vllm-gateway"
+    ran = {sc.key for sc in scenarios}
+    rows = ["| what (each repeat) | values | target | verdict |", "|---|---|---|---|"]
+    items: list[Check] = paced_checks(results, names, scenarios)
+    for key in (k for k in ("c64-stream", "c64-json") if k in ran):
         if "vllm-router" in names:
             items.append(Check(f"{key}: req/s, gateway / vllm-router",
                                ratio(results, gw, "vllm-router", key, rate), ">= 1.2",
@@ -319,18 +448,19 @@ def checks(results: Results, names: list[str]) -> str:
             items.append(Check(f"{key}: req/s, gateway / bare pass-through",
                                ratio(results, gw, "passthrough", key, rate), ">= 0.85",
                                lambda v: v >= 0.85))  # fmt: skip
-    for key in ("c1-turns", "c1-stream"):
+    for key in (k for k in ("c1-turns", "c1-stream") if k in ran):
         items.append(Check(f"{key}: added TTFT p99 (ms)", added(results, gw, key, ms(0.99)),
                            "<= 1", lambda v: v <= 1.0))  # fmt: skip
-    if "vllm-router" in names:
+    if "vllm-router" in names and "slow-2000" in ran:
         rss = [a / b for a, b in zip(
             [s.rss_mb for s in results.get((gw, "slow-2000"), [])],
             [s.rss_mb for s in results.get(("vllm-router", "slow-2000"), [])], strict=False,
         )]  # fmt: skip
         items.append(Check("slow-2000: peak RSS, gateway / vllm-router", rss, "<= 1",
                            lambda v: v <= 1.0))  # fmt: skip
-    errors = [float(sum(s.errors for k, runs in results.items() if k[0] == gw for s in runs))]
-    items.append(Check("gateway errors, all scenarios", errors, "0", lambda v: v == 0))
+    for name in (g for g in GATEWAYS if g in names):
+        errors = [float(sum(s.errors for k, runs in results.items() if k[0] == name for s in runs))]
+        items.append(Check(f"{name} errors, all scenarios", errors, "0", lambda v: v == 0))
     rows += [c.row() for c in items]
     return "\n".join(rows)
 
@@ -351,6 +481,20 @@ def report(
 ) -> str:
     names = [s.name for s in systems]
     method = (__doc__ or "").split("\n", 2)[2].strip()
+    command = "make bench-quick" if args.quick else "make bench"
+    flags = f"--seconds {args.seconds:g} --repeats {args.repeats}"
+    if args.quick:
+        flags += " --quick"
+    if args.systems:
+        flags += " --systems " + " ".join(args.systems)
+    if args.scenarios:
+        flags += " --scenarios " + " ".join(args.scenarios)
+    paced = [sc for sc in scenarios if sc.paced]
+    top = (
+        "## Paced streams (the headline)\n\nEach value is one repeat's, in repeat order; ratios "
+        "are to vllm-router in the same repeat; added TTFT is over direct in the same repeat.\n\n"
+        + headline(results, names, scenarios) + "\n\n"
+    ) if paced else ""  # fmt: skip
     sections = [
         f"### {sc.title} (`{sc.key}`, {sc.seconds * args.seconds:.0f} s a run)\n\n"
         + scenario_table(results, names, sc)
@@ -365,12 +509,13 @@ def report(
 - {args.repeats} repeats; figures are the median over repeats (min-max in brackets). TTFT: to
   the first chunk carrying content; gap: between chunks after it; total: to the end of the
   answer. Plots: `throughput.png`, `ttft_p99.png` (streams, zero-sleep worker).
-- Command: `make bench` (`python -m tests.bench.perf --seconds {args.seconds:g} --repeats
-  {args.repeats}`)
+- CPU µs / event: the system's CPU over the run divided by the SSE events of the answers it
+  completed (role chunk, one per token, `[DONE]`).
+- Command: `{command}` (`python -m tests.bench.perf {flags}`)
 
-## The issue's targets, from this run
+{top}## The issue's targets, from this run
 
-{checks(results, names)}
+{checks(results, names, scenarios)}
 
 ## Every scenario
 

@@ -1,6 +1,7 @@
 """The systems a benchmark compares, each a process tree on loopback in front of the same mock
 worker: direct (no proxy: the limit), the bare pass-through (the Python floor), vllm-gateway
-with its features on, and the peers, vllm-router and the LiteLLM proxy, installed by the
+as shipped and with its production features on (``vllm-gateway+features``: API keys with rate
+limits, resume, prefix affinity), and the peers, vllm-router and the LiteLLM proxy, installed by the
 benchmark into their own virtual environments under ``.cache/bench``.
 
 CPU seconds and resident memory are read from /proc for the whole tree of each system (the
@@ -29,7 +30,7 @@ CACHE = ROOT / ".cache" / "bench"
 PY = sys.executable
 VLLM_ROUTER = "vllm-router==0.1.17"
 LITELLM = "litellm[proxy]==1.108.7"
-MODELS = ("sim-model", "sim-realistic", "sim-slow")  # the mock worker's paces
+MODELS = ("sim-model", "sim-realistic", "sim-itl20", "sim-slow")  # the mock worker's paces
 MASTER_KEY = "sk-bench-0123456789"
 START_TIMEOUT = 120.0  # LiteLLM takes ~25 s to import on these machines
 
@@ -131,9 +132,24 @@ def passthrough(worker: str) -> System:
     return System("passthrough", url, proc, notes="bare aiohttp + uvloop, 1 process")
 
 
-def gateway(worker: str, workdir: Path) -> System:
-    config = workdir / "gateway.yaml"
-    settings = {
+# What ``vllm-gateway+features`` turns on over the defaults: the benchmark's key (loadgen's
+# ``AUTH``) with every kind of rate limit set (high: each is checked, none sheds), resume for
+# every stream (the worker is asked for token ids and the transcript reads every event), and
+# prefix affinity.
+FEATURES: dict[str, object] = {
+    "auth": {"keys": [{
+        "name": "bench", "key": MASTER_KEY,
+        "rpm": 100_000_000, "tpm": 10_000_000_000, "max_concurrent": 100_000,
+    }]},
+    "resume": {"enabled": True},
+    "routing": {"affinity": "prefix"},
+}  # fmt: skip
+
+
+def gateway(worker: str, workdir: Path, features: bool = False) -> System:
+    name = "vllm-gateway+features" if features else "vllm-gateway"
+    config = workdir / f"{name}.yaml"
+    settings: dict[str, object] = {
         "server": {"host": "127.0.0.1", "port": 0, "processes": "auto"},
         "workers": [{"url": worker, "models": list(MODELS)}],
         # Only the limits are raised, so it does not shed the benchmark's own load; metrics,
@@ -141,14 +157,17 @@ def gateway(worker: str, workdir: Path) -> System:
         "limits": {"max_in_flight": 4096, "pool_size": 4096, "pool_per_worker": 4096},
         "logging": {"level": "INFO", "format": "json"},
     }
+    if features:
+        settings.update(FEATURES)
     config.write_text(yaml.safe_dump(settings), encoding="utf-8")
     # Its log (the JSON access log, a line per request) goes to a file, as to a log collector.
-    gw = start_gateway(config, log_file=workdir / "gateway.log")
+    gw = start_gateway(config, log_file=workdir / f"{name}.log")
     from gateway.supervisor import cpu_count
 
+    extra = "; keys + rate limits, resume, prefix affinity" if features else ""
     return System(
-        "vllm-gateway", gw.url, gw.proc, version=_own_version(),
-        notes=f"{cpu_count()} serving processes (processes: auto)",
+        name, gw.url, gw.proc, version=_own_version(),
+        notes=f"{cpu_count()} serving processes (processes: auto){extra}",
     )  # fmt: skip
 
 
@@ -246,6 +265,8 @@ def _start(name: str, worker: str, workdir: Path) -> System:
         return passthrough(worker)
     if name == "vllm-gateway":
         return gateway(worker, workdir)
+    if name == "vllm-gateway+features":
+        return gateway(worker, workdir, features=True)
     if name == "vllm-router":
         return vllm_router(worker)
     if name == "litellm":
