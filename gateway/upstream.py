@@ -91,15 +91,12 @@ class ConnectLog:
         """A response came from ``worker`` (a connect alone is not enough: a worker that
         requires a client certificate refuses it after the TLS handshake, TLS 1.3)."""
         if self._failing and self._failing.pop(worker, None) is not None:
-            log.info("connected to worker %s again", worker)
-
-    def failing(self, worker: str) -> str | None:
-        """The logged cause while ``worker`` fails to connect, else None."""
-        return self._failing.get(worker)
+            log.info("worker %s answers again", worker)
 
 
 class Upstream:
-    """Owns the ``ClientSession``; create inside a running loop and ``close()`` at shutdown."""
+    """Owns the pools and the pass-through session; create inside a running loop and
+    ``close()`` at shutdown."""
 
     def __init__(
         self,

@@ -432,7 +432,7 @@ async def test_a_wrong_ca_fails_with_its_cause_logged_once_until_it_connects_aga
     status, body = await post_chat(client, gateway)
     assert status == 200, body
     assert any(
-        r.getMessage() == f"connected to worker {url} again"
+        r.getMessage() == f"worker {url} answers again"
         for r in caplog.records
         if r.name == UPSTREAM_LOG
     )
