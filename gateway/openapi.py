@@ -78,10 +78,10 @@ OPENAI_ROUTE_ERRORS: dict[str, str] = {
     "429": "The key used up a rate limit (rate_limit_exceeded; `type` names it: requests, "
     "tokens or concurrency), or the worker's own 429, relayed (upstream_unavailable).",
     "500": "A bug in the gateway (internal_error; details only in its log), or the worker's "
-    "own 500, relayed.",
+    "own 500 once retries ran out (upstream_http_500, with the worker's message).",
     "502": "The worker failed (upstream_error): could not connect (upstream_connect_error), "
-    "closed the connection (upstream_disconnected, upstream_stale_connection), answered with an error "
-    "(upstream_unavailable, upstream_http_<status>) or with something invalid "
+    "closed the connection (upstream_disconnected, upstream_stale_connection), answered "
+    "with an error (upstream_unavailable, upstream_http_<status>) or with something invalid "
     "(upstream_bad_response, upstream_bad_answer, upstream_malformed_event), or failed "
     "mid-stream (upstream_stream_error, upstream_stream_truncated), or stopped before the "
     "answer was complete (upstream_aborted).",
