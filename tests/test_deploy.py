@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import http.server
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -732,3 +733,17 @@ def test_build_context_sends_what_copy_needs_and_nothing_else() -> None:
     ]
     assert sources
     assert set(sources) <= allowed
+
+
+def test_worker_tls_settings_reach_the_gateways_config() -> None:
+    tls = {"ca_file": "/tls/ca.pem", "server_name": "vllm.default.svc"}
+    worker = {"url": "https://vllm:8000", "models": ["m"], "tls": tls}
+    manifests = render("--set-json", f"config.workers={json.dumps([worker])}")
+    config = yaml.safe_load(one(manifests, "ConfigMap")["data"]["gateway.yaml"])
+    assert config["workers"][0]["tls"] == tls
+    result = helm(
+        "template", "rel", str(CHART), "--set-json",
+        'config.workers=[{"url": "https://vllm:8000", "tls": {"ca": "/x"}}]',
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "'ca' not allowed" in result.stderr
