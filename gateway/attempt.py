@@ -35,11 +35,12 @@ from gateway.errors import (
     UpstreamStatusError,
 )
 from gateway.failover import worker_at_fault
+from gateway.h1 import TransportError
 from gateway.metrics import GatewayMetrics
 from gateway.relay import Exchange
 from gateway.retry import parse_retry_after
 from gateway.settings import RetrySettings, TimeoutSettings
-from gateway.upstream import ClientResponse, Upstream
+from gateway.upstream import ClientResponse, Upstream, gateway_error
 from gateway.workers import Fleet, ProbeResult, Worker
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,10 @@ class Attempts:
         self._fleet.begin_attempt(worker)
         try:
             result = await self._run(ex, worker, path, body, headers, read)
+        except TransportError as exc:  # a reader's read of the body
+            err = gateway_error(exc)
+            self.record_failure(worker, err)
+            raise err from exc
         except UpstreamError as err:
             self.record_failure(worker, err)
             raise

@@ -13,7 +13,7 @@ The semantics the proxy relies on:
 - ``Pool.request`` returns once the status line and headers are in; connecting (and waiting for
   a pool slot) is bounded by ``connect_timeout``, the rest by the caller's own timeouts.
 - ``Response.read_chunk`` returns the body bytes buffered so far (chunked coding removed), b""
-  at its end; a cut or malformed body raises ``UpstreamDisconnected``/``UpstreamBadResponse``
+  at its end; a cut or malformed body raises ``Closed``/``BadHTTP``
   once the bytes before the fault are read.
 - ``Response.release`` puts a keep-alive connection back once its body has ended, else closes
   it; ``release(drain=True)``, for a reader that stopped at an end it knows (a stream's
@@ -40,17 +40,43 @@ import httptools
 import yarl
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from gateway.errors import (
-    ConnectTimeout,
-    StaleConnection,
-    UpstreamBadResponse,
-    UpstreamConnectError,
-    UpstreamDisconnected,
-    UpstreamError,
-)
-
 if TYPE_CHECKING:
     from gateway.tls import ClientTls
+
+
+class TransportError(Exception):
+    """A failure of the connection to a worker. Its own family, so that what the client
+    sees is decided in one place (``upstream.gateway_error``), never here."""
+
+
+class ConnectFailed(TransportError):
+    """No connection: refused (nothing listens at the address), unreachable, or a TLS
+    handshake or certificate check that failed."""
+
+    def __init__(self, refused: bool = False) -> None:
+        super().__init__("connect failed")
+        self.refused = refused
+
+
+class ConnectTimedOut(TransportError):
+    """No connection (or pool slot) within the connect timeout."""
+
+
+class PoolClosed(TransportError):
+    """The pool is closing: the gateway is shutting down."""
+
+
+class Closed(TransportError):
+    """The worker closed or reset the connection before its answer was whole."""
+
+
+class StaleClose(Closed):
+    """A kept connection closed as the request went out, not a byte back."""
+
+
+class BadHTTP(TransportError):
+    """The worker's bytes are not an HTTP/1.1 response we can read."""
+
 
 # A status line and headers larger than this are not a worker's answer.
 HEAD_LIMIT = 64 * 1024
@@ -180,7 +206,7 @@ class _Connection(asyncio.Protocol):
         self.chunks: list[bytes] = []
         self.buffered = 0
         self.paused = False
-        self.error: UpstreamError | None = None
+        self.error: TransportError | None = None
 
     # -- the pool's side
 
@@ -188,7 +214,7 @@ class _Connection(asyncio.Protocol):
         self._reset()
         self.busy = True
         if self.lost:  # closed by the worker after the pool handed it out
-            self.error = UpstreamDisconnected()
+            self.error = Closed()
             return
         if len(body) < 65536:
             self.transport.write(data + body)
@@ -257,7 +283,7 @@ class _Connection(asyncio.Protocol):
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    def _fail(self, err: UpstreamError) -> None:
+    def _fail(self, err: TransportError) -> None:
         if self.error is None and not self.complete:
             self.error = err
         self.transport.close()
@@ -274,7 +300,7 @@ class _Connection(asyncio.Protocol):
             if self.headers_done and self.until_close:
                 self.complete = True
             else:
-                self.error = UpstreamDisconnected()
+                self.error = Closed()
         self._wake()
         self.pool.forget(self)
 
@@ -307,13 +333,13 @@ class _Connection(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
-            self._fail(UpstreamBadResponse("The model worker switched protocols."))
+            self._fail(BadHTTP("The model worker switched protocols."))
         except httptools.HttpParserError:
-            self._fail(UpstreamBadResponse("The model worker sent a malformed HTTP response."))
+            self._fail(BadHTTP("The model worker sent a malformed HTTP response."))
         else:
             # A read is at most a few hundred kB, so the parser never holds more than that.
             if not self.headers_done and self.head_size > HEAD_LIMIT:
-                self._fail(UpstreamBadResponse("The model worker sent oversized headers."))
+                self._fail(BadHTTP("The model worker sent oversized headers."))
             elif self.complete and self._drain_timer is not None:
                 self._drained()  # after the parser is done with this read
 
@@ -435,7 +461,7 @@ class Pool:
         """Send ``body`` to ``base + path`` with ``headers`` (encoded ``Name: value\\r\\n``
         lines, without Host and Content-Length); return once the response headers are in.
         ``tls`` is required for an ``https://`` base; ``fresh`` skips kept connections (for a
-        caller that may resend an idempotent request after a ``StaleConnection``)."""
+        caller that may resend an idempotent request after a ``StaleClose``)."""
         to = target(base)
         length = f"Content-Length: {len(body)}\r\n" if body or method == "POST" else ""
         head = (
@@ -452,14 +478,14 @@ class Pool:
                 if conn.error is not None:
                     raise conn.error
                 await conn.wait()
-        except UpstreamDisconnected:
+        except Closed:
             conn.close()
             if conn.served and not conn.head_size:
                 # A kept connection closed as the request went out, not a byte back (the
                 # worker's keep-alive timer; 5 s in vLLM's uvicorn) after the readability
                 # check passed. Most likely unread, but the worker may have read it: never
                 # sent again here, where nobody would count it (RFC 9110, 9.2.2).
-                raise StaleConnection() from None
+                raise StaleClose() from None
             raise
         except BaseException:
             conn.close()
@@ -528,7 +554,7 @@ class Pool:
             async with asyncio.timeout(self._connect_timeout):
                 return await self._acquire(key, to, tls, fresh)
         except TimeoutError:
-            raise ConnectTimeout() from None
+            raise ConnectTimedOut() from None
 
     async def _acquire(
         self, key: str, to: Target, tls: ClientTls | None, fresh: bool
@@ -537,7 +563,7 @@ class Pool:
         limits allow, else the next one freed."""
         while True:
             if self._closed:
-                raise UpstreamConnectError("The gateway is shutting down.")
+                raise PoolClosed()
             conn = None if fresh else self._take_idle(key)
             if conn is not None:
                 return conn
@@ -588,7 +614,7 @@ class Pool:
         except OSError as exc:  # ssl.SSLError (a failed handshake or check) is one too
             self.forget(conn)
             self.connect_failed(key, exc)
-            raise UpstreamConnectError(refused=isinstance(exc, ConnectionRefusedError)) from exc
+            raise ConnectFailed(refused=isinstance(exc, ConnectionRefusedError)) from exc
         except BaseException:
             self.forget(conn)
             raise

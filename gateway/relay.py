@@ -28,6 +28,7 @@ from gateway.errors import (
     UpstreamStreamTruncated,
 )
 from gateway.framing import EventFramer
+from gateway.h1 import Closed
 from gateway.metrics import GatewayMetrics
 from gateway.request import Route
 from gateway.resume import Splice, Transcript, scrub_token_ids, worker_fault
@@ -129,7 +130,7 @@ class Relay:
         while not observer.done:
             try:
                 chunk = await response.read_chunk()
-            except UpstreamDisconnected as exc:
+            except Closed as exc:
                 if observer.finish_reason is not None and ex.single_choice:
                     break  # cut after the answer was complete: finished below
                 raise UpstreamStreamTruncated() from exc
@@ -191,7 +192,7 @@ class Relay:
         while not splice.done:
             try:
                 chunk = await response.read_chunk()
-            except UpstreamDisconnected as exc:
+            except Closed as exc:
                 if splice.finish_reason is not None:
                     break
                 raise UpstreamStreamTruncated() from exc

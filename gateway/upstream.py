@@ -29,7 +29,17 @@ from gateway.errors import (
     UpstreamDisconnected,
     UpstreamError,
 )
-from gateway.h1 import Pool, Response
+from gateway.h1 import (
+    BadHTTP,
+    Closed,
+    ConnectFailed,
+    ConnectTimedOut,
+    Pool,
+    PoolClosed,
+    Response,
+    StaleClose,
+    TransportError,
+)
 from gateway.loadsignals import LoadSignals, parse_load
 from gateway.metrics import GatewayMetrics
 from gateway.settings import HealthSettings, LimitSettings, RoutingSettings, TimeoutSettings
@@ -196,13 +206,19 @@ class Upstream:
         if worker.api_key is not None:
             headers += _authorization(worker.api_key)
         tls = self._tls.for_worker(worker)
-        response = await self._pool.request(worker.url, path, headers, body, tls=tls)
+        try:
+            response = await self._pool.request(worker.url, path, headers, body, tls=tls)
+        except TransportError as exc:
+            raise gateway_error(exc) from exc
         self.connects.connected(worker.url)
         return response
 
     async def read_chunk(self, response: Response) -> bytes:
         """The next bytes of the body as they arrive; b"" at its end."""
-        return await response.read_chunk()
+        try:
+            return await response.read_chunk()
+        except TransportError as exc:
+            raise gateway_error(exc) from exc
 
     async def read_body(self, response: ClientResponse, limit: int) -> bytes:
         """The whole (error) body, cut at ``limit`` bytes so a bad worker cannot swell memory."""
@@ -266,13 +282,16 @@ class Upstream:
         tls = self._tls.for_worker(worker)
         async with asyncio.timeout(within):
             try:
-                response = await self._probes.request(
-                    worker.url, path, headers, b"", method="GET", tls=tls
-                )
-            except StaleConnection:
-                response = await self._probes.request(
-                    worker.url, path, headers, b"", method="GET", tls=tls, fresh=True
-                )
+                try:
+                    response = await self._probes.request(
+                        worker.url, path, headers, b"", method="GET", tls=tls
+                    )
+                except StaleClose:
+                    response = await self._probes.request(
+                        worker.url, path, headers, b"", method="GET", tls=tls, fresh=True
+                    )
+            except TransportError as exc:
+                raise gateway_error(exc) from exc
             self.connects.connected(worker.url)
             try:
                 body = await self.read_body(response, limit)
@@ -322,6 +341,25 @@ class PassResponse:
 
     def close(self) -> None:
         self._response.close()
+
+
+def gateway_error(exc: TransportError) -> UpstreamError:
+    """What a transport failure of the forwarding client is to the gateway (and so to the
+    retry policy and the client): the one mapping, used wherever the client's errors surface
+    (here and in ``Attempts``, where a relay's reads end)."""
+    if isinstance(exc, StaleClose):
+        return StaleConnection()
+    if isinstance(exc, Closed):
+        return UpstreamDisconnected()
+    if isinstance(exc, ConnectFailed):
+        return UpstreamConnectError(refused=exc.refused)
+    if isinstance(exc, ConnectTimedOut):
+        return ConnectTimeout()
+    if isinstance(exc, PoolClosed):
+        return UpstreamConnectError("The gateway is shutting down.")
+    if isinstance(exc, BadHTTP):
+        return UpstreamBadResponse(str(exc) or None)
+    return UpstreamBadResponse()
 
 
 def _mapped(exc: aiohttp.ClientError) -> UpstreamError:

@@ -19,7 +19,21 @@ from gateway.errors import (
     UpstreamConnectError,
     UpstreamDisconnected,
 )
-from gateway.h1 import DRAIN_LIMIT, HIGH_WATER, Pool, Response, target
+from gateway.h1 import (
+    DRAIN_LIMIT,
+    HIGH_WATER,
+    BadHTTP,
+    Closed,
+    ConnectFailed,
+    ConnectTimedOut,
+    Pool,
+    PoolClosed,
+    Response,
+    StaleClose,
+    TransportError,
+    target,
+)
+from gateway.upstream import gateway_error
 from tests.helpers import wait_for
 
 Answer = Callable[[bytes, asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -168,13 +182,13 @@ async def test_informational_answers_are_skipped() -> None:
 @pytest.mark.parametrize(
     ("answer", "error"),
     [
-        (b"SMTP ready\r\n\r\n", UpstreamBadResponse),
-        (b"HTTP/1.1 200 OK\r\nX: " + b"y" * 70_000, UpstreamBadResponse),
+        (b"SMTP ready\r\n\r\n", BadHTTP),
+        (b"HTTP/1.1 200 OK\r\nX: " + b"y" * 70_000, BadHTTP),
         (
             b"HTTP/1.1 101 Switching\r\nConnection: upgrade\r\nUpgrade: h2c\r\n\r\n",
-            UpstreamBadResponse,
+            BadHTTP,
         ),
-        (b"HTTP/1.1 200 O", UpstreamDisconnected),
+        (b"HTTP/1.1 200 O", Closed),
     ],
     ids=["not http", "oversized headers", "upgrade", "cut in the head"],
 )
@@ -192,7 +206,7 @@ async def test_a_cut_body_gives_its_bytes_then_fails() -> None:
         p = pool()
         resp = await p.request(srv.url, "/", b"", b"")
         assert await resp.read_chunk() == b"hello"
-        with pytest.raises(UpstreamDisconnected):
+        with pytest.raises(Closed):
             await resp.read_chunk()
         resp.release()
         assert p._total == 0
@@ -308,7 +322,7 @@ async def test_a_kept_connection_closed_as_the_request_went_is_never_sent_again(
     async with raw_server(first_only) as srv:
         p = pool()
         assert await fetch(p, srv.url) == b"{}"
-        with pytest.raises(StaleConnection):
+        with pytest.raises(StaleClose):
             await fetch(p, srv.url)
         await p.close()
     assert (served, srv.connections) == (2, 1)
@@ -353,7 +367,7 @@ async def test_a_new_connection_closed_unanswered_is_the_workers_fault() -> None
 
     async with raw_server(hang_up) as srv:
         p = pool()
-        with pytest.raises(UpstreamDisconnected):
+        with pytest.raises(Closed):
             await p.request(srv.url, "/", b"", b"")
         await p.close()
     assert srv.connections == 1
@@ -384,7 +398,7 @@ async def test_a_full_worker_pool_queues_in_order_and_bounds_the_wait() -> None:
         resp = await asyncio.wait_for(third, 5)
         assert await read_all(resp) == b"{}"
         # Held, the slot is not free: the next request's wait ends at connect_timeout.
-        with pytest.raises(ConnectTimeout):
+        with pytest.raises(ConnectTimedOut):
             await p.request(srv.url, "/", b"", b"")
         resp.release()
         await p.close()
@@ -407,8 +421,9 @@ async def test_a_refused_connection_is_a_connect_error() -> None:
     async with raw_server(fixed(OK)) as srv:
         url = srv.url
     p = pool()
-    with pytest.raises(UpstreamConnectError):
+    with pytest.raises(ConnectFailed) as refused:
         await p.request(url, "/", b"", b"")
+    assert refused.value.refused
     assert p._total == 0
     await p.close()
 
@@ -462,3 +477,27 @@ async def test_an_https_worker_without_its_tls_settings_is_a_bug_not_a_default()
     with pytest.raises(ValueError, match="needs its TLS settings"):
         await p.request("https://127.0.0.1:9", "/health", b"", b"", method="GET")
     await p.close()
+
+
+@pytest.mark.parametrize(
+    ("transport", "gateway", "retryable"),
+    [
+        (ConnectFailed(refused=True), UpstreamConnectError, True),
+        (ConnectTimedOut(), ConnectTimeout, True),
+        (PoolClosed(), UpstreamConnectError, True),
+        (Closed(), UpstreamDisconnected, True),
+        (StaleClose(), StaleConnection, True),
+        (BadHTTP("The model worker sent oversized headers."), UpstreamBadResponse, False),
+    ],
+)
+def test_each_transport_error_has_one_gateway_error(
+    transport: TransportError, gateway: type, retryable: bool
+) -> None:
+    """The pool raises its own family; ``upstream.gateway_error`` is the one mapping."""
+    err = gateway_error(transport)
+    assert type(err) is gateway
+    assert err.retryable is retryable
+    if isinstance(transport, ConnectFailed):
+        assert isinstance(err, UpstreamConnectError) and err.refused
+    if isinstance(transport, BadHTTP):
+        assert err.message == "The model worker sent oversized headers."
