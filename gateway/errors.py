@@ -5,6 +5,7 @@ failed with it may be retried on another worker (before commit only)::
 
     GatewayError
     ├── InvalidRequest (400)            invalid_json · invalid_body · invalid_field
+    │   ├── MalformedHTTP (400)         invalid_http  (refused by the HTTP parser)
     │   ├── ModelNotFound (404)         model_not_found
     │   ├── RouteNotFound (404)         route_not_found
     │   ├── MethodNotAllowed (405)      method_not_allowed
@@ -110,6 +111,14 @@ class InvalidJSON(InvalidRequest):
 
 class InvalidField(InvalidRequest):
     code = "invalid_field"
+
+
+class MalformedHTTP(InvalidRequest):
+    """The HTTP parser refused the request before any route saw it (a bad header name, a bad
+    chunk size...). The message names the part, never the client's bytes."""
+
+    code = "invalid_http"
+    default_message = "The request is not valid HTTP/1.1."
 
 
 class ModelNotFound(InvalidRequest):

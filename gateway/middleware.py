@@ -60,11 +60,15 @@ def error_response(err: GatewayError) -> web.Response:
     return web.Response(status=err.status, body=err.body_bytes(), headers=headers)
 
 
-def _assign_request_id(request: web.Request) -> str:
-    incoming = request.headers.get("X-Request-Id", "")
+def new_request_id() -> str:
     # 128 random bits as hex, like uuid4().hex without a UUID object or a getrandom() call
     # per request: an id must be unique, not unguessable (it grants nothing).
-    request_id = incoming if _SANE_ID.fullmatch(incoming) else f"{_ids.getrandbits(128):032x}"
+    return f"{_ids.getrandbits(128):032x}"
+
+
+def _assign_request_id(request: web.Request) -> str:
+    incoming = request.headers.get("X-Request-Id", "")
+    request_id = incoming if _SANE_ID.fullmatch(incoming) else new_request_id()
     request[REQUEST_ID] = request_id
     return request_id
 

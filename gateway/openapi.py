@@ -63,7 +63,8 @@ def _error_fields() -> Schema:
 OPENAI_ROUTE_ERRORS: dict[str, str] = {
     "400": "The body is not JSON (invalid_json), not an object or nested too deep "
     "(invalid_body), or a field the gateway checks is wrong or over a limit (invalid_field); "
-    "or the worker's own 400, relayed, such as a context-length error.",
+    "or the request is not valid HTTP/1.1 (invalid_http); or the worker's own 400, relayed, "
+    "such as a context-length error.",
     "401": "Missing, unknown or revoked API key (invalid_api_key).",
     "403": "An admin route called without an admin key (admin_key_required).",
     "404": "No worker serves the model (model_not_found), or no worker holds the stored "
@@ -74,7 +75,7 @@ OPENAI_ROUTE_ERRORS: dict[str, str] = {
     "415": "Content-Type is not application/json (unsupported_media_type), or the body's "
     "Content-Encoding is not one the gateway decodes (unsupported_content_encoding).",
     "417": "An Expect header other than 100-continue (expectation_failed).",
-    "431": "The request's headers are too large (headers_too_large).",
+    "431": "A header field is too long, or there are too many (headers_too_large).",
     "429": "The key used up a rate limit (rate_limit_exceeded; `type` names it: requests, "
     "tokens or concurrency), or the worker's own 429, relayed (upstream_unavailable).",
     "500": "A bug in the gateway (internal_error; details only in its log), or the worker's "

@@ -34,6 +34,7 @@ from aiohttp import web
 from gateway.app import create_app
 from gateway.channel import Channel
 from gateway.lifecycle import Lifecycle
+from gateway.protocol import GatewayRunner
 from gateway.ratelimit_host import HostLimits
 from gateway.settings import Settings
 
@@ -90,7 +91,7 @@ async def _start(
     app = create_app(
         settings, lifecycle=lifecycle, metrics_dir=metrics_dir, host_limits=host_limits
     )
-    runner = web.AppRunner(
+    runner = GatewayRunner(
         app, handler_cancellation=True, access_log=None, shutdown_timeout=CLEANUP_TIMEOUT
     )
     site: web.BaseSite

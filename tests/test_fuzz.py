@@ -15,7 +15,7 @@ relayed as it wrote it), no answer slower than ``TIMEOUT``, every stream well-fo
 One gateway and two simulated workers serve the whole module on real sockets, from an event
 loop in a thread of their own: schemathesis and hypothesis send blocking requests, which a loop
 in the test's own thread could not serve. Examples are derandomized: CI runs the same cases
-every time. Known gateway bugs are the strict xfails at the end.
+every time.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import json
 import threading
 import time
 from collections import Counter
-from collections.abc import Coroutine, Iterator
+from collections.abc import AsyncIterator, Coroutine, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -53,8 +53,9 @@ from gateway.openapi import document
 from gateway.settings import InputLimitSettings, build_settings
 from gateway.simulator import SimConfig
 from gateway.simulator import create_app as create_sim_app
-from tests.conftest import TEST_SETTINGS, GatewayFactory, SimFactory
+from tests.conftest import TEST_SETTINGS, SimFactory
 from tests.helpers import sse_data
+from tests.served import served_gateway
 
 T = TypeVar("T")
 
@@ -470,16 +471,17 @@ def test_nesting_at_and_beyond_the_limit(stack: Stack, depth: int) -> None:
 
 
 # --- bodies and framing the HTTP layer rejects ----------------------------------------------------
-# An undecodable body is the gateway's to answer (a 400). What aiohttp's parser answers before any
-# middleware runs is a known gap: strict xfails, so a fix asks for the marker to go. Each test
-# runs its own gateway in the test's own thread: these requests make a server log a traceback,
-# and Python 3.11 formats tracebacks with the `ast` module, whose state two threads can corrupt
-# ("SystemError: AST constructor recursion depth mismatch" while pytest reports the xfail).
+# An undecodable body is the gateway's to answer (a 400); what aiohttp's parser refuses before any
+# middleware runs is answered by the gateway's protocol (gateway/protocol.py), so these gateways
+# are served as server.py serves it. Each test runs its own gateway in the test's own thread:
+# these requests make a server log, and Python 3.11 formats tracebacks with the `ast` module,
+# whose state two threads can corrupt ("SystemError: AST constructor recursion depth mismatch").
 
 
 @pytest.fixture
-async def lone_gateway(sim: SimFactory, gateway: GatewayFactory) -> str:
-    return (await gateway(await sim(INSTANT))).url
+async def lone_gateway(sim: SimFactory) -> AsyncIterator[str]:
+    async with served_gateway((await sim(INSTANT)).url) as url:
+        yield url
 
 
 @pytest.mark.parametrize("encoding", ["gzip", "deflate"])
@@ -513,23 +515,28 @@ async def raw_exchange(url: str, request: bytes) -> tuple[int, str, bytes]:
 HEAD = b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="aiohttp's HTTP parser answers these itself, before any middleware runs: a "
-    "text/plain 400 naming the parser's complaint (or the Python package to install)",
-)
 @pytest.mark.parametrize(
-    "request_bytes",
+    ("request_bytes", "status", "code"),
     [
-        HEAD + b"Content-Encoding: br\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}",
-        HEAD + b"Transfer-Encoding: chunked\r\n\r\nZZ\r\nab\r\n0\r\n\r\n",
-        HEAD + b"Bad Header: x\r\nContent-Length: 2\r\n\r\n{}",
+        (
+            HEAD + b"Content-Encoding: br\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}",
+            415,
+            "unsupported_content_encoding",
+        ),
+        (
+            HEAD + b"Content-Encoding: zstd\r\nContent-Length: 2\r\n\r\n{}",
+            415,
+            "unsupported_content_encoding",
+        ),
+        (HEAD + b"Transfer-Encoding: chunked\r\n\r\nZZ\r\nab\r\n0\r\n\r\n", 400, "invalid_http"),
+        (HEAD + b"Bad Header: x\r\nContent-Length: 2\r\n\r\n{}", 400, "invalid_http"),
     ],
-    ids=["unsupported content-encoding", "bad chunk size", "bad header name"],
+    ids=["content-encoding br", "content-encoding zstd", "bad chunk size", "bad header name"],
 )
 async def test_malformed_http_is_answered_in_the_openai_shape(
-    lone_gateway: str, request_bytes: bytes
+    lone_gateway: str, request_bytes: bytes, status: int, code: str
 ) -> None:
-    status, content_type, body = await raw_exchange(lone_gateway, request_bytes)
-    check_answer(status, content_type, body, repr(request_bytes))
+    answer = await raw_exchange(lone_gateway, request_bytes)
+    check_answer(*answer, repr(request_bytes))
+    assert answer[0] == status
+    assert orjson.loads(answer[2])["error"]["code"] == code

@@ -32,15 +32,48 @@ async def _both(
 
 
 def _events(raw: bytes) -> list[Any]:
-    """A typed event stream's events, masked; vLLM's own ids inside them too."""
-    out = []
+    """A typed event stream's events, masked (vLLM's own ids inside them too), with runs of
+    text deltas merged: vLLM puts several tokens in one delta when its API server falls behind,
+    so two greedy runs split the same text differently. Sequence numbers, checked to count up
+    from 0 without a gap, are renumbered after the merge."""
+    events: list[tuple[list[str], dict[str, Any]]] = []
     for block in raw.decode().split("\n\n"):
         lines = block.splitlines()
         data = [line[6:] for line in lines if line.startswith("data: ")]
         kinds = [line for line in lines if line.startswith("event: ")]
         if data:
-            out.append((kinds, _masked(orjson.loads(data[0]))))
-    return out
+            events.append((kinds, orjson.loads(data[0])))
+    numbers = [e["sequence_number"] for _, e in events if "sequence_number" in e]
+    assert numbers == list(range(len(numbers))), numbers
+    merged: list[tuple[list[str], dict[str, Any]]] = []
+    for kinds, event in events:
+        if merged and _merge_delta(merged[-1][1], event):
+            continue
+        merged.append((kinds, event))
+    for number, (_, event) in enumerate(e for e in merged if "sequence_number" in e[1]):
+        event["sequence_number"] = number
+    return [(kinds, _masked(event)) for kinds, event in merged]
+
+
+def _merge_delta(into: dict[str, Any], event: dict[str, Any]) -> bool:
+    """Appends ``event`` to ``into`` when both are text deltas of the same content part (a
+    Responses ``response.output_text.delta`` or a Messages ``text_delta``)."""
+    kind = event.get("type")
+    if kind != into.get("type"):
+        return False
+    if kind == "response.output_text.delta":
+        place = ("item_id", "output_index", "content_index")
+        if any(into.get(k) != event.get(k) for k in place):
+            return False
+        into["delta"] += event["delta"]
+        into["logprobs"] = (into.get("logprobs") or []) + (event.get("logprobs") or [])
+        return True
+    if kind == "content_block_delta" and into.get("index") == event.get("index"):
+        a, b = into["delta"], event["delta"]
+        if a.get("type") == b.get("type") == "text_delta":
+            a["text"] += b["text"]
+            return True
+    return False
 
 
 def _masked(value: Any) -> Any:
