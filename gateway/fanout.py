@@ -14,25 +14,27 @@ from typing import Any
 import orjson
 
 from gateway.errors import UpstreamBadResponse
+from gateway.jsonsplice import loads, slice_member
 
 
-def plan_shards(data: dict[str, Any], shard_size: int, workers: int) -> list[bytes] | None:
+def plan_shards(body: bytes, shard_size: int, workers: int) -> list[bytes] | None:
     """The shard bodies for this request, or None when it goes to one worker as it is.
 
     Shards are contiguous and even: never more than ``workers`` of them, never fewer inputs in
-    one than needed to keep every shard within ``shard_size`` when the workers allow it.
+    one than needed to keep every shard within ``shard_size`` when the workers allow it. Each
+    is the client's body with ``input`` cut to its slice (``jsonsplice.slice_member``): the
+    other members and the inputs' own bytes go as the client sent them. ``body`` is an object
+    that ``jsonsplice.loads`` reads (the request parser has checked).
     """
-    inputs = data.get("input")
-    if shard_size <= 0 or workers < 2 or not isinstance(inputs, list):
+    if shard_size <= 0 or workers < 2:
         return None
-    if len(inputs) <= shard_size or not _is_batch(inputs):
+    data, _ = loads(body)
+    inputs = data.get("input")
+    if not isinstance(inputs, list) or len(inputs) <= shard_size or not _is_batch(inputs):
         return None
     count = min(workers, math.ceil(len(inputs) / shard_size))
     size = math.ceil(len(inputs) / count)
-    return [
-        orjson.dumps({**data, "input": inputs[start : start + size]})
-        for start in range(0, len(inputs), size)
-    ]
+    return slice_member(body, "input", [slice(i, i + size) for i in range(0, len(inputs), size)])
 
 
 def _is_batch(inputs: list[Any]) -> bool:

@@ -1,13 +1,17 @@
 """Reading a client's JSON body as vLLM reads it, and editing its top-level members in place.
 
 vLLM parses bodies with Python's ``json`` module, which takes integers of any width, lone
-surrogate escapes such as ``"\\ud800"``, ``NaN`` and ``Infinity``. ``orjson`` refuses all of
-these, so ``loads`` tries it first (fast) and falls back to ``json`` on what it refuses: the
-gateway must not answer 400 to a body its workers accept.
+surrogate escapes such as ``"\\ud800"``, ``NaN`` and ``Infinity``. ``orjson`` refuses the last
+three, so ``loads`` tries it first (fast) and falls back to ``json`` on what it refuses: the
+gateway must not answer 400 to a body its workers accept. An integer wider than 64 bits orjson
+reads as a float: harmless where the gateway only reads a body (routing, limits), since its
+edits are splices; resume's continuation, a new request built from the parsed body, would
+carry such an integer as a float.
 
-The gateway's few edits of a body (asking for usage, a fallback's model name) are splices: the
-bytes of one member's value are replaced, or one member is appended, and every other byte stays
-as the client sent it. Nothing is re-serialised but the value being replaced.
+The gateway's few edits of a body (asking for usage or token ids, a fallback's model name, an
+embeddings batch cut into shards) are splices: the bytes of one member's value are replaced (by
+a new value, or by a run of its own array items), or one member is appended, and every other
+byte stays as the client sent it. Nothing is re-serialised but the value being replaced.
 """
 
 from __future__ import annotations
@@ -91,6 +95,47 @@ def replace_member(body: bytes, name: str, value: bytes) -> bytes:
     inner = body[body.find(b"{") + 1 : end].strip()
     comma = b"," if inner else b""
     return body[:end] + comma + orjson.dumps(name) + b":" + value + body[end:]
+
+
+def item_spans(body: bytes, span: tuple[int, int]) -> list[tuple[int, int]] | None:
+    """Where each item of the array at ``span`` lies in ``body``, or None when the value there
+    is not an array."""
+    start, end = span
+    if body[start:end][:1] != b"[":
+        return None
+    items: list[tuple[int, int]] = []
+    depth = 0
+    item_start = start + 1
+    for match in _TOKEN.finditer(body, start, end):
+        first = match.group()[0]
+        if first in _OPEN:
+            depth += 1
+        elif first in _CLOSE:
+            depth -= 1
+            if depth == 0:
+                last = _trimmed(body, item_start, match.start())
+                if last[0] < last[1]:  # not the empty array
+                    items.append(last)
+        elif first == 0x2C and depth == 1:  # "," between two items
+            items.append(_trimmed(body, item_start, match.start()))
+            item_start = match.end()
+    return items
+
+
+def slice_member(body: bytes, name: str, parts: list[slice]) -> list[bytes] | None:
+    """``body`` once per slice, its array member ``name`` cut to that slice of its items: each
+    item's bytes, and the bytes between them, as the client sent them. None when ``name`` is
+    not an array member."""
+    span = member_span(body, name)
+    items = None if span is None else item_spans(body, span)
+    if span is None or items is None:
+        return None
+    bodies = []
+    for part in parts:
+        chosen = items[part]
+        value = b"[" + body[chosen[0][0] : chosen[-1][1]] + b"]" if chosen else b"[]"
+        bodies.append(body[: span[0]] + value + body[span[1] :])
+    return bodies
 
 
 def _names(key: bytes, name: str) -> bool:

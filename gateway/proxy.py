@@ -31,7 +31,6 @@ from collections.abc import Coroutine
 from dataclasses import replace
 from typing import Any
 
-import orjson
 from aiohttp import web
 
 from gateway.attempt import Attempts
@@ -395,8 +394,7 @@ class Proxy:
         size = self._settings.routing.embedding_shard_size
         if ex.route is not EMBEDDINGS or size <= 0:
             return None
-        data = orjson.loads(meta.body)  # valid: parse_request read it already
-        return plan_shards(data, size, len(self._fleet.candidates(ex.model)))
+        return plan_shards(meta.body, size, len(self._fleet.candidates(ex.model)))
 
     async def _fan_out(self, ex: Exchange, shards: list[bytes]) -> None:
         """Send every shard at once, each with its own retries; all or nothing."""

@@ -30,6 +30,7 @@ from typing import Any, TypeGuard
 
 import orjson
 
+from gateway.jsonsplice import loads, replace_member
 from gateway.sse import SSEDecoder
 
 DONE = b"data: [DONE]\n\n"
@@ -65,11 +66,10 @@ def resumable_request(data: dict[str, Any]) -> bool:
 
 def ask_for_token_ids(body: bytes) -> bytes | None:
     """The body with ``return_token_ids``; None when the client asked for them itself."""
-    data = orjson.loads(body)
+    data, _ = loads(body)
     if data.get("return_token_ids") is True:
         return None
-    data["return_token_ids"] = True
-    return orjson.dumps(data)
+    return replace_member(body, "return_token_ids", b"true")
 
 
 def scrub_token_ids(events: bytes) -> bytes:

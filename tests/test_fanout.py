@@ -20,16 +20,17 @@ def embeddings(count: int, **fields: Any) -> dict[str, Any]:
 
 
 def shards(data: dict[str, Any], size: int, workers: int) -> list[list[Any]] | None:
-    planned = plan_shards(data, size, workers)
+    planned = plan_shards(orjson.dumps(data), size, workers)
     return None if planned is None else [orjson.loads(body)["input"] for body in planned]
 
 
 def test_small_batches_and_single_workers_are_not_split() -> None:
-    assert plan_shards(embeddings(10), 10, 4) is None
-    assert plan_shards(embeddings(100), 10, 1) is None
-    assert plan_shards(embeddings(100), 0, 4) is None
-    assert plan_shards({"model": "m", "input": "one text"}, 1, 4) is None
-    assert plan_shards({"model": "m", "input": list(range(100))}, 10, 4) is None  # one token list
+    assert plan_shards(orjson.dumps(embeddings(10)), 10, 4) is None
+    assert plan_shards(orjson.dumps(embeddings(100)), 10, 1) is None
+    assert plan_shards(orjson.dumps(embeddings(100)), 0, 4) is None
+    assert plan_shards(b'{"model": "m", "input": "one text"}', 1, 4) is None
+    one_token_list = orjson.dumps({"model": "m", "input": list(range(100))})
+    assert plan_shards(one_token_list, 10, 4) is None
 
 
 def test_shards_are_contiguous_even_and_at_most_one_per_worker() -> None:
@@ -39,7 +40,7 @@ def test_shards_are_contiguous_even_and_at_most_one_per_worker() -> None:
     assert [len(p) for p in parts] == [34, 34, 32]
     assert [text for part in parts for text in part] == data["input"]
     assert [len(p) for p in shards(data, 40, 8) or []] == [34, 34, 32]
-    [first, *_] = plan_shards(data, 10, 3) or []
+    [first, *_] = plan_shards(orjson.dumps(data), 10, 3) or []
     assert orjson.loads(first)["encoding_format"] == "float"  # other fields ride along
 
 
