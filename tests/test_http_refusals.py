@@ -5,7 +5,9 @@ HTTP/1.1 status line, the connection closed, and the client's bytes neither echo
 1. A header value over ``MAX_FIELD_SIZE`` bytes: 431; one at the limit is served.
 2. More than ``MAX_HEADERS`` header fields: 431; exactly that many are served.
 3. A refused request after a served one on the same connection: the first answer stands.
-4. A refusal carries a fresh request id, not the one the refused request named.
+4. ``Content-Encoding: br`` or ``zstd`` (aiohttp has no decoder without extra packages): 415,
+   where aiohttp answered an HTTP/1.0 400 asking for a package to be installed.
+5. A refusal carries a fresh request id, not the one the refused request named.
 
 Requests are raw bytes on a real socket: no client library would send them.
 """
@@ -132,6 +134,14 @@ async def test_a_refusal_after_a_served_request_on_the_same_connection(url: str)
     lines = head.decode("latin-1").split("\r\n")
     headers = {k.lower(): v for k, v in (line.split(": ", 1) for line in lines[1:])}
     assert_refusal(Answer(lines[0], headers, body), 400, "invalid_http")
+
+
+@pytest.mark.parametrize("coding", [b"br", b"zstd"])
+async def test_a_content_encoding_without_a_decoder_is_a_415(url: str, coding: bytes) -> None:
+    head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
+    request = head + b"Content-Encoding: " + coding + b"\r\nContent-Length: 2\r\n\r\n{}"
+    [refused] = await exchange(url, request)
+    assert_refusal(refused, 415, "unsupported_content_encoding")
 
 
 async def test_a_refusal_names_its_own_request_id(url: str) -> None:

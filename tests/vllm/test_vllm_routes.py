@@ -128,6 +128,21 @@ async def test_typed_event_streams_equal_direct(
     assert _events(through[1]) == _events(direct[1])
 
 
+async def test_the_event_comparison_sees_through_vllms_merged_deltas(vllm: VLLMFleet) -> None:
+    """``chunky`` merges every three tokens into one delta: its stream and ``plain``'s differ
+    in events and sequence numbers, and compare equal once runs of deltas are merged."""
+    body = {"model": MODEL, "temperature": 0, "stream": True, "input": "A gateway",
+            "max_output_tokens": 8}  # fmt: skip
+    raw = []
+    async with aiohttp.ClientSession() as session:
+        for worker in (vllm.plain, vllm.chunky):
+            url = worker.url + "/v1/responses"
+            async with session.post(url, json=body, timeout=TIMEOUT) as resp:
+                raw.append(await resp.read())
+    assert raw[0].count(b"output_text.delta") > raw[1].count(b"output_text.delta")
+    assert _events(raw[0]) == _events(raw[1])
+
+
 async def test_version_and_an_unknown_stored_response(
     vllm: VLLMFleet, gateway: GatewayFactory
 ) -> None:
