@@ -8,6 +8,7 @@ HTTP/1.1 status line, the connection closed, and the client's bytes neither echo
 4. ``Content-Encoding: br`` or ``zstd`` (aiohttp has no decoder without extra packages): 415,
    where aiohttp answered an HTTP/1.0 400 asking for a package to be installed.
 5. A refusal carries a fresh request id, not the one the refused request named.
+6. ``python -m gateway`` serves with this protocol (server.py), and logs a refusal by its code.
 
 Requests are raw bytes on a real socket: no client library would send them.
 """
@@ -19,6 +20,7 @@ import logging
 import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import orjson
@@ -27,6 +29,7 @@ import pytest
 from gateway.protocol import MAX_FIELD_SIZE, MAX_HEADERS
 from gateway.simulator import SimConfig
 from tests.conftest import SimFactory
+from tests.processes import start_gateway, start_simulator, write_config
 from tests.served import served_gateway
 
 pytestmark = pytest.mark.timeout(30)
@@ -148,3 +151,20 @@ async def test_a_refusal_names_its_own_request_id(url: str) -> None:
     [refused] = await exchange(url, get(b"X-Request-Id: client-chosen-id", b"Bad Header: x"))
     assert_refusal(refused, 400, "invalid_http")
     assert refused.headers["x-request-id"] != "client-chosen-id"
+
+
+@pytest.mark.timeout(60)
+async def test_the_gateway_process_answers_refusals_itself(tmp_path: Path) -> None:
+    sim = start_simulator()
+    try:
+        gw = start_gateway(write_config(tmp_path / "gateway.yaml", [sim.url]))
+        try:
+            big = b"Authorization: " + SECRET + b"x" * MAX_FIELD_SIZE
+            [refused] = await exchange(gw.url, get(big))
+            assert_refusal(refused, 431, "headers_too_large")
+            gw.proc.wait_line("refused by the HTTP parser: headers_too_large", 10)
+            assert "sk-secret" not in gw.proc.output
+        finally:
+            gw.proc.kill()
+    finally:
+        sim.proc.kill()
