@@ -1,0 +1,278 @@
+"""Subscribing to each worker's KV-cache events (ZeroMQ) and keeping the index in step with them.
+
+One `Subscriber` per worker: a SUB socket on the worker's publisher, read with pyzmq's asyncio
+sockets (nothing blocks the loop), and a socket monitor that reports when the ZeroMQ handshake
+with the publisher succeeds and when the connection drops. The index's entries for the worker
+are right only while every batch since the engine started has been applied in order, so:
+
+- on each handshake (first connect, reconnect, the worker restarted) the worker's entries are
+  reset and the replay socket is asked for everything it still buffers, from sequence 0; what
+  it returns is a suffix of the worker's history, so the index learns a true subset of the cache;
+- a disconnect resets the worker's entries and marks them not live (the balancer falls back);
+- a gap in the sequence numbers is filled from the replay socket; when it cannot be (no replay
+  socket, timeout, the buffer moved on) the worker's entries are reset and rebuilt from there;
+- a batch already applied (replay and live stream overlap) is dropped by its sequence number;
+- ``AllBlocksCleared`` resets the worker's entries (the index does that itself).
+
+`KVEvents` runs one subscriber per worker of the fleet, added and removed with the fleet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+from urllib.parse import urlsplit
+
+import zmq
+import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
+
+from gateway.kvwire import END_SEQ, Batch, Event, WireError, decode_message, encode_seq
+
+log = logging.getLogger(__name__)
+
+REPLAY_TIMEOUT = 2.0  # seconds without a replayed batch before giving the replay up
+YIELD_EVERY = 64  # batches applied in a row before letting other tasks run
+_PLACEHOLDER = re.compile(r"\{(host|port)(?:\+(\d+))?\}")
+
+
+class Sink(Protocol):
+    """Where a subscriber's batches go (the index)."""
+
+    def apply(self, worker: str, events: Iterable[Event]) -> None: ...
+
+    def reset(self, worker: str, live: bool) -> None: ...
+
+    def forget(self, worker: str) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoints:
+    publisher: str
+    replay: str | None
+    topic: str = ""
+
+
+def endpoint_for(template: str, worker_url: str) -> str:
+    """A ZeroMQ endpoint for the worker from a template with ``{host}``, ``{port}`` (the worker's
+    HTTP port) and ``{port+N}``: ``tcp://{host}:5557`` for one worker per host (pods),
+    ``tcp://{host}:{port+1000}`` for several workers on one host."""
+    parts = urlsplit(worker_url)
+    host = parts.hostname or "127.0.0.1"
+    if ":" in host:
+        host = f"[{host}]"
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+
+    def fill(match: re.Match[str]) -> str:
+        if match.group(1) == "host":
+            return host
+        return str(port + int(match.group(2) or 0))
+
+    return _PLACEHOLDER.sub(fill, template)
+
+
+@dataclass(slots=True)
+class Counts:
+    """What a subscriber went through, for tests and (later) metrics."""
+
+    batches: int = 0
+    duplicates: int = 0
+    gaps: int = 0
+    replays: int = 0
+    resets: int = 0
+    bad_messages: int = 0
+    connects: int = 0
+
+
+class Subscriber:
+    """One worker's event stream, applied to the sink in sequence order."""
+
+    def __init__(
+        self,
+        worker: str,
+        endpoints: Endpoints,
+        sink: Sink,
+        ctx: zmq.asyncio.Context,
+        replay_timeout: float = REPLAY_TIMEOUT,
+    ) -> None:
+        self.worker = worker
+        self.endpoints = endpoints
+        self.counts = Counts()
+        self.synced = asyncio.Event()  # set after each connect's replay; tests wait on it
+        self._sink = sink
+        self._ctx = ctx
+        self._replay_timeout = replay_timeout
+        self._expected: int | None = None  # next sequence number; None: take whatever comes
+
+    async def run(self) -> None:
+        sub = self._ctx.socket(zmq.SUB)
+        sub.setsockopt(zmq.LINGER, 0)
+        sub.setsockopt(zmq.SUBSCRIBE, self.endpoints.topic.encode())
+        monitor = sub.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
+        sub.connect(self.endpoints.publisher)
+        poller = zmq.asyncio.Poller()
+        poller.register(sub, zmq.POLLIN)
+        poller.register(monitor, zmq.POLLIN)
+        try:
+            while True:
+                ready = dict(await poller.poll())
+                # Connection news first: a restarted publisher's first batches must not be
+                # taken as duplicates of the old one's.
+                if monitor in ready:
+                    await self._on_monitor(await monitor.recv_multipart(), sub)
+                if sub in ready:
+                    await self._on_live(await sub.recv_multipart())
+        finally:
+            self._sink.reset(self.worker, live=False)
+            if not sub.closed:  # the context may have been destroyed under it
+                sub.disable_monitor()
+            monitor.close(linger=0)
+            sub.close(linger=0)
+
+    async def _on_monitor(self, frames: list[bytes], sub: zmq.asyncio.Socket) -> None:
+        event = parse_monitor_message(frames)["event"]
+        if event == zmq.EVENT_DISCONNECTED:
+            log.info("kv events: %s disconnected", self.worker)
+            self.synced.clear()
+            self._reset(live=False)
+            return
+        self.counts.connects += 1
+        self._reset(live=True)
+        # Batches still queued may come from the publisher before a restart; anything the new
+        # one already sent is in the replay that follows.
+        while await sub.poll(0):
+            await sub.recv_multipart()
+        await self._fill(0, None)
+        self.synced.set()
+
+    async def _on_live(self, frames: list[bytes]) -> None:
+        try:
+            batch = decode_message(frames)
+        except WireError as exc:
+            self.counts.bad_messages += 1
+            log.warning("kv events: %s sent a bad message: %s", self.worker, exc)
+            return
+        expected = self._expected
+        if expected is not None and batch.seq < expected:
+            self.counts.duplicates += 1
+            return
+        if expected is not None and batch.seq > expected:
+            self.counts.gaps += 1
+            await self._fill(expected, batch.seq)
+            if self._expected is not None and self._expected != batch.seq:
+                self._reset(live=True)
+        self._apply(batch)
+
+    async def _fill(self, start: int, stop: int | None) -> None:
+        """Applies the replayed batches from ``start`` up to ``stop`` (exclusive); when the
+        replay does not start at ``start`` the worker is reset first, so what the index holds
+        stays a true subset of the cache."""
+        batches = await self._replay(start)
+        if stop is not None:
+            batches = [b for b in batches if b.seq < stop]
+        if stop is not None and (not batches or batches[0].seq != start):
+            self._reset(live=True)  # a gap left open: what came before is not trustworthy
+        for count, batch in enumerate(batches, 1):
+            if self._expected is not None and batch.seq < self._expected:
+                continue
+            if self._expected is not None and batch.seq > self._expected:
+                self._reset(live=True)  # a hole inside the replay itself
+            self._apply(batch)
+            if count % YIELD_EVERY == 0:
+                await asyncio.sleep(0)  # a long replay must not hold the loop
+
+    def _apply(self, batch: Batch) -> None:
+        self._sink.apply(self.worker, batch.events)
+        self._expected = batch.seq + 1
+        self.counts.batches += 1
+
+    def _reset(self, live: bool) -> None:
+        self.counts.resets += 1
+        self._expected = None
+        self._sink.reset(self.worker, live)
+
+    async def _replay(self, start: int) -> list[Batch]:
+        """Every batch the publisher still buffers from ``start`` on; [] without a replay
+        socket, or when it does not answer in time."""
+        if self.endpoints.replay is None:
+            return []
+        self.counts.replays += 1
+        # A fresh socket per replay: answers to a replay given up on must not be read as
+        # answers to the next one.
+        dealer = self._ctx.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.LINGER, 0)
+        batches: list[Batch] = []
+        try:
+            dealer.connect(self.endpoints.replay)
+            await dealer.send_multipart([b"", encode_seq(start)])
+            while await dealer.poll(self._replay_timeout * 1000):
+                frames = await dealer.recv_multipart()
+                if len(frames) == 4 and frames[2] == END_SEQ:
+                    return batches
+                try:
+                    batches.append(decode_message(frames[1:]))
+                except WireError as exc:
+                    self.counts.bad_messages += 1
+                    log.warning("kv events: %s replayed a bad message: %s", self.worker, exc)
+            log.warning("kv events: %s replay from %d timed out", self.worker, start)
+            return batches
+        finally:
+            dealer.close(linger=0)
+
+
+class KVEvents:
+    """One subscriber per worker, feeding one sink; `sync` follows the fleet's membership."""
+
+    def __init__(self, sink: Sink, endpoint: str, replay_endpoint: str | None, topic: str) -> None:
+        self._sink = sink
+        self._endpoint = endpoint
+        self._replay_endpoint = replay_endpoint
+        self._topic = topic
+        self._ctx = zmq.asyncio.Context()
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self.subscribers: dict[str, Subscriber] = {}
+
+    def endpoints(self, worker_url: str) -> Endpoints:
+        replay = self._replay_endpoint
+        return Endpoints(
+            endpoint_for(self._endpoint, worker_url),
+            endpoint_for(replay, worker_url) if replay is not None else None,
+            self._topic,
+        )
+
+    async def sync(self, worker_urls: Sequence[str]) -> None:
+        wanted = set(worker_urls)
+        for url in wanted - self._tasks.keys():
+            subscriber = Subscriber(url, self.endpoints(url), self._sink, self._ctx)
+            self.subscribers[url] = subscriber
+            self._tasks[url] = asyncio.create_task(subscriber.run(), name=f"kv-events {url}")
+        for url in self._tasks.keys() - wanted:
+            await self._stop(url)
+            self._sink.forget(url)
+        for url, task in list(self._tasks.items()):
+            if task.done():  # a bad endpoint, a ZeroMQ error: say so and start it again
+                log.error("kv events: subscriber for %s stopped: %r", url, task.exception())
+                await self._stop(url)
+
+    async def follow(self, worker_urls: Callable[[], Sequence[str]], interval: float) -> None:
+        """Keeps the subscribers in step with the fleet (discovery adds and removes workers)."""
+        while True:
+            await self.sync(worker_urls())
+            await asyncio.sleep(interval)
+
+    async def _stop(self, url: str) -> None:
+        task = self._tasks.pop(url)
+        del self.subscribers[url]
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    async def close(self) -> None:
+        for url in list(self._tasks):
+            await self._stop(url)
+        self._ctx.destroy(linger=0)

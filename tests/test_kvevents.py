@@ -1,0 +1,271 @@
+"""The KV-event subscriber against a real ZeroMQ publisher (the simulator's, on the wire format
+of `gateway.kvwire`): batches reach the index in order, a subscriber that joins late gets the
+history from the replay socket, gaps are replayed, a publisher restart resets the worker."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Iterable
+
+import msgpack
+import pytest
+import zmq
+import zmq.asyncio
+
+from gateway.kvevents import Endpoints, KVEvents, Subscriber, endpoint_for
+from gateway.kvindex import KVIndex
+from gateway.kvwire import (
+    AllBlocksCleared,
+    BlockRemoved,
+    BlockStored,
+    Event,
+    WireError,
+    decode_message,
+    decode_payload,
+    encode_batch,
+    encode_seq,
+)
+from gateway.simulator.kvpublish import EventPublisher
+
+pytestmark = pytest.mark.timeout(20)
+
+WORKER = "http://127.0.0.1:8001"
+BLOCK = 4
+
+
+class WatchedIndex(KVIndex):
+    """The real index, telling waiting tests each time it changes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.changed = asyncio.Condition()
+        self.applied = 0
+
+    def apply(self, worker: str, events: Iterable[Event]) -> None:
+        super().apply(worker, events)
+        self.applied += 1
+        self._notify()
+
+    def reset(self, worker: str, live: bool) -> None:
+        super().reset(worker, live)
+        self._notify()
+
+    def _notify(self) -> None:
+        async def notify() -> None:
+            async with self.changed:
+                self.changed.notify_all()
+
+        asyncio.get_running_loop().create_task(notify())
+
+    async def until(self, condition: Callable[[], bool]) -> None:
+        async with self.changed:
+            await self.changed.wait_for(condition)
+
+
+def stored(first: int, tokens: list[int], parent: int | None = None) -> BlockStored:
+    count = len(tokens) // BLOCK
+    return BlockStored(list(range(first, first + count)), parent, tokens, BLOCK)
+
+
+def held(index: KVIndex, tokens: list[int]) -> int:
+    return index.match(index.keys(tokens, BLOCK), [WORKER])[WORKER]
+
+
+PROMPT = list(range(100, 116))  # four blocks
+
+
+@pytest.fixture
+async def publisher() -> AsyncIterator[EventPublisher]:
+    pub = EventPublisher("tcp://127.0.0.1:*", "tcp://127.0.0.1:*", topic="kv")
+    pub.start()
+    yield pub
+    await pub.close()
+
+
+@pytest.fixture
+async def ctx() -> AsyncIterator[zmq.asyncio.Context]:
+    context = zmq.asyncio.Context()
+    yield context
+    context.destroy(linger=0)
+
+
+async def subscribe(
+    pub: EventPublisher, index: KVIndex, ctx: zmq.asyncio.Context, replay: bool = True
+) -> tuple[Subscriber, asyncio.Task[None]]:
+    endpoints = Endpoints(pub.endpoint, pub.replay_endpoint if replay else None, "kv")
+    subscriber = Subscriber(WORKER, endpoints, index, ctx, replay_timeout=2.0)
+    task = asyncio.create_task(subscriber.run())
+    await asyncio.wait_for(subscriber.synced.wait(), 10)
+    return subscriber, task
+
+
+async def stop(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+async def test_a_late_subscriber_gets_the_history_from_replay(publisher, ctx) -> None:
+    """1. Batches published before the subscriber connected arrive through the replay socket,
+    then live batches follow in order."""
+    publisher.publish([stored(1, PROMPT[:8])])
+    publisher.publish([stored(3, PROMPT[8:], parent=2)])
+    index = WatchedIndex()
+    subscriber, task = await subscribe(publisher, index, ctx)
+    assert held(index, PROMPT) == 4
+    assert index.live(WORKER)
+    publisher.publish([BlockRemoved([4])])
+    await index.until(lambda: held(index, PROMPT) == 3)
+    assert subscriber.counts.gaps == 0
+    await stop(task)
+    assert not index.live(WORKER)
+    assert held(index, PROMPT) == 0
+
+
+async def test_a_gap_is_filled_from_the_replay_socket(publisher, ctx) -> None:
+    """2. A batch missing from the live stream is fetched by sequence number."""
+    index = WatchedIndex()
+    subscriber, task = await subscribe(publisher, index, ctx)
+    await asyncio.wait_for(wait_joined(publisher, index), 10)
+    publisher.skip_live = 1
+    gaps, replays = subscriber.counts.gaps, subscriber.counts.replays
+    publisher.publish([stored(1, PROMPT[:8])])  # replay only
+    publisher.publish([stored(3, PROMPT[8:], parent=2)])  # live: reveals the gap
+    await index.until(lambda: held(index, PROMPT) == 4)
+    assert subscriber.counts.gaps == gaps + 1
+    assert subscriber.counts.replays == replays + 1
+    assert subscriber.counts.resets == 1  # the connect's only
+    await stop(task)
+
+
+async def test_a_gap_without_replay_resets_the_worker(publisher, ctx) -> None:
+    """3. With no replay socket, what came before a gap cannot be trusted: the worker's entries
+    are dropped and the index rebuilds from the next batch on."""
+    index = WatchedIndex()
+    subscriber, task = await subscribe(publisher, index, ctx, replay=False)
+    await asyncio.wait_for(wait_joined(publisher, index), 10)
+    publisher.publish([stored(1, PROMPT[:8])])
+    await index.until(lambda: held(index, PROMPT) == 2)
+    publisher.skip_live = 1
+    publisher.publish([BlockRemoved([1])])  # lost
+    publisher.publish([stored(10, [7, 7, 7, 7])])
+    await index.until(lambda: subscriber.counts.gaps == 1)
+    assert held(index, PROMPT) == 0
+    assert held(index, [7, 7, 7, 7]) == 1
+    await stop(task)
+
+
+async def wait_joined(pub: EventPublisher, index: WatchedIndex) -> None:
+    """A PUB socket drops batches until the subscription has reached it, some time after the
+    handshake: publish empty batches until one arrives live (with a replay socket, the next
+    batch would reveal the loss; a test that stops publishing must wait instead)."""
+    applied = index.applied
+    while index.applied == applied:
+        pub.publish([])
+        await asyncio.sleep(0.01)
+
+
+async def test_a_restarted_publisher_resets_the_worker(ctx) -> None:
+    """4. A worker restart: the connection drops (entries reset, not live), the new engine's
+    sequence starts at 0 again and its history comes from its own replay socket."""
+    first = EventPublisher("tcp://127.0.0.1:*", "tcp://127.0.0.1:*", topic="kv")
+    first.start()
+    first.publish([stored(1, PROMPT)])
+    index = WatchedIndex()
+    subscriber, task = await subscribe(first, index, ctx)
+    assert held(index, PROMPT) == 4
+    endpoint, replay = first.endpoint, first.replay_endpoint
+    assert replay is not None
+    subscriber.synced.clear()
+    await first.close()
+    await index.until(lambda: not index.live(WORKER))
+    assert held(index, PROMPT) == 0
+    second = EventPublisher(endpoint, replay, topic="kv")
+    second.start()
+    second.publish([stored(50, PROMPT[:4])])
+    try:
+        await asyncio.wait_for(subscriber.synced.wait(), 15)
+        await index.until(lambda: held(index, PROMPT) == 1)
+        assert index.live(WORKER)
+        assert subscriber.counts.connects == 2
+    finally:
+        await stop(task)
+        await second.close()
+
+
+async def test_all_blocks_cleared_and_bad_messages(publisher, ctx) -> None:
+    """5. AllBlocksCleared empties the worker; a malformed message is counted and skipped."""
+    index = WatchedIndex()
+    subscriber, task = await subscribe(publisher, index, ctx)
+    publisher.publish([stored(1, PROMPT)])
+    await index.until(lambda: held(index, PROMPT) == 4)
+    publisher._pub.send_multipart([b"kv", encode_seq(1), b"\xc1"])  # never valid msgpack
+    publisher._next_seq = 2
+    publisher.publish([AllBlocksCleared()])
+    await index.until(lambda: held(index, PROMPT) == 0)
+    assert subscriber.counts.bad_messages == 1
+    assert index.live(WORKER)
+    await stop(task)
+
+
+async def test_kvevents_follows_the_fleet(publisher) -> None:
+    """6. Subscribers start and stop with the fleet's membership; a worker that leaves is
+    forgotten."""
+    index = WatchedIndex()
+    events = KVEvents(index, publisher.endpoint, publisher.replay_endpoint, "kv")
+    publisher.publish([stored(1, PROMPT)])
+    await events.sync([WORKER])
+    await asyncio.wait_for(events.subscribers[WORKER].synced.wait(), 10)
+    assert held(index, PROMPT) == 4
+    await events.sync([])
+    assert not events.subscribers
+    assert index.blocks(WORKER) == 0
+    await events.close()
+
+
+def test_endpoint_templates() -> None:
+    assert endpoint_for("tcp://{host}:5557", "http://10.0.0.7:8000") == "tcp://10.0.0.7:5557"
+    assert endpoint_for("tcp://{host}:{port+1000}", "http://h:8001/") == "tcp://h:9001"
+    assert endpoint_for("tcp://{host}:{port}", "https://[::1]") == "tcp://[::1]:443"
+
+
+def test_wire_format_as_vllm_encodes_it() -> None:
+    """The payload as vLLM's msgspec encoder writes it: an array batch, events as maps tagged
+    by `type`, optional fields left out, 64-bit integer hashes."""
+    vllm_payload = msgpack.packb(
+        [
+            1.5,
+            [
+                {
+                    "type": "BlockStored",
+                    "block_hashes": [2**63 + 5],
+                    "parent_block_hash": None,
+                    "token_ids": [1, 2, 3, 4],
+                    "block_size": 4,
+                    "lora_id": None,
+                    "medium": "GPU",
+                    "lora_name": None,
+                },
+                {"type": "BlockRemoved", "block_hashes": [b"\x01" * 32], "medium": "GPU"},
+                {"type": "AllBlocksCleared"},
+                {"type": "SomethingNewer", "x": 1},
+            ],
+            0,
+        ]
+    )
+    ts, events = decode_payload(vllm_payload)
+    assert ts == 1.5
+    assert events == [
+        BlockStored([2**63 + 5], None, [1, 2, 3, 4], 4, None, "GPU"),
+        BlockRemoved([b"\x01" * 32], "GPU"),
+        AllBlocksCleared(),
+    ]
+    batch = decode_message([b"kv", encode_seq(7), encode_batch(2.0, events)])
+    assert (batch.seq, batch.events) == (7, events)
+    for bad in (
+        [b"kv", encode_seq(1)],
+        [b"kv", b"\x00", vllm_payload],
+        [b"", encode_seq(0), b"\x93"],
+    ):
+        with pytest.raises(WireError):
+            decode_message(bad)
