@@ -5,6 +5,7 @@ history from the replay socket, gaps are replayed, a publisher restart resets th
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import AsyncIterator, Callable, Iterable
 
 import msgpack
@@ -25,6 +26,8 @@ from gateway.kvwire import (
     encode_batch,
     encode_seq,
 )
+from gateway.simulator import SimConfig, create_app
+from gateway.simulator.app import SIM
 from gateway.simulator.kvpublish import EventPublisher
 
 pytestmark = pytest.mark.timeout(20)
@@ -269,3 +272,44 @@ def test_wire_format_as_vllm_encodes_it() -> None:
     ):
         with pytest.raises(WireError):
             decode_message(bad)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def test_the_simulator_publishes_its_prefix_cache(aiohttp_server, aiohttp_client) -> None:
+    """7. A simulated worker's prefix cache, as seen through its events, is what it holds:
+    stored blocks with their token ids, then the blocks evicted for a new prompt."""
+    port, replay = free_port(), free_port()
+    config = SimConfig(
+        prefix_cache_blocks=6,
+        block_tokens=BLOCK,
+        kv_events_endpoint=f"tcp://127.0.0.1:{port}",
+        kv_events_replay_endpoint=f"tcp://127.0.0.1:{replay}",
+        kv_events_topic="kv",
+    )
+    app = create_app(config)
+    client = await aiohttp_client(await aiohttp_server(app))
+    index = WatchedIndex()
+    events = KVEvents(index, f"tcp://{{host}}:{port}", f"tcp://{{host}}:{replay}", "kv")
+    await events.sync([WORKER])
+    try:
+        await asyncio.wait_for(events.subscribers[WORKER].synced.wait(), 10)
+
+        async def complete(prompt: list[int]) -> None:
+            body = {"model": "sim-model", "prompt": prompt, "max_tokens": 1}
+            async with client.post("/v1/completions", json=body) as response:
+                assert response.status == 200
+
+        await complete([*PROMPT, 1, 2])  # four full blocks, a partial one never cached
+        await index.until(lambda: held(index, PROMPT) == 4)
+        other = list(range(500, 516))
+        await complete(other)  # four more blocks: two of the first prompt's are evicted
+        await index.until(lambda: held(index, other) == 4)
+        assert index.blocks(WORKER) == len(app[SIM].prefix_cache) == 6
+        assert held(index, PROMPT) == 2  # the cache drops a prefix's end first
+    finally:
+        await events.close()

@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--block-tokens", type=int, default=16, help="tokens per prefix cache block")
     add("--slowdown", type=float, default=1.0, help="multiplies every latency (3 = 3x slower)")
     add("--stream-interval", type=int, default=1, help="tokens per stream chunk, as vLLM's flag")
+    add("--kv-events-endpoint", help="publish KV-cache events here, e.g. tcp://*:5557")
+    add("--kv-events-replay-endpoint", help="serve event replay here, e.g. tcp://*:5558")
+    add("--kv-events-topic", default="", help="topic of the published events")
     add("--log-level", default="INFO")
     return parser
 
@@ -77,6 +80,9 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         block_tokens=args.block_tokens,
         slowdown=args.slowdown,
         stream_interval=args.stream_interval,
+        kv_events_endpoint=args.kv_events_endpoint,
+        kv_events_replay_endpoint=args.kv_events_replay_endpoint,
+        kv_events_topic=args.kv_events_topic,
     )
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -23,6 +23,7 @@ from .config import FaultSpec, FaultSpecError, SimConfig, parse_fault
 from .engine import Engine
 from .errors import SimError, bad_request
 from .generate import Sim, complete, forever, overloaded
+from .kvpublish import EventPublisher
 from .metrics import SimMetrics
 from .once import Claims
 from .prefix_cache import PrefixCache
@@ -59,6 +60,8 @@ def create_app(
     app[ENGINE] = engine
     app[CLAIMS] = claims if claims is not None else Claims()
     app.on_shutdown.append(lambda _: _start_shutdown(shutdown))
+    if config.kv_events_endpoint is not None:
+        app.cleanup_ctx.append(lambda _: _kv_events(config, prefix_cache))
     app.add_routes(
         [
             web.post("/v1/chat/completions", chat_completions),
@@ -79,6 +82,21 @@ async def _sim_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         return await handler(request)
     except SimError as exc:
         return exc.response()
+
+
+async def _kv_events(config: SimConfig, cache: PrefixCache) -> AsyncIterator[None]:
+    """Publishes the prefix cache's changes while the app runs (binds at start-up)."""
+    assert config.kv_events_endpoint is not None
+    publisher = EventPublisher(
+        config.kv_events_endpoint, config.kv_events_replay_endpoint, config.kv_events_topic
+    )
+    publisher.start()
+    cache.on_events = publisher.publish
+    try:
+        yield
+    finally:
+        cache.on_events = None
+        await publisher.close()
 
 
 async def _start_shutdown(shutdown: Shutdown) -> None:

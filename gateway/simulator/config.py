@@ -122,6 +122,8 @@ class SimConfig:
     `inter_token_seconds` (`itl_base` + `itl_per_seq` * running requests) after the previous one.
     `slowdown` multiplies all of it: 3.0 is a GPU three times slower, for heterogeneous fleets.
     The prefix cache holds `prefix_cache_blocks` blocks of `block_tokens` tokens (0: disabled).
+    With `kv_events_endpoint` (a ZeroMQ endpoint to bind, e.g. ``tcp://*:5557``) its changes are
+    published as vLLM's KV-cache events, replayed from `kv_events_replay_endpoint` when set.
 
     `default_max_tokens` is the length of every answer: where its end-of-sequence token comes.
     A request without `max_tokens` ends there (`finish_reason: "stop"`), unless the context
@@ -149,6 +151,9 @@ class SimConfig:
     slowdown: float = 1.0
     stream_interval: int = 1
     version: str = "0.33.0+sim"
+    kv_events_endpoint: str | None = None
+    kv_events_replay_endpoint: str | None = None
+    kv_events_topic: str = ""
 
     def __post_init__(self) -> None:
         if not self.models or len(set(self.models)) != len(self.models):

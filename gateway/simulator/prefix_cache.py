@@ -5,15 +5,21 @@ A block is named by a hash chain, as in vLLM: block k's hash covers block k-1's 
 k's own tokens, so it matches only when the whole prompt up to and including it matches. The
 chain starts from a salt (the model name), so two models never share blocks. A trailing partial
 block is never cached. Pure and synchronous: the caller decides when a request queries the cache.
+
+With `on_events` set, every change is also told as vLLM's KV-cache events (`gateway.kvwire`):
+a `BlockStored` per run of newly cached blocks (parent hash, token ids), a `BlockRemoved` for
+the blocks evicted to make room, with the block hashes as 64-bit integers, vLLM's default.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import orjson
+
+from gateway.kvwire import BlockRemoved, BlockStored, Event
 
 
 class PrefixCache:
@@ -25,6 +31,7 @@ class PrefixCache:
         self.capacity_blocks = capacity_blocks
         self.block_tokens = block_tokens
         self._blocks: OrderedDict[bytes, None] = OrderedDict()  # least recently used first
+        self.on_events: Callable[[list[Event]], object] | None = None
 
     @property
     def enabled(self) -> bool:
@@ -48,8 +55,12 @@ class PrefixCache:
             return 0
         hashes = self.block_hashes(tokens, salt)
         hits = self._leading_hits(hashes)
+        new = [i for i, block in enumerate(hashes) if block not in self._blocks]
+        evicted: list[bytes] = []
         for block in reversed(hashes):
-            self._touch(block)
+            evicted.extend(self._touch(block))
+        if self.on_events is not None and (new or evicted):
+            self.on_events(self._events(tokens, hashes, new, evicted))
         return hits * self.block_tokens
 
     def block_hashes(self, tokens: Sequence[int | str], salt: str = "") -> list[bytes]:
@@ -69,10 +80,43 @@ class PrefixCache:
                 return count
         return len(hashes)
 
-    def _touch(self, block: bytes) -> None:
+    def _touch(self, block: bytes) -> list[bytes]:
+        """Marks the block most recently used; returns the block it evicted, if any."""
         if block in self._blocks:
             self._blocks.move_to_end(block)
-            return
+            return []
         self._blocks[block] = None
         if len(self._blocks) > self.capacity_blocks:
-            self._blocks.popitem(last=False)
+            return [self._blocks.popitem(last=False)[0]]
+        return []
+
+    def _events(
+        self, tokens: Sequence[int | str], hashes: list[bytes], new: list[int], evicted: list[bytes]
+    ) -> list[Event]:
+        events: list[Event] = []
+        size = self.block_tokens
+        runs: list[list[int]] = []
+        for i in new:
+            if runs and runs[-1][-1] == i - 1:
+                runs[-1].append(i)
+            else:
+                runs.append([i])
+        for run in runs:
+            first, end = run[0], run[-1] + 1
+            events.append(
+                BlockStored(
+                    [_external(hashes[i]) for i in run],
+                    _external(hashes[first - 1]) if first > 0 else None,
+                    [int(t) for t in tokens[first * size : end * size]],
+                    size,
+                    medium="GPU",
+                )
+            )
+        if evicted:
+            events.append(BlockRemoved([_external(block) for block in evicted], "GPU"))
+        return events
+
+
+def _external(block: bytes) -> int:
+    """vLLM's default event form of a block hash: its first 64 bits as an integer."""
+    return int.from_bytes(block[:8], "big")
