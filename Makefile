@@ -114,7 +114,8 @@ $(BENCH_STAMP): $(STAMP)
 bench: $(BENCH_STAMP)
 	$(PY) -m tests.bench.perf
 
-# The paced scenarios alone, 2 repeats of 3 s runs, no LiteLLM: tests/bench/PACED.md (~4 min).
+# The paced scenarios at c=64 and 256, 2 repeats of 3 s windows, no LiteLLM: tests/bench/PACED.md
+# (about 4 minutes).
 bench-quick: $(BENCH_STAMP)
 	$(PY) -m tests.bench.perf --quick
 

@@ -5,6 +5,7 @@ see a process's children."""
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -77,3 +78,24 @@ async def test_taking_turns_gives_each_url_its_own_sample_in_turn(worker: System
     assert abs(len(first.total) - len(third.total)) <= 1  # in turn: neither got ahead
     assert refused.errors == len(first.total)  # one turn each, the refused one included
     assert all(0 < f <= t for f, t in zip(first.ttft, first.total, strict=True))
+
+
+@pytest.mark.timeout(30)
+async def test_a_warm_window_leaves_out_the_first_wave_and_meters_only_the_window(
+    worker: System,
+) -> None:
+    url = f"{worker.url}/v1/chat/completions"
+    readings: list[float] = []
+
+    def meter() -> tuple[float, float]:
+        readings.append(time.perf_counter())
+        return float(len(readings)), 0.5 * len(readings)
+
+    body = loadgen.chat_body("sim-realistic", True)  # about 0.27 s an answer
+    s = await loadgen.closed_loop(url, body, True, 4, 0.6, "t", warm=0.3, meter=meter)
+    assert s.errors == 0 and s.seconds == 0.6
+    assert len(readings) == 2 and 0.55 <= readings[1] - readings[0] <= 0.75
+    assert (s.cpu, s.kernel) == (1.0, 0.5)  # the differences across the window
+    # Clients start answers at about 0, 0.27, 0.54, 0.81 s: the window [0.3, 0.9) holds the
+    # last two of each, never the first (connects) one.
+    assert 6 <= len(s.total) <= 12

@@ -39,6 +39,7 @@ class Sample:
     error_kinds: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
     cpu: float = 0.0  # the system's CPU seconds during the run (its whole process tree)
+    kernel: float = 0.0  # the kernel's part of ``cpu``
     rss_mb: float = 0.0  # the system's peak resident memory during the run (whole tree)
 
     @property
@@ -119,24 +120,47 @@ async def closed_loop(
     seconds: float,
     label: str,
     ramp: float = 0.0,
+    warm: float = 0.0,
+    meter: Callable[[], tuple[float, float]] | None = None,
 ) -> Sample:
     """``concurrency`` clients each send a request as soon as their last one ended, for
-    ``seconds`` (started over ``ramp`` seconds, so a thousand connects do not land at once)."""
+    ``seconds`` (started over ``ramp`` seconds, so a thousand connects do not land at once).
+
+    With ``warm``, the sample holds only the steady state: requests that started in a window
+    of ``seconds`` that opens ``ramp + warm`` after the start (connects, the first wave in
+    step, pools filling are over by then), and ``rate`` is their number over the window.
+    ``meter`` (CPU and kernel seconds of the system measured) is read when the window opens
+    and when it closes; the differences go to ``cpu`` and ``kernel``."""
     s = Sample()
-    deadline = time.perf_counter() + ramp + seconds
+    opens = ramp + warm if warm else 0.0
+    start = time.perf_counter()
+    window = (start + opens, start + opens + seconds) if warm else (start, start + ramp + seconds)
+    readings: list[tuple[float, float]] = []
     async with _session(concurrency) as session:
 
         async def client(i: int) -> None:
             if ramp:
                 await asyncio.sleep(ramp * i / concurrency)
-            while time.perf_counter() < deadline:
-                await one(session, url, data, stream, s)
+            cold = Sample()
+            while (now := time.perf_counter()) < window[1]:
+                await one(session, url, data, stream, s if now >= window[0] else cold)
 
-        started = time.perf_counter()
+        async def read_meter() -> None:
+            if meter is None:
+                return
+            for edge in window:
+                await asyncio.sleep(max(0.0, edge - time.perf_counter()))
+                readings.append(meter())
+
+        reading = asyncio.ensure_future(read_meter())
         await _with_progress(
-            asyncio.gather(*(client(i) for i in range(concurrency))), s, started, deadline, label
+            asyncio.gather(*(client(i) for i in range(concurrency))), s, start, window[1], label
         )
-        s.seconds = time.perf_counter() - started - ramp / 2
+        await reading
+        s.seconds = seconds if warm else time.perf_counter() - start - ramp / 2
+    if len(readings) == 2:
+        (cpu0, kernel0), (cpu1, kernel1) = readings
+        s.cpu, s.kernel = cpu1 - cpu0, kernel1 - kernel0
     return s
 
 

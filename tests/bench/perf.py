@@ -8,7 +8,11 @@ there. The zero-sleep scenarios, where a whole answer arrives in one or two read
 case. vllm-gateway runs twice: as shipped (`vllm-gateway`), and with its production features on
 (`vllm-gateway+features`: API keys with rpm, tpm and concurrency limits, resume for every
 stream, prefix affinity). LiteLLM is left out of the paced scenarios (at 20 ms of its own a
-request it would take minutes per run).
+request it would take minutes per run). A paced run's figures come from a steady-state window
+(``loadgen.closed_loop``'s ``warm``): it opens one answer's length after the ramp, so the first
+wave (every client connecting at once, all streams in step) is not in them, and CPU is read at
+the window's edges. The kernel's share of each system's CPU is given beside it: the syscalls
+and loopback TCP that any proxy pays per event.
 
 Method: one mock worker (`mockworker.py`) and each system run as process trees on loopback on
 this machine; the load generator (`loadgen.py`, uvloop) runs here. Within each repeat every
@@ -52,6 +56,7 @@ RESULTS = HERE / "RESULTS.md"
 SYSTEMS = ["passthrough", "vllm-gateway", "vllm-gateway+features", "vllm-router", "litellm"]
 GATEWAYS = ("vllm-gateway", "vllm-gateway+features")
 QUICK_OUT = HERE / "PACED.md"
+QUICK_CONCURRENCY = (64, 256)  # issue 21's targets; c=1,000 in the full run or by --scenarios
 SLOW_GAP = 0.1  # a slow stream "saw a gap" when one exceeded the worker's step by this much
 
 
@@ -72,6 +77,13 @@ class Scenario:
     @property
     def paced(self) -> bool:
         return self.key.startswith("paced")
+
+    @property
+    def warm(self) -> float:
+        """Seconds after the ramp before a paced run's window opens: one answer's length (the
+        first wave's connects and the clients' start in step are over by then); 0: none."""
+        pace = PACES[self.model]
+        return pace.ttft + pace.itl * pace.tokens + 0.05 if self.paced else 0.0
 
     @property
     def events(self) -> int:
@@ -138,15 +150,24 @@ async def settle(systems: list[System], quiet: float = 0.05, limit: float = 15.0
 async def measure(system: System, sc: Scenario, seconds: float, label: str) -> Sample:
     url = f"{system.url}/v1/chat/completions"
     data = chat_body(sc.model, sc.stream)
-    before = system.cpu_seconds()
+    before, kernel = system.cpu_seconds(), system.kernel_seconds()
     with RssSampler(system) as rss:
         if sc.rate:
             s = await loadgen.open_loop(url, data, sc.stream, sc.rate, seconds, label)
+        elif sc.warm:
+            # Started over one answer's length at least: clients in step would start in waves,
+            # a burst of request set-ups each, and a window would hold a whole number of waves.
+            s = await loadgen.closed_loop(
+                url, data, sc.stream, sc.concurrency, seconds, label, ramp=max(sc.ramp, sc.warm),
+                warm=sc.warm, meter=lambda: (system.cpu_seconds(), system.kernel_seconds()),
+            )  # fmt: skip
         else:
             s = await loadgen.closed_loop(
                 url, data, sc.stream, sc.concurrency, seconds, label, ramp=sc.ramp
             )
-    s.cpu = system.cpu_seconds() - before
+    if not sc.warm or system.proc is None:
+        s.cpu = system.cpu_seconds() - before
+        s.kernel = system.kernel_seconds() - kernel
     s.rss_mb = rss.peak
     return s
 
@@ -182,7 +203,8 @@ def more_options(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     parser.add_argument(
         "--quick", action="store_true",
-        help="the paced scenarios only, 3 s runs, 2 repeats, no LiteLLM (about 4 minutes); "
+        help="the paced scenarios at c=64 and 256 only, 3 s windows, 2 repeats, no LiteLLM "
+        "(about 4 minutes); "
         f"writes {QUICK_OUT.name} instead of {RESULTS.name}",
     )  # fmt: skip
     parser.add_argument("--out", type=Path, help="the report's file (default: see --quick)")
@@ -196,7 +218,10 @@ def plan(args: argparse.Namespace) -> tuple[list[str], list[Scenario], Path]:
         if "--repeats" not in sys.argv:
             args.repeats = 2
     names = args.systems or [s for s in SYSTEMS if not (args.quick and s == "litellm")]
-    keys = args.scenarios or [s.key for s in SCENARIOS if s.paced or not args.quick]
+    keys = args.scenarios or [
+        s.key for s in SCENARIOS
+        if not args.quick or (s.paced and s.concurrency in QUICK_CONCURRENCY)
+    ]  # fmt: skip
     out = args.out or (QUICK_OUT if args.quick else RESULTS)
     return names, [s for s in SCENARIOS if s.key in keys], out
 
@@ -288,6 +313,10 @@ def cpu_us_per_event(sc: Scenario) -> Callable[[Sample], float]:
     """CPU per SSE event relayed (per answer for JSON): the system's CPU over the run divided
     by the events of the answers it completed."""
     return lambda s: 1e6 * s.cpu / max(len(s.total) * sc.events, 1)
+
+
+def kernel_share(s: Sample) -> float:
+    return 100 * s.kernel / s.cpu if s.cpu else float("nan")
 
 
 def each(values: Sequence[float], fmt: str = "{:.2f}") -> str:
@@ -383,8 +412,8 @@ def headline(results: Results, names: list[str], scenarios: list[Scenario]) -> s
     peer = "vllm-router" if "vllm-router" in names else ""
     rows = [
         "| scenario | system | req/s | req/s / vllm-router | CPU µs / event "
-        "| CPU per event / vllm-router | added TTFT p99 (ms) | errors |",
-        "|---|---|---|---|---|---|---|---|",
+        "| CPU per event / vllm-router | kernel share of CPU (%) | added TTFT p99 (ms) | errors |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for sc in (sc for sc in scenarios if sc.paced):
         per_event = cpu_us_per_event(sc)
@@ -399,6 +428,7 @@ def headline(results: Results, names: list[str], scenarios: list[Scenario]) -> s
                 each(ratio(results, name, peer, sc.key, rate)) if mine else "-",
                 each(per_repeat(results, name, sc.key, per_event), "{:.1f}"),
                 each(ratio(results, name, peer, sc.key, per_event)) if mine else "-",
+                each(per_repeat(results, name, sc.key, kernel_share), "{:.0f}"),
                 each(added(results, name, sc.key, ms(0.99)), "{:+.1f}"),
                 str(sum(s.errors for s in runs)),
             ]  # fmt: skip

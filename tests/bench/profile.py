@@ -18,7 +18,7 @@ import yaml
 from tests.bench import loadgen
 from tests.bench.loadgen import chat_body
 from tests.bench.perf import SCENARIOS
-from tests.bench.systems import MODELS, mock_worker
+from tests.bench.systems import FEATURES, MODELS, mock_worker
 from tests.processes import start_gateway
 
 
@@ -55,15 +55,28 @@ async def main() -> None:
     parser.add_argument("--seconds", type=float, default=12.0)
     parser.add_argument("--top", type=int, default=30)
     parser.add_argument("--out", type=Path, default=Path("/tmp/vllm-gateway-profile.txt"))
+    parser.add_argument(
+        "--features",
+        action="store_true",
+        help="keys and rate limits, resume, affinity on (vllm-gateway+features)",
+    )
+    parser.add_argument(
+        "--native",
+        action="store_true",
+        help="py-spy --native: C frames too (aiohttp's, uvloop's, the kernel's)",
+    )
     args = parser.parse_args()
     direct, worker = mock_worker()
     config = args.out.with_suffix(".yaml")
-    config.write_text(yaml.safe_dump({
+    settings: dict[str, object] = {
         "server": {"host": "127.0.0.1", "port": 0, "processes": 1},
         "workers": [{"url": direct.url, "models": list(MODELS)}],
         "limits": {"max_in_flight": 4096, "pool_size": 4096, "pool_per_worker": 4096},
         "logging": {"level": "INFO", "format": "json"},
-    }))  # fmt: skip
+    }
+    if args.features:
+        settings.update(FEATURES)
+    config.write_text(yaml.safe_dump(settings))
     # As in `make bench`: the access log goes to a file, not a pipe the profiler's process reads.
     gw = start_gateway(config, log_file=args.out.with_suffix(".log"))
     try:
@@ -72,12 +85,16 @@ async def main() -> None:
         spy = subprocess.Popen(
             [str(Path(sys.executable).with_name("py-spy")), "record", "--rate", "250",
              "--format", "raw", "--output", str(args.out), "--duration", str(int(args.seconds)),
-             "--pid", str(gw.proc.popen.pid)],
+             "--pid", str(gw.proc.popen.pid), *(["--native"] if args.native else [])],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         s = await drive(url, args.scenario, args.seconds + 1)
         spy.wait(30)
-        print(f"{args.scenario}: {s.rate:.0f} req/s, {s.errors} errors")
+        sc = next(x for x in SCENARIOS if x.key == args.scenario)
+        print(
+            f"{args.scenario}: {s.rate:.0f} req/s, {s.rate * sc.events:.0f} SSE events/s, "
+            f"{s.errors} errors"
+        )
         print(top(args.out, args.top))
     finally:
         gw.proc.kill()

@@ -50,6 +50,10 @@ class System:
     def cpu_seconds(self) -> float:
         return sum(_cpu(pid) for pid in self.pids())
 
+    def kernel_seconds(self) -> float:
+        """The system (kernel) share of ``cpu_seconds``: syscalls, loopback TCP, wake-ups."""
+        return sum(_cpu(pid, user=False) for pid in self.pids())
+
     def rss_mb(self) -> float:
         return sum(_rss(pid) for pid in self.pids())
 
@@ -66,12 +70,14 @@ def tree(root: int) -> list[int]:
     return out
 
 
-def _cpu(pid: int) -> float:
+def _cpu(pid: int, user: bool = True) -> float:
+    """utime + stime of ``pid`` in seconds (stime alone with ``user=False``)."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
         return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    ticks = int(fields[12]) + (int(fields[11]) if user else 0)
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def _rss(pid: int) -> float:
