@@ -18,6 +18,8 @@ from prometheus_client import CollectorRegistry
 from gateway import admin, handlers, keys, routes
 from gateway.auth import KeyRing, read_keys_file, watch_keys_file
 from gateway.discovery import Resolver, ServiceWatcher, system_resolver, watch_forever
+from gateway.kvevents import KVEvents
+from gateway.kvindex import KVIndex
 from gateway.lifecycle import Lifecycle
 from gateway.metrics import GatewayMetrics
 from gateway.middleware import (
@@ -37,7 +39,7 @@ from gateway.passthrough import Passthrough
 from gateway.proxy import Proxy
 from gateway.ratelimit import RateLimiter
 from gateway.ratelimit_host import HostLimits
-from gateway.settings import Settings
+from gateway.settings import KVEventSettings, Settings
 from gateway.tls import WorkerTls
 from gateway.upstream import Upstream
 from gateway.workers import Fleet, Worker, worker_from_settings
@@ -47,6 +49,9 @@ log = logging.getLogger(__name__)
 # How often the loop-lag timer wakes: often enough to catch a stall of a few tens of ms within
 # a scrape interval, rare enough to cost nothing.
 LOOP_LAG_INTERVAL = 0.25
+KV_EVENTS_FOLLOW_INTERVAL = 1.0  # seconds between matching event subscribers to the fleet
+KV_EVENTS = web.AppKey("kv_events", KVEvents)  # present when routing.kv_events is on
+KV_INDEX = web.AppKey("kv_index", KVIndex)
 
 
 def create_app(
@@ -178,7 +183,8 @@ async def _upstream_and_probes(app: web.Application) -> AsyncIterator[None]:
     )
     limiter = RateLimiter(settings.redis, metrics, host=app.get(keys.HOST_LIMITS))
     await limiter.start()
-    proxy = Proxy(settings, fleet, upstream, metrics, app[keys.LIFECYCLE], limiter)
+    kv_index, kv_events = _kv_events(settings.routing.kv_events)
+    proxy = Proxy(settings, fleet, upstream, metrics, app[keys.LIFECYCLE], limiter, kv_index)
     app[keys.PROXY] = proxy
     app[routes.PASSTHROUGH] = Passthrough(settings, fleet, upstream, metrics, proxy.admission)
     watchers = [
@@ -205,12 +211,26 @@ async def _upstream_and_probes(app: web.Application) -> AsyncIterator[None]:
             lambda worker: _export_load(metrics, fleet, worker),
         )
         tasks.append(asyncio.create_task(scrapes))
+    if kv_events is not None and kv_index is not None:
+        app[KV_EVENTS], app[KV_INDEX] = kv_events, kv_index
+        follow = kv_events.follow(lambda: [w.url for w in fleet.workers], KV_EVENTS_FOLLOW_INTERVAL)
+        tasks.append(asyncio.create_task(follow))
     try:
         yield
     finally:
         await _stop(*tasks)
+        if kv_events is not None:
+            await kv_events.close()
         await upstream.close()
         await limiter.close()
+
+
+def _kv_events(settings: KVEventSettings) -> tuple[KVIndex | None, KVEvents | None]:
+    """The KV index and its subscribers when cache-aware routing is on."""
+    if not settings.enabled:
+        return None, None
+    index = KVIndex(settings.max_blocks_per_worker)
+    return index, KVEvents(index, settings.endpoint, settings.replay_endpoint, settings.topic)
 
 
 async def _api_keys(app: web.Application) -> AsyncIterator[None]:

@@ -10,6 +10,10 @@ by the policies of one balancer, so "chosen longest ago" compares across them.
 - `RoundRobin`: the worker chosen longest ago, in url order on ties.
 - `ConsistentHash`: affinity by key (session or prompt prefix) with bounded load, so a worker's
   prefix cache gets hits without one hot key melting it; no key, no affinity.
+- `CacheAware`: with the workers' KV-cache events on (`kvindex`), the share of the prompt each
+  candidate really holds, traded against `load_score`; any other policy decides when nobody
+  holds any of it, when the prompt's token ids are unknown, or when no candidate's events are
+  being received.
 """
 
 from __future__ import annotations
@@ -19,9 +23,11 @@ import random
 import struct
 from bisect import bisect_left
 from collections.abc import Collection, Iterator, Sequence
+from dataclasses import dataclass
 from hashlib import blake2b
 from typing import Protocol, TypeVar
 
+from gateway.kvindex import KVIndex
 from gateway.loadsignals import LoadSignals
 
 POLICIES = ("least_loaded", "round_robin")
@@ -43,8 +49,19 @@ class Pickable(Protocol):
 W = TypeVar("W", bound=Pickable)
 
 
+@dataclass(frozen=True, slots=True)
+class Prompt:
+    """What cache-aware routing needs of a request: the model and the prompt's token ids, as
+    the worker will see them."""
+
+    model: str
+    token_ids: Sequence[int]
+
+
 class Policy(Protocol):
-    def pick(self, candidates: Sequence[W], key: str | None = None) -> W | None: ...
+    def pick(
+        self, candidates: Sequence[W], key: str | None = None, prompt: Prompt | None = None
+    ) -> W | None: ...
 
 
 class Sequencer:
@@ -85,7 +102,9 @@ class LeastLoaded:
         self._rng = rng or random.Random()  # noqa: S311
         self._seq = seq or Sequencer()
 
-    def pick(self, candidates: Sequence[W], key: str | None = None) -> W | None:
+    def pick(
+        self, candidates: Sequence[W], key: str | None = None, prompt: Prompt | None = None
+    ) -> W | None:
         count = len(candidates)
         if count <= 2:
             pair = candidates
@@ -115,7 +134,9 @@ class RoundRobin:
     def __init__(self, seq: Sequencer | None = None) -> None:
         self._seq = seq or Sequencer()
 
-    def pick(self, candidates: Sequence[W], key: str | None = None) -> W | None:
+    def pick(
+        self, candidates: Sequence[W], key: str | None = None, prompt: Prompt | None = None
+    ) -> W | None:
         if not candidates:
             return None
         return self._seq.stamp(min(candidates, key=_age_then_url))
@@ -153,7 +174,9 @@ class ConsistentHash:
         self._seq = seq or Sequencer()
         self._ring = _Ring(replicas)
 
-    def pick(self, candidates: Sequence[W], key: str | None = None) -> W | None:
+    def pick(
+        self, candidates: Sequence[W], key: str | None = None, prompt: Prompt | None = None
+    ) -> W | None:
         if key is None:
             return self._fallback.pick(candidates)
         if not candidates:
@@ -233,16 +256,71 @@ def _digest(text: str, size: int) -> bytes:
     return blake2b(text.encode("utf-8", "surrogatepass"), digest_size=size).digest()
 
 
+class CacheAware:
+    """The candidate with the lowest `load_score` minus ``weight`` times the share of the
+    prompt's blocks it holds (its cached leading blocks over the prompt's full blocks).
+
+    A worker holding the whole prompt is preferred until it is ``weight`` requests busier than
+    the others: then a hot prefix spills to the next worker, which caches it too, and the two
+    share it. Ties go to the worker chosen longest ago. The global best, not two random
+    choices: the cached share differs between workers where load alone would not, so the herd
+    that two choices avoid is already broken up by the prompt.
+    """
+
+    def __init__(
+        self, index: KVIndex, fallback: Policy, weight: float, seq: Sequencer | None = None
+    ) -> None:
+        if not weight >= 0:
+            raise ValueError(f"weight must be at least 0, got {weight}")
+        self._index = index
+        self._fallback = fallback
+        self._weight = weight
+        self._seq = seq or Sequencer()
+
+    def pick(
+        self, candidates: Sequence[W], key: str | None = None, prompt: Prompt | None = None
+    ) -> W | None:
+        shares = self.cached(candidates, prompt) if prompt is not None else None
+        if shares is None:
+            return self._fallback.pick(candidates, key)
+        held: dict[str, float] = shares
+        weight = self._weight
+
+        def score(worker: W) -> tuple[float, int]:
+            return load_score(worker) - weight * held.get(worker.url, 0.0), worker.last_pick
+
+        return self._seq.stamp(min(candidates, key=score))
+
+    def cached(self, candidates: Sequence[Pickable], prompt: Prompt) -> dict[str, float] | None:
+        """Each live candidate's cached share of the prompt; None when the index cannot tell
+        the candidates apart (no live events, no full block, nobody holds any of it)."""
+        live = [w.url for w in candidates if self._index.live(w.url)]
+        size = self._index.block_size(live) if live else 0
+        if size == 0:
+            return None
+        keys = self._index.keys(prompt.token_ids, size, self._index.lora_of(prompt.model))
+        if not keys:
+            return None
+        matched = self._index.match(keys, live)
+        if not any(matched.values()):
+            return None
+        return {url: blocks / len(keys) for url, blocks in matched.items()}
+
+
 def make_policy(
     name: str,
     affinity: str,
     rng: random.Random | None = None,
     load_factor: float = LOAD_FACTOR,
+    kv_index: KVIndex | None = None,
+    kv_weight: float = 2.0,
 ) -> Policy:
-    """The policy for the settings' ``routing.policy`` and ``routing.affinity``.
+    """The policy for the settings' ``routing.policy``, ``routing.affinity`` and
+    ``routing.kv_events``.
 
     With affinity, the caller passes the session id or prompt prefix as the key; without it the
-    key is ignored.
+    key is ignored. With a KV index, the caller passes the prompt's token ids when it knows
+    them, and the cache-aware policy decides first.
     """
     seq = Sequencer()
     base: Policy
@@ -254,6 +332,8 @@ def make_policy(
         raise ValueError(f"unknown balancing policy {name!r}; expected one of {POLICIES}")
     if affinity not in AFFINITIES:
         raise ValueError(f"unknown affinity {affinity!r}; expected one of {AFFINITIES}")
-    if affinity == "none":
-        return base
-    return ConsistentHash(base, load_factor, seq=seq)
+    if affinity != "none":
+        base = ConsistentHash(base, load_factor, seq=seq)
+    if kv_index is not None:
+        return CacheAware(kv_index, base, kv_weight, seq)
+    return base

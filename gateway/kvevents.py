@@ -37,6 +37,7 @@ from gateway.kvwire import END_SEQ, Batch, Event, WireError, decode_message, enc
 log = logging.getLogger(__name__)
 
 REPLAY_TIMEOUT = 2.0  # seconds without a replayed batch before giving the replay up
+HEARTBEAT_INTERVAL_MS = 2000
 YIELD_EVERY = 64  # batches applied in a row before letting other tasks run
 _PLACEHOLDER = re.compile(r"\{(host|port)(?:\+(\d+))?\}")
 
@@ -113,6 +114,10 @@ class Subscriber:
         sub = self._ctx.socket(zmq.SUB)
         sub.setsockopt(zmq.LINGER, 0)
         sub.setsockopt(zmq.SUBSCRIBE, self.endpoints.topic.encode())
+        # Heartbeats find a publisher that vanished without closing its connection (a host
+        # gone): the disconnect then marks the worker's entries not live.
+        sub.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_INTERVAL_MS)
+        sub.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * HEARTBEAT_INTERVAL_MS)
         monitor = sub.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
         sub.connect(self.endpoints.publisher)
         poller = zmq.asyncio.Poller()

@@ -54,6 +54,7 @@ class KVIndex:
         self._max_blocks = max_blocks
         self._holders: dict[int, set[str]] = {}
         self._workers: dict[str, _WorkerBlocks] = {}
+        self._loras: set[str] = set()  # adapter names seen in events
         self.skipped_blocks = 0  # stored blocks not indexed (unknown parent, extra keys, shape)
 
     # --- feeding ------------------------------------------------------------------------------
@@ -92,6 +93,8 @@ class KVIndex:
             # (sliding window): the tokens cannot be assigned to hashes.
             self.skipped_blocks += count
             return
+        if event.lora_name is not None and event.lora_name not in self._loras:
+            self._loras.add(event.lora_name)
         if event.parent is None:
             parent = root_key(event.lora_name)
         elif (known := blocks.engine.get(event.parent)) is not None:
@@ -139,6 +142,11 @@ class KVIndex:
     def live(self, worker: str) -> bool:
         blocks = self._workers.get(worker)
         return blocks is not None and blocks.live
+
+    def lora_of(self, model: str) -> str | None:
+        """The adapter a request for ``model`` runs with: vLLM serves a LoRA adapter under its
+        own name, which its events carry; any other name is a base model (None)."""
+        return model if model in self._loras else None
 
     def block_size(self, workers: Iterable[str]) -> int:
         """The block size the given workers report (the largest if they differ); 0: unknown."""

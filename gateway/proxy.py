@@ -34,7 +34,7 @@ from typing import Any
 from aiohttp import web
 
 from gateway.attempt import Attempts
-from gateway.balancer import make_policy
+from gateway.balancer import Prompt, make_policy
 from gateway.deadline import Deadline
 from gateway.errors import (
     ClientTooSlow,
@@ -57,6 +57,7 @@ from gateway.errors import (
 )
 from gateway.failover import Failover, Step
 from gateway.fanout import merge, plan_shards
+from gateway.kvindex import KVIndex
 from gateway.lifecycle import Lifecycle
 from gateway.limits import Admission
 from gateway.logs import AccessLog
@@ -89,6 +90,7 @@ class Proxy:
         metrics: GatewayMetrics,
         lifecycle: Lifecycle,
         limiter: RateLimiter,
+        kv_index: KVIndex | None = None,
     ) -> None:
         self._settings = settings
         self._timeouts = settings.timeouts
@@ -102,7 +104,12 @@ class Proxy:
         routing = settings.routing
         self._rng = random.Random()  # noqa: S311 (jitter and sampling, not secrets)
         self._balancer = make_policy(
-            routing.policy, routing.affinity, self._rng, routing.load_factor
+            routing.policy,
+            routing.affinity,
+            self._rng,
+            routing.load_factor,
+            kv_index,  # cache-aware routing (routing.kv_events)
+            routing.kv_events.weight,
         )
         retry = settings.retry
         self._budget = RetryBudget(
@@ -242,7 +249,8 @@ class Proxy:
         relay = self._relay.stream if ex.stream else self._relay.body
         last: UpstreamError | None = None
         while True:
-            worker = self._pick(step, meta.affinity_key, last)
+            prompt = Prompt(step.model, meta.prompt_ids) if meta.prompt_ids else None
+            worker = self._pick(step, meta.affinity_key, last, prompt)
             if step.model != ex.model and ex.served_model != step.model:
                 self._metrics.fallbacks.labels(self._relay.model_label(ex), step.model).inc()
             ex.served_model = step.model
@@ -290,13 +298,21 @@ class Proxy:
             self._rng,
         )
 
-    def _pick(self, step: Step, key: str | None, last: UpstreamError | None) -> Worker:
+    def _pick(
+        self,
+        step: Step,
+        key: str | None,
+        last: UpstreamError | None,
+        prompt: Prompt | None = None,  # its token ids, for cache-aware routing
+    ) -> Worker:
         """The worker for ``step``. A worker never gets more requests than its cap (past that,
         the pool's wait would be a hidden queue): when every candidate is at it, a first
         attempt is ``Overloaded`` and a retry ends with the last failure."""
         if step.worker is not None:
             return step.worker
-        worker = self._balancer.pick([w for w in step.candidates if w.in_flight < w.cap], key)
+        worker = self._balancer.pick(
+            [w for w in step.candidates if w.in_flight < w.cap], key, prompt
+        )
         if worker is not None:
             return worker
         if last is not None:

@@ -19,6 +19,7 @@ from typing import Any
 from gateway.affinity import prefix_key, session_key
 from gateway.errors import InvalidField, InvalidJSON, InvalidRequest
 from gateway.jsonsplice import BodyError, dumps, loads, replace_member
+from gateway.prompttokens import prompt_token_ids
 from gateway.resume import resumable_request
 from gateway.settings import InputLimitSettings, RoutingSettings
 from gateway.usage import ask_for_usage
@@ -72,6 +73,9 @@ class RequestMeta:
     # Tokens the request may cost, for token rate limits until its usage is known: the body's
     # bytes / 4 (no tokenizer on the request path) plus the completion tokens it asks for.
     token_estimate: int = 0
+    # The prompt's token ids when routing.kv_events is on and the body gives them (see
+    # prompttokens.py), for cache-aware routing; None otherwise.
+    prompt_ids: list[int] | None = None
 
 
 _TOKEN_LIMIT_FIELDS = ("max_tokens", "max_completion_tokens")
@@ -98,9 +102,15 @@ def parse_request(
     # A value pydantic would not read as a bool is the worker's to refuse: relayed as JSON.
     stream = lax_bool(data.get("stream")) is True
     key = _affinity_key(data, routing)
+    prompt_ids = prompt_token_ids(data) if routing.kv_events.enabled else None
     if not (stream and route.can_stream):
         return RequestMeta(
-            model=model, stream=False, body=body, affinity_key=key, token_estimate=estimate
+            model=model,
+            stream=False,
+            body=body,
+            affinity_key=key,
+            token_estimate=estimate,
+            prompt_ids=prompt_ids,
         )
     n = lax_int(data.get("n"))
     single = n is None or n == 1
@@ -116,6 +126,7 @@ def parse_request(
         affinity_key=key,
         resumable=resumable,
         token_estimate=estimate,
+        prompt_ids=prompt_ids,
     )
 
 

@@ -174,6 +174,19 @@ class DiscoverySettings(_Frozen):
     interval: float = Field(10.0, gt=0)  # seconds between DNS resolutions
 
 
+class KVEventSettings(_Frozen):
+    """Routing by what each worker holds in its KV cache, from vLLM's KV-cache events."""
+
+    enabled: bool = False
+    # ZeroMQ endpoints of each worker's publisher and replay socket; {host} is the worker's
+    # host, {port} its HTTP port, {port+N} that plus N (several workers on one host).
+    endpoint: str = Field("tcp://{host}:5557", min_length=1)
+    replay_endpoint: str | None = "tcp://{host}:5558"  # None: a gap resets the worker instead
+    topic: str = ""  # vLLM's kv-events-config topic
+    max_blocks_per_worker: int = Field(200_000, gt=0)  # index memory bound, per worker
+    weight: float = Field(2.0, ge=0)  # a fully cached prompt is worth this many queued requests
+
+
 class RoutingSettings(_Frozen):
     policy: Literal["least_loaded", "round_robin"] = "least_loaded"
     affinity: Literal["none", "session", "prefix"] = "none"
@@ -184,6 +197,7 @@ class RoutingSettings(_Frozen):
     scrape_timeout: float = Field(1.0, gt=0)
     # An embeddings batch with more inputs than this is split across workers; 0: never split.
     embedding_shard_size: int = Field(64, ge=0)
+    kv_events: KVEventSettings = KVEventSettings()
 
 
 class RetrySettings(_Frozen):

@@ -8,11 +8,14 @@ import asyncio
 import socket
 from collections.abc import AsyncIterator, Callable, Iterable
 
+import aiohttp
 import msgpack
 import pytest
 import zmq
 import zmq.asyncio
+from aiohttp.test_utils import TestServer
 
+from gateway.app import KV_INDEX
 from gateway.kvevents import Endpoints, KVEvents, Subscriber, endpoint_for
 from gateway.kvindex import KVIndex
 from gateway.kvwire import (
@@ -26,9 +29,12 @@ from gateway.kvwire import (
     encode_batch,
     encode_seq,
 )
-from gateway.simulator import SimConfig, create_app
+from gateway.loadsignals import LoadSignals
+from gateway.simulator import ENGINE, SimConfig, create_app
 from gateway.simulator.app import SIM
 from gateway.simulator.kvpublish import EventPublisher
+from tests.conftest import GatewayFactory
+from tests.helpers import wait_for
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -313,3 +319,97 @@ async def test_the_simulator_publishes_its_prefix_cache(aiohttp_server, aiohttp_
         assert held(index, PROMPT) == 2  # the cache drops a prefix's end first
     finally:
         await events.close()
+
+
+def event_ports() -> int:
+    """An HTTP port whose +1000 and +2000 neighbours are free too (the events' ports)."""
+    for _ in range(50):
+        port = free_port()
+        if port + 2000 > 65535:
+            continue
+        try:
+            for offset in (1000, 2000):
+                with socket.socket() as sock:
+                    sock.bind(("127.0.0.1", port + offset))
+        except OSError:
+            continue
+        return port
+    raise AssertionError("no free port triple")
+
+
+async def test_the_gateway_routes_a_prefix_to_the_worker_holding_it(
+    gateway: GatewayFactory, client: aiohttp.ClientSession
+) -> None:
+    """8. Two simulated workers publish their prefix caches; the gateway sends a repeated
+    token-id prompt to the worker that holds it, and spills it over to the other when the
+    holder is more than `weight` requests busier."""
+    servers = []
+    for _ in range(2):
+        port = event_ports()
+        config = SimConfig(
+            prefix_cache_blocks=64,
+            block_tokens=BLOCK,
+            itl_base=0.01,
+            kv_events_endpoint=f"tcp://127.0.0.1:{port + 1000}",
+            kv_events_replay_endpoint=f"tcp://127.0.0.1:{port + 2000}",
+        )
+        server = TestServer(create_app(config), port=port)
+        await server.start_server()
+        servers.append(server)
+    try:
+        a, b = (str(server.make_url("")).rstrip("/") for server in servers)
+        kv_events = {
+            "enabled": True,
+            "endpoint": "tcp://{host}:{port+1000}",
+            "replay_endpoint": "tcp://{host}:{port+2000}",
+            "weight": 2.0,
+        }
+        routing = {"kv_events": kv_events, "scrape_interval": 0.05}
+        gw = await gateway(a, b, routing=routing)
+        index = gw.app[KV_INDEX]
+        await wait_for(lambda: index.live(a) and index.live(b), 10, "subscribers live")
+        finished = {url: server.app[ENGINE] for url, server in zip((a, b), servers, strict=True)}
+
+        async def complete(prompt: list[int]) -> None:
+            body = {"model": "sim-model", "prompt": prompt, "max_tokens": 1}
+            async with client.post(f"{gw.url}/v1/completions", json=body) as response:
+                assert response.status == 200
+
+        await complete(PROMPT)
+        [holder] = [url for url in (a, b) if finished[url].finished == 1]
+        other = b if holder == a else a
+        await wait_for(lambda: index.match(index.keys(PROMPT, BLOCK), [holder])[holder] == 4, 5)
+        for _ in range(4):  # round-robin's alternation is gone: all to the holder
+            await complete(PROMPT)
+        assert (finished[holder].finished, finished[other].finished) == (5, 0)
+
+        # Three streams held straight on the holder: 3 - 2 * 1.0 > 0, the prompt spills.
+        streams = await hold_streams(client, servers[(a, b).index(holder)], holder, 3)
+        try:
+            workers = {w.url: w for w in gw.fleet.workers}
+            await wait_for(lambda: (workers[holder].load or LOAD0).running == 3, 5, "scrape")
+            await complete(PROMPT)
+            assert finished[other].finished == 1
+        finally:
+            for task in streams:
+                task.cancel()
+            await asyncio.gather(*streams, return_exceptions=True)
+    finally:
+        for server in servers:
+            await server.close()
+
+
+LOAD0 = LoadSignals(0, 0, 0)
+
+
+async def hold_streams(
+    client: aiohttp.ClientSession, server: TestServer, url: str, count: int
+) -> list[asyncio.Task[bytes]]:
+    async def one() -> bytes:
+        body = {"model": "sim-model", "prompt": "busy", "max_tokens": 1000, "stream": True}
+        async with client.post(f"{url}/v1/completions", json=body) as response:
+            return await response.read()
+
+    tasks = [asyncio.create_task(one()) for _ in range(count)]
+    await wait_for(lambda: server.app[ENGINE].num_running == count, 5, "streams running")
+    return tasks

@@ -1,12 +1,16 @@
 """The KV index: router keys from token blocks, engine hashes mapped so removals work, prefixes
-matched contiguously, LoRA adapters apart, memory bounded."""
+matched contiguously, LoRA adapters apart, memory bounded; and the cache-aware policy on top."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pytest
 
+from gateway.balancer import CacheAware, LeastLoaded, Prompt, RoundRobin, make_policy
 from gateway.kvindex import KVIndex
 from gateway.kvwire import AllBlocksCleared, BlockRemoved, BlockStored
+from gateway.loadsignals import LoadSignals
 
 A, B = "http://a:8000", "http://b:8000"
 BLOCK = 4
@@ -98,3 +102,70 @@ def test_memory_is_bounded_per_worker_oldest_first() -> None:
     assert match(index, PROMPT) == {A: 1, B: 0}
     with pytest.raises(ValueError, match="max_blocks"):
         KVIndex(max_blocks=0)
+
+
+# --- the cache-aware policy over the index ---------------------------------------------------
+
+
+@dataclass(eq=False)
+class Node:
+    url: str
+    in_flight: int = 0
+    last_pick: int = 0
+    load: LoadSignals | None = None
+
+
+def policy(index: KVIndex, weight: float = 2.0) -> CacheAware:
+    return CacheAware(index, RoundRobin(), weight)
+
+
+def test_the_worker_holding_the_prompt_wins_until_it_is_weight_requests_busier() -> None:
+    index = KVIndex()
+    index.apply(B, [stored([11, 12, 13, 14], PROMPT)])
+    index.reset(A, live=True)
+    a, b = Node(A), Node(B)
+    pick = policy(index).pick
+    prompt = Prompt("m", PROMPT)
+    assert pick([a, b], prompt=prompt) is b
+    b.in_flight = 2  # score 2 - 2 * 1.0 = 0 against A's 0: a tie, A chosen longer ago
+    assert pick([a, b], prompt=prompt) is a
+    b.in_flight, a.in_flight = 1, 0
+    assert pick([a, b], prompt=prompt) is b
+    half = Prompt("m", PROMPT[:8] + [0] * 8)  # B holds half of it
+    b.in_flight = 1  # 1 - 2 * 0.5 = 0 against 0: tie again, A chosen longer ago
+    assert pick([a, b], prompt=half) is a
+
+
+def test_the_fallback_decides_when_the_index_cannot_tell() -> None:
+    index = KVIndex()
+    a, b = Node(A), Node(B)
+    pick = policy(index).pick
+    prompt = Prompt("m", PROMPT)
+    assert pick([a, b], prompt=prompt) is a  # nothing live: round-robin
+    assert pick([a, b], prompt=prompt) is b
+    index.apply(B, [stored([11, 12, 13, 14], PROMPT)])
+    assert pick([a, b], prompt=Prompt("m", [9] * 16)) is a  # nobody holds any of it
+    assert pick([a, b], prompt=Prompt("m", PROMPT[:3])) is b  # not one full block
+    assert pick([a, b]) is a  # no token ids
+    index.reset(B, live=False)  # events stale: B's entries are gone with them
+    assert pick([a, b], prompt=prompt) is b
+    assert pick([], prompt=prompt) is None
+
+
+def test_a_lora_adapter_prompt_matches_the_adapter_s_blocks() -> None:
+    index = KVIndex()
+    index.apply(A, [stored([11, 12, 13, 14], PROMPT, lora_name="sql")])
+    index.apply(B, [stored([21, 22, 23, 24], PROMPT)])
+    pick = policy(index).pick
+    a, b = Node(A), Node(B)
+    assert pick([a, b], prompt=Prompt("sql", PROMPT)) is a
+    assert pick([a, b], prompt=Prompt("base", PROMPT)) is b
+
+
+def test_make_policy_puts_cache_awareness_in_front_of_the_configured_policy() -> None:
+    index = KVIndex()
+    chosen = make_policy("least_loaded", "prefix", kv_index=index, kv_weight=1.0)
+    assert isinstance(chosen, CacheAware)
+    assert isinstance(make_policy("least_loaded", "none"), LeastLoaded)
+    with pytest.raises(ValueError, match="weight"):
+        CacheAware(index, RoundRobin(), -1)
