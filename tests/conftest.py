@@ -10,10 +10,12 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from aiohttp.web_runner import BaseRunner
 from prometheus_client import CollectorRegistry
 
 from gateway import keys
 from gateway.app import create_app
+from gateway.protocol import GatewayRunner
 from gateway.settings import build_settings
 from gateway.simulator import ENGINE, SimConfig
 from gateway.simulator import create_app as create_sim_app
@@ -80,6 +82,14 @@ async def sim() -> AsyncIterator[SimFactory]:
         await server.close()
 
 
+class ServedGateway(TestServer):
+    """The gateway on a real socket with the protocol ``server.py`` serves it with
+    (``gateway/protocol.py``: the parser's refusals in the OpenAI shape)."""
+
+    async def _make_runner(self, **kwargs: Any) -> BaseRunner:
+        return GatewayRunner(self.app, **kwargs)
+
+
 @pytest.fixture
 async def gateway() -> AsyncIterator[GatewayFactory]:
     servers: list[TestServer] = []
@@ -89,7 +99,7 @@ async def gateway() -> AsyncIterator[GatewayFactory]:
         data["workers"] = [_worker(w) for w in workers]
         registry = CollectorRegistry()
         app = create_app(build_settings(data), registry=registry)
-        server = TestServer(app)
+        server = ServedGateway(app)
         await server.start_server()
         servers.append(server)
         return Gateway(str(server.make_url("")).rstrip("/"), app, server, registry)

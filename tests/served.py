@@ -7,18 +7,9 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from aiohttp.test_utils import TestServer
-from aiohttp.web_runner import BaseRunner
-
 from gateway.app import create_app
-from gateway.protocol import GatewayRunner
 from gateway.settings import build_settings
-from tests.conftest import TEST_SETTINGS
-
-
-class ServedGateway(TestServer):
-    async def _make_runner(self, **kwargs: Any) -> BaseRunner:
-        return GatewayRunner(self.app, **kwargs)
+from tests.conftest import TEST_SETTINGS, ServedGateway
 
 
 @asynccontextmanager

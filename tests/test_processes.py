@@ -128,6 +128,12 @@ async def test_two_processes_share_the_port_and_the_metrics(gateway: GatewayProc
 @pytest.mark.timeout(60)
 async def test_a_dead_process_is_replaced_and_its_counts_stay(gateway: GatewayProc) -> None:
     await chat_on_fresh_connections(gateway, 20)
+    # A process publishes its counts once per loop turn, just after the answer went out: a
+    # kill before that turn would lose a count this test is not about. Wait until all 20 show.
+    deadline = time.monotonic() + 10
+    while await metric(gateway, OK_SERIES) != 20:
+        assert time.monotonic() < deadline, "the 20 answers never all showed in /metrics"
+        await asyncio.sleep(0.05)
     victim = listening(gateway)[0]
     os.kill(victim, signal.SIGKILL)
     gateway.proc.wait_line(rf"serving process {victim} exited with -9: restarting", 10)
