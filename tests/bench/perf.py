@@ -56,6 +56,8 @@ RESULTS = HERE / "RESULTS.md"
 SYSTEMS = ["passthrough", "vllm-gateway", "vllm-gateway+features", "vllm-router", "litellm"]
 GATEWAYS = ("vllm-gateway", "vllm-gateway+features")
 QUICK_OUT = HERE / "PACED.md"
+# A report's text below this line is written by hand (analyses, profiles) and kept across runs.
+KEEP = "<!-- kept across runs: written by hand below this line -->"
 QUICK_CONCURRENCY = (64, 256)  # issue 21's targets; c=1,000 in the full run or by --scenarios
 SLOW_GAP = 0.1  # a slow stream "saw a gap" when one exceeded the worker's step by this much
 
@@ -131,6 +133,12 @@ SCENARIOS = [
     ),
 ]  # fmt: skip
 SWEEP = ["c1-stream", "c16-stream", "c64-stream", "c256-stream"]  # the plots' x axis
+
+
+def kept(out: Path) -> str:
+    """The hand-written part of the report a run replaces (``KEEP`` and what follows)."""
+    old = out.read_text(encoding="utf-8") if out.exists() else ""
+    return "\n" + KEEP + old.split(KEEP, 1)[1] if KEEP in old else ""
 
 
 async def settle(systems: list[System], quiet: float = 0.05, limit: float = 15.0) -> None:
@@ -249,7 +257,7 @@ async def main() -> None:
                     results.setdefault((system.name, sc.key), []).append(s)
                     await settle(systems)
         text = report(results, systems, scenarios, args)
-    out.write_text(text, encoding="utf-8")
+    out.write_text(text + kept(out), encoding="utf-8")
     plot(results, [s.name for s in systems], scenarios)
     print(text)
 
