@@ -35,6 +35,11 @@ class Deadline:
     def when(self) -> float | None:
         return self._when
 
+    def now(self) -> float:
+        """The clock of the loop this deadline runs on (inside the block), without asking
+        asyncio for the running loop, which costs a ``getpid()`` call on Python 3.11."""
+        return self._loop.time()
+
     def expired(self) -> bool:
         """The deadline passed (and cancelled the block)."""
         return self._state == _EXPIRING or self._state == _EXPIRED

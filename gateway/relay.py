@@ -287,11 +287,10 @@ class Relay:
     ) -> None:
         """Write under the idle bound, then re-arm it for the next upstream read. A client that
         does not read is its own failure (``ClientTooSlow``), never the worker's."""
-        loop = asyncio.get_running_loop()
         ex.writing = True
         await client.write(data)
         ex.writing = False
-        self._extend(phase, loop.time() + self._timeouts.idle)
+        self._extend(phase, phase.now() + self._timeouts.idle)
 
     def _extend(self, phase: Deadline, deadline: float) -> None:
         """Push the idle deadline out to ``deadline``; never pull it in (before the first
