@@ -36,6 +36,7 @@ from gateway.middleware import (
 )
 from gateway.monitor import probe_all, probe_forever, scrape_forever
 from gateway.passthrough import Passthrough
+from gateway.prompttokens import Tokenizes
 from gateway.proxy import Proxy
 from gateway.ratelimit import RateLimiter
 from gateway.ratelimit_host import HostLimits
@@ -184,7 +185,10 @@ async def _upstream_and_probes(app: web.Application) -> AsyncIterator[None]:
     limiter = RateLimiter(settings.redis, metrics, host=app.get(keys.HOST_LIMITS))
     await limiter.start()
     kv_index, kv_events = _kv_events(settings.routing.kv_events)
-    proxy = Proxy(settings, fleet, upstream, metrics, app[keys.LIFECYCLE], limiter, kv_index)
+    tokenizers = await _tokenizers(settings.routing.kv_events)
+    proxy = Proxy(
+        settings, fleet, upstream, metrics, app[keys.LIFECYCLE], limiter, kv_index, tokenizers
+    )
     app[keys.PROXY] = proxy
     app[routes.PASSTHROUGH] = Passthrough(settings, fleet, upstream, metrics, proxy.admission)
     watchers = [
@@ -231,6 +235,24 @@ def _kv_events(settings: KVEventSettings) -> tuple[KVIndex | None, KVEvents | No
         return None, None
     index = KVIndex(settings.max_blocks_per_worker)
     return index, KVEvents(index, settings.endpoint, settings.replay_endpoint, settings.topic)
+
+
+async def _tokenizers(settings: KVEventSettings) -> dict[str, Tokenizes]:
+    """The models' tokenizers for cache-aware routing, read before serving (off the loop); a
+    directory that cannot be read stops the start."""
+    if not (settings.enabled and settings.tokenizers):
+        return {}
+    try:
+        from gateway.tokenizer import PromptTokenizer  # the optional `tokenizer` extra
+    except ImportError as exc:
+        raise RuntimeError(
+            f"routing.kv_events.tokenizers needs pip install 'vllm-gateway[tokenizer]': {exc}"
+        ) from exc
+    loop = asyncio.get_running_loop()
+    loaded: dict[str, Tokenizes] = {}
+    for model, path in settings.tokenizers.items():
+        loaded[model] = await loop.run_in_executor(None, PromptTokenizer, path)
+    return loaded
 
 
 async def _api_keys(app: web.Application) -> AsyncIterator[None]:

@@ -1,21 +1,31 @@
-"""The prompt's token ids where the gateway knows them without a tokenizer, for cache-aware
-routing (`balancer.CacheAware`).
+"""The prompt's token ids for cache-aware routing (`balancer.CacheAware`), as the worker will
+run them.
 
-Today that is a completions prompt given as token ids (one prompt: a list of integers, or a
-list holding one such list): vLLM runs exactly those ids, so they are what its KV-cache events
-report. Text prompts and chat messages need the model's tokenizer and chat template, or the
-worker's ``/tokenize``; until then such requests are routed by the configured policy.
+A completions prompt given as token ids (one prompt: a list of integers, or a list holding one
+such list) is taken as is: vLLM runs exactly those ids. A text prompt or chat messages need the
+model's tokenizer (`tokenizer.PromptTokenizer`, when configured for the model); without one,
+or for a request it cannot render exactly, None: the configured policy routes it.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 
-def prompt_token_ids(data: dict[str, Any]) -> list[int] | None:
+class Tokenizes(Protocol):
+    def chat_ids(self, data: dict[str, Any]) -> list[int] | None: ...
+
+    def completion_ids(self, prompt: str) -> list[int]: ...
+
+
+def prompt_token_ids(data: dict[str, Any], tokenizer: Tokenizes | None = None) -> list[int] | None:
+    if "messages" in data:
+        return tokenizer.chat_ids(data) if tokenizer is not None else None
     prompt = data.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], list):
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], list | str):
         prompt = prompt[0]
+    if isinstance(prompt, str):
+        return tokenizer.completion_ids(prompt) if tokenizer is not None and prompt else None
     if not isinstance(prompt, list) or not prompt:
         return None
     if all(type(token) is int for token in prompt):

@@ -27,7 +27,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -63,6 +63,7 @@ from gateway.limits import Admission
 from gateway.logs import AccessLog
 from gateway.metrics import GatewayMetrics
 from gateway.middleware import CLIENT, REQUEST_ID, error_response
+from gateway.prompttokens import Tokenizes
 from gateway.ratelimit import RateLimiter
 from gateway.relay import Exchange, Relay
 from gateway.request import EMBEDDINGS, RequestMeta, Route, parse_request, with_model
@@ -91,6 +92,7 @@ class Proxy:
         lifecycle: Lifecycle,
         limiter: RateLimiter,
         kv_index: KVIndex | None = None,
+        tokenizers: Mapping[str, Tokenizes] | None = None,  # by model, for cache-aware routing
     ) -> None:
         self._settings = settings
         self._timeouts = settings.timeouts
@@ -101,6 +103,7 @@ class Proxy:
         self._metrics = metrics
         self._lifecycle = lifecycle
         self._limiter = limiter
+        self._tokenizers = tokenizers
         routing = settings.routing
         self._rng = random.Random()  # noqa: S311 (jitter and sampling, not secrets)
         self._balancer = make_policy(
@@ -155,7 +158,9 @@ class Proxy:
         if not self._lifecycle.accepting:
             raise ShuttingDown()
         body = await self._read_body(ex.request)
-        meta = parse_request(body, ex.route, self._settings.routing, self._settings.input)
+        meta = parse_request(
+            body, ex.route, self._settings.routing, self._settings.input, self._tokenizers
+        )
         routing = self._settings.routing
         if routing.affinity == "session":
             header = ex.request.headers.get(routing.session_header)

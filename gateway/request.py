@@ -11,7 +11,7 @@ accepts is never refused here: fields are read the way vLLM's pydantic models re
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +19,7 @@ from typing import Any
 from gateway.affinity import prefix_key, session_key
 from gateway.errors import InvalidField, InvalidJSON, InvalidRequest
 from gateway.jsonsplice import BodyError, dumps, loads, replace_member
-from gateway.prompttokens import prompt_token_ids
+from gateway.prompttokens import Tokenizes, prompt_token_ids
 from gateway.resume import resumable_request
 from gateway.settings import InputLimitSettings, RoutingSettings
 from gateway.usage import ask_for_usage
@@ -86,6 +86,7 @@ def parse_request(
     route: Route,
     routing: RoutingSettings,
     limits: InputLimitSettings | None = None,
+    tokenizers: Mapping[str, Tokenizes] | None = None,  # by model, for cache-aware routing
 ) -> RequestMeta:
     """Read only what routing needs, and hold the body to the input limits. The body is
     forwarded untouched, except that a stream whose client did not ask for usage asks for it
@@ -102,7 +103,9 @@ def parse_request(
     # A value pydantic would not read as a bool is the worker's to refuse: relayed as JSON.
     stream = lax_bool(data.get("stream")) is True
     key = _affinity_key(data, routing)
-    prompt_ids = prompt_token_ids(data) if routing.kv_events.enabled else None
+    prompt_ids = None
+    if routing.kv_events.enabled:
+        prompt_ids = prompt_token_ids(data, tokenizers.get(model) if tokenizers else None)
     if not (stream and route.can_stream):
         return RequestMeta(
             model=model,

@@ -6,6 +6,8 @@
 2. A repeated long prefix (new tails each time) goes to the worker holding it, every time, and
    vLLM's own ``vllm:prefix_cache_hits_total`` on that worker counts the reused prefix.
 3. A subscriber that joins afterwards rebuilds the same index from the replay sockets.
+4. Chat prompts tokenized in the gateway (the model's tokenizer and chat template) are routed
+   the same way: the ids match what vLLM computes, or no block would ever match.
 
 The pair is started for this module alone (about 40 s more suite time): the session's workers
 run without events, as vLLM does by default.
@@ -26,11 +28,12 @@ import pytest
 from gateway.app import KV_INDEX
 from gateway.kvevents import KVEvents
 from gateway.kvindex import KVIndex
+from gateway.tokenizer import PromptTokenizer
 from tests.conftest import GatewayFactory
 from tests.helpers import wait_for
 from tests.processes import free_port
 from tests.vllm.compare import TIMEOUT
-from tests.vllm.fleet import MODEL, VLLMWorker, start_all
+from tests.vllm.fleet import MODEL, MODEL_DIR, VLLMWorker, start_all
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -136,3 +139,54 @@ async def test_index_matches_the_workers_and_a_long_prefix_goes_to_its_holder(
         assert late.match(keys, urls) == index.match(keys, urls) == {holder: 4, other: 0}
     finally:
         await events.close()
+
+
+async def test_chat_prompts_tokenized_in_the_gateway_go_to_their_holder(
+    kv_pair: tuple[VLLMWorker, VLLMWorker], gateway: GatewayFactory
+) -> None:
+    """4. With the model's tokenizer configured, chat messages are tokenized in the gateway
+    (template and ids as vLLM makes them): a long shared system prompt with new questions goes
+    to the worker holding it, and vLLM counts the hits there."""
+    rng = random.Random(21)
+    words = ["route", "cache", "block", "token", "prefix", "worker", "gateway", "event"]
+    system = " ".join(rng.choice(words) for _ in range(220))
+    kv_events = {
+        "enabled": True,
+        "endpoint": f"tcp://{{host}}:{{port+{EVENTS}}}",
+        "replay_endpoint": f"tcp://{{host}}:{{port+{REPLAY}}}",
+        "topic": "kv",
+        "tokenizers": {MODEL: str(MODEL_DIR)},
+    }
+    workers = [{"url": w.url, "models": [MODEL]} for w in kv_pair]
+    gw = await gateway(*workers, routing={"kv_events": kv_events, "scrape_interval": 0.2})
+    index = gw.app[KV_INDEX]
+    urls = [w.url for w in kv_pair]
+    await wait_for(lambda: all(index.live(url) for url in urls), 30, "subscribed to both")
+    ours = PromptTokenizer(MODEL_DIR)
+
+    def body(question: str) -> dict[str, object]:
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": question}]
+        return {"model": MODEL, "messages": messages, "max_tokens": 1, "temperature": 0}
+
+    first = ours.chat_ids(body("which worker?"))
+    assert first is not None and 3 * BLOCK < len(first) < 1000, len(first)
+    shared = len(first) // BLOCK  # the full blocks every question shares (the system prompt)
+    async with aiohttp.ClientSession() as session:
+
+        async def ask(question: str) -> None:
+            async with session.post(
+                gw.url + "/v1/chat/completions", json=body(question), timeout=TIMEOUT
+            ) as response:
+                assert response.status == 200, await response.text()
+
+        await ask("which worker?")
+        keys = index.keys(first, BLOCK)
+        await wait_for(lambda: max(index.match(keys, urls).values()) == shared, 10, "stored")
+        [holder] = [url for url in urls if index.match(keys, [url])[url] == shared]
+        [other] = [url for url in urls if url != holder]
+        before = {w.url: await prefix_hits(session, w) for w in kv_pair}
+        for question in ("and now?", "why this one?", "still there?"):
+            await ask(question)
+        after = {w.url: await prefix_hits(session, w) for w in kv_pair}
+    assert after[holder] - before[holder] >= 3 * (shared - 1) * BLOCK
+    assert after[other] == before[other]

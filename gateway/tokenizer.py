@@ -1,0 +1,211 @@
+"""A model's prompt token ids computed in the gateway, as vLLM computes them, for cache-aware
+routing: the model's own tokenizer files (``tokenizer.json`` for HF ``tokenizers``, the chat
+template from ``chat_template.jinja`` or ``tokenizer_config.json``, rendered with jinja2 in a
+sandbox configured as transformers configures it).
+
+- chat: the template rendered with ``add_generation_prompt``, encoded without adding special
+  tokens (the template writes them), which is what vLLM does for ``/v1/chat/completions``;
+- completions text: encoded with the tokenizer's own special tokens added.
+
+Only requests whose rendering we can reproduce exactly are tokenized: chat messages with a role
+and a string content, no tools, no template arguments. Anything else returns None and the
+configured policy routes it; a wrong guess could only cost a cache miss, never a wrong answer.
+
+Cost. Encoding is the expensive part (about 0.6 us per token here, holding the GIL), and
+prompts repeat: a system prompt, the earlier turns of a conversation. The tokenizer splits the
+text at its special tokens before anything else, so the text between two of them is encoded on
+its own; those pieces are cached (LRU), and a request pays only for text it has not seen. When
+the tokenizer does not split that way (a normalizer or pre-tokenizer that looks at where a piece
+starts), a self-check at load time finds it and every prompt is encoded whole. New text is
+encoded up to ``max_new_chars`` per request; the ids stop at the last piece encoded, an exact
+prefix of the prompt, so a long cold prompt costs a bounded time on the loop.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import OrderedDict
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import jinja2.ext
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer
+
+MAX_NEW_CHARS = 16_384
+CACHE_PIECES = 4096
+CUT_MARGIN = 8  # tokens dropped at a cut through text encoded whole
+_SELF_CHECK = ("hello{0} world", "{0}x{0} y\n z", " a\n\n{0}\tb", "{0}{0}c")
+
+
+class TokenizerError(ValueError):
+    """The model directory has no usable tokenizer or chat template."""
+
+
+class PromptTokenizer:
+    def __init__(
+        self, model_dir: Path, max_new_chars: int = MAX_NEW_CHARS, cache_pieces: int = CACHE_PIECES
+    ) -> None:
+        """Reads the files (blocking: call it off the event loop)."""
+        try:
+            self._tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+            config = _read_config(model_dir)
+            self._template = _compile(_template_source(model_dir, config))
+        except Exception as exc:  # tokenizers raises plain Exceptions for a bad file
+            raise TokenizerError(f"{model_dir}: {exc}") from exc
+        self._special = {
+            name: _token_text(config[name])
+            for name in ("bos_token", "eos_token", "unk_token", "pad_token")
+            if config.get(name) is not None
+        }
+        added = self._tokenizer.get_added_tokens_decoder().values()
+        specials = sorted((t.content for t in added if t.special), key=len, reverse=True)
+        self._ids = {text: self._tokenizer.token_to_id(text) for text in specials}
+        self._split = (
+            re.compile("(" + "|".join(map(re.escape, specials)) + ")") if specials else None
+        )
+        around = self._tokenizer.encode("x", add_special_tokens=True).ids
+        plain = self._tokenizer.encode("x", add_special_tokens=False).ids
+        start = _find(around, plain)
+        self._added_before, self._added_after = around[:start], around[start + len(plain) :]
+        self._max_new = max_new_chars
+        self._cache: OrderedDict[str, list[int]] = OrderedDict()
+        self._cache_size = cache_pieces
+        self.split_exact = bool(specials) and all(
+            self._pieces(probe.format(specials[-1]), len(probe) + 99)
+            == self._tokenizer.encode(probe.format(specials[-1]), add_special_tokens=False).ids
+            for probe in _SELF_CHECK
+        )
+        self._cache.clear()
+
+    def chat_ids(self, data: dict[str, Any]) -> list[int] | None:
+        messages = data.get("messages")
+        if not isinstance(messages, list) or not messages or not _plain_chat(data, messages):
+            return None
+        try:
+            text = self._template.render(
+                messages=messages, add_generation_prompt=True, **self._special
+            )
+        except jinja2.TemplateError:
+            return None
+        return self._encode(text)
+
+    def completion_ids(self, prompt: str) -> list[int]:
+        ids = self._encode(prompt)
+        return [*self._added_before, *ids, *self._added_after]
+
+    def _encode(self, text: str) -> list[int]:
+        if self.split_exact:
+            return self._pieces(text, self._max_new)
+        if len(text) <= self._max_new:
+            return self._tokenizer.encode(text, add_special_tokens=False).ids
+        cut = self._tokenizer.encode(text[: self._max_new], add_special_tokens=False).ids
+        return cut[:-CUT_MARGIN]  # the tokens at the cut may differ from the whole text's
+
+    def _pieces(self, text: str, left: int) -> list[int]:
+        """Encodes piece by piece between special tokens, new pieces up to ``left`` chars."""
+        assert self._split is not None
+        ids: list[int] = []
+        for piece in self._split.split(text):
+            if not piece:
+                continue
+            special = self._ids.get(piece)
+            if special is not None:
+                ids.append(special)
+                continue
+            cached = self._cache.get(piece)
+            if cached is None:
+                left -= len(piece)
+                if left < 0:
+                    break
+                cached = self._tokenizer.encode(piece, add_special_tokens=False).ids
+                self._remember(piece, cached)
+            else:
+                self._cache.move_to_end(piece)
+            ids.extend(cached)
+        return ids
+
+    def _remember(self, piece: str, ids: list[int]) -> None:
+        self._cache[piece] = ids
+        if len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+
+
+def _plain_chat(data: dict[str, Any], messages: Sequence[object]) -> bool:
+    """Only what we render exactly as vLLM does: vLLM's defaults, string contents."""
+    for name in ("tools", "documents", "chat_template", "chat_template_kwargs"):
+        if data.get(name):
+            return False
+    if data.get("add_generation_prompt", True) is not True or data.get("continue_final_message"):
+        return False
+    return all(
+        isinstance(m, dict) and set(m) <= {"role", "content"} and isinstance(m.get("content"), str)
+        for m in messages
+    )
+
+
+def _read_config(model_dir: Path) -> dict[str, Any]:
+    path = model_dir / "tokenizer_config.json"
+    if not path.exists():
+        return {}
+    config = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(config, dict):
+        raise TokenizerError("tokenizer_config.json is not an object")
+    return config
+
+
+def _template_source(model_dir: Path, config: dict[str, Any]) -> str:
+    path = model_dir / "chat_template.jinja"
+    if path.exists():
+        return path.read_text(encoding="utf-8")
+    template = config.get("chat_template")
+    if isinstance(template, list):  # named templates: the default one
+        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+    if not isinstance(template, str):
+        raise TokenizerError("no chat template (chat_template.jinja or tokenizer_config.json)")
+    return template
+
+
+def _compile(source: str) -> jinja2.Template:
+    """As transformers compiles chat templates (trim_blocks, lstrip_blocks, loop controls, its
+    tojson, raise_exception and strftime_now), in an immutable sandbox."""
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
+    )
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env.from_string(source)
+
+
+def _tojson(
+    value: object,
+    ensure_ascii: bool = False,
+    indent: int | None = None,
+    separators: tuple[str, str] | None = None,
+    sort_keys: bool = False,
+) -> str:
+    return json.dumps(
+        value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+    )
+
+
+def _raise(message: str) -> None:
+    raise jinja2.TemplateError(message)
+
+
+def _token_text(token: object) -> str:
+    if isinstance(token, dict):  # a serialised AddedToken
+        return str(token.get("content", ""))
+    return str(token)
+
+
+def _find(haystack: list[int], needle: list[int]) -> int:
+    for start in range(len(haystack) - len(needle) + 1):
+        if haystack[start : start + len(needle)] == needle:
+            return start
+    raise TokenizerError("the tokenizer's special tokens wrap text in a way we cannot separate")

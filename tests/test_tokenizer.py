@@ -1,0 +1,150 @@
+"""The gateway's own prompt tokenization: the chat template rendered and encoded as vLLM does,
+pieces between special tokens cached without changing a single id, requests it cannot render
+exactly refused (None), long new text bounded to an exact prefix. Tokenizers are trained here
+on a few lines of text, in milliseconds."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+from gateway.prompttokens import prompt_token_ids
+from gateway.tokenizer import PromptTokenizer, TokenizerError
+
+TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{{ eos_token }}"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+CORPUS = [
+    "the quick brown fox jumps over the lazy dog",
+    "a gateway routes every request to the worker that holds its prefix",
+    "prefix caching skips the prefill of every cached block",
+] * 20
+SPECIALS = ["<s>", "</s>", "<pad>"]
+
+
+def model_dir(tmp_path: Path, metaspace: bool = False, bos_template: bool = True) -> Path:
+    tokenizer = Tokenizer(models.BPE(unk_token=None))
+    if metaspace:
+        tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
+        tokenizer.decoder = decoders.Metaspace()
+    else:
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet() if not metaspace else [],
+    )
+    tokenizer.train_from_iterator(CORPUS, trainer)
+    if bos_template:
+        bos = tokenizer.token_to_id("<s>")
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single="<s> $A", special_tokens=[("<s>", bos)]
+        )
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    config = {"bos_token": "<s>", "eos_token": "</s>", "chat_template": TEMPLATE}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    return tmp_path
+
+
+def chat(*contents: str) -> dict[str, object]:
+    roles = ["system", "user", "assistant"]
+    return {"messages": [{"role": roles[i % 3], "content": c} for i, c in enumerate(contents)]}
+
+
+def test_chat_ids_are_the_rendered_template_encoded_as_vllm_does(tmp_path: Path) -> None:
+    directory = model_dir(tmp_path)
+    ours = PromptTokenizer(directory)
+    reference = Tokenizer.from_file(str(directory / "tokenizer.json"))
+    assert ours.split_exact
+    text = "<s><|system|>the lazy dog</s><|user|>a fox?</s><|assistant|>"
+    expected = reference.encode(text, add_special_tokens=False).ids
+    assert ours.chat_ids(chat("the lazy dog", "a fox?")) == expected
+    assert ours.chat_ids(chat("the lazy dog", "a fox?")) == expected  # from the piece cache
+    assert expected[0] == reference.token_to_id("<s>")
+
+
+def test_cached_pieces_never_change_an_id(tmp_path: Path) -> None:
+    directory = model_dir(tmp_path)
+    ours = PromptTokenizer(directory, cache_pieces=8)  # small: evictions happen too
+    reference = Tokenizer.from_file(str(directory / "tokenizer.json"))
+    rng = random.Random(7)
+    words = [*" ".join(CORPUS).split(), "\n", "  ", "é", "<s>", "</s>", "<|x|>"]
+    system = " ".join(rng.choice(words) for _ in range(60))
+    for _ in range(200):
+        question = "".join(rng.choice(words) + rng.choice(["", " "]) for _ in range(12))
+        data = chat(system, question)
+        text = f"<s><|system|>{system}</s><|user|>{question}</s><|assistant|>"
+        assert ours.chat_ids(data) == reference.encode(text, add_special_tokens=False).ids
+
+
+def test_requests_it_cannot_render_exactly_are_left_to_the_policy(tmp_path: Path) -> None:
+    ours = PromptTokenizer(model_dir(tmp_path))
+    plain = chat("hello")
+    assert ours.chat_ids(plain) is not None
+    for extra in (
+        {"tools": [{"type": "function", "function": {"name": "f"}}]},
+        {"continue_final_message": True},
+        {"add_generation_prompt": False},
+        {"chat_template_kwargs": {"x": 1}},
+    ):
+        assert ours.chat_ids({**plain, **extra}) is None, extra
+    parts = {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]}
+    named = {"messages": [{"role": "user", "content": "hi", "name": "bob"}]}
+    assert ours.chat_ids(parts) is None
+    assert ours.chat_ids(named) is None
+    assert ours.chat_ids({"messages": []}) is None
+
+
+def test_completion_text_gets_the_tokenizer_s_special_tokens(tmp_path: Path) -> None:
+    directory = model_dir(tmp_path)
+    ours = PromptTokenizer(directory)
+    reference = Tokenizer.from_file(str(directory / "tokenizer.json"))
+    text = "the quick brown fox"
+    assert ours.completion_ids(text) == reference.encode(text).ids
+    assert prompt_token_ids({"prompt": text}, ours) == reference.encode(text).ids
+    assert prompt_token_ids({"prompt": [text]}, ours) == reference.encode(text).ids
+    assert prompt_token_ids({"prompt": text}) is None
+    assert prompt_token_ids({"prompt": [5, 6, 7]}) == [5, 6, 7]
+    assert prompt_token_ids({"prompt": [[5, 6]]}) == [5, 6]
+    assert prompt_token_ids({"prompt": [5, True]}) is None
+    assert prompt_token_ids(chat("hi")) is None
+    assert prompt_token_ids(chat("hi"), ours) == ours.chat_ids(chat("hi"))
+
+
+def test_new_text_is_bounded_to_an_exact_prefix(tmp_path: Path) -> None:
+    directory = model_dir(tmp_path)
+    reference = Tokenizer.from_file(str(directory / "tokenizer.json"))
+    ours = PromptTokenizer(directory, max_new_chars=40)
+    first, second = "the quick brown fox " * 1, "the lazy dog " * 10
+    ids = ours.chat_ids(chat(first, second))
+    whole = reference.encode(
+        f"<s><|system|>{first}</s><|user|>{second}</s><|assistant|>", add_special_tokens=False
+    ).ids
+    assert ids is not None
+    assert 0 < len(ids) < len(whole)
+    assert whole[: len(ids)] == ids  # the second message did not fit: it stops before it
+
+
+def test_a_tokenizer_that_does_not_split_cleanly_is_encoded_whole(tmp_path: Path) -> None:
+    """SentencePiece-style: a piece's first word gets a prefix space only at the start of the
+    whole text, so pieces encoded alone would differ; the self-check sees it."""
+    directory = model_dir(tmp_path, metaspace=True, bos_template=False)
+    ours = PromptTokenizer(directory)
+    reference = Tokenizer.from_file(str(directory / "tokenizer.json"))
+    assert not ours.split_exact
+    text = "<s><|system|>the lazy dog</s><|user|>a fox</s><|assistant|>"
+    assert (
+        ours.chat_ids(chat("the lazy dog", "a fox"))
+        == reference.encode(text, add_special_tokens=False).ids
+    )
+
+
+def test_a_directory_without_a_tokenizer_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(TokenizerError, match=str(tmp_path)):
+        PromptTokenizer(tmp_path)
