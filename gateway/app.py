@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import AsyncIterator
 
@@ -18,7 +19,7 @@ from prometheus_client import CollectorRegistry
 from gateway import admin, handlers, keys, routes
 from gateway.auth import KeyRing, read_keys_file, watch_keys_file
 from gateway.discovery import Resolver, ServiceWatcher, system_resolver, watch_forever
-from gateway.kvevents import KVEvents
+from gateway.kvevents import KVEvents, Subscriber
 from gateway.kvindex import KVIndex
 from gateway.lifecycle import Lifecycle
 from gateway.metrics import GatewayMetrics
@@ -154,6 +155,11 @@ def _forget_worker(metrics: GatewayMetrics, fleet: Fleet, worker: Worker) -> Non
     for signal in LOAD_SIGNALS:
         with contextlib.suppress(KeyError):
             metrics.worker_load.remove(worker.url, signal)
+    with contextlib.suppress(KeyError):
+        metrics.kv_predicted_hit_tokens_of.remove(worker.url)
+    for kv_family in (metrics.kv_events_live, metrics.kv_index_blocks, metrics.kv_events_resets):
+        with contextlib.suppress(KeyError):
+            kv_family.remove(worker.url)
     metrics.workers.set(len(fleet.workers))
 
 
@@ -217,7 +223,12 @@ async def _upstream_and_probes(app: web.Application) -> AsyncIterator[None]:
         tasks.append(asyncio.create_task(scrapes))
     if kv_events is not None and kv_index is not None:
         app[KV_EVENTS], app[KV_INDEX] = kv_events, kv_index
-        follow = kv_events.follow(lambda: [w.url for w in fleet.workers], KV_EVENTS_FOLLOW_INTERVAL)
+        kv_index.on_prediction = functools.partial(_export_prediction, metrics)
+        follow = kv_events.follow(
+            lambda: [w.url for w in fleet.workers],
+            KV_EVENTS_FOLLOW_INTERVAL,
+            functools.partial(_export_kv, metrics, kv_index),
+        )
         tasks.append(asyncio.create_task(follow))
     try:
         yield
@@ -227,6 +238,19 @@ async def _upstream_and_probes(app: web.Application) -> AsyncIterator[None]:
             await kv_events.close()
         await upstream.close()
         await limiter.close()
+
+
+def _export_prediction(metrics: GatewayMetrics, url: str, tokens: int) -> None:
+    metrics.kv_predicted_hit_tokens_of(url).inc(tokens)
+
+
+def _export_kv(metrics: GatewayMetrics, index: KVIndex, subscriber: Subscriber) -> None:
+    url = subscriber.worker
+    metrics.kv_events_live.labels(url).set(1 if index.live(url) else 0)
+    metrics.kv_index_blocks.labels(url).set(index.blocks(url))
+    resets = metrics.kv_events_resets.labels(url)
+    resets.inc(subscriber.counts.resets - subscriber.counts.exported_resets)
+    subscriber.counts.exported_resets = subscriber.counts.resets
 
 
 def _kv_events(settings: KVEventSettings) -> tuple[KVIndex | None, KVEvents | None]:

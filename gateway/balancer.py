@@ -283,17 +283,23 @@ class CacheAware:
         shares = self.cached(candidates, prompt) if prompt is not None else None
         if shares is None:
             return self._fallback.pick(candidates, key)
-        held: dict[str, float] = shares
+        held, size = shares
         weight = self._weight
 
         def score(worker: W) -> tuple[float, int]:
-            return load_score(worker) - weight * held.get(worker.url, 0.0), worker.last_pick
+            return load_score(worker) - weight * held.get(worker.url, 0) / size, worker.last_pick
 
-        return self._seq.stamp(min(candidates, key=score))
+        chosen = self._seq.stamp(min(candidates, key=score))
+        block = self._index.block_size([chosen.url])
+        self._index.on_prediction(chosen.url, held.get(chosen.url, 0) * block)
+        return chosen
 
-    def cached(self, candidates: Sequence[Pickable], prompt: Prompt) -> dict[str, float] | None:
-        """Each live candidate's cached share of the prompt; None when the index cannot tell
-        the candidates apart (no live events, no full block, nobody holds any of it)."""
+    def cached(
+        self, candidates: Sequence[Pickable], prompt: Prompt
+    ) -> tuple[dict[str, int], int] | None:
+        """Each live candidate's cached leading blocks of the prompt, and the prompt's full
+        blocks; None when the index cannot tell the candidates apart (no live events, no full
+        block, nobody holds any of it)."""
         live = [w.url for w in candidates if self._index.live(w.url)]
         size = self._index.block_size(live) if live else 0
         if size == 0:
@@ -304,7 +310,7 @@ class CacheAware:
         matched = self._index.match(keys, live)
         if not any(matched.values()):
             return None
-        return {url: blocks / len(keys) for url, blocks in matched.items()}
+        return matched, len(keys)
 
 
 def make_policy(

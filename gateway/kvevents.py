@@ -88,6 +88,7 @@ class Counts:
     resets: int = 0
     bad_messages: int = 0
     connects: int = 0
+    exported_resets: int = 0  # the resets already added to the gateway's counter
 
 
 class Subscriber:
@@ -264,10 +265,19 @@ class KVEvents:
                 log.error("kv events: subscriber for %s stopped: %r", url, task.exception())
                 await self._stop(url)
 
-    async def follow(self, worker_urls: Callable[[], Sequence[str]], interval: float) -> None:
-        """Keeps the subscribers in step with the fleet (discovery adds and removes workers)."""
+    async def follow(
+        self,
+        worker_urls: Callable[[], Sequence[str]],
+        interval: float,
+        report: Callable[[Subscriber], None] | None = None,
+    ) -> None:
+        """Keeps the subscribers in step with the fleet (discovery adds and removes workers),
+        and reports on each of them every ``interval`` seconds."""
         while True:
             await self.sync(worker_urls())
+            if report is not None:
+                for subscriber in self.subscribers.values():
+                    report(subscriber)
             await asyncio.sleep(interval)
 
     async def _stop(self, url: str) -> None:

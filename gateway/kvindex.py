@@ -21,7 +21,7 @@ Pure and synchronous: the subscriber (`kvevents`) feeds it, the balancer queries
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from gateway.kvwire import AllBlocksCleared, BlockRemoved, BlockStored, EngineHash, Event
@@ -55,6 +55,8 @@ class KVIndex:
         self._holders: dict[int, set[str]] = {}
         self._workers: dict[str, _WorkerBlocks] = {}
         self._loras: set[str] = set()  # adapter names seen in events
+        # Told each routing decision made on the index: the worker and the tokens it should hit.
+        self.on_prediction: Callable[[str, int], object] = lambda worker, tokens: None
         self.skipped_blocks = 0  # stored blocks not indexed (unknown parent, extra keys, shape)
 
     # --- feeding ------------------------------------------------------------------------------

@@ -370,6 +370,35 @@ class GatewayMetrics:
             multiprocess_mode="livemostrecent",
             registry=registry,
         )
+        # Cache-aware routing (routing.kv_events): what the gateway believes each worker holds.
+        self.kv_predicted_hit_tokens = WorkerCounter(
+            "gateway_kv_predicted_hit_tokens",
+            "Prompt tokens the cache-aware policy expected the chosen worker to find in its KV "
+            "cache; compare with the worker's own vllm:prefix_cache_hits_total.",
+            ["worker"],
+            registry=registry,
+        )
+        self.kv_events_live = WorkerGauge(
+            "gateway_kv_events_live",
+            "1 while the worker's KV-cache events are received in order, else 0.",
+            ["worker"],
+            multiprocess_mode="max",
+            registry=registry,
+        )
+        self.kv_index_blocks = WorkerGauge(
+            "gateway_kv_index_blocks",
+            "Blocks of the worker's KV cache that the gateway's index holds.",
+            ["worker"],
+            multiprocess_mode="max",
+            registry=registry,
+        )
+        self.kv_events_resets = WorkerCounter(
+            "gateway_kv_events_resets",
+            "Times the gateway dropped its view of the worker's KV cache: a (re)connect, a "
+            "disconnect, a gap the replay could not fill.",
+            ["worker"],
+            registry=registry,
+        )
         self.discovery_errors = Counter(
             "gateway_discovery_errors",
             "DNS resolutions of a discovery service that failed (the last known workers are kept).",
@@ -434,6 +463,9 @@ class GatewayMetrics:
         self.inter_token_latency_of = Children(self.inter_token_latency, batch, PendingHistogram)
         self.tokens_of = Children(self.tokens, batch, PendingCounter)
         self.worker_in_flight_of = Children(self.worker_in_flight, batch, PendingGauge)
+        self.kv_predicted_hit_tokens_of = Children(
+            self.kv_predicted_hit_tokens, batch, PendingCounter
+        )
         self.in_flight_batched = PendingGauge(batch, self.in_flight)
         self.queue_wait_batched = PendingHistogram(batch, self.queue_wait)
 

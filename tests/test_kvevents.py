@@ -382,6 +382,18 @@ async def test_the_gateway_routes_a_prefix_to_the_worker_holding_it(
         for _ in range(4):  # round-robin's alternation is gone: all to the holder
             await complete(PROMPT)
         assert (finished[holder].finished, finished[other].finished) == (5, 0)
+        # What the router predicted is what the worker's own counter says it hit.
+        sim_hits = {
+            url: server.app[SIM].registry.get_sample_value(
+                "vllm:prefix_cache_hits_total", {"model_name": "sim-model", "engine": "0"}
+            )
+            for url, server in zip((a, b), servers, strict=True)
+        }
+        predicted = "gateway_kv_predicted_hit_tokens_total"
+        assert gw.metric(predicted, worker=holder) == sim_hits[holder] == 4 * len(PROMPT)
+        await wait_for(lambda: gw.metric("gateway_kv_events_live", worker=other) == 1, 5)
+        assert gw.metric("gateway_kv_index_blocks", worker=holder) == 4
+        assert gw.metric("gateway_kv_events_resets_total", worker=holder) == 1  # the connect
 
         # Three streams held straight on the holder: 3 - 2 * 1.0 > 0, the prompt spills.
         streams = await hold_streams(client, servers[(a, b).index(holder)], holder, 3)

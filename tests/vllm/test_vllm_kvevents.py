@@ -123,9 +123,11 @@ async def test_index_matches_the_workers_and_a_long_prefix_goes_to_its_holder(
         for tail in (50, 150, 250):
             await complete(tail)
         after = {w.url: await prefix_hits(session, w) for w in kv_pair}
-    # Each repeat reused the whole 512-token prefix on the holder; the other saw nothing.
-    assert after[holder] - before[holder] >= 3 * PREFIX
+    # Each repeat reused the whole 512-token prefix on the holder; the other saw nothing; the
+    # gateway predicted exactly those hits.
+    assert after[holder] - before[holder] == 3 * PREFIX
     assert after[other] == before[other]
+    assert gw.metric("gateway_kv_predicted_hit_tokens_total", worker=holder) == 3 * PREFIX
     assert index.blocks(other) == 0
 
     # A subscriber that joins now learns the same from each worker's replay socket.
