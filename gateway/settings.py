@@ -185,8 +185,8 @@ class KVEventSettings(_Frozen):
     topic: str = ""  # vLLM's kv-events-config topic
     max_blocks_per_worker: int = Field(200_000, gt=0)  # index memory bound, per worker
     weight: float = Field(2.0, ge=0)  # a fully cached prompt is worth this many queued requests
-    # Served model name -> the model's directory (tokenizer.json, its chat template), so text
-    # and chat prompts are tokenized in the gateway (needs the `tokenizer` extra).
+    # Served model name -> the model's tokenizer.json (its chat template is read beside it), so
+    # text and chat prompts are tokenized in the gateway (needs the `tokenizer` extra).
     tokenizers: dict[str, Path] = {}
 
 

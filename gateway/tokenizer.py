@@ -1,7 +1,7 @@
 """A model's prompt token ids computed in the gateway, as vLLM computes them, for cache-aware
-routing: the model's own tokenizer files (``tokenizer.json`` for HF ``tokenizers``, the chat
-template from ``chat_template.jinja`` or ``tokenizer_config.json``, rendered with jinja2 in a
-sandbox configured as transformers configures it).
+routing: the model's own tokenizer files (``tokenizer.json`` for HF ``tokenizers``; beside it,
+the chat template from ``chat_template.jinja`` or ``tokenizer_config.json``, rendered with
+jinja2 in a sandbox configured as transformers configures it).
 
 - chat: the template rendered with ``add_generation_prompt``, encoded without adding special
   tokens (the template writes them), which is what vLLM does for ``/v1/chat/completions``;
@@ -48,15 +48,20 @@ class TokenizerError(ValueError):
 
 class PromptTokenizer:
     def __init__(
-        self, model_dir: Path, max_new_chars: int = MAX_NEW_CHARS, cache_pieces: int = CACHE_PIECES
+        self,
+        tokenizer_file: Path,
+        max_new_chars: int = MAX_NEW_CHARS,
+        cache_pieces: int = CACHE_PIECES,
     ) -> None:
-        """Reads the files (blocking: call it off the event loop)."""
+        """Reads ``tokenizer_file`` (a ``tokenizer.json``) and the chat template and special
+        tokens beside it (blocking: call it off the event loop)."""
+        model_dir = tokenizer_file.parent
         try:
-            self._tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+            self._tokenizer = Tokenizer.from_file(str(tokenizer_file))
             config = _read_config(model_dir)
             self._template = _compile(_template_source(model_dir, config))
         except Exception as exc:  # tokenizers raises plain Exceptions for a bad file
-            raise TokenizerError(f"{model_dir}: {exc}") from exc
+            raise TokenizerError(f"{tokenizer_file}: {exc}") from exc
         self._special = {
             name: _token_text(config[name])
             for name in ("bos_token", "eos_token", "unk_token", "pad_token")

@@ -59,7 +59,7 @@ def chat(*contents: str) -> dict[str, object]:
 
 def test_chat_ids_are_the_rendered_template_encoded_as_vllm_does(tmp_path: Path) -> None:
     directory = model_dir(tmp_path)
-    ours = PromptTokenizer(directory)
+    ours = PromptTokenizer(directory / "tokenizer.json")
     reference = Tokenizer.from_file(str(directory / "tokenizer.json"))
     assert ours.split_exact
     text = "<s><|system|>the lazy dog</s><|user|>a fox?</s><|assistant|>"
@@ -71,7 +71,7 @@ def test_chat_ids_are_the_rendered_template_encoded_as_vllm_does(tmp_path: Path)
 
 def test_cached_pieces_never_change_an_id(tmp_path: Path) -> None:
     directory = model_dir(tmp_path)
-    ours = PromptTokenizer(directory, cache_pieces=8)  # small: evictions happen too
+    ours = PromptTokenizer(directory / "tokenizer.json", cache_pieces=8)  # evictions happen
     reference = Tokenizer.from_file(str(directory / "tokenizer.json"))
     rng = random.Random(7)
     words = [*" ".join(CORPUS).split(), "\n", "  ", "é", "<s>", "</s>", "<|x|>"]
@@ -84,7 +84,7 @@ def test_cached_pieces_never_change_an_id(tmp_path: Path) -> None:
 
 
 def test_requests_it_cannot_render_exactly_are_left_to_the_policy(tmp_path: Path) -> None:
-    ours = PromptTokenizer(model_dir(tmp_path))
+    ours = PromptTokenizer(model_dir(tmp_path) / "tokenizer.json")
     plain = chat("hello")
     assert ours.chat_ids(plain) is not None
     for extra in (
@@ -103,7 +103,7 @@ def test_requests_it_cannot_render_exactly_are_left_to_the_policy(tmp_path: Path
 
 def test_completion_text_gets_the_tokenizer_s_special_tokens(tmp_path: Path) -> None:
     directory = model_dir(tmp_path)
-    ours = PromptTokenizer(directory)
+    ours = PromptTokenizer(directory / "tokenizer.json")
     reference = Tokenizer.from_file(str(directory / "tokenizer.json"))
     text = "the quick brown fox"
     assert ours.completion_ids(text) == reference.encode(text).ids
@@ -120,7 +120,7 @@ def test_completion_text_gets_the_tokenizer_s_special_tokens(tmp_path: Path) -> 
 def test_new_text_is_bounded_to_an_exact_prefix(tmp_path: Path) -> None:
     directory = model_dir(tmp_path)
     reference = Tokenizer.from_file(str(directory / "tokenizer.json"))
-    ours = PromptTokenizer(directory, max_new_chars=40)
+    ours = PromptTokenizer(directory / "tokenizer.json", max_new_chars=40)
     first, second = "the quick brown fox " * 1, "the lazy dog " * 10
     ids = ours.chat_ids(chat(first, second))
     whole = reference.encode(
@@ -135,7 +135,7 @@ def test_a_tokenizer_that_does_not_split_cleanly_is_encoded_whole(tmp_path: Path
     """SentencePiece-style: a piece's first word gets a prefix space only at the start of the
     whole text, so pieces encoded alone would differ; the self-check sees it."""
     directory = model_dir(tmp_path, metaspace=True, bos_template=False)
-    ours = PromptTokenizer(directory)
+    ours = PromptTokenizer(directory / "tokenizer.json")
     reference = Tokenizer.from_file(str(directory / "tokenizer.json"))
     assert not ours.split_exact
     text = "<s><|system|>the lazy dog</s><|user|>a fox</s><|assistant|>"
@@ -147,4 +147,4 @@ def test_a_tokenizer_that_does_not_split_cleanly_is_encoded_whole(tmp_path: Path
 
 def test_a_directory_without_a_tokenizer_is_refused(tmp_path: Path) -> None:
     with pytest.raises(TokenizerError, match=str(tmp_path)):
-        PromptTokenizer(tmp_path)
+        PromptTokenizer(tmp_path / "tokenizer.json")

@@ -111,7 +111,8 @@ async def main() -> None:
             bodies = [{"model": MODEL, "messages": chat(rng, words, system)} for _ in range(RUNS)]
             theirs, remote_line = await remote(worker.url, bodies)
             ours, whole_line = local(lambda body: whole.ids(body["messages"]), bodies)
-            cached, cached_line = local(PromptTokenizer(MODEL_DIR).chat_ids, bodies)
+            ours_cached = PromptTokenizer(MODEL_DIR / "tokenizer.json")
+            cached, cached_line = local(ours_cached.chat_ids, bodies)
             same = sum(a == b == c for a, b, c in zip(theirs, ours, cached, strict=True))
             print(
                 f"~{len(theirs[0])} tokens: /tokenize {remote_line} | local, whole: CPU"

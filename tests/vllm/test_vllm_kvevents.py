@@ -157,14 +157,14 @@ async def test_chat_prompts_tokenized_in_the_gateway_go_to_their_holder(
         "endpoint": f"tcp://{{host}}:{{port+{EVENTS}}}",
         "replay_endpoint": f"tcp://{{host}}:{{port+{REPLAY}}}",
         "topic": "kv",
-        "tokenizers": {MODEL: str(MODEL_DIR)},
+        "tokenizers": {MODEL: str(MODEL_DIR / "tokenizer.json")},
     }
     workers = [{"url": w.url, "models": [MODEL]} for w in kv_pair]
     gw = await gateway(*workers, routing={"kv_events": kv_events, "scrape_interval": 0.2})
     index = gw.app[KV_INDEX]
     urls = [w.url for w in kv_pair]
     await wait_for(lambda: all(index.live(url) for url in urls), 30, "subscribed to both")
-    ours = PromptTokenizer(MODEL_DIR)
+    ours = PromptTokenizer(MODEL_DIR / "tokenizer.json")
 
     def body(question: str) -> dict[str, object]:
         messages = [{"role": "system", "content": system}, {"role": "user", "content": question}]
