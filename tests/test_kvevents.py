@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import AsyncIterator, Callable, Iterable
+from pathlib import Path
 
 import aiohttp
 import msgpack
@@ -35,6 +36,7 @@ from gateway.simulator.app import SIM
 from gateway.simulator.kvpublish import EventPublisher
 from tests.conftest import GatewayFactory
 from tests.helpers import wait_for
+from tests.test_tokenizer import model_dir
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -425,3 +427,66 @@ async def hold_streams(
     tasks = [asyncio.create_task(one()) for _ in range(count)]
     await wait_for(lambda: server.app[ENGINE].num_running == count, 5, "streams running")
     return tasks
+
+
+async def test_chat_prompts_meet_their_prefix_on_simulated_workers(
+    gateway: GatewayFactory, client: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    """9. Simulated workers and the gateway share a model's tokenizer: chat requests with one
+    long system prompt and new questions all go to the worker that cached it, and the hits the
+    gateway predicted are the hits the worker counted."""
+    tokenizer = model_dir(tmp_path) / "tokenizer.json"
+    servers = []
+    for _ in range(2):
+        port = event_ports()
+        config = SimConfig(
+            prefix_cache_blocks=256,
+            block_tokens=BLOCK,
+            kv_events_endpoint=f"tcp://127.0.0.1:{port + 1000}",
+            kv_events_replay_endpoint=f"tcp://127.0.0.1:{port + 2000}",
+            tokenizer=str(tokenizer),
+        )
+        server = TestServer(create_app(config), port=port)
+        await server.start_server()
+        servers.append(server)
+    try:
+        urls = [str(server.make_url("")).rstrip("/") for server in servers]
+        kv_events = {
+            "enabled": True,
+            "endpoint": "tcp://{host}:{port+1000}",
+            "replay_endpoint": "tcp://{host}:{port+2000}",
+            "tokenizers": {"sim-model": str(tokenizer)},
+        }
+        gw = await gateway(*urls, routing={"kv_events": kv_events, "policy": "round_robin"})
+        index = gw.app[KV_INDEX]
+        await wait_for(lambda: all(index.live(url) for url in urls), 10, "subscribers live")
+        system = " ".join(["the lazy dog routes every request"] * 12)
+
+        async def ask(question: str) -> None:
+            messages = [
+                {"role": "system", "content": system},
+                {"role": "user", "content": question},
+            ]
+            body = {"model": "sim-model", "messages": messages, "max_tokens": 1}
+            async with client.post(f"{gw.url}/v1/chat/completions", json=body) as response:
+                assert response.status == 200
+
+        await ask("a fox?")
+        engines = [server.app[ENGINE] for server in servers]
+        [holder] = [i for i, engine in enumerate(engines) if engine.finished == 1]
+        await wait_for(lambda: index.blocks(urls[holder]) > 4, 5, "stored")
+        for question in ("the quick fox?", "a dog?", "every block?"):
+            await ask(question)  # round-robin alone would alternate
+        assert [engine.finished for engine in engines][holder] == 4
+        hits = (
+            servers[holder]
+            .app[SIM]
+            .registry.get_sample_value(
+                "vllm:prefix_cache_hits_total", {"model_name": "sim-model", "engine": "0"}
+            )
+        )
+        predicted = gw.metric("gateway_kv_predicted_hit_tokens_total", worker=urls[holder])
+        assert predicted == hits > 3 * 4 * BLOCK
+    finally:
+        for server in servers:
+            await server.close()

@@ -55,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--kv-events-endpoint", help="publish KV-cache events here, e.g. tcp://*:5557")
     add("--kv-events-replay-endpoint", help="serve event replay here, e.g. tcp://*:5558")
     add("--kv-events-topic", default="", help="topic of the published events")
+    add("--tokenizer", help="a model's tokenizer.json: the prefix cache holds its token ids")
     add("--log-level", default="INFO")
     return parser
 
@@ -83,6 +84,7 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         kv_events_endpoint=args.kv_events_endpoint,
         kv_events_replay_endpoint=args.kv_events_replay_endpoint,
         kv_events_topic=args.kv_events_topic,
+        tokenizer=args.tokenizer,
     )
 
 

@@ -11,11 +11,15 @@ from __future__ import annotations
 import hashlib
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from gateway.prompttokens import Tokenizes, prompt_token_ids
 
 from . import shapes
 from .abort import Shutdown
@@ -56,7 +60,8 @@ def create_app(
     app = web.Application(middlewares=[_sim_errors])
     prefix_cache = PrefixCache(config.prefix_cache_blocks, config.block_tokens)
     shutdown = Shutdown()
-    app[SIM] = Sim(config, engine, metrics, registry, prefix_cache, shutdown)
+    tokenizer = _tokenizer(config.tokenizer) if config.tokenizer is not None else None
+    app[SIM] = Sim(config, engine, metrics, registry, prefix_cache, shutdown, tokenizer)
     app[ENGINE] = engine
     app[CLAIMS] = claims if claims is not None else Claims()
     app.on_shutdown.append(lambda _: _start_shutdown(shutdown))
@@ -82,6 +87,13 @@ async def _sim_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         return await handler(request)
     except SimError as exc:
         return exc.response()
+
+
+def _tokenizer(path: str) -> Tokenizes:
+    """The model's tokenizer for the prefix cache's ids (needs the `tokenizer` extra)."""
+    from gateway.tokenizer import PromptTokenizer
+
+    return PromptTokenizer(Path(path))
 
 
 async def _kv_events(config: SimConfig, cache: PrefixCache) -> AsyncIterator[None]:
@@ -116,7 +128,12 @@ async def completions(request: web.Request) -> web.StreamResponse:
 async def _generate(request: web.Request, parse: Parser, prefix: str) -> web.StreamResponse:
     sim = request.app[SIM]
     fault = await _request_fault(request, sim.config)
-    gen = parse(await _json_body(request), sim.config)
+    body = await _json_body(request)
+    gen = parse(body, sim.config)
+    if sim.tokenizer is not None:
+        ids = prompt_token_ids(body, sim.tokenizer)
+        if ids:
+            gen = replace(gen, cache_ids=tuple(ids))
     request_id = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
     fingerprint = system_fingerprint(sim.config)
     header = shapes.Header(gen.kind, f"{prefix}-{request_id}", gen.model, shapes.now(), fingerprint)

@@ -124,6 +124,10 @@ class SimConfig:
     The prefix cache holds `prefix_cache_blocks` blocks of `block_tokens` tokens (0: disabled).
     With `kv_events_endpoint` (a ZeroMQ endpoint to bind, e.g. ``tcp://*:5557``) its changes are
     published as vLLM's KV-cache events, replayed from `kv_events_replay_endpoint` when set.
+    With `tokenizer` (a model's tokenizer.json, its chat template beside it) the prefix cache
+    holds the prompt's ids as that model's tokenizer makes them, as a gateway tokenizing with
+    the same files computes them (`gateway.tokenizer`); the cached share of those ids sets the
+    prefill saved. Requests it cannot tokenize use the simulator's own ids.
 
     `default_max_tokens` is the length of every answer: where its end-of-sequence token comes.
     A request without `max_tokens` ends there (`finish_reason: "stop"`), unless the context
@@ -154,6 +158,7 @@ class SimConfig:
     kv_events_endpoint: str | None = None
     kv_events_replay_endpoint: str | None = None
     kv_events_topic: str = ""
+    tokenizer: str | None = None
 
     def __post_init__(self) -> None:
         if not self.models or len(set(self.models)) != len(self.models):

@@ -22,6 +22,8 @@ import orjson
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from gateway.prompttokens import Tokenizes
+
 from . import shapes
 from .abort import Shutdown
 from .config import FaultSpec, SimConfig
@@ -49,6 +51,7 @@ class Sim:
     registry: CollectorRegistry
     prefix_cache: PrefixCache
     shutdown: Shutdown
+    tokenizer: Tokenizes | None = None  # SimConfig.tokenizer, loaded
 
 
 def overloaded() -> SimError:
@@ -117,6 +120,12 @@ def _prefix_cache_hit(sim: Sim, gen: GenerationRequest) -> int:
     """Prompt tokens whose prefill the prefix cache saves; the prompt's blocks are cached now."""
     if not sim.prefix_cache.enabled:
         return 0
+    if gen.cache_ids:
+        # Counted in the real tokenizer's tokens (what a gateway predicts); the prefill saved
+        # is the same share of the simulator's own prompt.
+        hit = sim.prefix_cache.admit(gen.cache_ids, salt=gen.model)
+        sim.metrics.observe_prefix_cache(gen.model, len(gen.cache_ids), hit)
+        return gen.prompt_tokens * hit // len(gen.cache_ids)
     hit = sim.prefix_cache.admit(gen.prompt_ids, salt=gen.model)
     sim.metrics.observe_prefix_cache(gen.model, gen.prompt_tokens, hit)
     return hit

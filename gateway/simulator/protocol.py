@@ -52,6 +52,7 @@ class GenerationRequest:
     logprobs: int | None = None
     echo: bool = False
     echo_only: bool = False
+    cache_ids: tuple[int, ...] | None = None  # the prompt as a real tokenizer makes it
 
     @property
     def prompt_tokens(self) -> int:
