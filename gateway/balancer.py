@@ -319,7 +319,7 @@ def make_policy(
     rng: random.Random | None = None,
     load_factor: float = LOAD_FACTOR,
     kv_index: KVIndex | None = None,
-    kv_weight: float = 2.0,
+    kv_weight: float = 8.0,
 ) -> Policy:
     """The policy for the settings' ``routing.policy``, ``routing.affinity`` and
     ``routing.kv_events``.

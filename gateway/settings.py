@@ -184,7 +184,7 @@ class KVEventSettings(_Frozen):
     replay_endpoint: str | None = "tcp://{host}:5558"  # None: a gap resets the worker instead
     topic: str = ""  # vLLM's kv-events-config topic
     max_blocks_per_worker: int = Field(200_000, gt=0)  # index memory bound, per worker
-    weight: float = Field(2.0, ge=0)  # a fully cached prompt is worth this many queued requests
+    weight: float = Field(8.0, ge=0)  # a fully cached prompt is worth this much load_score
     # Served model name -> the model's tokenizer.json (its chat template is read beside it), so
     # text and chat prompts are tokenized in the gateway (needs the `tokenizer` extra).
     tokenizers: dict[str, Path] = {}

@@ -1,0 +1,293 @@
+"""``python -m tests.bench.kvrouting``: cache-aware routing (``routing.kv_events``) against the
+other policies, on simulated workers that publish their prefix caches as vLLM's KV-cache
+events. Writes tests/bench/KVROUTING.md. A first cut of issue 20's benchmark: no radix-tree
+router, no vllm-router, no oracle yet.
+
+Method. WORKERS simulated workers (``python -m gateway.simulator``) and the gateway run as
+subprocesses, fresh for every run; the open-loop client of ``tests.bench.routing`` sends
+streaming chat requests at Poisson arrival times from a seed per repeat, so every variant of a
+repeat sees the same arrivals and the same bodies. Workers and gateway share one tokenizer,
+trained at start on the benchmark's own words (about one token per word), so the gateway's
+ids are the workers' cache ids. A worker's prefix cache holds CACHED_TOKENS tokens; a miss
+costs PREFILL seconds per uncached token before the first token.
+
+Workloads:
+- shared: many users, PREFIXES long system prompts (about PREFIX_WORDS words each), a new short
+  question each time;
+- chat: CONVERSATIONS multi-turn conversations; each request is the next turn of one of them
+  (the whole history, then a new question), so the prefix grows each turn;
+- agent: AGENTS agent loops resending a long context (AGENT_WORDS words) plus every earlier
+  step's observation, one step more each time.
+
+Variants: round_robin, least_loaded, prefix (least_loaded with prefix affinity),
+kv (least_loaded behind routing.kv_events, default weight), kv+prefix (prefix affinity as kv's
+fallback), kv w=2 (a holder spills once 2 requests busier than another worker).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from tests.bench.common import machine
+from tests.bench.kvoverhead import EVENTS, REPLAY, event_port
+from tests.bench.routing import (
+    CpuClock,
+    Run,
+    Scenario,
+    Tally,
+    Variant,
+    arrivals,
+    chat,
+    open_loop,
+    progress,
+    record_counters,
+    scrape,
+    sim_flags,
+    stop,
+)
+from tests.processes import HOST, Proc, http_status, poll_until, start_gateway, write_config
+
+RESULTS = Path(__file__).with_name("KVROUTING.md")
+MODEL = "sim-model"
+WORKERS = 8
+SECONDS = 20.0
+REPEATS = 2
+SEQS, TTFT, PREFILL, ITL, TOKENS = 8, 0.01, 0.0002, 0.02, 32
+RATE = 40.0  # requests/s: about 80% of the fleet's slots with the hits a good router gets
+BLOCK = 16
+CACHED_TOKENS = 6000  # per worker: about five shared prompts
+PREFIXES, PREFIX_WORDS = 16, 1000
+CONVERSATIONS, TURN_WORDS, MAX_TURNS = 48, 120, 10
+AGENTS, AGENT_WORDS, STEP_WORDS, MAX_STEPS = 24, 1500, 60, 12
+WORDS = (
+    "policy", "section", "customer", "invoice", "shipping", "refund", "warranty", "account",
+    "contract", "clause", "delivery", "payment", "support", "product", "service", "terms",
+    "notice", "period", "party", "agreement", "liability", "order", "return", "claim", "data",
+    "tool", "result", "step", "observation", "answer", "question", "what", "does", "say",
+)  # fmt: skip
+TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{{ eos_token }}"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+VARIANTS = (
+    Variant("round_robin", {"policy": "round_robin"}),
+    Variant("least_loaded", {"policy": "least_loaded"}),
+    Variant("prefix", {"policy": "least_loaded", "affinity": "prefix"}),
+    Variant("kv", {"policy": "least_loaded", "kv_events": {}}),
+    Variant("kv+prefix", {"policy": "least_loaded", "affinity": "prefix", "kv_events": {}}),
+    Variant("kv w=2", {"policy": "least_loaded", "kv_events": {"weight": 2.0}}),
+)
+
+
+def train_tokenizer(workdir: Path) -> Path:
+    """A byte-level BPE that knows every benchmark word as one token, and a chat template."""
+    tokenizer = Tokenizer(models.BPE(unk_token=None))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=600,
+        special_tokens=["<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    corpus = [" ".join(WORDS) + " Document Question Turn Agent Step 0123456789:?"] * 50
+    tokenizer.train_from_iterator(corpus, trainer)
+    path = workdir / "tokenizer.json"
+    tokenizer.save(str(path))
+    config = {"bos_token": "<s>", "eos_token": "</s>", "chat_template": TEMPLATE}
+    (workdir / "tokenizer_config.json").write_text(json.dumps(config))
+    return path
+
+
+def text(rng: random.Random, words: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(words))
+
+
+def shared() -> Any:
+    prefixes = [f"Document {i}: " + text(random.Random(i), PREFIX_WORDS) for i in range(PREFIXES)]
+
+    def body(n: int, rng: random.Random) -> dict[str, Any]:
+        system = prefixes[rng.randrange(PREFIXES)]
+        question = f"Question {n}: what does clause {rng.randrange(100)} say?"
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": question}]
+        return chat(messages, TOKENS)
+
+    return body
+
+
+def growing(count: int, first_words: int, step_words: int, steps: int, role: str) -> Any:
+    """Sessions whose every request resends the whole session so far plus one step."""
+    histories: dict[int, list[dict[str, str]]] = {}
+    started = [0] * count  # sessions begun in each slot: a finished one starts over as new
+
+    def body(n: int, rng: random.Random) -> dict[str, Any]:
+        slot = rng.randrange(count)
+        history = histories.get(slot)
+        if history is None or len(history) > 2 * steps:
+            started[slot] += 1
+            seed = slot * 1000 + started[slot]
+            history = [{"role": "system", "content": text(random.Random(seed), first_words)}]
+            histories[slot] = history
+        history.append({"role": role, "content": f"Step {n}: " + text(rng, step_words)})
+        request = chat(list(history), TOKENS)
+        history.append({"role": "assistant", "content": text(rng, 40)})
+        return request
+
+    return body
+
+
+def workloads() -> dict[str, Any]:
+    return {
+        "shared": shared(),
+        "chat": growing(CONVERSATIONS, 200, TURN_WORDS, MAX_TURNS, "user"),
+        "agent": growing(AGENTS, AGENT_WORDS, STEP_WORDS, MAX_STEPS, "user"),
+    }
+
+
+@dataclass
+class SimProc:
+    url: str
+    proc: Proc
+
+
+def start_sim(tokenizer: Path) -> SimProc:
+    port = event_port()
+    args = [
+        sys.executable, "-m", "gateway.simulator", "--host", HOST, "--port", str(port),
+        "--model", MODEL, "--log-level", "WARNING",
+        *sim_flags(SEQS, TTFT, PREFILL, ITL, TOKENS),
+        "--prefix-cache-blocks", str(CACHED_TOKENS // BLOCK), "--block-tokens", str(BLOCK),
+        "--kv-events-endpoint", f"tcp://{HOST}:{port + EVENTS}",
+        "--kv-events-replay-endpoint", f"tcp://{HOST}:{port + REPLAY}",
+        "--tokenizer", str(tokenizer),
+    ]  # fmt: skip
+    url = f"http://{HOST}:{port}"
+    proc = Proc(args, name="simulator")
+    try:
+        poll_until(lambda: http_status(url, "/health") == 200, 60, f"{url} healthy")
+    except BaseException:
+        proc.kill()
+        raise
+    return SimProc(url, proc)
+
+
+def routing_for(variant: Variant, tokenizer: Path) -> dict[str, Any]:
+    routing = {"scrape_interval": 0.5, **variant.routing}
+    if "kv_events" in routing:
+        routing["kv_events"] = {
+            "enabled": True,
+            "endpoint": f"tcp://{{host}}:{{port+{EVENTS}}}",
+            "replay_endpoint": f"tcp://{{host}}:{{port+{REPLAY}}}",
+            "tokenizers": {MODEL: str(tokenizer)},
+            **routing["kv_events"],
+        }
+    return routing
+
+
+async def one_run(
+    body: Any, variant: Variant, seed: int, seconds: float, label: str, workdir: Path
+) -> Run:
+    tokenizer = workdir / "tokenizer.json"
+    sims = await asyncio.gather(*(asyncio.to_thread(start_sim, tokenizer) for _ in range(WORKERS)))
+    procs = [s.proc for s in sims]
+    try:
+        urls = [s.url for s in sims]
+        config = write_config(
+            workdir / "gateway.yaml",
+            urls,
+            routing=routing_for(variant, tokenizer),
+            timeouts={"queue": 5.0, "connect": 5.0, "first_token": 300.0, "idle": 300.0},
+            limits={"max_in_flight": 4096, "pool_size": 4096, "pool_per_worker": 1024},
+        )
+        gateway = await asyncio.to_thread(start_gateway, config)
+        procs.append(gateway.proc)
+        await asyncio.sleep(2.0)  # load scrapes in, event subscriptions made
+        scenario = Scenario("kv", (variant, variant), (), RATE, TOKENS, body)
+        run = Run(variant.label, Tally(), window=seconds)
+        times = arrivals(RATE, seconds, seed)
+        before = await scrape(urls)
+        clock = CpuClock(gateway.proc.popen.pid, [s.proc.popen.pid for s in sims])
+        ticker = asyncio.create_task(progress(label, len(times), run.tally))
+        try:
+            await open_loop(gateway.url, scenario, times, seed, run.tally)
+        finally:
+            ticker.cancel()
+            print(file=sys.stderr)
+        run.seconds = time.perf_counter() - clock.started
+        run.cpu = clock.shares()
+        record_counters(run, before, await scrape(urls))
+        return run
+    finally:
+        stop(procs)
+
+
+def cell(runs: Sequence[Run], value: Any, fmt: str) -> str:
+    values = [value(run) for run in runs]
+    median = statistics.median(values)
+    return f"{median:{fmt}} ({', '.join(format(v, fmt) for v in values)})"
+
+
+def table(results: dict[str, dict[str, list[Run]]]) -> str:
+    lines = [
+        "| workload | variant | hit rate | TTFT p50 (s) | TTFT p99 (s) | completed/s | failed |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for workload, by_variant in results.items():
+        for variant, runs in by_variant.items():
+            lines.append(
+                f"| {workload} | {variant} | {cell(runs, lambda r: r.hit_rate, '.3f')} | "
+                f"{cell(runs, lambda r: r.quantile(0.5), '.3f')} | "
+                f"{cell(runs, lambda r: r.quantile(0.99), '.3f')} | "
+                f"{cell(runs, lambda r: r.tally.completed / r.seconds, '.1f')} | "
+                f"{sum(r.tally.failed for r in runs)} |"
+            )
+    return "\n".join(lines)
+
+
+async def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m tests.bench.kvrouting")
+    parser.add_argument("--seconds", type=float, default=SECONDS)
+    parser.add_argument("--repeats", type=int, default=REPEATS)
+    parser.add_argument("--only", help="one workload: shared, chat or agent")
+    args = parser.parse_args(argv)
+    workdir = Path("/tmp") / f"bench-kvrouting-{time.time_ns()}"
+    workdir.mkdir(parents=True)
+    train_tokenizer(workdir)
+    results: dict[str, dict[str, list[Run]]] = {}
+    for name in workloads():
+        if args.only and name != args.only:
+            continue
+        results[name] = {v.label: [] for v in VARIANTS}
+        for repeat in range(args.repeats):
+            order = VARIANTS if repeat % 2 == 0 else VARIANTS[::-1]
+            for variant in order:
+                label = f"{name} {variant.label} {repeat + 1}/{args.repeats}"
+                # Every variant of a repeat gets the same bodies: a fresh workload each time.
+                fresh = workloads()[name]
+                run = await one_run(fresh, variant, repeat, args.seconds, label, workdir)
+                results[name][variant.label].append(run)
+    report = "\n\n".join(
+        [
+            "# Cache-aware routing on simulated workers (tests/bench/kvrouting.py)",
+            f"{machine()}; {WORKERS} workers, {RATE:g} requests/s for {args.seconds:g} s, "
+            f"{args.repeats} repeats; medians, then each repeat in brackets.",
+            table(results),
+        ]
+    )
+    RESULTS.write_text(report + "\n", encoding="utf-8")
+    print(report)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
