@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 REPLAY_TIMEOUT = 2.0  # seconds without a replayed batch before giving the replay up
 HEARTBEAT_INTERVAL_MS = 2000
 YIELD_EVERY = 64  # batches applied in a row before letting other tasks run
+RETRY_MAX = 60.0  # seconds between attempts to start a failing subscriber, at most
 _PLACEHOLDER = re.compile(r"\{(host|port)(?:\+(\d+))?\}")
 
 
@@ -241,6 +242,7 @@ class KVEvents:
         self._topic = topic
         self._ctx = zmq.asyncio.Context()
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._failures: dict[str, tuple[int, float]] = {}  # url: (in a row, no retry before)
         self.subscribers: dict[str, Subscriber] = {}
 
     def endpoints(self, worker_url: str) -> Endpoints:
@@ -252,18 +254,32 @@ class KVEvents:
         )
 
     async def sync(self, worker_urls: Sequence[str]) -> None:
+        """Subscribers for exactly these workers. One that failed (a bad endpoint, a ZeroMQ
+        error) is started again after a pause that doubles with each failure in a row, and
+        only its first failure is logged as an error."""
+        now = asyncio.get_running_loop().time()
+        for url, task in list(self._tasks.items()):
+            if task.done():
+                self._failed(url, task, now)
         wanted = set(worker_urls)
+        for url in self._tasks.keys() - wanted:
+            await self._stop(url)
+            self._failures.pop(url, None)
+            self._sink.forget(url)
         for url in wanted - self._tasks.keys():
+            if now < self._failures.get(url, (0, 0.0))[1]:
+                continue
             subscriber = Subscriber(url, self.endpoints(url), self._sink, self._ctx)
             self.subscribers[url] = subscriber
             self._tasks[url] = asyncio.create_task(subscriber.run(), name=f"kv-events {url}")
-        for url in self._tasks.keys() - wanted:
-            await self._stop(url)
-            self._sink.forget(url)
-        for url, task in list(self._tasks.items()):
-            if task.done():  # a bad endpoint, a ZeroMQ error: say so and start it again
-                log.error("kv events: subscriber for %s stopped: %r", url, task.exception())
-                await self._stop(url)
+
+    def _failed(self, url: str, task: asyncio.Task[None], now: float) -> None:
+        del self._tasks[url], self.subscribers[url]
+        error = None if task.cancelled() else task.exception()
+        count = self._failures.get(url, (0, 0.0))[0] + 1
+        self._failures[url] = (count, now + min(RETRY_MAX, 2.0**count))
+        level = logging.ERROR if count == 1 else logging.DEBUG
+        log.log(level, "kv events: subscriber for %s stopped (%d in a row): %r", url, count, error)
 
     async def follow(
         self,

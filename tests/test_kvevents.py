@@ -490,3 +490,29 @@ async def test_chat_prompts_meet_their_prefix_on_simulated_workers(
     finally:
         for server in servers:
             await server.close()
+
+
+async def test_a_failing_subscriber_is_retried_with_growing_pauses() -> None:
+    """10. A worker whose endpoint cannot be used: its subscriber fails, is not started again
+    before its pause is over, then is, and a second failure in a row doubles the pause."""
+    index = WatchedIndex()
+    events = KVEvents(index, "nope://{host}:5557", None, "kv")  # no such transport
+    await events.sync([WORKER])
+    with pytest.raises(zmq.ZMQError):
+        await events._tasks[WORKER]
+    await events.sync([WORKER])
+    assert WORKER not in events.subscribers  # failed: paused
+    count, retry_at = events._failures[WORKER]
+    assert count == 1
+    assert 1.0 < retry_at - asyncio.get_running_loop().time() <= 2.0
+    await events.sync([WORKER])
+    assert WORKER not in events.subscribers  # still paused
+    events._failures[WORKER] = (count, 0.0)  # the pause is over
+    await events.sync([WORKER])
+    with pytest.raises(zmq.ZMQError):
+        await events._tasks[WORKER]
+    await events.sync([WORKER])
+    count, later = events._failures[WORKER]
+    assert count == 2
+    assert 3.0 < later - asyncio.get_running_loop().time() <= 4.0  # twice as long
+    await events.close()
