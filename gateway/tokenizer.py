@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import re
+from array import array
 from collections import OrderedDict
 from collections.abc import Sequence
 from datetime import datetime
@@ -38,6 +39,7 @@ from tokenizers import Tokenizer
 
 MAX_NEW_CHARS = 16_384
 CACHE_PIECES = 4096
+CACHE_CHARS = 8_000_000  # the piece cache's text, at most (ids are kept as 4-byte arrays)
 CUT_MARGIN = 8  # tokens dropped at a cut through text encoded whole
 _SELF_CHECK = ("hello{0} world", "{0}x{0} y\n z", " a\n\n{0}\tb", "{0}{0}c")
 
@@ -78,14 +80,16 @@ class PromptTokenizer:
         start = _find(around, plain)
         self._added_before, self._added_after = around[:start], around[start + len(plain) :]
         self._max_new = max_new_chars
-        self._cache: OrderedDict[str, list[int]] = OrderedDict()
+        self._cache: OrderedDict[str, array[int]] = OrderedDict()
         self._cache_size = cache_pieces
+        self._cache_chars = 0
         self.split_exact = bool(specials) and all(
             self._pieces(probe.format(specials[-1]), len(probe) + 99)
             == self._tokenizer.encode(probe.format(specials[-1]), add_special_tokens=False).ids
             for probe in _SELF_CHECK
         )
         self._cache.clear()
+        self._cache_chars = 0
 
     def chat_ids(self, data: dict[str, Any]) -> list[int] | None:
         messages = data.get("messages")
@@ -112,7 +116,12 @@ class PromptTokenizer:
         return cut[:-CUT_MARGIN]  # the tokens at the cut may differ from the whole text's
 
     def _pieces(self, text: str, left: int) -> list[int]:
-        """Encodes piece by piece between special tokens, new pieces up to ``left`` chars."""
+        """Encodes piece by piece between special tokens, new pieces up to ``left`` chars.
+
+        A piece longer than ``max_new_chars`` (a long document) is encoded up to there, less
+        the tokens at the cut, and the ids stop after it: a prefix of the prompt that is exact
+        and that the cache can hold, so a long shared document is matched from its second use.
+        """
         assert self._split is not None
         ids: list[int] = []
         for piece in self._split.split(text):
@@ -122,22 +131,29 @@ class PromptTokenizer:
             if special is not None:
                 ids.append(special)
                 continue
-            cached = self._cache.get(piece)
+            cut = len(piece) > self._max_new
+            key = piece[: self._max_new] if cut else piece
+            cached = self._cache.get(key)
             if cached is None:
-                left -= len(piece)
+                left -= len(key)
                 if left < 0:
                     break
-                cached = self._tokenizer.encode(piece, add_special_tokens=False).ids
-                self._remember(piece, cached)
+                encoded = self._tokenizer.encode(key, add_special_tokens=False).ids
+                cached = array("I", encoded[:-CUT_MARGIN] if cut else encoded)
+                self._remember(key, cached)
             else:
-                self._cache.move_to_end(piece)
+                self._cache.move_to_end(key)
             ids.extend(cached)
+            if cut:
+                break
         return ids
 
-    def _remember(self, piece: str, ids: list[int]) -> None:
+    def _remember(self, piece: str, ids: array[int]) -> None:
         self._cache[piece] = ids
-        if len(self._cache) > self._cache_size:
-            self._cache.popitem(last=False)
+        self._cache_chars += len(piece)
+        while len(self._cache) > self._cache_size or self._cache_chars > CACHE_CHARS:
+            old, _ = self._cache.popitem(last=False)
+            self._cache_chars -= len(old)
 
 
 def _plain_chat(data: dict[str, Any], messages: Sequence[object]) -> bool:

@@ -131,6 +131,24 @@ def test_new_text_is_bounded_to_an_exact_prefix(tmp_path: Path) -> None:
     assert whole[: len(ids)] == ids  # the second message did not fit: it stops before it
 
 
+def test_a_document_longer_than_the_bound_is_matched_by_its_head(tmp_path: Path) -> None:
+    """A piece longer than max_new_chars is encoded up to there (less the tokens at the cut)
+    and cached: the ids are an exact prefix, the same for every question after it."""
+    directory = model_dir(tmp_path)
+    reference = Tokenizer.from_file(str(directory / "tokenizer.json"))
+    ours = PromptTokenizer(directory / "tokenizer.json", max_new_chars=200)
+    document = "a gateway routes every request to the worker that holds its prefix " * 10
+    first = ours.chat_ids(chat(document, "a fox?"))
+    again = ours.chat_ids(chat(document, "a dog?"))
+    whole = reference.encode(
+        f"<s><|system|>{document}</s><|user|>a fox?</s><|assistant|>", add_special_tokens=False
+    ).ids
+    assert first == again
+    assert first is not None
+    assert 20 < len(first) < len(whole)
+    assert whole[: len(first)] == first
+
+
 def test_a_tokenizer_that_does_not_split_cleanly_is_encoded_whole(tmp_path: Path) -> None:
     """SentencePiece-style: a piece's first word gets a prefix space only at the start of the
     whole text, so pieces encoded alone would differ; the self-check sees it."""

@@ -17,7 +17,8 @@ Workloads:
 - chat: CONVERSATIONS multi-turn conversations; each request is the next turn of one of them
   (the whole history, then a new question), so the prefix grows each turn;
 - agent: AGENTS agent loops resending a long context (AGENT_WORDS words) plus every earlier
-  step's observation, one step more each time.
+  step's observation, one step more each time;
+- unique: no shared prefix (cache-aware routing must not be worse than least-loaded there).
 
 Variants: round_robin, least_loaded, prefix (least_loaded with prefix affinity),
 kv (least_loaded behind routing.kv_events, default weight), kv+prefix (prefix affinity as kv's
@@ -147,11 +148,21 @@ def growing(count: int, first_words: int, step_words: int, steps: int, role: str
     return body
 
 
+def unique() -> Any:
+    """No shared prefix at all: every prompt is new text of the shared prompts' length."""
+
+    def body(n: int, rng: random.Random) -> dict[str, Any]:
+        return chat([{"role": "user", "content": f"{n} " + text(rng, PREFIX_WORDS)}], TOKENS)
+
+    return body
+
+
 def workloads() -> dict[str, Any]:
     return {
         "shared": shared(),
         "chat": growing(CONVERSATIONS, 200, TURN_WORDS, MAX_TURNS, "user"),
         "agent": growing(AGENTS, AGENT_WORDS, STEP_WORDS, MAX_STEPS, "user"),
+        "unique": unique(),
     }
 
 
@@ -259,7 +270,7 @@ async def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m tests.bench.kvrouting")
     parser.add_argument("--seconds", type=float, default=SECONDS)
     parser.add_argument("--repeats", type=int, default=REPEATS)
-    parser.add_argument("--only", help="one workload: shared, chat or agent")
+    parser.add_argument("--only", help="one workload: shared, chat, agent or unique")
     args = parser.parse_args(argv)
     workdir = Path("/tmp") / f"bench-kvrouting-{time.time_ns()}"
     workdir.mkdir(parents=True)
