@@ -191,7 +191,7 @@ async def _upstream_and_probes(app: web.Application) -> AsyncIterator[None]:
     limiter = RateLimiter(settings.redis, metrics, host=app.get(keys.HOST_LIMITS))
     await limiter.start()
     kv_index, kv_events = _kv_events(settings.routing.kv_events)
-    tokenizers = await _tokenizers(settings.routing.kv_events)
+    tokenizers = await _tokenizers(settings.routing.kv_events, kv_index)
     proxy = Proxy(
         settings, fleet, upstream, metrics, app[keys.LIFECYCLE], limiter, kv_index, tokenizers
     )
@@ -261,10 +261,11 @@ def _kv_events(settings: KVEventSettings) -> tuple[KVIndex | None, KVEvents | No
     return index, KVEvents(index, settings.endpoint, settings.replay_endpoint, settings.topic)
 
 
-async def _tokenizers(settings: KVEventSettings) -> dict[str, Tokenizes]:
+async def _tokenizers(settings: KVEventSettings, index: KVIndex | None) -> dict[str, Tokenizes]:
     """The models' tokenizers for cache-aware routing, read before serving (off the loop); a
-    directory that cannot be read stops the start."""
-    if not (settings.enabled and settings.tokenizers):
+    file that cannot be read stops the start. Each asks the index before encoding a long new
+    piece of a prompt whether anyone holds its head."""
+    if not (settings.enabled and settings.tokenizers and index is not None):
         return {}
     try:
         from gateway.tokenizer import PromptTokenizer  # the optional `tokenizer` extra
@@ -275,8 +276,14 @@ async def _tokenizers(settings: KVEventSettings) -> dict[str, Tokenizes]:
     loop = asyncio.get_running_loop()
     loaded: dict[str, Tokenizes] = {}
     for model, path in settings.tokenizers.items():
-        loaded[model] = await loop.run_in_executor(None, PromptTokenizer, path)
+        tokenizer = await loop.run_in_executor(None, PromptTokenizer, path)
+        tokenizer.probe = functools.partial(_held, index, model)
+        loaded[model] = tokenizer
     return loaded
+
+
+def _held(index: KVIndex, model: str, tokens: list[int], after: int) -> bool | None:
+    return index.held(tokens, index.lora_of(model), after)
 
 
 async def _api_keys(app: web.Application) -> AsyncIterator[None]:

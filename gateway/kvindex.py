@@ -150,6 +150,19 @@ class KVIndex:
         own name, which its events carry; any other name is a base model (None)."""
         return model if model in self._loras else None
 
+    def held(
+        self, tokens: Sequence[int], lora_name: str | None = None, after: int = 0
+    ) -> bool | None:
+        """Whether some worker holds the prefix ending with the last full block of ``tokens``,
+        at the block size the workers report; None when that block does not end after the
+        first ``after`` tokens (or no worker has reported a block size): the index cannot tell
+        anything new."""
+        size = self.block_size(self._workers)
+        full = len(tokens) // size if size else 0
+        if full == 0 or full * size <= after:
+            return None
+        return self.keys(tokens[: full * size], size, lora_name)[-1] in self._holders
+
     def block_size(self, workers: Iterable[str]) -> int:
         """The block size the given workers report (the largest if they differ); 0: unknown."""
         return max((b.block_size for w in workers if (b := self._workers.get(w))), default=0)

@@ -27,7 +27,7 @@ import json
 import re
 from array import array
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -41,6 +41,7 @@ MAX_NEW_CHARS = 16_384
 CACHE_PIECES = 4096
 CACHE_CHARS = 8_000_000  # the piece cache's text, at most (ids are kept as 4-byte arrays)
 CUT_MARGIN = 8  # tokens dropped at a cut through text encoded whole
+PROBE_CHARS = 1024  # the head of a new long piece encoded first, to ask whether anyone holds it
 _SELF_CHECK = ("hello{0} world", "{0}x{0} y\n z", " a\n\n{0}\tb", "{0}{0}c")
 
 
@@ -83,6 +84,10 @@ class PromptTokenizer:
         self._cache: OrderedDict[str, array[int]] = OrderedDict()
         self._cache_size = cache_pieces
         self._cache_chars = 0
+        # Whether some worker holds the last full block of these ids (set by the app from the
+        # KV index): a new long piece whose head nobody holds is not worth encoding, since no
+        # block after it can match.
+        self.probe: Callable[[list[int], int], bool | None] | None = None
         self.split_exact = bool(specials) and all(
             self._pieces(probe.format(specials[-1]), len(probe) + 99)
             == self._tokenizer.encode(probe.format(specials[-1]), add_special_tokens=False).ids
@@ -134,6 +139,8 @@ class PromptTokenizer:
             cut = len(piece) > self._max_new
             key = piece[: self._max_new] if cut else piece
             cached = self._cache.get(key)
+            if cached is None and self._unheld(ids, key):
+                break
             if cached is None:
                 left -= len(key)
                 if left < 0:
@@ -147,6 +154,13 @@ class PromptTokenizer:
             if cut:
                 break
         return ids
+
+    def _unheld(self, ids: list[int], piece: str) -> bool:
+        """True when nobody holds the blocks that the head of this new piece would complete."""
+        if self.probe is None or len(piece) <= PROBE_CHARS:
+            return False
+        head = self._tokenizer.encode(piece[:PROBE_CHARS], add_special_tokens=False).ids
+        return self.probe(ids + head[:-CUT_MARGIN], len(ids)) is False
 
     def _remember(self, piece: str, ids: array[int]) -> None:
         self._cache[piece] = ids

@@ -104,6 +104,19 @@ def test_memory_is_bounded_per_worker_oldest_first() -> None:
         KVIndex(max_blocks=0)
 
 
+def test_held_answers_only_for_a_block_it_can_see() -> None:
+    index = KVIndex()
+    assert index.held(PROMPT) is None  # no block size reported yet
+    index.apply(A, [stored([11, 12], PROMPT[:8])])
+    assert index.held(PROMPT[:8]) is True
+    assert index.held(PROMPT[:11]) is True  # the last full block is the second
+    assert index.held(PROMPT[:12]) is False  # the third is nobody's
+    assert index.held(PROMPT[:12], lora_name="sql") is False
+    assert index.held(PROMPT[:3]) is None  # no full block
+    assert index.held(PROMPT[:11], after=8) is None  # nothing new after 8 tokens
+    assert index.held(PROMPT[:12], after=8) is False
+
+
 # --- the cache-aware policy over the index ---------------------------------------------------
 
 

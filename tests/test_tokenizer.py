@@ -149,6 +149,36 @@ def test_a_document_longer_than_the_bound_is_matched_by_its_head(tmp_path: Path)
     assert whole[: len(first)] == first
 
 
+def test_a_long_new_piece_nobody_holds_is_not_encoded(tmp_path: Path) -> None:
+    """With a probe (the KV index), the head of a long new piece is encoded first: when no
+    worker holds its blocks, the rest is not encoded (nothing after it could match) nor cached;
+    when the probe cannot tell or says yes, everything is."""
+    directory = model_dir(tmp_path)
+    reference = Tokenizer.from_file(str(directory / "tokenizer.json"))
+    ours = PromptTokenizer(directory / "tokenizer.json")
+    asked: list[tuple[int, int]] = []
+    answer: list[bool | None] = [False]
+
+    def probe(ids: list[int], after: int) -> bool | None:
+        asked.append((len(ids), after))
+        return answer[0]
+
+    ours.probe = probe
+    document = "the quick brown fox jumps over the lazy dog " * 40  # > PROBE_CHARS
+    data = chat(document, "a fox?")
+    whole = reference.encode(
+        f"<s><|system|>{document}</s><|user|>a fox?</s><|assistant|>", add_special_tokens=False
+    ).ids
+    short = ours.chat_ids(data)
+    assert short == whole[:1]  # the bos token before the unheld piece
+    assert asked == [(asked[0][0], 1)]
+    answer[0] = None
+    assert ours.chat_ids(data) == whole
+    answer[0] = False
+    assert ours.chat_ids(data) == whole  # cached now: no question asked
+    assert len(asked) == 2
+
+
 def test_a_tokenizer_that_does_not_split_cleanly_is_encoded_whole(tmp_path: Path) -> None:
     """SentencePiece-style: a piece's first word gets a prefix space only at the start of the
     whole text, so pieces encoded alone would differ; the self-check sees it."""

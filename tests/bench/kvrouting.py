@@ -271,7 +271,10 @@ async def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seconds", type=float, default=SECONDS)
     parser.add_argument("--repeats", type=int, default=REPEATS)
     parser.add_argument("--only", help="one workload: shared, chat, agent or unique")
+    parser.add_argument("--variants", help="comma-separated variant labels (default: all)")
     args = parser.parse_args(argv)
+    chosen = args.variants.split(",") if args.variants else [v.label for v in VARIANTS]
+    variants = tuple(v for v in VARIANTS if v.label in chosen)
     workdir = Path("/tmp") / f"bench-kvrouting-{time.time_ns()}"
     workdir.mkdir(parents=True)
     train_tokenizer(workdir)
@@ -279,9 +282,9 @@ async def main(argv: Sequence[str] | None = None) -> None:
     for name in workloads():
         if args.only and name != args.only:
             continue
-        results[name] = {v.label: [] for v in VARIANTS}
+        results[name] = {v.label: [] for v in variants}
         for repeat in range(args.repeats):
-            order = VARIANTS if repeat % 2 == 0 else VARIANTS[::-1]
+            order = variants if repeat % 2 == 0 else variants[::-1]
             for variant in order:
                 label = f"{name} {variant.label} {repeat + 1}/{args.repeats}"
                 # Every variant of a repeat gets the same bodies: a fresh workload each time.
