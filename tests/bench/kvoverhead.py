@@ -42,6 +42,8 @@ WORDS = ("route", "cache", "block", "token", "prefix", "worker", "gateway", "eve
 def event_port() -> int:
     for _ in range(50):
         port = free_port()
+        if port + REPLAY > 65535:
+            continue
         try:
             for offset in (EVENTS, REPLAY):
                 with socket.socket() as sock:

@@ -46,6 +46,8 @@ _HITS = re.compile(r"^vllm:prefix_cache_hits_total(?:\{[^}]*\})? ([0-9.eE+]+)$",
 def port_with_event_ports() -> int:
     for _ in range(50):
         port = free_port()
+        if port + REPLAY > 65535:
+            continue
         try:
             for offset in (EVENTS, REPLAY):
                 with socket.socket() as sock:
