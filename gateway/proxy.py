@@ -342,6 +342,14 @@ class Proxy:
     def _nothing_available(self, model: str) -> GatewayError:
         """Why no worker of the chain can take the request: every one that is up asked for
         time (``WorkersCoolingDown``, with the time left), or none is up."""
+        wait = self._cooling(model)
+        if wait is not None:
+            return WorkersCoolingDown(retry_after=wait)
+        return NoHealthyWorker(retry_after=self._settings.limits.retry_after)
+
+    def _cooling(self, model: str) -> int | None:
+        """Whole seconds until the first worker of the chain that is up and asked for time
+        (``Retry-After``) may take requests again; None when none is cooling down."""
         now = self._fleet.clock()
         waits = [
             w.not_before - now
@@ -349,9 +357,7 @@ class Proxy:
             for w in self._fleet.pool(m)
             if w.healthy and w.ejected_until is None and w.not_before > now
         ]
-        if waits:
-            return WorkersCoolingDown(retry_after=max(1, math.ceil(min(waits))))
-        return NoHealthyWorker(retry_after=self._settings.limits.retry_after)
+        return max(1, math.ceil(min(waits))) if waits else None
 
     def _resume_wanted(self, request: web.Request) -> bool:
         resume = self._settings.resume
@@ -469,16 +475,8 @@ class Proxy:
 
     def _retry_hint(self, model: str) -> int:
         """Seconds until a worker of the chain can take requests again, for ``Retry-After``."""
-        now = self._fleet.clock()
-        waits = [
-            w.not_before - now
-            for m in self._chain(model)
-            for w in self._fleet.pool(m)
-            if w.healthy and w.not_before > now
-        ]
-        if not waits:
-            return self._settings.limits.retry_after
-        return max(1, math.ceil(min(waits)))
+        wait = self._cooling(model)
+        return self._settings.limits.retry_after if wait is None else wait
 
     async def _fail(self, ex: Exchange, err: GatewayError) -> web.StreamResponse:
         ex.code = err.code
