@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import signal
 import socket
 import sys
 from collections.abc import Coroutine
@@ -27,6 +28,9 @@ STOP_MARGIN = 5.0  # the parent's wait for its children: their drain budget plus
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.child:
+        # Spawned with SIGINT blocked (supervisor.py): the parent alone answers a Ctrl-C.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
         return _child(args)
     try:
         settings = load_settings(args.config, os.environ)

@@ -24,8 +24,9 @@ arithmetic, so the parent costs a fraction of a serving process. The parent
    drains as ``server.py`` says, waits for them (bounded by the drain's own budget plus a
    margin, then SIGKILL), removes the metrics folder and exits 0 if every child did.
 
-Children ignore SIGINT: a Ctrl-C reaches the whole process group, and a child must not count
-it and the parent's SIGTERM as the two signals that cut the grace period short.
+Children ignore SIGINT from their first instruction on: a Ctrl-C reaches the whole process
+group, and a child must not count it and the parent's SIGTERM as the two signals that cut the
+grace period short, nor die of it mid-import with a traceback.
 
 ``/metrics`` in any child reads every child's files, so it is correct for the whole gateway
 (counters and histograms summed, in-flight gauges summed over live children, health and load
@@ -208,11 +209,16 @@ class _Slot:
         ours, theirs = socket.socketpair()
         fds = (plan.listen_fd, theirs.fileno())
         args = ["--listen-fd", str(fds[0]), "--channel-fd", str(fds[1])]
+        # The child starts with SIGINT blocked (a signal mask survives fork and exec) and
+        # ignores it before unblocking, so a Ctrl-C during its imports is not a traceback. Ours
+        # stays pending meanwhile, not lost.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         try:
             self._proc = await asyncio.create_subprocess_exec(
                 *plan.argv, *args, env=plan.env, stdin=asyncio.subprocess.DEVNULL, pass_fds=fds
             )
         finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
             theirs.close()
         self._ready.clear()
         self._reason = ""
