@@ -27,6 +27,7 @@ import pytest
 import yaml
 
 from gateway.settings import Settings, load_settings
+from tests.processes import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 LOCAL_HELM = REPO / ".cache" / "bin" / "helm"
@@ -282,9 +283,15 @@ def test_discovery_services_alone_are_enough_workers(tmp_path: Path) -> None:
 # --- the gateway ------------------------------------------------------------------------------
 
 
+def own_port(env: dict[str, str]) -> dict[str, str]:
+    """``--check`` binds the port to prove it free: use a free one, not the chart's 8080, which
+    another process on the test machine may hold."""
+    return {**env, "VLLM_GATEWAY_SERVER__PORT": str(free_port())}
+
+
 def test_configmap_passes_the_gateways_own_check(rendered: list[Manifest], tmp_path: Path) -> None:
     path = config_file(rendered, tmp_path)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_GATEWAY_")}
+    env = own_port({k: v for k, v in os.environ.items() if not k.startswith("VLLM_GATEWAY_")})
     result = subprocess.run(
         [sys.executable, "-m", "gateway", "--config", str(path), "--check"],
         capture_output=True,
@@ -404,7 +411,7 @@ def test_every_worker_model_is_a_discovery_service(all_on: list[Manifest], tmp_p
 def test_gateway_with_only_chart_workers_passes_its_own_check(tmp_path: Path) -> None:
     manifests = render("-f", str(ALL_ON), "--set-json", "config.workers=[]")
     path = config_file(manifests, tmp_path)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_GATEWAY_")}
+    env = own_port({k: v for k, v in os.environ.items() if not k.startswith("VLLM_GATEWAY_")})
     result = subprocess.run(
         [sys.executable, "-m", "gateway", "--config", str(path), "--check"],
         capture_output=True, text=True, timeout=30, check=False, cwd=REPO, env=env,

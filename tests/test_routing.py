@@ -79,17 +79,20 @@ async def test_session_affinity_keeps_a_conversation_on_one_worker(
     workers = [await sim(), await sim(), await sim()]
     gw = await gateway(*workers, routing={"affinity": "session"})
     homes = {}
-    for session in ("alice", "bob", "carol", "dave"):
+    # Ten sessions: where they land depends on the workers' random ports, and ten all on one of
+    # three workers happens once in 20,000 runs (four did once in 27).
+    for session in ("alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi", "ivan",
+                    "judy"):  # fmt: skip
         before = [served(w) for w in workers]
-        for _ in range(4):
+        for _ in range(3):
             headers = {"X-Session-Id": session}
             async with client.post(
                 f"{gw.url}/v1/chat/completions", json=chat(), headers=headers
             ) as resp:
                 assert resp.status == 200
         delta = [served(w) - n for w, n in zip(workers, before, strict=True)]
-        assert sorted(delta) == [0, 0, 4], f"{session} moved between workers: {delta}"
-        homes[session] = delta.index(4)
+        assert sorted(delta) == [0, 0, 3], f"{session} moved between workers: {delta}"
+        homes[session] = delta.index(3)
     # The body's `user` field is the key when there is no header.
     before = [served(w) for w in workers]
     for _ in range(3):
@@ -97,7 +100,7 @@ async def test_session_affinity_keeps_a_conversation_on_one_worker(
             assert resp.status == 200
     delta = [served(w) - n for w, n in zip(workers, before, strict=True)]
     assert sorted(delta) == [0, 0, 3]
-    assert len(set(homes.values())) > 1, "four sessions all hashed to one worker"
+    assert len(set(homes.values())) > 1, "ten sessions all hashed to one worker"
 
 
 async def test_prefix_affinity_sends_a_shared_prompt_prefix_to_one_worker(

@@ -26,6 +26,7 @@ from gateway.settings import (
     load_settings,
 )
 from gateway.supervisor import cpu_count
+from tests.processes import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 GATEWAY_YAML = ROOT / "config" / "gateway.yaml"
@@ -391,14 +392,23 @@ def test_file_that_is_not_utf8(tmp_path: Path) -> None:
 MODULE = [sys.executable, "-m", "gateway"]
 CONSOLE_SCRIPT = Path(sys.executable).with_name("vllm-gateway")
 BAD_YAML = "workers:\n  - url: http://w1:8000\n    modelz: [m]\n"
+# Each run checks its own free port: two checks of one port side by side would race for it, and
+# a fixed port (the shipped file's 8080) may be taken on the machine running the tests.
+PORTS = {name: free_port() for name in ("module_good", "module_env", "script_good")}
 RUNS: dict[str, tuple[list[str], dict[str, str]]] = {
-    "module_good": ([*MODULE, "--config", str(GATEWAY_YAML), "--check"], {}),
+    "module_good": (
+        [*MODULE, "--config", str(GATEWAY_YAML), "--check"],
+        {"VLLM_GATEWAY_SERVER__PORT": str(PORTS["module_good"])},
+    ),
     "module_env": (
         [*MODULE, "--config", str(LOCAL_YAML), "--check"],
-        {"VLLM_GATEWAY_SERVER__PORT": "9000"},
+        {"VLLM_GATEWAY_SERVER__PORT": str(PORTS["module_env"])},
     ),
     "module_bad": ([*MODULE, "--config", "{bad}", "--check"], {}),
-    "script_good": ([str(CONSOLE_SCRIPT), "--config", str(LOCAL_YAML), "--check"], {}),
+    "script_good": (
+        [str(CONSOLE_SCRIPT), "--config", str(LOCAL_YAML), "--check"],
+        {"VLLM_GATEWAY_SERVER__PORT": str(PORTS["script_good"])},
+    ),
 }
 
 
@@ -444,7 +454,8 @@ def outcome(cli: dict[str, tuple[int, str, str]], name: str) -> tuple[int, str, 
 def test_check_accepts_the_shipped_file(cli: dict[str, tuple[int, str, str]]) -> None:
     code, out, err = outcome(cli, "module_good")
     assert (code, err) == (0, "")
-    assert out == f"settings OK: 2 worker(s), port 8080 free, {AUTO} serving process(es)\n"
+    port = PORTS["module_good"]
+    assert out == f"settings OK: 2 worker(s), port {port} free, {AUTO} serving process(es)\n"
 
 
 def test_check_rejects_a_bad_file_naming_the_key(cli: dict[str, tuple[int, str, str]]) -> None:
@@ -460,13 +471,15 @@ def test_check_rejects_a_bad_file_naming_the_key(cli: dict[str, tuple[int, str, 
 def test_check_reads_the_environment(cli: dict[str, tuple[int, str, str]]) -> None:
     code, out, err = outcome(cli, "module_env")
     assert (code, err) == (0, "")
-    assert out == f"settings OK: 2 worker(s), port 9000 free, {AUTO} serving process(es)\n"
+    port = PORTS["module_env"]
+    assert out == f"settings OK: 2 worker(s), port {port} free, {AUTO} serving process(es)\n"
 
 
 def test_console_script_checks_a_file(cli: dict[str, tuple[int, str, str]]) -> None:
     code, out, err = outcome(cli, "script_good")
     assert (code, err) == (0, "")
-    assert out == f"settings OK: 2 worker(s), port 8080 free, {AUTO} serving process(es)\n"
+    port = PORTS["script_good"]
+    assert out == f"settings OK: 2 worker(s), port {port} free, {AUTO} serving process(es)\n"
 
 
 def test_kubernetes_service_link_variables_are_not_settings() -> None:
