@@ -35,6 +35,7 @@ from aiohttp import web
 
 from gateway.attempt import Attempts
 from gateway.balancer import Prompt, make_policy
+from gateway.cutpoint import align
 from gateway.deadline import Deadline
 from gateway.errors import (
     ClientTooSlow,
@@ -401,6 +402,7 @@ class Proxy:
                 "resuming a stream on %s after %d tokens (%s)",
                 worker.url, transcript.tokens, err.code,
             )  # fmt: skip
+            await align(self._upstream, worker, ex.served_model, transcript, headers)
             continuation = transcript.continuation(body)
             splice = Splice(transcript, client_wants_usage=not ex.strip_usage)
             relay = functools.partial(self._relay.continuation, ex, splice=splice)

@@ -98,6 +98,10 @@ class Transcript:
         self.header: dict[str, Any] = {}  # id, created, model of the original stream
         self.prompt_ids: list[int] | None = None
         self.ids: list[int] = []  # the answer's tokens sent so far
+        self._text: list[str] = []  # the answer's text sent so far
+        # After ``roll_back``: what the continuation writes again that the client already has.
+        self.repeated_text = ""
+        self.repeated_ids = 0
         self.ids_complete = True  # every chunk with text said which tokens it carried
         self.reasoning = False
         self.tool_calls = False
@@ -117,6 +121,18 @@ class Transcript:
             and self.ids_complete
             and not (self.reasoning or self.tool_calls or self.finished)
         )
+
+    def roll_back(self, keep: int, kept_text: str) -> bool:
+        """Resume after the first ``keep`` answer tokens, whose text is ``kept_text`` (the
+        client has it all, and more: the text of the tokens after them it was sent). False,
+        and nothing changed, when the text sent does not start with ``kept_text``."""
+        sent = "".join(self._text)
+        if not sent.startswith(kept_text) or not 0 <= keep <= len(self.ids):
+            return False
+        self.repeated_text = sent[len(kept_text) :]
+        self.repeated_ids = len(self.ids) - keep
+        del self.ids[keep:]
+        return True
 
     def feed(self, data: bytes) -> None:
         for event in self._decoder.feed(data):
@@ -152,8 +168,11 @@ class Transcript:
             self.tool_calls = True
         if delta.get("reasoning") or delta.get("reasoning_content"):
             self.reasoning = True
-        if delta.get("content") and not _is_ids(ids):
-            self.ids_complete = False
+        content = delta.get("content")
+        if content and isinstance(content, str):
+            self._text.append(content)
+            if not _is_ids(ids):
+                self.ids_complete = False
 
     def continuation(self, original: bytes) -> bytes:
         """The completions request that makes another worker write the rest of the answer."""
@@ -185,6 +204,9 @@ class Splice:
         self._header = {**transcript.header, "object": "chat.completion.chunk"}
         self._prompt = len(transcript.prompt_ids or ())
         self._before = transcript.tokens
+        self._repeated_text = transcript.repeated_text
+        self._repeated_ids = transcript.repeated_ids
+        transcript.repeated_text, transcript.repeated_ids = "", 0  # this splice's to drop
         self._wants_usage = client_wants_usage
         self._held: dict[str, Any] | None = None
         self.first_token = False
@@ -243,7 +265,8 @@ class Splice:
         return b"".join(out)
 
     def _chat_choice(self, choice: dict[str, Any]) -> dict[str, Any] | None:
-        text = choice.get("text") or ""
+        text = self._new_text(choice.get("text") or "")
+        ids = self._new_ids(choice.get("token_ids"))
         reason = choice.get("finish_reason")
         if not text and reason is None:
             return None
@@ -253,8 +276,29 @@ class Splice:
         if reason is not None:
             self.finish_reason = reason
             chat["stop_reason"] = choice.get("stop_reason")
-        chat["token_ids"] = choice.get("token_ids")
+        chat["token_ids"] = ids
         return chat
+
+    def _new_text(self, text: str) -> str:
+        """``text`` less what the client already has (after a roll back, see cutpoint.py)."""
+        repeated = self._repeated_text
+        if not repeated:
+            return text
+        if text.startswith(repeated):
+            self._repeated_text = ""
+            return text[len(repeated) :]
+        if repeated.startswith(text):
+            self._repeated_text = repeated[len(text) :]
+            return ""
+        self._repeated_text = ""  # the continuation went another way: pass it as it came
+        return text
+
+    def _new_ids(self, ids: Any) -> Any:
+        if not self._repeated_ids or not _is_ids(ids):
+            return ids
+        drop = min(self._repeated_ids, len(ids))
+        self._repeated_ids -= drop
+        return ids[drop:]
 
     def _emit(self, chunk: dict[str, Any]) -> bytes:
         out = self._release(None)

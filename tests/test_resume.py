@@ -419,3 +419,37 @@ def test_splice_without_usage_puts_the_fingerprint_on_the_finishing_chunk() -> N
     assert len(events) == 2 and "usage" not in events[-1]
     assert events[-1]["system_fingerprint"] == "fp"
     assert splice.usage == {"prompt_tokens": 2, "total_tokens": 5, "completion_tokens": 3}
+
+
+def test_a_roll_back_resends_the_held_back_tokens_and_drops_what_the_client_has() -> None:
+    """Cut inside a character (cutpoint.py): token 13 began "é" and the client saw none of it,
+    token 12 carried " d" and was seen. The continuation starts after token 11 and writes 12
+    and 13 again; the client gets only what it had not seen, and usage counts each token once."""
+    t = Transcript()
+    t.feed(
+        role([1, 2]) + chunk({"content": " a"}, ids=[11]) + chunk({"content": " d"}, ids=[12, 13])
+    )
+    assert not t.roll_back(1, " b")  # the text sent does not start so: nothing changes
+    assert t.ids == [11, 12, 13]
+    assert t.roll_back(1, " a")
+    assert t.tokens == 1 and t.repeated_text == " d" and t.repeated_ids == 2
+    original = orjson.dumps({"model": "m", "messages": MESSAGES, "max_tokens": 10})
+    assert orjson.loads(t.continuation(original))["prompt"] == [1, 2, 11]
+    assert orjson.loads(t.continuation(original))["max_tokens"] == 9
+    splice = Splice(t, client_wants_usage=True)
+    assert t.repeated_text == "" and t.repeated_ids == 0  # the next resume starts clean
+    usage = {"prompt_tokens": 3, "total_tokens": 7, "completion_tokens": 4}
+    stream = (
+        completion_chunk(" ", [12])  # part of the repeat
+        + completion_chunk("dé", [13])  # the rest of the repeat, then new text
+        + completion_chunk("t", [14, 15], finish="length")
+        + event(
+            id="cmpl-2", object="text_completion", created=99, model="m2", choices=[], usage=usage
+        )
+        + b"data: [DONE]\n\n"
+    )
+    events = [orjson.loads(e) for e in sse_data(splice.feed(stream))[:-1]]
+    choices = [e["choices"][0] for e in events if e["choices"]]
+    assert "".join(c["delta"]["content"] for c in choices) == "ét"
+    assert [c["token_ids"] for c in choices] == [[], [14, 15]]
+    assert events[-1]["usage"] == {"prompt_tokens": 2, "total_tokens": 7, "completion_tokens": 5}
