@@ -22,6 +22,7 @@ EmbeddingInput = str | list[int]
 FINISH_LENGTH = "length"
 FINISH_STOP = "stop"
 MAX_TOP_LOGPROBS = 20
+MAX_N_SEQUENCES = 16384  # vLLM's VLLM_MAX_N_SEQUENCES default: a larger n is a 400
 
 
 @dataclass(frozen=True, slots=True)
@@ -362,6 +363,11 @@ def _n(body: dict[str, Any]) -> int:
         return 1
     if n < 1:
         raise bad_request(f"n must be at least 1, got {n}.")
+    if n > MAX_N_SEQUENCES:
+        raise bad_request(
+            f"n must be at most {MAX_N_SEQUENCES}, got {n}. To increase this limit, set the "
+            "VLLM_MAX_N_SEQUENCES environment variable."
+        )
     return n
 
 

@@ -260,6 +260,7 @@ ERRORS = {
     "chat-max-tokens-zero": Case(CHAT, chat(max_tokens=0)),
     "chat-stream-options-without-stream": Case(CHAT, chat(stream_options=USAGE)),
     "chat-no-messages": Case(CHAT, chat(messages=[])),
+    "chat-n-over-vllm-limit": Case(CHAT, chat(n=20000, temperature=0.8)),
     "chat-stream-unknown-model": Case(CHAT, chat(model="no-such-model", stream=True)),
 }
 
