@@ -125,6 +125,9 @@ def gateway_settings(workers: list[str]) -> dict[str, Any]:
         # a completions stream with n: 3 and logprobs: 5 ended without [DONE] or an error
         # event in every full-suite run, never alone or resent by itself (20 of 20 whole).
         # Open: see the closing note of issue 15. Before, the simulator refused n > 1 itself.
+        # Still so on 2026-12-04 (chat n: 900, completions n: 5 with echo), after this module
+        # and a copy with max_n lifted ran together; never with the same body sent alone.
+        # Not the SSE framer: it keeps [DONE] over 3,000 random cuts of the simulator's stream.
         "input": {"max_tokens": MAX_TOKENS, "max_n": 1},
         "auth": {"keys": [{"name": "fuzz", "key": KEY, **roomy}]},
         "routing": {"affinity": "prefix", "embedding_shard_size": 2},
