@@ -4,7 +4,8 @@ Two answers to the same greedy request differ in what no gateway controls: the r
 (vLLM builds it from the ``X-Request-Id`` the gateway sends), ``created``, and how many tokens
 share a chunk (vLLM merges tokens when its API server falls behind, so chunk boundaries vary
 from run to run even on one worker). ``normal_events`` removes exactly those: ids and times are
-masked, and consecutive plain token chunks are merged into one. Everything else (every key,
+masked, and consecutive plain token chunks are merged into one, and into the finish chunk that
+follows them (which can carry the last tokens too). Everything else (every key,
 every value, the order of events, the role chunk, the finish chunk, the usage chunk, the
 fingerprint) must be equal.
 """
@@ -64,12 +65,20 @@ def _merge_lists(a: Any, b: Any) -> Any:
     return a
 
 
-def _merge(into: dict[str, Any], event: dict[str, Any]) -> None:
+def _merge(into: dict[str, Any], event: dict[str, Any], finish: bool = False) -> None:
+    """``event``'s choice appended to ``into``'s; with ``finish``, its ending fields win."""
     a, b = into["choices"][0], event["choices"][0]
     if a.get("index") != b.get("index") or a.keys() != b.keys():
         raise ValueError("different choices")
-    merged = {k: _merge_lists(a[k], b[k]) for k in a if k not in ("delta", "text")}
+    ending = ("finish_reason", "stop_reason") if finish else ()
+    merged = {
+        k: b[k] if k in ending else _merge_lists(a[k], b[k])
+        for k in a
+        if k not in ("delta", "text")
+    }
     if "delta" in a:
+        if set(a["delta"]) != {"content"} or set(b["delta"]) != {"content"}:
+            raise ValueError("not text")
         merged["delta"] = {"content": a["delta"]["content"] + b["delta"]["content"]}
     else:
         merged["text"] = a["text"] + b["text"]
@@ -94,8 +103,26 @@ def normal_events(raw: bytes, running_usage: bool = False) -> list[Any]:
                 continue
             except ValueError:
                 pass
+        if out and isinstance(out[-1], dict) and _plain_token(out[-1]) and _finishing(event):
+            # vLLM behind on its stream puts the last tokens in the finishing chunk too.
+            try:
+                _merge(out[-1], event, finish=True)
+                out[-1] = {**event, "choices": out[-1]["choices"]}
+                continue
+            except ValueError:
+                pass
         out.append(event)
     return out
+
+
+def _finishing(event: dict[str, Any]) -> bool:
+    choices = event.get("choices")
+    return (
+        isinstance(choices, list)
+        and len(choices) == 1
+        and isinstance(choices[0], dict)
+        and choices[0].get("finish_reason") is not None
+    )
 
 
 async def post(
