@@ -72,8 +72,8 @@ def _parser() -> argparse.ArgumentParser:
         help="check the settings, the files they name and that the port is free, then exit",
     )
     parser.add_argument("--version", action="version", version=f"vllm-gateway {__version__}")
-    # Set by the parent of several serving processes (gateway/supervisor.py): one of N, the
-    # listening socket and this child's end of its channel, both inherited.
+    # Set by the parent of several serving processes (gateway/supervisor.py): one of N, this
+    # child's socket on the port and its end of its channel, both inherited.
     parser.add_argument("--child", type=int, metavar="N", help=argparse.SUPPRESS)
     parser.add_argument("--listen-fd", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--channel-fd", type=int, help=argparse.SUPPRESS)

@@ -4,8 +4,9 @@ also parsed, each ``tls`` section's files loaded into an SSL context), and the p
 bound. Failures are ``PreflightError``s whose one-line
 message names the setting and where its value came from (``settings_source``).
 
-``listen`` is also how the gateway binds its port: the command line owns the one listening
-socket and hands it to the serving processes, so a port that is taken fails here, at once.
+``listen`` is also how the gateway binds its port, so a port that is taken fails here, at once:
+one serving process serves on that socket; with several, the supervisor makes it the holder
+of a ``SO_REUSEPORT`` group with a listening socket per process (``supervisor.hold``).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from gateway.settings import Settings
 from gateway.settings_source import source_of
 from gateway.tls import TlsFileError, build_context, tls_settings
 
-BACKLOG = 1024  # connections the kernel queues before the serving processes accept them
+BACKLOG = 1024  # connections the kernel queues before a serving process accepts them
 
 
 class PreflightError(Exception):
@@ -72,7 +73,8 @@ def _paths(node: Any, loc: tuple[str | int, ...]) -> Iterator[tuple[tuple[str | 
 
 def listen(settings: Settings, config: Path | None, environ: Mapping[str, str]) -> socket.socket:
     """The listening socket on ``server.host``:``server.port`` (the first address the host
-    resolves to). No SO_REUSEPORT: a port another gateway holds is an error, not a share."""
+    resolves to). No SO_REUSEPORT: a port another gateway holds is an error, not a share,
+    even while that gateway's serving processes restart (its holder keeps the port)."""
     host, port = settings.server.host, settings.server.port
     try:
         family, kind, proto, _, address = socket.getaddrinfo(

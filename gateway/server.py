@@ -34,6 +34,7 @@ from aiohttp import web
 from gateway.app import create_app
 from gateway.channel import Channel
 from gateway.lifecycle import Lifecycle
+from gateway.preflight import BACKLOG
 from gateway.protocol import GatewayRunner
 from gateway.ratelimit_host import HostLimits
 from gateway.settings import Settings
@@ -56,10 +57,11 @@ async def serve(
     metrics_dir: str | None = None,
     parent: socket.socket | None = None,
 ) -> None:
-    """Serve on ``listener`` (bound by the command line; else bind host and port here) until
-    a signal, then drain. With ``parent`` (its end of the channel to the supervisor) this is
-    one of several serving processes: per-key limits are the supervisor's, metrics go to
-    ``metrics_dir``, and it answers SIGTERM only (the parent turns a Ctrl-C into one SIGTERM).
+    """Serve on ``listener`` (bound by the command line or the supervisor; else bind host and
+    port here) until a signal, then drain. With ``parent`` (its end of the channel to the
+    supervisor) this is one of several serving processes: per-key limits are the supervisor's,
+    metrics go to ``metrics_dir``, and it answers SIGTERM only (the parent turns a Ctrl-C into
+    one SIGTERM).
     """
     channel = await Channel.over(parent) if parent is not None else None
     if channel is not None:
@@ -98,9 +100,11 @@ async def _start(
     try:
         await runner.setup()
         if listener is not None:
-            site = web.SockSite(runner, listener)
+            # It listens here: a serving process's socket is bound, not yet listening, so the
+            # kernel sends it connections only once it can serve them.
+            site = web.SockSite(runner, listener, backlog=BACKLOG)
         else:
-            site = web.TCPSite(runner, settings.server.host, settings.server.port)
+            site = web.TCPSite(runner, settings.server.host, settings.server.port, backlog=BACKLOG)
         await site.start()
     except (OSError, ValueError) as exc:
         await runner.cleanup()

@@ -6,13 +6,15 @@ itself (``exec``, same pid: still PID 1 in a container) with ``python -m gateway
 which imports nothing but the standard library, uvloop, the log format and the rate-limit
 arithmetic, so the parent costs a fraction of a serving process. The parent
 
-1. keeps the listening socket it was handed, and makes a fresh folder for prometheus_client's
-   multiprocess files;
-2. starts N children (``python -m gateway --child N ...``), each handed the same socket, so
-   whichever child is free accepts the next connection (one accept queue: a stuck child takes
-   none), and its end of a channel (``channel``) on which it asks the ``keeper`` for per-key
-   limits and answers the heartbeat. Each child takes 1/N of the connection and global
-   in-flight limits (``settings.per_process``);
+1. turns the listening socket it was handed, which proved the port free, into the port's
+   holder: a socket bound with ``SO_REUSEPORT`` that never listens (``hold``), and makes a
+   fresh folder for prometheus_client's multiprocess files;
+2. starts N children (``python -m gateway --child N ...``), each handed a listening socket of
+   its own in the holder's ``SO_REUSEPORT`` group (``member``), so the kernel hashes new
+   connections over the children (one shared accept queue let whichever child woke first
+   take a whole burst), and its end of a channel (``channel``) on which it asks the
+   ``keeper`` for per-key limits and answers the heartbeat. Each child takes 1/N of the
+   connection and global in-flight limits (``settings.per_process``);
 3. treats a child that exits, or says it failed, before it reports ready as a start-up failure:
    it stops the others and exits 1, logging the child's one-line reason (a missing file will
    not appear by restarting);
@@ -20,9 +22,18 @@ arithmetic, so the parent costs a fraction of a serving process. The parent
    said nothing for that long (a stuck event loop); a child that dies after it was ready is
    restarted (after a second, so a crash loop does not spin), and what it held of the per-key
    in-flight limits is given back;
-5. on SIGTERM or SIGINT closes its copy of the socket, passes SIGTERM to every child, which
-   drains as ``server.py`` says, waits for them (bounded by the drain's own budget plus a
-   margin, then SIGKILL), removes the metrics folder and exits 0 if every child did.
+5. on SIGTERM or SIGINT closes the holder, passes SIGTERM to every child, which drains as
+   ``server.py`` says (its socket closes when it stops listening), waits for them (bounded by
+   the drain's own budget plus a margin, then SIGKILL), removes the metrics folder and exits 0
+   if every child did.
+
+One owner of the port still holds: the holder has ``SO_REUSEADDR`` off once bound, so a socket
+without ``SO_REUSEPORT`` (another gateway's ``preflight.listen``) cannot bind the port, whether
+children are listening or all restarting: it fails at start with "address in use". What the
+group gives up against one shared queue: a program of the same user that binds with
+``SO_REUSEPORT`` could join it; a stuck child keeps receiving its share of new connections
+until the heartbeat kills it; and the connections queued on a child that dies are reset, not
+served by the others (unless the host sets ``net.ipv4.tcp_migrate_req``, which moves them).
 
 Children ignore SIGINT from their first instruction on: a Ctrl-C reaches the whole process
 group, and a child must not count it and the parent's SIGTERM as the two signals that cut the
@@ -90,11 +101,52 @@ def process_count(wanted: int | str) -> int:
     return cpu_count() if wanted == "auto" else int(wanted)
 
 
+def hold(listener: socket.socket) -> socket.socket:
+    """The port's holder, in place of ``listener`` (closed), which proved the port free by
+    listening without ``SO_REUSEPORT``: bound to the same address before ``listener`` closes,
+    so nobody can take the port in between. Connections queued on ``listener`` are reset."""
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)  # lets the holder bind
+    holder = socket.socket(listener.family, socket.SOCK_STREAM)
+    try:
+        _reuse(holder)
+        holder.bind(listener.getsockname())
+        # With SO_REUSEADDR on, a socket bound but not listening lets any other socket with it
+        # listen on the port (Linux): off, only SO_REUSEPORT sockets of this user may bind.
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 0)
+    except OSError:
+        holder.close()
+        raise
+    finally:
+        listener.close()
+    return holder
+
+
+def member(holder: socket.socket) -> socket.socket:
+    """A socket bound to the holder's address in its ``SO_REUSEPORT`` group, for one child,
+    which listens on it when it is ready to serve."""
+    sock = socket.socket(holder.family, socket.SOCK_STREAM)
+    try:
+        _reuse(sock)
+        sock.bind(holder.getsockname())
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _reuse(sock: socket.socket) -> None:
+    # SO_REUSEADDR: binding past connections in TIME_WAIT, as ``preflight.listen`` does; the
+    # TIME_WAITs a child's connections leave then carry it too and never block a restart.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+
+
 def exec_supervisor(
     processes: int, listener: socket.socket, stop_budget: float, heartbeat: float,
     log_level: str, log_format: str, config: Path | None,
 ) -> None:  # fmt: skip
-    """Become the parent of ``processes`` serving processes on ``listener`` (never returns)."""
+    """Become the parent of ``processes`` serving processes on the port ``listener`` holds
+    (never returns)."""
     child = ["--child", str(processes)] + (["--config", str(config)] if config else [])
     listener.set_inheritable(True)
     argv = [
@@ -112,12 +164,16 @@ def exec_supervisor(
 
 
 async def supervise(args: argparse.Namespace) -> int:
-    listener = socket.socket(fileno=args.listen_fd)
+    try:
+        holder = hold(socket.socket(fileno=args.listen_fd))
+    except OSError as exc:
+        log.error("cannot hold the port: %s", exc.strerror)
+        return 1
     metrics_dir = tempfile.mkdtemp(prefix="vllm-gateway-metrics-")
     plan = _Plan(
         argv=[sys.executable, "-m", "gateway", *args.child],
         env={**os.environ, METRICS_DIR_ENV: metrics_dir},
-        listen_fd=args.listen_fd,
+        holder=holder,
         metrics_dir=metrics_dir,
         keeper=Keeper(),
         heartbeat=args.heartbeat,
@@ -126,7 +182,7 @@ async def supervise(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
-    log.info("starting %d serving processes on port %d", args.processes, listener.getsockname()[1])
+    log.info("starting %d serving processes on port %d", args.processes, holder.getsockname()[1])
     slots = [_Slot(plan) for _ in range(args.processes)]
     failures: list[str] = []
 
@@ -143,14 +199,14 @@ async def supervise(args: argparse.Namespace) -> int:
             log.error("serving process failed to start: %s", failures[0])
         else:
             log.info("stopping: SIGTERM to %d serving processes", args.processes)
-        listener.close()  # the children's copies keep it open until each stops listening
+        holder.close()  # each child's socket closes when it stops listening
         codes = await asyncio.gather(*(slot.stop(args.stop_budget) for slot in slots))
         await asyncio.gather(*runs)
         return 1 if failures or any(code != 0 for code in codes) else 0
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
-        listener.close()
+        holder.close()
         shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
@@ -158,12 +214,12 @@ class _Plan:
     """What every slot starts its child with."""
 
     def __init__(
-        self, argv: list[str], env: dict[str, str], listen_fd: int, metrics_dir: str,
+        self, argv: list[str], env: dict[str, str], holder: socket.socket, metrics_dir: str,
         keeper: Keeper, heartbeat: float,
     ) -> None:  # fmt: skip
         self.argv = argv
         self.env = env
-        self.listen_fd = listen_fd
+        self.holder = holder
         self.metrics_dir = metrics_dir
         self.keeper = keeper
         self.heartbeat = heartbeat
@@ -185,7 +241,10 @@ class _Slot:
     async def run(self, stopping: asyncio.Event) -> str:
         """Keep a child running until ``stopping``; a start-up failure's reason ends it early."""
         while True:
-            proc = await self._start(stopping)
+            try:
+                proc = await self._start(stopping)
+            except OSError as exc:
+                return f"cannot listen on port {self._plan.holder.getsockname()[1]}: {exc.strerror}"
             if proc is None:
                 return ""
             reason = await self._until_ready(proc, stopping)
@@ -206,8 +265,9 @@ class _Slot:
 
     async def _spawn(self) -> asyncio.subprocess.Process:
         plan = self._plan
+        listener = member(plan.holder)
         ours, theirs = socket.socketpair()
-        fds = (plan.listen_fd, theirs.fileno())
+        fds = (listener.fileno(), theirs.fileno())
         args = ["--listen-fd", str(fds[0]), "--channel-fd", str(fds[1])]
         # The child starts with SIGINT blocked (a signal mask survives fork and exec) and
         # ignores it before unblocking, so a Ctrl-C during its imports is not a traceback. Ours
@@ -219,6 +279,8 @@ class _Slot:
             )
         finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+            # Not ours to keep: the child's socket must close when the child stops listening.
+            listener.close()
             theirs.close()
         self._ready.clear()
         self._reason = ""

@@ -2,15 +2,20 @@
 real sockets with the real command line.
 
 1. Two processes share the port: fresh connections reach both, and ``/metrics`` from either
-   counts every request of both.
+   counts every request of both. A burst of connections opened at once reaches both too: each
+   listens on a socket of its own in one ``SO_REUSEPORT`` group, so the kernel hashes
+   connections over them (on one shared socket the first process awake took whole bursts).
 2. A process that dies is restarted; the requests it had counted stay counted, and its
    in-flight gauge no longer adds in.
 3. SIGTERM to the parent drains a stream in flight on a child, and the parent exits 0 with no
    child and no metrics folder left behind.
 4. A second gateway on the same port fails at start with one line; the first keeps serving.
+   While every child is down and restarting, the parent's holder keeps the port: a second
+   gateway's bind fails the same way.
 5. A child whose event loop is stuck (the GATEWAY_TEST_HANG_ON_SIGUSR1 hook) is killed within
    the heartbeat bound: the stream it held ends by then, fresh connections meanwhile are served
-   by the other child, and a new child takes its place.
+   by the other child or (those the kernel hashed to the stuck one) reset at the kill, none
+   later, and a new child takes its place.
 6. A child that fails during start-up (its keys file is gone) makes the parent exit 1 with the
    child's one-line reason, not restart it.
 Plus the arithmetic: limits shared out, the CPU count under a cgroup quota, the setting.
@@ -19,6 +24,7 @@ Plus the arithmetic: limits shared out, the CPU count under a cgroup quota, the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
@@ -27,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,6 +41,7 @@ import aiohttp
 import orjson
 import pytest
 
+from gateway.preflight import PreflightError, listen
 from gateway.settings import SettingsError, build_settings, per_process
 from gateway.supervisor import cgroup_cpu_quota, cpu_count
 from tests.processes import (
@@ -186,7 +194,75 @@ async def test_a_second_gateway_on_the_port_fails_at_start_and_the_first_serves_
     poll_until(lambda: len(served_by(gateway)) == 10, 10, "10 access-log lines")
 
 
+BURSTS = 4
+BURST = 64
+
+
+@pytest.mark.timeout(60)
+async def test_a_burst_of_connections_reaches_every_process(gateway: GatewayProc) -> None:
+    """64 connections opened at once, four times: each burst reaches both processes. The
+    kernel hashes each connection's ports with a random key, so a burst misses one of two
+    processes with probability 2 * 2**-64, and this test fails about once in 10**18 runs."""
+    pids = listening(gateway)
+    port = int(gateway.url.rsplit(":", 1)[1])
+    spreads = []
+    for _ in range(BURSTS):
+        conns = await asyncio.gather(*(asyncio.open_connection(HOST, port) for _ in range(BURST)))
+        try:
+            for _, writer in conns:  # an answer on each: surely accepted, by its owner
+                writer.write(b"GET /health HTTP/1.1\r\nHost: test\r\n\r\n")
+            await asyncio.gather(*(reader.readuntil(b"\r\n\r\n") for reader, _ in conns))
+            spreads.append(Counter(owners([w.get_extra_info("socket") for _, w in conns], pids)))
+        finally:
+            for _, writer in conns:
+                writer.close()
+    assert all(set(spread) == set(pids) for spread in spreads), spreads
+
+
+@pytest.mark.timeout(60)
+async def test_the_port_stays_held_while_every_process_restarts(
+    gateway: GatewayProc, tmp_path: Path
+) -> None:
+    port = int(gateway.url.rsplit(":", 1)[1])
+    children = listening(gateway)
+    for pid in children:
+        os.kill(pid, signal.SIGKILL)
+    for pid in children:
+        gateway.proc.wait_line(rf"serving process {pid} exited with -9: restarting", 10)
+    # Restarts come a second after each exit: until then nothing of ours listens, the
+    # parent's holder alone keeps the port, and a second gateway still fails to bind it.
+    assert not listeners(port), "a serving process listens already"
+    second = build_settings({"workers": [{"url": "http://127.0.0.1:9"}]} | {
+        "server": {"host": HOST, "port": port}
+    })  # fmt: skip
+    with pytest.raises(PreflightError, match=f"cannot listen on {HOST}:{port}: Address already"):
+        listen(second, None, {})
+    poll_until(lambda: len(listening(gateway)) == 4, 20, "two new serving processes listening")
+    await chat_on_fresh_connections(gateway, 10)
+    poll_until(lambda: len(served_by(gateway)) == 10, 10, "10 access-log lines")
+
+
+def listeners(port: int) -> list[str]:
+    """The listening sockets on ``port`` (/proc/net/tcp: state 0A), of any process."""
+    rows = [line.split() for line in Path("/proc/net/tcp").read_text().splitlines()[1:]]
+    return [row[9] for row in rows if row[1].endswith(f":{port:04X}") and row[3] == "0A"]
+
+
 HEARTBEAT = 1.0
+
+
+async def fresh_chat(gw: GatewayProc) -> int | str:
+    """One request on a new connection: its status, or "reset" if the connection was."""
+    connector = aiohttp.TCPConnector(force_close=True)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        try:
+            async with session.post(f"{gw.url}/v1/chat/completions", json=CHAT) as r:
+                await r.read()
+                return r.status
+        except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError):
+            return "reset"
+
+
 # The supervisor notices a silent child at its next ping (every HEARTBEAT / 4) after HEARTBEAT;
 # the rest is the kill and the client seeing its connection reset on a loaded machine.
 HEARTBEAT_BOUND = HEARTBEAT + HEARTBEAT / 4 + 1.0
@@ -194,20 +270,29 @@ HEARTBEAT_BOUND = HEARTBEAT + HEARTBEAT / 4 + 1.0
 
 def owner_of(client: socket.socket, pids: list[int]) -> int:
     """The pid (of ``pids``) holding the server side of the TCP connection ``client``."""
-    here, there = client.getsockname(), client.getpeername()
-    wanted = f"{_hex_address(there)} {_hex_address(here)}"
+    return owners([client], pids)[0]
+
+
+def owners(clients: list[socket.socket], pids: list[int]) -> list[int]:
+    """For each client socket, the pid (of ``pids``) holding the server side."""
+    inodes = {}
     for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
         fields = line.split()
-        if f"{fields[1]} {fields[2]}" == wanted:
-            inode = fields[9]
-            break
-    else:
-        raise AssertionError(f"no server side of {here} in /proc/net/tcp")
+        inodes[f"{fields[1]} {fields[2]}"] = fields[9]
+    holders = {}
     for pid in pids:
         for fd in Path(f"/proc/{pid}/fd").iterdir():
-            if os.readlink(fd) == f"socket:[{inode}]":
-                return pid
-    raise AssertionError(f"none of {pids} holds socket {inode}")
+            with contextlib.suppress(OSError):  # an fd closed meanwhile
+                holders[os.readlink(fd)] = pid
+    found = []
+    for client in clients:
+        here, there = client.getsockname(), client.getpeername()
+        inode = inodes.get(f"{_hex_address(there)} {_hex_address(here)}")
+        assert inode is not None, f"no server side of {here} in /proc/net/tcp"
+        pid = holders.get(f"socket:[{inode}]")
+        assert pid is not None, f"none of {pids} holds socket {inode}"
+        found.append(pid)
+    return found
 
 
 def _hex_address(address: tuple[str, int]) -> str:
@@ -241,13 +326,16 @@ async def test_a_stuck_process_is_replaced_within_the_heartbeat_bound(
             stuck = owner_of(client, listening(gw))
             os.kill(stuck, signal.SIGUSR1)
             hung_at = time.monotonic()
-            # Meanwhile fresh connections go to the other process, never waiting on this one.
-            await asyncio.wait_for(chat_on_fresh_connections(gw, 5), HEARTBEAT)
+            # Meanwhile fresh connections: the kernel hashes about half to the stuck process,
+            # where they wait until the kill resets them; the others are served.
+            fresh = asyncio.gather(*(fresh_chat(gw) for _ in range(6)))
             with pytest.raises(aiohttp.ClientPayloadError):
                 await asyncio.wait_for(r.content.read(), HEARTBEAT_BOUND)
             cut_after = time.monotonic() - hung_at
+            ended = await asyncio.wait_for(fresh, HEARTBEAT_BOUND + hung_at - time.monotonic())
         # Silence is counted from the last answered ping, up to a ping interval before the hang.
         assert HEARTBEAT * 3 / 4 - 0.1 <= cut_after <= HEARTBEAT_BOUND, cut_after
+        assert set(ended) <= {200, "reset"}, ended
         proc.wait_line(rf"serving process {stuck} did not answer the heartbeat", 5)
         proc.wait_line(rf"serving process {stuck} exited with -9: restarting", 5)
         poll_until(lambda: len(listening(gw)) == 3, START_TIMEOUT, "a new process listening")
