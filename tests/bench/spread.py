@@ -3,7 +3,9 @@ gateway's serving processes (`processes: auto`), eight bursts each. A closed-loo
 (and a client pool) opens its connections in one burst and keeps them, so this spread is the
 spread of the load for the whole run. Read from `ss -tnp` (the owning pid of each connection).
 
-`--reuseport` measures the alternative instead, without the gateway: this process binds the
+The gateway has spread connections this way since 381bf5f (a ``SO_REUSEPORT`` socket per serving
+process); before, one shared socket let the first process awake take whole bursts.
+`--reuseport` measures the layout without the gateway: this process binds the
 port with ``SO_REUSEPORT`` and never listens (holding it, as the supervisor holds its socket),
 and two servers (uvloop, ``asyncio.start_server``) each listen on a ``SO_REUSEPORT`` socket of
 their own on it, so the kernel hashes connections over the two.
