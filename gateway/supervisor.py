@@ -105,25 +105,20 @@ def hold(listener: socket.socket) -> socket.socket:
     """The port's holder, in place of ``listener`` (closed), which proved the port free by
     listening without ``SO_REUSEPORT``: bound to the same address before ``listener`` closes,
     so nobody can take the port in between. Connections queued on ``listener`` are reset."""
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)  # lets the holder bind
-    holder = socket.socket(listener.family, socket.SOCK_STREAM)
     try:
-        _reuse(holder)
-        holder.bind(listener.getsockname())
-        # With SO_REUSEADDR on, a socket bound but not listening lets any other socket with it
-        # listen on the port (Linux): off, only SO_REUSEPORT sockets of this user may bind.
-        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 0)
-    except OSError:
-        holder.close()
-        raise
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)  # lets the holder bind
+        holder = member(listener)
     finally:
         listener.close()
+    # With SO_REUSEADDR on, a socket bound but not listening lets any other socket with it
+    # listen on the port (Linux): off, only SO_REUSEPORT sockets of this user may bind.
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 0)
     return holder
 
 
 def member(holder: socket.socket) -> socket.socket:
-    """A socket bound to the holder's address in its ``SO_REUSEPORT`` group, for one child,
-    which listens on it when it is ready to serve."""
+    """A socket bound to the holder's address in its ``SO_REUSEPORT`` group: for one child,
+    which listens on it when it is ready to serve, or (from ``hold``) the holder itself."""
     sock = socket.socket(holder.family, socket.SOCK_STREAM)
     try:
         _reuse(sock)
