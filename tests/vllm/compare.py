@@ -68,12 +68,14 @@ def _merge_lists(a: Any, b: Any) -> Any:
 def _merge(into: dict[str, Any], event: dict[str, Any], finish: bool = False) -> None:
     """``event``'s choice appended to ``into``'s; with ``finish``, its ending fields win."""
     a, b = into["choices"][0], event["choices"][0]
-    if a.get("index") != b.get("index") or a.keys() != b.keys():
+    # The finish chunk carries ``stop_reason``, which token chunks lack: ending keys are
+    # taken from it, every other key must be on both.
+    ending = {"finish_reason", "stop_reason"} if finish else set()
+    if a.get("index") != b.get("index") or a.keys() - ending != b.keys() - ending:
         raise ValueError("different choices")
-    ending = ("finish_reason", "stop_reason") if finish else ()
     merged = {
         k: b[k] if k in ending else _merge_lists(a[k], b[k])
-        for k in a
+        for k in a.keys() | b.keys()
         if k not in ("delta", "text")
     }
     if "delta" in a:
