@@ -18,7 +18,8 @@ gateway. With ``redis.url`` the same arithmetic runs in Redis (``ratelimit_redis
 share one allowance. When a Redis call fails the request is limited here instead
 (``on_error: open``) or refused with 503 (``closed``), Redis is left alone until a background
 PING answers again (once a second), ``gateway_ratelimit_redis_up`` is 0 meanwhile, and the log
-says so once when it goes and once when it is back.
+says so once when it goes and once when it is back; slots and token corrections that could not
+be given back meanwhile are given back then.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import logging
 import math
 import os
 import time
+from collections import deque
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -53,6 +55,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 RECONNECT_INTERVAL = 1.0  # seconds between PINGs while Redis is unreachable
+UNSETTLED_MAX = 10_000  # shared settles kept for Redis's return
 
 
 def rates_for(client: Client, model: str, tokens: int) -> list[Rate]:
@@ -83,6 +86,16 @@ def _scopes(client: Client, model: str) -> list[tuple[str, RateLimits]]:
     if model in client.models:
         scopes.append((f"{{{client.name}}}:{model}", client.models[model]))
     return scopes
+
+
+@dataclass(frozen=True, slots=True)
+class Unsettled:
+    """A shared grant's Redis part that could not be given back yet."""
+
+    corrections: list[tuple[Rate, int]]
+    lease: str
+    scopes: tuple[str, ...]
+    at: float  # when the request ended (the clock of the limiter)
 
 
 @dataclass(slots=True, eq=False)
@@ -123,6 +136,7 @@ class RateLimiter:
         this process keeps its own (``LocalLimits``)."""
         self._on_error = redis.on_error
         self._metrics = metrics
+        self._clock = clock
         self._local = LocalLimits(clock)
         self._host = host
         self._redis: RedisLimits | None = None
@@ -136,6 +150,9 @@ class RateLimiter:
         self._lease_count = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
+        # Shared settles that failed, given back when Redis answers again; bounded, the
+        # oldest dropped first (their leases expire on their own).
+        self._unsettled: deque[Unsettled] = deque(maxlen=UNSETTLED_MAX)
 
     @property
     def shared(self) -> bool:
@@ -224,9 +241,10 @@ class RateLimiter:
 
     async def settle(self, grant: Grant, tokens: int | None) -> None:
         """Give back ``grant``'s in-flight slots and correct its token charge; never raises
-        (the request has been answered). A shared grant's Redis part is skipped while Redis is
-        down, or lost if cancelled: its lease, no longer renewed, expires on its own within
-        ``lease_seconds``, and the token correction is lost."""
+        (the request has been answered). A shared grant's Redis part runs to its end even
+        when the caller is cancelled; while Redis is unreachable it waits for Redis's return
+        (``_settle_late``), and its lease, no longer renewed, expires there within
+        ``lease_seconds`` in any case."""
         corrections = [
             (rate, tokens - rate.cost)
             for rate in grant.tokens
@@ -244,12 +262,43 @@ class RateLimiter:
                     self._local.adjust(rate, delta)
             return
         scopes = self._leases.pop(grant.lease, ())
-        if self._redis is None or not self._up or not (corrections or scopes):
+        if self._redis is None or self._closed or not (corrections or scopes):
             return
+        unsettled = Unsettled(corrections, grant.lease, scopes, self._clock())
+        if not self._up:
+            self._unsettled.append(unsettled)
+            return
+        # Shielded: aiohttp cancels the handler when the client closes its connection, which
+        # clients do the moment they have the answer, so usually while this call is out. A
+        # cancelled settle left the slot taken in Redis, for every replica, until the lease
+        # expired.
+        task = asyncio.create_task(self._settle_shared(self._redis, unsettled))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        await asyncio.shield(task)
+
+    async def _settle_shared(self, redis: RedisLimits, unsettled: Unsettled) -> None:
         try:
-            await self._redis.settle(corrections, grant.lease, scopes)
+            await redis.settle(unsettled.corrections, unsettled.lease, unsettled.scopes)
         except RedisUnavailable as exc:
+            self._unsettled.append(unsettled)
             self._failed(exc)
+
+    async def _settle_late(self, redis: RedisLimits) -> None:
+        """Redis is back: give back what could not be given back while it was away. Leases
+        older than ``lease_seconds`` have expired there already; their token corrections are
+        dropped with them (the minute they belonged to is mostly over)."""
+        now = self._clock()
+        while self._unsettled:
+            unsettled = self._unsettled.popleft()
+            if now - unsettled.at > redis.lease_seconds:
+                continue
+            try:
+                await redis.settle(unsettled.corrections, unsettled.lease, unsettled.scopes)
+            except RedisUnavailable as exc:
+                self._unsettled.appendleft(unsettled)
+                self._failed(exc)
+                return
 
     def _hold(self, caps: list[Scope]) -> None:
         if self._host is not None:
@@ -283,6 +332,7 @@ class RateLimiter:
             self._up = True
             self._metrics.ratelimit_redis_up.set(1)
             log.info("redis reachable again: rate limits are shared")
+            await self._settle_late(self._redis)
             return
 
     async def _renew_forever(self) -> None:

@@ -7,21 +7,25 @@ In process, limiters standing for replicas:
 2. Token charges are corrected in Redis; a debt outlives the minute it was run up in.
 3. A Redis that forgot the scripts (restarted, SCRIPT FLUSH) is taught them again, silently.
 4. A live request's in-flight lease is renewed; a dead replica's expires.
+5. Settles cancelled midway (the client hung up) still give their slots back; a settle while
+   Redis is away is given back when it returns.
 
 With gateway processes:
 
-5. Two gateways share one key's limit: together they admit exactly the limit.
-6. Redis stops: both keep serving on local limits, their metric and log say so (once); Redis
+6. Two gateways share one key's limit: together they admit exactly the limit.
+7. Redis stops: both keep serving on local limits, their metric and log say so (once); Redis
    comes back: they notice by themselves, say so, and share the limit again.
-7. An in-flight cap holds across gateways.
+8. An in-flight cap holds across gateways.
 """
 
 from __future__ import annotations
 
 import asyncio
 import http.client
+import os
 import re
 import shutil
+import signal
 import socket
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -38,6 +42,7 @@ from gateway.auth import Client
 from gateway.errors import RateLimited
 from gateway.metrics import GatewayMetrics
 from gateway.ratelimit import Grant, RateLimiter
+from gateway.ratelimit_redis import MAX_CONNECTIONS
 from gateway.settings import RateLimits, RedisSettings
 from tests.processes import (
     HOST,
@@ -208,6 +213,65 @@ async def test_a_live_lease_is_renewed_and_a_dead_replicas_lease_expires(redis_u
     finally:
         await one.close()
         await two.close()
+
+
+async def test_settles_cancelled_midway_still_give_their_slots_back(redis_url: str) -> None:
+    """aiohttp cancels a handler when its client hangs up, which clients do the moment they
+    have the answer: the slots must come back in Redis anyway, not when the leases expire.
+    More requests end at once than the Redis pool has connections, so some settles are still
+    waiting for one, before their command went out, when they are cancelled."""
+    many = 3 * MAX_CONNECTIONS
+    one, two = await limiter_on(redis_url), await limiter_on(redis_url)
+    try:
+        held = [await one.acquire(key(max_concurrent=many), "m", 1) for _ in range(many)]
+        settling = [asyncio.create_task(grant.settle(None)) for grant in held]
+        await asyncio.sleep(0)
+        for task in settling:
+            task.cancel()
+        await asyncio.gather(*settling, return_exceptions=True)
+        since = time.monotonic()
+        while True:
+            probes = [await outcome(two, key(max_concurrent=many)) for _ in range(many)]
+            admitted = [p for p in probes if isinstance(p, Grant)]
+            for grant in admitted:
+                await grant.settle(None)
+            if len(admitted) == many:
+                break
+            assert time.monotonic() - since < 2.0, f"{many - len(admitted)} slots lost"
+            await asyncio.sleep(0.02)
+    finally:
+        await one.close()
+        await two.close()
+
+
+async def wait_admitted(limiter: RateLimiter, failure: str, within: float = 2.0) -> None:
+    """Until ``limiter`` admits a max_concurrent=1 request (given back at once)."""
+    since = time.monotonic()
+    while isinstance(probe := await outcome(limiter, key(max_concurrent=1)), RateLimited):
+        assert time.monotonic() - since < within, failure
+        await asyncio.sleep(0.02)
+    await probe.settle(None)
+
+
+async def test_a_settle_while_redis_is_away_is_given_back_when_it_returns() -> None:
+    """Redis stalls (SIGSTOP) while a request ends: its slot is given back as soon as Redis
+    answers again, not 30 s later when the lease would have expired."""
+    port = free_port()
+    server = start_redis(port)
+    url = f"redis://{HOST}:{port}/0"
+    one, two = await limiter_on(url), await limiter_on(url)
+    try:
+        held = await one.acquire(key(max_concurrent=1), "m", 1)
+        os.kill(server.popen.pid, signal.SIGSTOP)
+        try:
+            await held.settle(None)  # times out after TIMEOUT: Redis is away for `one`
+        finally:
+            os.kill(server.popen.pid, signal.SIGCONT)
+        await wait_admitted(two, "the slot stayed taken after Redis returned", within=5.0)
+    finally:
+        await one.close()
+        await two.close()
+        server.kill()
 
 
 # --- gateway processes --------------------------------------------------------------------
