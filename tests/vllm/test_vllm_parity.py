@@ -267,9 +267,19 @@ ERRORS = {
 
 @pytest.mark.parametrize("name", list(STREAMS))
 async def test_stream_shapes_equal_vllm(vllm: VLLMFleet, sim: SimFactory, name: str) -> None:
-    simulated, real = await both(vllm, sim, STREAMS[name])
-    assert real.status == 200, real.body[:500]
-    assert_same_stream(simulated, real)
+    """Asked up to three times: vLLM, falling behind under load, puts several tokens in one
+    chunk, up to the whole answer in the finishing chunk (with the first chunk's extra keys,
+    such as ``prompt_token_ids``), which no comparison of shapes can tell from a difference.
+    A real difference fails every time."""
+    for attempt in range(3):
+        simulated, real = await both(vllm, sim, STREAMS[name])
+        assert real.status == 200, real.body[:500]
+        try:
+            assert_same_stream(simulated, real)
+            return
+        except AssertionError:
+            if attempt == 2:
+                raise
 
 
 @pytest.mark.parametrize("name", list(BODIES))
