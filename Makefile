@@ -132,6 +132,7 @@ bench-resume: $(STAMP)
 # fleet, prefix affinity vs none on prefix-heavy traffic; writes tests/bench/ROUTING.md (~7 min).
 bench-routing: $(STAMP)
 	$(PY) -m tests.bench.routing
+	$(PY) -m tests.bench.kvrouting
 
 # deploy/requirements.lock, the image's pinned dependencies: the runtime closure of this venv.
 lock: $(STAMP)

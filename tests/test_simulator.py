@@ -712,6 +712,27 @@ async def test_chat_turns_share_their_history_in_the_cache(make_client: MakeClie
     assert await metric_value(client, "vllm:prefix_cache_queries_total") == queries
 
 
+async def test_the_oracle_route_reports_what_the_prefix_cache_holds(
+    make_client: MakeClient,
+) -> None:
+    """``/sim/prefix_cache/match`` (the routing benchmark's oracle) answers the cached leading
+    tokens for the model, exactly: full blocks only, nothing for another model, and asking
+    caches nothing."""
+    client = await make_client(prefix_cache_blocks=100, block_tokens=4)
+    prompt = list(range(100, 111))  # 11 ids: 2 full blocks of 4, then 3 left over
+    match = "/sim/prefix_cache/match"
+    assert await post_json(client, match, {"model": "sim-model", "token_ids": prompt}) == {
+        "cached_tokens": 0
+    }
+    await post_json(client, COMPLETIONS, {"prompt": prompt, "max_tokens": 1})
+    held = await post_json(client, match, {"model": "sim-model", "token_ids": [*prompt, 7, 8]})
+    assert held == {"cached_tokens": 8}
+    other = await post_json(client, match, {"model": "other", "token_ids": prompt})
+    assert other == {"cached_tokens": 0}
+    bad = await post_json(client, match, {"model": "sim-model", "token_ids": ["a"]}, status=400)
+    assert_error(bad, 400, "BadRequestError", "token_ids")
+
+
 async def test_prefix_cache_metrics_stay_zero_when_disabled(make_client: MakeClient) -> None:
     client = await make_client()
     await post_json(client, CHAT, chat(max_tokens=1))

@@ -76,6 +76,7 @@ def create_app(
             web.get("/health", health),
             web.get("/metrics", metrics_text),
             web.get("/version", version),
+            web.post("/sim/prefix_cache/match", prefix_cache_match),
         ]
     )
     return app
@@ -170,6 +171,19 @@ async def metrics_text(request: web.Request) -> web.Response:
 
 async def version(request: web.Request) -> web.Response:
     return _json({"version": request.app[SIM].config.version})
+
+
+async def prefix_cache_match(request: web.Request) -> web.Response:
+    """Simulator only, for the routing benchmark's oracle: how many leading tokens of
+    ``token_ids`` (as the model's tokenizer makes them) this worker's prefix cache holds for
+    ``model``, exactly and now. Changes nothing."""
+    body = await _json_body(request)
+    ids, model = body.get("token_ids"), body.get("model")
+    if not isinstance(ids, list) or not all(type(i) is int for i in ids):
+        raise bad_request("token_ids must be a list of integers", "token_ids")
+    if not isinstance(model, str):
+        raise bad_request("model must be a string", "model")
+    return _json({"cached_tokens": request.app[SIM].prefix_cache.match(ids, salt=model)})
 
 
 def _spec(request: web.Request, config: SimConfig) -> FaultSpec:

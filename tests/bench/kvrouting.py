@@ -1,7 +1,7 @@
 """``python -m tests.bench.kvrouting``: cache-aware routing (``routing.kv_events``) against the
 other policies, on simulated workers that publish their prefix caches as vLLM's KV-cache
-events. Writes tests/bench/KVROUTING.md. A first cut of issue 20's benchmark: no radix-tree
-router, no vllm-router, no oracle yet.
+events. Writes tests/bench/KVROUTING.md. ``make bench-routing`` runs it after
+``tests.bench.routing``.
 
 Method. WORKERS simulated workers (``python -m gateway.simulator``) and the gateway run as
 subprocesses, fresh for every run; the open-loop client of ``tests.bench.routing`` sends
@@ -20,9 +20,18 @@ Workloads:
   step's observation, one step more each time;
 - unique: no shared prefix (cache-aware routing must not be worse than least-loaded there).
 
-Variants: round_robin, least_loaded, prefix (least_loaded with prefix affinity),
-kv (least_loaded behind routing.kv_events, default weight), kv+prefix (prefix affinity as kv's
-fallback), kv w=2 (a holder spills once 2 requests busier than another worker).
+Variants (the default set: least_loaded, prefix, kv, kv+prefix, vllm-router cache_aware, radix,
+oracle; ``--variants`` for others): round_robin, least_loaded, prefix (least_loaded with prefix
+affinity), kv (least_loaded behind routing.kv_events, default weight), kv+prefix (prefix
+affinity as kv's fallback), kv w=2 (a holder spills once 2 requests busier than another
+worker); vllm-router with ``--policy cache_aware`` and its own defaults, as shipped; radix
+(tests/bench/radix.py: the radix-tree approximation of each worker's cache from request text,
+built the way cache_aware works, the third level of routing); the oracle
+(tests/bench/oracle.py: the same rule as kv with every cache and load known exactly). radix
+and the oracle route from the load generator, with no proxy hop.
+
+Per repeat, the report also gives each variant's TTFT p99 over prefix's, over vllm-router's and
+kv's hit rate minus the oracle's, since the machine's noise moves whole repeats together.
 """
 
 from __future__ import annotations
@@ -30,21 +39,27 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
+import os
 import random
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from tests.bench.common import machine
 from tests.bench.kvoverhead import EVENTS, REPLAY, event_port
+from tests.bench.oracle import Oracle
+from tests.bench.radix import Radix
 from tests.bench.routing import (
     CpuClock,
+    Route,
     Run,
     Scenario,
     Tally,
@@ -58,13 +73,14 @@ from tests.bench.routing import (
     sim_flags,
     stop,
 )
+from tests.bench.systems import vllm_router
 from tests.processes import HOST, Proc, http_status, poll_until, start_gateway, write_config
 
 RESULTS = Path(__file__).with_name("KVROUTING.md")
 MODEL = "sim-model"
 WORKERS = 8
 SECONDS = 20.0
-REPEATS = 2
+REPEATS = 3
 SEQS, TTFT, PREFILL, ITL, TOKENS = 8, 0.01, 0.0002, 0.02, 32
 RATE = 40.0  # requests/s: about 80% of the fleet's slots with the hits a good router gets
 BLOCK = 16
@@ -89,6 +105,19 @@ VARIANTS = (
     Variant("kv", {"policy": "least_loaded", "kv_events": {}}),
     Variant("kv+prefix", {"policy": "least_loaded", "affinity": "prefix", "kv_events": {}}),
     Variant("kv w=2", {"policy": "least_loaded", "kv_events": {"weight": 2.0}}),
+    # Not the gateway: vllm-router as shipped, our radix-tree approximation of its policy
+    # (tests/bench/radix.py) and the oracle (tests/bench/oracle.py).
+    Variant("vllm-router cache_aware", {}),
+    Variant("radix", {}),
+    Variant("oracle", {}),
+)
+DEFAULT_VARIANTS = (
+    "least_loaded",
+    "prefix",
+    "kv",
+    "kv+prefix",
+    "vllm-router cache_aware",
+    "oracle",
 )
 
 
@@ -214,33 +243,84 @@ async def one_run(
     procs = [s.proc for s in sims]
     try:
         urls = [s.url for s in sims]
-        config = write_config(
-            workdir / "gateway.yaml",
-            urls,
-            routing=routing_for(variant, tokenizer),
-            timeouts={"queue": 5.0, "connect": 5.0, "first_token": 300.0, "idle": 300.0},
-            limits={"max_in_flight": 4096, "pool_size": 4096, "pool_per_worker": 1024},
-        )
-        gateway = await asyncio.to_thread(start_gateway, config)
-        procs.append(gateway.proc)
+        front, proc, predicted = await start_front(variant, urls, workdir)
+        if proc is not None:
+            procs.append(proc)
         await asyncio.sleep(2.0)  # load scrapes in, event subscriptions made
         scenario = Scenario("kv", (variant, variant), (), RATE, TOKENS, body)
         run = Run(variant.label, Tally(), window=seconds)
         times = arrivals(RATE, seconds, seed)
         before = await scrape(urls)
-        clock = CpuClock(gateway.proc.popen.pid, [s.proc.popen.pid for s in sims])
+        # The oracle runs in this process: its CPU is the client's (not reported here).
+        front_pid = proc.popen.pid if proc is not None else os.getpid()
+        clock = CpuClock(front_pid, [s.proc.popen.pid for s in sims])
         ticker = asyncio.create_task(progress(label, len(times), run.tally))
         try:
-            await open_loop(gateway.url, scenario, times, seed, run.tally)
+            await open_loop(front, scenario, times, seed, run.tally)
         finally:
             ticker.cancel()
             print(file=sys.stderr)
         run.seconds = time.perf_counter() - clock.started
         run.cpu = clock.shares()
         record_counters(run, before, await scrape(urls))
+        run.predicted = await predicted()
         return run
     finally:
         stop(procs)
+
+
+Predicted = Callable[[], Awaitable[float]]
+
+
+async def start_front(
+    variant: Variant, urls: list[str], workdir: Path
+) -> tuple[str | Route, Proc | None, Predicted]:
+    """What the load generator sends to: the gateway configured as ``variant`` says,
+    vllm-router, radix or the oracle (no process: they route from the load generator); and
+    how to read the hit tokens it predicted (NaN where it predicts none)."""
+    tokenizer = workdir / "tokenizer.json"
+
+    async def unknown() -> float:
+        return math.nan
+
+    if variant.label == "oracle":
+        oracle = await asyncio.to_thread(Oracle, urls, tokenizer, SEQS, BLOCK)
+
+        async def known() -> float:
+            return float(oracle.predicted)
+
+        return oracle.route, None, known
+    if variant.label == "radix":
+        return Radix(urls).route, None, unknown
+    if variant.label.startswith("vllm-router "):
+        policy = variant.label.split(" ", 1)[1]
+        router = await asyncio.to_thread(vllm_router, urls, policy)
+        assert router.proc is not None
+        return router.url, router.proc, unknown
+    config = write_config(
+        workdir / "gateway.yaml",
+        urls,
+        routing=routing_for(variant, tokenizer),
+        timeouts={"queue": 5.0, "connect": 5.0, "first_token": 300.0, "idle": 300.0},
+        limits={"max_in_flight": 4096, "pool_size": 4096, "pool_per_worker": 1024},
+    )
+    gateway = await asyncio.to_thread(start_gateway, config)
+
+    async def scraped() -> float:
+        if "kv_events" not in variant.routing:
+            return math.nan
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"{gateway.url}/metrics") as resp,
+        ):
+            text = await resp.text()
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("gateway_kv_predicted_hit_tokens_total")
+        )
+
+    return gateway.url, gateway.proc, scraped
 
 
 def cell(runs: Sequence[Run], value: Any, fmt: str) -> str:
@@ -251,17 +331,58 @@ def cell(runs: Sequence[Run], value: Any, fmt: str) -> str:
 
 def table(results: dict[str, dict[str, list[Run]]]) -> str:
     lines = [
-        "| workload | variant | hit rate | TTFT p50 (s) | TTFT p99 (s) | completed/s | failed |",
-        "|---|---|---|---|---|---|---|",
+        "| workload | variant | hit rate | predicted / hit | TTFT p50 (s) | TTFT p99 (s) | "
+        "completed/s | failed |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for workload, by_variant in results.items():
         for variant, runs in by_variant.items():
             lines.append(
                 f"| {workload} | {variant} | {cell(runs, lambda r: r.hit_rate, '.3f')} | "
+                f"{cell(runs, lambda r: r.predicted / r.hits if r.hits else math.nan, '.2f')} | "
                 f"{cell(runs, lambda r: r.quantile(0.5), '.3f')} | "
                 f"{cell(runs, lambda r: r.quantile(0.99), '.3f')} | "
                 f"{cell(runs, lambda r: r.tally.completed / r.seconds, '.1f')} | "
                 f"{sum(r.tally.failed for r in runs)} |"
+            )
+    return "\n".join(lines)
+
+
+def ratios(results: dict[str, dict[str, list[Run]]], candidates: Sequence[str]) -> str:
+    """Issue 20's checks, per repeat: hit rate minus the oracle's, TTFT p99 over prefix's,
+    over vllm-router's, over radix's and over least_loaded's, for each cache-aware variant."""
+    lines = [
+        "| workload | variant | hit - oracle | p99 / prefix | p99 / vllm-router | p99 / radix | "
+        "p99 / least_loaded |",
+        "|---|---|---|---|---|---|---|",
+    ]
+
+    def per_repeat(runs: Sequence[Run], others: Sequence[Run] | None, value: Any) -> str:
+        if not others:
+            return "n/a"
+        return ", ".join(
+            format(value(run, other), "+.3f" if value is minus else ".2f")
+            for run, other in zip(runs, others, strict=True)
+        )
+
+    def minus(run: Run, other: Run) -> float:
+        return run.hit_rate - other.hit_rate
+
+    def over(run: Run, other: Run) -> float:
+        return run.quantile(0.99) / other.quantile(0.99)
+
+    for workload, by_variant in results.items():
+        for variant in candidates:
+            runs = by_variant.get(variant)
+            if not runs:
+                continue
+            lines.append(
+                f"| {workload} | {variant} | "
+                f"{per_repeat(runs, by_variant.get('oracle'), minus)} | "
+                f"{per_repeat(runs, by_variant.get('prefix'), over)} | "
+                f"{per_repeat(runs, by_variant.get('vllm-router cache_aware'), over)} | "
+                f"{per_repeat(runs, by_variant.get('radix'), over)} | "
+                f"{per_repeat(runs, by_variant.get('least_loaded'), over)} |"
             )
     return "\n".join(lines)
 
@@ -273,7 +394,7 @@ async def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--only", help="one workload: shared, chat, agent or unique")
     parser.add_argument("--variants", help="comma-separated variant labels (default: all)")
     args = parser.parse_args(argv)
-    chosen = args.variants.split(",") if args.variants else [v.label for v in VARIANTS]
+    chosen = args.variants.split(",") if args.variants else DEFAULT_VARIANTS
     variants = tuple(v for v in VARIANTS if v.label in chosen)
     workdir = Path("/tmp") / f"bench-kvrouting-{time.time_ns()}"
     workdir.mkdir(parents=True)
@@ -297,6 +418,10 @@ async def main(argv: Sequence[str] | None = None) -> None:
             f"{machine()}; {WORKERS} workers, {RATE:g} requests/s for {args.seconds:g} s, "
             f"{args.repeats} repeats; medians, then each repeat in brackets.",
             table(results),
+            "Per repeat (issue 20: hit rate within 0.05 of the oracle; TTFT p99 below prefix's "
+            "and vllm-router's (and radix's) on the prefix workloads; not above least_loaded's on "
+            "unique):",
+            ratios(results, ("kv", "kv+prefix")),
         ]
     )
     RESULTS.write_text(report + "\n", encoding="utf-8")

@@ -27,6 +27,7 @@ import sys
 import textwrap
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -138,6 +139,7 @@ class Run:
     e2e: float = 0.0  # request-seconds spent in the workers (queue + slot), all workers
     home_keys: list[int] = field(default_factory=list)  # (b): prompts whose ring home is each
     cpu: dict[str, float] = field(default_factory=dict)  # share of one core, by process kind
+    predicted: float = math.nan  # hit tokens the router expected of the workers it chose
 
     def quantile(self, q: float) -> float:
         return quantile(self.tally.ttft, q)
@@ -287,10 +289,14 @@ def has_content(line: bytes) -> bool:
     return line.startswith(b"data: {") and b'"content":"' in line and b'"content":""' not in line
 
 
+Route = Callable[[aiohttp.ClientSession, dict[str, Any]], AbstractAsyncContextManager[str]]
+
+
 async def open_loop(
-    url: str, scenario: Scenario, times: list[float], seed: int, tally: Tally
+    url: str | Route, scenario: Scenario, times: list[float], seed: int, tally: Tally
 ) -> None:
-    """Send one request at each arrival time, whatever the answers are doing (open loop)."""
+    """Send one request at each arrival time, whatever the answers are doing (open loop).
+    ``url``: the router's, or a ``Route`` that picks a worker for each body (the oracle)."""
     rng = random.Random(seed)  # request bodies
     timeout = aiohttp.ClientTimeout(total=600.0, sock_read=300.0)
     connector = aiohttp.TCPConnector(limit=0)
@@ -303,9 +309,23 @@ async def open_loop(
                 await asyncio.sleep(delay)
             tally.lag = max(tally.lag, -delay)
             body = scenario.body(n, rng)
-            tasks.append(asyncio.create_task(stream(session, url, body, scenario.tokens, tally)))
+            tasks.append(asyncio.create_task(send(session, url, body, scenario.tokens, tally)))
             tally.sent += 1
         await asyncio.gather(*tasks)
+
+
+async def send(
+    session: aiohttp.ClientSession,
+    url: str | Route,
+    body: dict[str, Any],
+    tokens: int,
+    tally: Tally,
+) -> None:
+    if isinstance(url, str):
+        await stream(session, url, body, tokens, tally)
+        return
+    async with url(session, body) as chosen:
+        await stream(session, chosen, body, tokens, tally)
 
 
 async def progress(label: str, total: int, tally: Tally) -> None:

@@ -17,7 +17,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -201,13 +201,18 @@ def venv(name: str, requirement: str) -> Path:
     return env
 
 
-def vllm_router(worker: str) -> System:
+def vllm_router(
+    worker: str | Sequence[str], policy: str = "round_robin", extra: Sequence[str] = ()
+) -> System:
+    """vllm-router in front of ``worker`` (or several), routing by ``policy`` with its own
+    defaults unless ``extra`` flags say otherwise."""
     env = venv("vllm-router", VLLM_ROUTER)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
+    workers = [worker] if isinstance(worker, str) else list(worker)
     args = [
         str(env / "bin" / "vllm-router"), "--host", "127.0.0.1", "--port", str(port),
-        "--worker-urls", worker, "--policy", "round_robin",
+        "--worker-urls", *workers, "--policy", policy, *extra,
         # Its admission limits raised like ours, so it does not shed the benchmark's load.
         "--max-concurrent-requests", "4096", "--queue-size", "4096",
         "--log-level", "warning",
@@ -217,7 +222,7 @@ def vllm_router(worker: str) -> System:
     proc = Proc(args, name="vllm-router")
     _up(proc, url, "/health", "vllm-router")
     return System("vllm-router", url, proc, version=VLLM_ROUTER.split("==")[1],
-                  notes="Rust, round_robin")  # fmt: skip
+                  notes=f"Rust, {policy}")  # fmt: skip
 
 
 def litellm(worker: str, workdir: Path) -> System:
