@@ -117,6 +117,7 @@ DEFAULT_VARIANTS = (
     "kv",
     "kv+prefix",
     "vllm-router cache_aware",
+    "radix",
     "oracle",
 )
 
@@ -331,9 +332,9 @@ def cell(runs: Sequence[Run], value: Any, fmt: str) -> str:
 
 def table(results: dict[str, dict[str, list[Run]]]) -> str:
     lines = [
-        "| workload | variant | hit rate | predicted / hit | TTFT p50 (s) | TTFT p99 (s) | "
-        "completed/s | failed |",
-        "|---|---|---|---|---|---|---|---|",
+        "| workload | variant | hit rate | predicted / hit | TTFT p50 (s) | TTFT p90 (s) | "
+        "TTFT p99 (s) | completed/s | failed |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for workload, by_variant in results.items():
         for variant, runs in by_variant.items():
@@ -341,6 +342,7 @@ def table(results: dict[str, dict[str, list[Run]]]) -> str:
                 f"| {workload} | {variant} | {cell(runs, lambda r: r.hit_rate, '.3f')} | "
                 f"{cell(runs, lambda r: r.predicted / r.hits if r.hits else math.nan, '.2f')} | "
                 f"{cell(runs, lambda r: r.quantile(0.5), '.3f')} | "
+                f"{cell(runs, lambda r: r.quantile(0.9), '.3f')} | "
                 f"{cell(runs, lambda r: r.quantile(0.99), '.3f')} | "
                 f"{cell(runs, lambda r: r.tally.completed / r.seconds, '.1f')} | "
                 f"{sum(r.tally.failed for r in runs)} |"

@@ -152,12 +152,14 @@ FEATURES: dict[str, object] = {
 }  # fmt: skip
 
 
-def gateway(worker: str, workdir: Path, features: bool = False) -> System:
+def gateway(
+    worker: str, workdir: Path, features: bool = False, models: Sequence[str] = MODELS
+) -> System:
     name = "vllm-gateway+features" if features else "vllm-gateway"
     config = workdir / f"{name}.yaml"
     settings: dict[str, object] = {
         "server": {"host": "127.0.0.1", "port": 0, "processes": "auto"},
-        "workers": [{"url": worker, "models": list(MODELS)}],
+        "workers": [{"url": worker, "models": list(models)}],
         # Only the limits are raised, so it does not shed the benchmark's own load; metrics,
         # routing (least-loaded, scraping the worker), timeouts, the access log stay on.
         "limits": {"max_in_flight": 4096, "pool_size": 4096, "pool_per_worker": 4096},
