@@ -6,6 +6,7 @@ import asyncio
 import base64
 import json
 import math
+import random
 import struct
 import time
 from collections.abc import Awaitable, Callable
@@ -16,6 +17,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpClient
 
+from gateway.kvindex import KVIndex
 from gateway.simulator import ENGINE, FaultSpec, FaultSpecError, SimConfig, create_app, parse_fault
 from gateway.simulator.__main__ import build_parser, config_from_args, main
 from gateway.simulator.app import SIM
@@ -633,6 +635,28 @@ def test_prefix_cache_too_small_for_a_prompt_keeps_its_head() -> None:
     cache.admit(prompt)
     assert len(cache) == 2
     assert cache.match(prompt) == 4
+
+
+def test_an_index_fed_the_prefix_caches_events_sees_the_cache_itself() -> None:
+    """The gateway's index (``KVIndex``), fed nothing but the cache's events, matches every
+    prompt exactly as the cache does, after every admission. Four growing sessions in a cache
+    that holds about one of them: a session's own head is often the least recently used block
+    when it comes back, and making room for its new blocks must not evict it (vLLM takes a
+    request's cached blocks before it allocates), nor may the events say it did."""
+    cache = PrefixCache(capacity_blocks=12, block_tokens=2)
+    index = KVIndex()
+    cache.on_events = lambda events: index.apply("w", events)
+    rng = random.Random(3)
+    sessions: list[list[int]] = [[] for _ in range(4)]
+    for _ in range(500):
+        session = sessions[rng.randrange(4)]
+        if len(session) > 20:
+            session.clear()
+        session.extend(rng.randrange(50) for _ in range(rng.randrange(1, 6)))
+        cache.admit(session, salt="m")
+        for prompt in sessions:
+            seen = index.match(index.keys(prompt, 2), ["w"]).get("w", 0) * 2
+            assert seen == cache.match(prompt, salt="m"), prompt
 
 
 def test_prefix_cache_disabled_at_zero_blocks() -> None:

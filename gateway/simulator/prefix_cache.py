@@ -55,12 +55,22 @@ class PrefixCache:
             return 0
         hashes = self.block_hashes(tokens, salt)
         hits = self._leading_hits(hashes)
-        new = [i for i, block in enumerate(hashes) if block not in self._blocks]
+        held = [block in self._blocks for block in hashes]
+        # The request takes its cached blocks first (vLLM takes them off the free queue before
+        # it allocates), so making room for its new blocks never evicts them: only a prompt
+        # larger than the whole cache can push out its own blocks.
+        for block, cached in zip(hashes, held, strict=True):
+            if cached:
+                self._blocks.move_to_end(block)
         evicted: list[bytes] = []
         for block in reversed(hashes):
             evicted.extend(self._touch(block))
-        if self.on_events is not None and (new or evicted):
-            self.on_events(self._events(tokens, hashes, new, evicted))
+        # The events tell the change as it stands after the admission, so that a subscriber's
+        # view equals the cache: a block evicted and stored again within it is no change.
+        new = [i for i, block in enumerate(hashes) if not held[i] and block in self._blocks]
+        gone = list(dict.fromkeys(b for b in evicted if b not in self._blocks))
+        if self.on_events is not None and (new or gone):
+            self.on_events(self._events(tokens, hashes, new, gone))
         return hits * self.block_tokens
 
     def block_hashes(self, tokens: Sequence[int | str], salt: str = "") -> list[bytes]:
@@ -93,7 +103,11 @@ class PrefixCache:
     def _events(
         self, tokens: Sequence[int | str], hashes: list[bytes], new: list[int], evicted: list[bytes]
     ) -> list[Event]:
+        # Removals first, as vLLM sends them: blocks are evicted when a step allocates, and
+        # stored once they are full.
         events: list[Event] = []
+        if evicted:
+            events.append(BlockRemoved([_external(block) for block in evicted], "GPU"))
         size = self.block_tokens
         runs: list[list[int]] = []
         for i in new:
@@ -112,8 +126,6 @@ class PrefixCache:
                     medium="GPU",
                 )
             )
-        if evicted:
-            events.append(BlockRemoved([_external(block) for block in evicted], "GPU"))
         return events
 
 
