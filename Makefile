@@ -130,6 +130,8 @@ bench-resume: $(STAMP)
 
 # Routing quality on simulated fleets: the default policy vs round-robin on a heterogeneous
 # fleet, prefix affinity vs none on prefix-heavy traffic; writes tests/bench/ROUTING.md (~7 min).
+# Then cache-aware routing from KV-cache events against prefix affinity, vllm-router's
+# cache_aware, a radix-tree router and an oracle, 4 workloads; writes KVROUTING.md (~36 min).
 bench-routing: $(STAMP)
 	$(PY) -m tests.bench.routing
 	$(PY) -m tests.bench.kvrouting

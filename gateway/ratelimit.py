@@ -18,8 +18,8 @@ gateway. With ``redis.url`` the same arithmetic runs in Redis (``ratelimit_redis
 share one allowance. When a Redis call fails the request is limited here instead
 (``on_error: open``) or refused with 503 (``closed``), Redis is left alone until a background
 PING answers again (once a second), ``gateway_ratelimit_redis_up`` is 0 meanwhile, and the log
-says so once when it goes and once when it is back; slots and token corrections that could not
-be given back meanwhile are given back then.
+says so once when it goes and once when it is back; in-flight slots that could not be given
+back meanwhile are given back then (token corrections of that time are lost).
 """
 
 from __future__ import annotations
@@ -55,7 +55,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 RECONNECT_INTERVAL = 1.0  # seconds between PINGs while Redis is unreachable
-UNSETTLED_MAX = 10_000  # shared settles kept for Redis's return
+UNSETTLED_MAX = 10_000  # slots kept to give back in Redis when it returns
+SETTLE_AT_CLOSE = 1.0  # seconds closing waits for the settles under way
 
 
 def rates_for(client: Client, model: str, tokens: int) -> list[Rate]:
@@ -90,9 +91,10 @@ def _scopes(client: Client, model: str) -> list[tuple[str, RateLimits]]:
 
 @dataclass(frozen=True, slots=True)
 class Unsettled:
-    """A shared grant's Redis part that could not be given back yet."""
+    """A shared grant's in-flight slots that could not be given back in Redis yet. Its token
+    correction is not kept: a call that timed out may have run, and a second run would
+    correct the tokens twice, where giving a slot back twice is harmless."""
 
-    corrections: list[tuple[Rate, int]]
     lease: str
     scopes: tuple[str, ...]
     at: float  # when the request ended (the clock of the limiter)
@@ -150,9 +152,10 @@ class RateLimiter:
         self._lease_count = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
-        # Shared settles that failed, given back when Redis answers again; bounded, the
-        # oldest dropped first (their leases expire on their own).
+        # Slots a shared settle could not give back, given back when Redis answers again;
+        # bounded: past UNSETTLED_MAX the oldest go (their leases expire on their own).
         self._unsettled: deque[Unsettled] = deque(maxlen=UNSETTLED_MAX)
+        self._settling: set[asyncio.Task[None]] = set()  # shared settles under way
 
     @property
     def shared(self) -> bool:
@@ -173,6 +176,8 @@ class RateLimiter:
 
     async def close(self) -> None:
         self._closed = True
+        if self._settling:  # the last requests' slots, given back if Redis answers in time
+            await asyncio.wait(self._settling, timeout=SETTLE_AT_CLOSE)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -242,9 +247,9 @@ class RateLimiter:
     async def settle(self, grant: Grant, tokens: int | None) -> None:
         """Give back ``grant``'s in-flight slots and correct its token charge; never raises
         (the request has been answered). A shared grant's Redis part runs to its end even
-        when the caller is cancelled; while Redis is unreachable it waits for Redis's return
-        (``_settle_late``), and its lease, no longer renewed, expires there within
-        ``lease_seconds`` in any case."""
+        when the caller is cancelled. When Redis cannot be reached, the slots are given back
+        once it answers again (``_settle_late``) and the token correction is lost; the lease,
+        no longer renewed, expires there within ``lease_seconds`` in any case."""
         corrections = [
             (rate, tokens - rate.cost)
             for rate in grant.tokens
@@ -264,41 +269,45 @@ class RateLimiter:
         scopes = self._leases.pop(grant.lease, ())
         if self._redis is None or self._closed or not (corrections or scopes):
             return
-        unsettled = Unsettled(corrections, grant.lease, scopes, self._clock())
+        unsettled = Unsettled(grant.lease, scopes, self._clock())
         if not self._up:
-            self._unsettled.append(unsettled)
+            if scopes:
+                self._unsettled.append(unsettled)
             return
         # Shielded: aiohttp cancels the handler when the client closes its connection, which
         # clients do the moment they have the answer, so usually while this call is out. A
         # cancelled settle left the slot taken in Redis, for every replica, until the lease
         # expired.
-        task = asyncio.create_task(self._settle_shared(self._redis, unsettled))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task = asyncio.create_task(self._settle_shared(self._redis, corrections, unsettled))
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
         await asyncio.shield(task)
 
-    async def _settle_shared(self, redis: RedisLimits, unsettled: Unsettled) -> None:
+    async def _settle_shared(
+        self, redis: RedisLimits, corrections: list[tuple[Rate, int]], unsettled: Unsettled
+    ) -> None:
         try:
-            await redis.settle(unsettled.corrections, unsettled.lease, unsettled.scopes)
+            await redis.settle(corrections, unsettled.lease, unsettled.scopes)
         except RedisUnavailable as exc:
-            self._unsettled.append(unsettled)
+            if unsettled.scopes:
+                self._unsettled.append(unsettled)
             self._failed(exc)
 
-    async def _settle_late(self, redis: RedisLimits) -> None:
-        """Redis is back: give back what could not be given back while it was away. Leases
-        older than ``lease_seconds`` have expired there already; their token corrections are
-        dropped with them (the minute they belonged to is mostly over)."""
+    async def _settle_late(self, redis: RedisLimits) -> bool:
+        """Redis answers again: give back the slots that could not be given back while it was
+        away (those of leases older than ``lease_seconds`` have expired there already). False
+        when Redis fails again; what is left stays for the next try."""
         now = self._clock()
         while self._unsettled:
             unsettled = self._unsettled.popleft()
             if now - unsettled.at > redis.lease_seconds:
                 continue
             try:
-                await redis.settle(unsettled.corrections, unsettled.lease, unsettled.scopes)
-            except RedisUnavailable as exc:
+                await redis.settle((), unsettled.lease, unsettled.scopes)
+            except RedisUnavailable:
                 self._unsettled.appendleft(unsettled)
-                self._failed(exc)
-                return
+                return False
+        return True
 
     def _hold(self, caps: list[Scope]) -> None:
         if self._host is not None:
@@ -329,10 +338,14 @@ class RateLimiter:
             except RedisUnavailable:
                 self._metrics.ratelimit_redis_errors.inc()
                 continue
+            # Slots first, so that the first requests admitted in Redis again do not meet
+            # slots that were given back here long ago.
+            if not await self._settle_late(self._redis):
+                self._metrics.ratelimit_redis_errors.inc()
+                continue
             self._up = True
             self._metrics.ratelimit_redis_up.set(1)
             log.info("redis reachable again: rate limits are shared")
-            await self._settle_late(self._redis)
             return
 
     async def _renew_forever(self) -> None:

@@ -236,6 +236,7 @@ async def test_settles_cancelled_midway_still_give_their_slots_back(redis_url: s
             for grant in admitted:
                 await grant.settle(None)
             if len(admitted) == many:
+                assert two.shared, "admitted on local limits (a Redis call failed), not in Redis"
                 break
             assert time.monotonic() - since < 2.0, f"{many - len(admitted)} slots lost"
             await asyncio.sleep(0.02)
@@ -251,6 +252,7 @@ async def wait_admitted(limiter: RateLimiter, failure: str, within: float = 2.0)
         assert time.monotonic() - since < within, failure
         await asyncio.sleep(0.02)
     await probe.settle(None)
+    assert limiter.shared, "admitted on local limits (a Redis call failed), not in Redis"
 
 
 async def test_a_settle_while_redis_is_away_is_given_back_when_it_returns() -> None:

@@ -68,7 +68,10 @@ class PrefixCache:
         # The events tell the change as it stands after the admission, so that a subscriber's
         # view equals the cache: a block evicted and stored again within it is no change.
         new = [i for i, block in enumerate(hashes) if not held[i] and block in self._blocks]
-        gone = list(dict.fromkeys(b for b in evicted if b not in self._blocks))
+        # A prompt larger than the cache can push out blocks it has only just stored: never
+        # announced, so not announced as removed either.
+        fresh = {block for block, cached in zip(hashes, held, strict=True) if not cached}
+        gone = [b for b in dict.fromkeys(evicted) if b not in self._blocks and b not in fresh]
         if self.on_events is not None and (new or gone):
             self.on_events(self._events(tokens, hashes, new, gone))
         return hits * self.block_tokens

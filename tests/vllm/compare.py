@@ -74,7 +74,7 @@ def _merge(into: dict[str, Any], event: dict[str, Any], finish: bool = False) ->
     if a.get("index") != b.get("index") or a.keys() - ending != b.keys() - ending:
         raise ValueError("different choices")
     merged = {
-        k: b[k] if k in ending else _merge_lists(a[k], b[k])
+        k: b.get(k, a.get(k)) if k in ending else _merge_lists(a[k], b[k])
         for k in a.keys() | b.keys()
         if k not in ("delta", "text")
     }
