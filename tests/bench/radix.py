@@ -1,6 +1,9 @@
-"""The routing benchmark's approximate prefix router, built the way vllm-router's (and SGLang's)
-``cache_aware`` policy works, for the third level of routing: a guess of each worker's cache
-from the text of the requests sent to it, no tokenizer, no events.
+"""The routing benchmark's approximate prefix router: the rule of the ``cache_aware`` policy of
+SGLang's router and of vllm-router, applied to the text of the chat messages, for the third
+level of routing (a guess of each worker's cache from the text of the requests sent to it, no
+tokenizer, no events). It stands beside vllm-router itself because vllm-router 0.1.17, on the
+benchmark's chat requests, gets least-loaded's hit rate: it does not route them by their text
+(we have not found out why); this shows what the rule achieves when it does.
 
 - Each worker has a tree of the request texts routed to it (the messages' contents joined),
   here at a granularity of ``GRAIN`` characters: a set of hashed text prefixes, one per grain,
