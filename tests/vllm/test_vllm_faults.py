@@ -32,6 +32,10 @@ pytestmark = pytest.mark.timeout(300)
 PROMPT = [{"role": "user", "content": "Tell me a long story about a gateway and its workers"}]
 # Long enough that the kill lands mid-answer; ignore_eos so every run is exactly this long.
 LONG = 900
+# A whole 900-token answer, resumed after a kill: a SIGKILLed API server leaves its engine
+# generating on the same two cores, and the full suite ran one past 60 s (the tokens still
+# flowing: the gateway's 5 s idle bound never fired). The gateway's own total bound is 120 s.
+STREAM_TIMEOUT = aiohttp.ClientTimeout(total=150)
 
 
 def long_chat(**fields: Any) -> dict[str, Any]:
@@ -127,7 +131,9 @@ async def interrupted(
         killed = False
         async with (
             aiohttp.ClientSession() as session,
-            session.post(gw.url + "/v1/chat/completions", json=body, timeout=TIMEOUT) as response,
+            session.post(
+                gw.url + "/v1/chat/completions", json=body, timeout=STREAM_TIMEOUT
+            ) as response,
         ):
             assert response.status == 200
             async for chunk in response.content.iter_any():
@@ -156,7 +162,9 @@ def victim_failures(gw: Gateway, victim: VLLMWorker) -> float:
 async def read_stream(
     session: aiohttp.ClientSession, url: str, body: dict[str, Any]
 ) -> tuple[int, bytes]:
-    async with session.post(url + "/v1/chat/completions", json=body, timeout=TIMEOUT) as response:
+    async with session.post(
+        url + "/v1/chat/completions", json=body, timeout=STREAM_TIMEOUT
+    ) as response:
         return response.status, await response.read()
 
 
