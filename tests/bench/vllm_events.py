@@ -30,6 +30,7 @@ from pathlib import Path
 import aiohttp
 
 from tests.bench.common import machine
+from tests.bench.routing import quantile
 from tests.bench.systems import MASTER_KEY, System, gateway, vllm_router
 from tests.vllm.fleet import MODEL, VLLMWorker
 
@@ -52,8 +53,7 @@ class Run:
         return self.cpu / self.events * 1e6 if self.events else float("nan")
 
     def ttft_q(self, q: float) -> float:
-        ordered = sorted(self.ttft)
-        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+        return quantile(self.ttft, q)
 
 
 async def one_stream(session: aiohttp.ClientSession, url: str, run: Run) -> None:
