@@ -15,6 +15,10 @@ The semantics the proxy relies on:
 - ``Response.read_chunk`` returns the body bytes buffered so far (chunked coding removed), b""
   at its end; a cut or malformed body raises ``Closed``/``BadHTTP``
   once the bytes before the fault are read.
+- ``Response.divert`` hands the body to a callback instead, called inside the connection's own
+  ``data_received`` with what each read brought (``gateway.pump``: a committed stream's events go
+  to the client without waking a task per event); its reader then waits with ``wait`` for the
+  body's end, a failure, or the callback's own ``wake``, and pushes back with ``pause``.
 - ``Response.release`` puts a keep-alive connection back once its body has ended, else closes
   it; ``release(drain=True)``, for a reader that stopped at an end it knows (a stream's
   ``[DONE]`` event, whose chunked terminator vLLM writes separately), lets the rest arrive in
@@ -147,15 +151,59 @@ class Response:
             if chunks:
                 conn.chunks = []
                 conn.buffered = 0
-                if conn.paused:
-                    conn.paused = False
-                    conn.transport.resume_reading()
+                conn.unpause()
                 return chunks[0] if len(chunks) == 1 else b"".join(chunks)
             if conn.error is not None:
                 raise conn.error
             if conn.complete:
                 return b""
             await conn.wait()
+
+    def divert(self, sink: Callable[[bytes], None]) -> bytes:
+        """From now on the body goes to ``sink`` inside the protocol callback, what each read
+        brought in one call, instead of the buffer; returns what the buffer held, which the
+        caller hands on first (nothing arrives in between: there is no await here). ``sink``
+        must not raise."""
+        conn = self._conn
+        if conn is None:
+            return b""
+        held = b"".join(conn.chunks)
+        conn.chunks = []
+        conn.buffered = 0
+        conn.sink = sink
+        conn.unpause()
+        return held
+
+    def ended(self) -> bool:
+        """The body is whole (all of it went to the reader or the sink); raises the transport's
+        error if the body was cut or malformed."""
+        conn = self._conn
+        if conn is None:
+            return True
+        if conn.error is not None:
+            raise conn.error
+        return conn.complete
+
+    async def wait(self) -> None:
+        """Until the body ends or fails, or a sink calls ``wake``."""
+        conn = self._conn
+        if conn is not None and conn.error is None and not conn.complete:
+            await conn.wait()
+
+    def wake(self) -> None:
+        if self._conn is not None:
+            self._conn._wake()
+
+    def pause(self) -> None:
+        """Stop reading the worker's socket (TCP pushes back on it) until ``resume``."""
+        conn = self._conn
+        if conn is not None and not conn.paused and not conn.lost:
+            conn.paused = True
+            conn.transport.pause_reading()
+
+    def resume(self) -> None:
+        if self._conn is not None:
+            self._conn.unpause()
 
     def release(self, drain: bool = False) -> None:
         """Done with the response: its connection is kept if the body has ended, else closed;
@@ -164,6 +212,9 @@ class Response:
         conn, self._conn = self._conn, None
         if conn is None:
             return
+        if conn.sink is not None:
+            conn.sink = None
+            conn.unpause()  # a sink's pause: the rest must be read, to drain or to see an end
         if not drain or conn.complete or conn.error is not None or conn.lost or conn.until_close:
             conn.pool.put_back(conn)  # closes what cannot be kept
         else:
@@ -172,6 +223,7 @@ class Response:
     def close(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:
+            conn.sink = None
             conn.close()
 
 
@@ -205,7 +257,8 @@ class _Connection(asyncio.Protocol):
         self.head_size = 0
         self.chunks: list[bytes] = []
         self.buffered = 0
-        self.paused = False
+        self.paused = False  # reading paused: the buffer's high water, or a sink's ``pause``
+        self.sink: Callable[[bytes], None] | None = None  # see ``Response.divert``
         self.error: TransportError | None = None
 
     # -- the pool's side
@@ -267,10 +320,14 @@ class _Connection(asyncio.Protocol):
         if self._drain_budget < 0:
             self.close()
             return
+        self.unpause()
+        self._drain_timer = asyncio.get_running_loop().call_later(DRAIN_TIMEOUT, self.close)
+
+    def unpause(self) -> None:
         if self.paused:
             self.paused = False
-            self.transport.resume_reading()
-        self._drain_timer = asyncio.get_running_loop().call_later(DRAIN_TIMEOUT, self.close)
+            if not self.lost:
+                self.transport.resume_reading()
 
     def _drained(self) -> None:
         timer, self._drain_timer = self._drain_timer, None
@@ -342,6 +399,12 @@ class _Connection(asyncio.Protocol):
                 self._fail(BadHTTP("The model worker sent oversized headers."))
             elif self.complete and self._drain_timer is not None:
                 self._drained()  # after the parser is done with this read
+        sink = self.sink
+        if sink is not None and self.chunks:
+            # One call per read, not per HTTP chunk: a read holding a whole answer (a worker
+            # that does not pace) is one write to the client, not one per event.
+            chunks, self.chunks = self.chunks, []
+            sink(chunks[0] if len(chunks) == 1 else b"".join(chunks))
 
     def eof_received(self) -> bool | None:
         return None  # close the transport: connection_lost settles the response
@@ -387,6 +450,8 @@ class _Connection(asyncio.Protocol):
                 self.close()
             return
         self.chunks.append(body)
+        if self.sink is not None:
+            return  # handed on whole at the end of the read (``data_received``)
         self.buffered += len(body)
         if self.buffered > HIGH_WATER and not self.paused:
             self.paused = True

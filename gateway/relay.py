@@ -10,18 +10,19 @@ write it, and the final observation (metrics, access log) reads it.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import orjson
 from aiohttp import web
+from aiohttp.http_writer import StreamWriter
 
 from gateway.auth import OPEN_CLIENT, Client
 from gateway.deadline import Deadline
 from gateway.errors import (
     UpstreamAborted,
     UpstreamBadAnswer,
-    UpstreamBadResponse,
     UpstreamDisconnected,
     UpstreamMalformedEvent,
     UpstreamStreamError,
@@ -30,6 +31,7 @@ from gateway.errors import (
 from gateway.framing import EventFramer
 from gateway.h1 import Closed
 from gateway.metrics import GatewayMetrics
+from gateway.pump import Pump
 from gateway.request import Route
 from gateway.resume import Splice, Transcript, scrub_token_ids, worker_fault
 from gateway.settings import TimeoutSettings
@@ -125,29 +127,32 @@ class Relay:
         if transcript is not None:
             transcript.feed(out)
         await self._send(ex, client, self._scrubbed(ex, out), phase)
-        itl = self._metrics.inter_token_latency_of(self.model_label(ex))
-        last = loop.time()
-        while not observer.done:
-            try:
-                chunk = await response.read_chunk()
-            except Closed as exc:
-                if observer.finish_reason is not None and ex.single_choice:
-                    break  # cut after the answer was complete: finished below
+        pump = Pump(
+            response,
+            self._transport(ex),
+            chunked=self._writer(ex).chunked,
+            observer=observer,
+            framer=framer,
+            transcript=transcript,
+            scrub=ex.scrub_ids,
+            check=functools.partial(self._check_events, ex),
+            itl=self._metrics.inter_token_latency_of(self.model_label(ex)),
+            phase=phase,
+            idle=idle,
+            max_event=MAX_EVENT_BYTES,
+        )
+        pump.start()
+        try:
+            while not await pump.settle():
+                ex.writing = True  # the client is not reading: a stall now is its own
+                await self._writer(ex).drain()
+                ex.writing = False
+                pump.unblock()
+        except Closed as exc:
+            if observer.finish_reason is None or not ex.single_choice:
                 raise UpstreamStreamTruncated() from exc
-            if not chunk:
-                break
-            now = loop.time()
-            itl.observe(now - last)
-            last = now
-            self._extend(phase, now + idle)
-            observer.feed(chunk)
-            sick |= self._check_events(ex, observer)
-            if out := framer.feed(chunk):
-                if transcript is not None:
-                    transcript.feed(out)
-                await self._send(ex, client, self._scrubbed(ex, out), phase)
-            elif framer.pending > MAX_EVENT_BYTES:
-                raise UpstreamBadResponse("The model worker sent an oversized stream event.")
+            # else cut after the answer was complete: finished below
+        sick |= pump.sick
         observer.finish()
         self.count_usage(ex, observer.usage)
         if not observer.done:
@@ -159,6 +164,19 @@ class Relay:
         ex.ending = True
         await client.write_eof()
         return sick
+
+    @staticmethod
+    def _writer(ex: Exchange) -> StreamWriter:
+        writer = ex.request.writer
+        assert isinstance(writer, StreamWriter)  # aiohttp's, which the server always uses
+        return writer
+
+    @staticmethod
+    def _transport(ex: Exchange) -> asyncio.Transport:
+        transport = ex.request.transport
+        if transport is None:
+            raise ConnectionResetError("the client's connection is gone")
+        return transport
 
     def _scrubbed(self, ex: Exchange, out: bytes) -> bytes:
         return scrub_token_ids(out) if ex.scrub_ids else out

@@ -73,7 +73,7 @@ async def main() -> None:
         name = "working-tree" if args.processes == [1] else f"working-tree x{n}"
         systems.append(start(name.replace(" ", "-"), ROOT, direct.url, workdir, n))
     await asyncio.sleep(2)  # first probes done
-    table: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    table: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
     try:
         for i in range(args.repeats):
             for key in args.scenarios:
@@ -81,27 +81,29 @@ async def main() -> None:
                 for system in systems[i % len(systems) :] + systems[: i % len(systems)]:
                     url = f"{system.url}/v1/chat/completions"
                     data = chat_body(sc.model, sc.stream)
-                    before = system.cpu_seconds()
+                    before, kernel_before = system.cpu_seconds(), system.kernel_seconds()
                     label = f"#{i + 1} {key} {system.name}"
                     if sc.rate:
                         s = await open_loop(url, data, sc.stream, sc.rate, args.seconds, label)
                     else:
                         s = await closed_loop(url, data, sc.stream, sc.concurrency,
                                               args.seconds, label)  # fmt: skip
-                    cpu = 1000 * (system.cpu_seconds() - before) / max(len(s.total), 1)
-                    table.setdefault((key, system.name), []).append((s.rate, cpu))
+                    done = max(len(s.total), 1)
+                    cpu = 1000 * (system.cpu_seconds() - before) / done
+                    kernel = 1000 * (system.kernel_seconds() - kernel_before) / done
+                    table.setdefault((key, system.name), []).append((s.rate, cpu, kernel))
                     await asyncio.sleep(0.5)
     finally:
         for system in systems:
             assert system.proc is not None
             system.proc.kill()
         worker.kill()
-    print("| scenario | gateway | req/s | CPU ms / req |\n|---|---|---|---|")
+    print("| scenario | gateway | req/s | CPU ms / req | of which kernel |\n|---|---|---|---|---|")
     for (key, name), runs in table.items():
-        rates, cpus = [r for r, _ in runs], [c for _, c in runs]
+        rates, cpus, kernels = ([run[i] for run in runs] for i in range(3))
         print(f"| {key} | {name} | {statistics.median(rates):.0f} ({min(rates):.0f}-"
               f"{max(rates):.0f}) | {statistics.median(cpus):.3f} ({min(cpus):.3f}-"
-              f"{max(cpus):.3f}) |")  # fmt: skip
+              f"{max(cpus):.3f}) | {statistics.median(kernels):.3f} |")  # fmt: skip
 
 
 if __name__ == "__main__":
