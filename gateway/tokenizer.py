@@ -86,8 +86,12 @@ class PromptTokenizer:
         self._cache_chars = 0
         # Whether some worker holds the last full block of these ids (set by the app from the
         # KV index): a new long piece whose head nobody holds is not worth encoding, since no
-        # block after it can match.
+        # block after it can match; the first time it is seen. A piece seen again is encoded
+        # and cached: it repeats, so the worker it goes to will hold it, and probing it on
+        # every request cost more than encoding it once (about 250 us against 60 for the
+        # whole prompt from the cache, a 1.3k-token chat prompt on the tiny model).
         self.probe: Callable[[list[int], int], bool | None] | None = None
+        self._probed: OrderedDict[int, None] = OrderedDict()  # hashes of pieces found unheld
         self.split_exact = bool(specials) and all(
             self._pieces(probe.format(specials[-1]), len(probe) + 99)
             == self._tokenizer.encode(probe.format(specials[-1]), add_special_tokens=False).ids
@@ -156,11 +160,21 @@ class PromptTokenizer:
         return ids
 
     def _unheld(self, ids: list[int], piece: str) -> bool:
-        """True when nobody holds the blocks that the head of this new piece would complete."""
+        """True when nobody holds the blocks that the head of this new piece would complete,
+        and the piece has not been found so before (see ``probe``)."""
         if self.probe is None or len(piece) <= PROBE_CHARS:
             return False
+        seen = hash(piece)
+        if seen in self._probed:
+            del self._probed[seen]
+            return False
         head = self._tokenizer.encode(piece[:PROBE_CHARS], add_special_tokens=False).ids
-        return self.probe(ids + head[:-CUT_MARGIN], len(ids)) is False
+        if self.probe(ids + head[:-CUT_MARGIN], len(ids)) is not False:
+            return False
+        self._probed[seen] = None
+        if len(self._probed) > self._cache_size:
+            self._probed.popitem(last=False)
+        return True
 
     def _remember(self, piece: str, ids: array[int]) -> None:
         self._cache[piece] = ids

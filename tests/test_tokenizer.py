@@ -172,11 +172,43 @@ def test_a_long_new_piece_nobody_holds_is_not_encoded(tmp_path: Path) -> None:
     short = ours.chat_ids(data)
     assert short == whole[:1]  # the bos token before the unheld piece
     assert asked == [(asked[0][0], 1)]
+    other = "a second document, which the probe cannot tell about " * 30
+    other_whole = reference.encode(
+        f"<s><|system|>{other}</s><|user|>a fox?</s><|assistant|>", add_special_tokens=False
+    ).ids
     answer[0] = None
-    assert ours.chat_ids(data) == whole
-    answer[0] = False
-    assert ours.chat_ids(data) == whole  # cached now: no question asked
+    assert ours.chat_ids(chat(other, "a fox?")) == other_whole
     assert len(asked) == 2
+    answer[0] = False
+    assert ours.chat_ids(chat(other, "a fox?")) == other_whole  # cached: no question asked
+    assert len(asked) == 2
+
+
+def test_a_long_piece_nobody_holds_is_encoded_when_it_comes_again(tmp_path: Path) -> None:
+    """Probing costs an encoding of the head each time: a piece found unheld once is encoded
+    and cached on its second sight, not probed on every request (as a system prompt that no
+    worker holds yet, or ever, would be)."""
+    directory = model_dir(tmp_path)
+    reference = Tokenizer.from_file(str(directory / "tokenizer.json"))
+    ours = PromptTokenizer(directory / "tokenizer.json")
+    asked: list[int] = []
+
+    def probe(ids: list[int], after: int) -> bool | None:
+        asked.append(after)
+        return False
+
+    ours.probe = probe
+    document = "the quick brown fox jumps over the lazy dog " * 40  # > PROBE_CHARS
+    whole = reference.encode(
+        f"<s><|system|>{document}</s><|user|>a fox?</s><|assistant|>", add_special_tokens=False
+    ).ids
+    assert ours.chat_ids(chat(document, "a fox?")) == whole[:1]
+    assert ours.chat_ids(chat(document, "a fox?")) == whole
+    assert ours.chat_ids(chat(document, "a fox?")) == whole
+    assert asked == [1]
+    other = "a different document that no worker holds either, " * 30
+    assert ours.chat_ids(chat(other, "a fox?")) == whole[:1]
+    assert asked == [1, 1]
 
 
 def test_a_tokenizer_that_does_not_split_cleanly_is_encoded_whole(tmp_path: Path) -> None:

@@ -36,6 +36,7 @@ from tests.processes import write_config as gateway_yaml
 MODEL_DIR = Path(__file__).resolve().parents[2] / ".cache" / "tiny-model"
 MODEL = "sim-model"
 EVENTS, REPLAY = 1000, 2000
+RESULTS = Path(__file__).with_name("KVOVERHEAD.md")
 WORDS = ("route", "cache", "block", "token", "prefix", "worker", "gateway", "event", "queue")
 
 
@@ -143,18 +144,25 @@ async def main() -> None:
         rng = random.Random(7)
         system = " ".join(rng.choice(WORDS) for _ in range(700))
         prefix = [rng.randrange(10, 30000) for _ in range(1536)]
-        print(f"{machine()}; {args.repeats} requests per gateway and workload, c=1")
+        lines = [f"{machine()}; {args.repeats} requests per gateway and workload, c=1", ""]
+        lines.append("| workload | default p50 / p99 | kv_events p50 / p99 | added p50 / p99 |")
+        lines.append("|---|---|---|---|")
         for workload, make in (
             ("chat", lambda r: chat_body(r, system)),
             ("ids", lambda r: ids_body(r, prefix)),
         ):
             samples = await side_by_side(urls, make, args.repeats)
             (d50, d99), (k50, k99) = cuts(samples["default"]), cuts(samples["kv_events"])
-            print(
-                f"{workload}: default p50 {d50:.3f} ms p99 {d99:.3f} ms | kv_events p50"
-                f" {k50:.3f} ms p99 {k99:.3f} ms | added p50 {k50 - d50:+.3f} ms"
-                f" p99 {k99 - d99:+.3f} ms"
+            lines.append(
+                f"| {workload} | {d50:.3f} / {d99:.3f} ms | {k50:.3f} / {k99:.3f} ms |"
+                f" {k50 - d50:+.3f} / {k99 - d99:+.3f} ms |"
             )
+            print(lines[-1], flush=True)
+        doc = (__doc__ or "").split("\n\n", 1)[1]
+        RESULTS.write_text(
+            "# What cache-aware routing adds to TTFT at c=1 (`python -m tests.bench.kvoverhead`)"
+            "\n\n" + doc.strip() + "\n\n" + "\n".join(lines) + "\n"
+        )
     finally:
         for proc in procs:
             proc.kill()
