@@ -609,6 +609,67 @@ def test_vllm_scrape_sets_instance_to_the_workers_host_and_port(all_on: list[Man
     assert 'instance=~\\"$worker\\"' in dashboard
 
 
+def test_kv_events_wire_every_worker_and_the_gateway_to_the_same_sockets(
+    all_on: list[Manifest], tmp_path: Path
+) -> None:
+    """With vllm.kvEvents on, every chart worker runs with prefix caching and publishes its
+    KV-cache events on the configured ports (bound on every address, the way vLLM binds
+    rather than connects out); the gateway subscribes to each discovered pod on those ports
+    and topic, and the workers' network policy lets it in."""
+    routing = settings_of(all_on, tmp_path).routing.kv_events
+    assert routing.enabled
+    assert (routing.endpoint, routing.replay_endpoint) == ("tcp://{host}:6557", "tcp://{host}:6558")
+    workers = [m for m in all_on if m["kind"] == "StatefulSet"]
+    assert len(workers) == 2
+    for sts in workers:
+        [container] = sts["spec"]["template"]["spec"]["containers"]
+        args = container["args"]
+        assert "--enable-prefix-caching" in args
+        published = json.loads(args[args.index("--kv-events-config") + 1])
+        assert published == {
+            "enable_kv_cache_events": True,
+            "publisher": "zmq",
+            "endpoint": "tcp://*:6557",
+            "replay_endpoint": "tcp://*:6558",
+            "topic": routing.topic,
+        }
+        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        assert ports == {"http": 8000, "kv-events": 6557, "kv-replay": 6558}
+    policy = one(all_on, "NetworkPolicy", "vllm")
+    [rule] = policy["spec"]["ingress"]
+    assert {p["port"] for p in rule["ports"]} == {"http", "kv-events", "kv-replay"}
+
+
+def test_kv_events_keep_the_users_own_routing_settings(tmp_path: Path) -> None:
+    """What the values say about kv_events (tokenizers, weight) is kept; the sockets and topic
+    are the chart's, so they cannot disagree with what the workers publish on."""
+    manifests = render(
+        "-f", str(ALL_ON), "--set-json",
+        'config.routing.kv_events={"weight": 4, "topic": "other", "endpoint": "tcp://{host}:1",'
+        ' "tokenizers": {"llama-3.1-8b": "/tokenizers/llama/tokenizer.json"}}',
+    )  # fmt: skip
+    text = one(manifests, "ConfigMap")["data"]["gateway.yaml"]
+    kv = yaml.safe_load(text)["routing"]["kv_events"]
+    assert kv == {
+        "enabled": True,
+        "endpoint": "tcp://{host}:6557",
+        "replay_endpoint": "tcp://{host}:6558",
+        "topic": "kv-events",
+        "weight": 4,
+        "tokenizers": {"llama-3.1-8b": "/tokenizers/llama/tokenizer.json"},
+    }
+
+
+def test_without_kv_events_workers_publish_nothing() -> None:
+    manifests = render(*VALUE_SETS["workers-only"])
+    [sts] = [m for m in manifests if m["kind"] == "StatefulSet"]
+    [container] = sts["spec"]["template"]["spec"]["containers"]
+    assert "--kv-events-config" not in container["args"]
+    assert [p["name"] for p in container["ports"]] == ["http"]
+    text = one(manifests, "ConfigMap")["data"]["gateway.yaml"]
+    assert "kv_events" not in (yaml.safe_load(text).get("routing") or {})
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -617,6 +678,10 @@ def test_vllm_scrape_sets_instance_to_the_workers_host_and_port(all_on: list[Man
         (["--set", "apiKeys.secret=x"], "'secret' not allowed"),
         (["--set-json", 'extraVolumeMounts=[{"name": "x"}]'], "mountPath"),
         (["--set", "redis.image.tag="], "/redis/image/tag"),
+        (["--set", "vllm.kvEvents.port=0"], "/vllm/kvEvents/port"),
+        (["--set", "vllm.kvEvents.host=x"], "'host' not allowed"),
+        (["--set", "config.routing.kv_events.colour=x"], "'colour' not allowed"),
+        (["--set", "config.routing.kv_events.weight=-1"], "/config/routing/kv_events/weight"),
     ],
 )
 def test_schema_checks_the_production_values(args: list[str], message: str) -> None:

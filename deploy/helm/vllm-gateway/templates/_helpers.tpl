@@ -72,6 +72,13 @@ apiKeys.existingSecret, and the chart's Redis as redis.url unless one is set.
 {{- if and .Values.vllm.enabled (eq (toJson $config.workers) (toJson (list (dict "url" "http://vllm:8000")))) }}
 {{- $_ := set $config "workers" list }}
 {{- end }}
+{{- if and .Values.vllm.enabled .Values.vllm.kvEvents.enabled }}
+{{- $kv := .Values.vllm.kvEvents }}
+{{- $routing := default dict $config.routing }}
+{{- $wired := dict "enabled" true "endpoint" (printf "tcp://{host}:%d" (int $kv.port)) "replay_endpoint" (printf "tcp://{host}:%d" (int $kv.replayPort)) "topic" $kv.topic }}
+{{- $_ := set $routing "kv_events" (mergeOverwrite (default dict $routing.kv_events) $wired) }}
+{{- $_ := set $config "routing" $routing }}
+{{- end }}
 {{- if .Values.apiKeys.existingSecret }}
 {{- $_ := set $config "auth" (merge (dict "keys_file" "/etc/vllm-gateway/keys/keys.yaml") (default dict $config.auth)) }}
 {{- end }}
@@ -91,4 +98,9 @@ apiKeys.existingSecret, and the chart's Redis as redis.url unless one is set.
 {{- $server := .Values.config.server }}
 {{- $drain := ceil (addf $server.shutdown_grace $server.drain_timeout) | int }}
 {{- add .Values.preStopSleepSeconds $drain .Values.terminationGraceMarginSeconds }}
+{{- end }}
+
+{{/* vLLM's --kv-events-config for the chart's workers: the sockets the gateway subscribes to. */}}
+{{- define "vllm-gateway.kvEventsConfig" -}}
+{{- dict "enable_kv_cache_events" true "publisher" "zmq" "endpoint" (printf "tcp://*:%d" (int .port)) "replay_endpoint" (printf "tcp://*:%d" (int .replayPort)) "topic" .topic | toJson }}
 {{- end }}
