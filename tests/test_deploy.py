@@ -754,6 +754,7 @@ def test_lock_file_pins_the_runtime_closure_of_this_venv() -> None:
     locked = dict(line.split("==") for line in text.splitlines() if line and line[0] != "#")
     assert locked == pins
     assert {"aiohttp", "pydantic", "prometheus-client"} <= locked.keys()
+    assert {"tokenizers", "jinja2"} <= locked.keys()  # the image routes chat prompts by cache
     assert not {"pytest", "mypy", "ruff"} & locked.keys()
 
 
