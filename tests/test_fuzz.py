@@ -121,14 +121,7 @@ def gateway_settings(workers: list[str]) -> dict[str, Any]:
         **TEST_SETTINGS,
         "workers": [{"url": url} for url in workers],
         "server": {"max_body_bytes": MAX_BODY},
-        # n > 1 is refused here (400): with the simulator serving n > 1 since it matches vLLM,
-        # a completions stream with n: 3 and logprobs: 5 ended without [DONE] or an error
-        # event in every full-suite run, never alone or resent by itself (20 of 20 whole).
-        # Open: see the closing note of issue 15. Before, the simulator refused n > 1 itself.
-        # Still so on 2026-12-04 (chat n: 900, completions n: 5 with echo), after this module
-        # and a copy with max_n lifted ran together; never with the same body sent alone.
-        # Not the SSE framer: it keeps [DONE] over 3,000 random cuts of the simulator's stream.
-        "input": {"max_tokens": MAX_TOKENS, "max_n": 1},
+        "input": {"max_tokens": MAX_TOKENS},
         "auth": {"keys": [{"name": "fuzz", "key": KEY, **roomy}]},
         "routing": {"affinity": "prefix", "embedding_shard_size": 2},
         "resume": {"enabled": True},
@@ -162,14 +155,16 @@ def stack() -> Iterator[Stack]:
 # --- what every answer must be ----------------------------------------------------------------
 
 
-def check_answer(status: int, content_type: str, body: bytes, what: str) -> None:
+def check_answer(
+    status: int, content_type: str, body: bytes, what: str, cut_short: bool = False
+) -> None:
     assert status < 500, f"{what}\n=> {status} {body[:500]!r}"
     # The key's limits are far from reach: a 429 would be a lease or a token never given back.
     assert status != 429, f"{what}\n=> {status} {body[:500]!r}"
     if status >= 400:
         check_error(status, content_type, body, what)
     elif status == 200 and content_type.startswith("text/event-stream"):
-        check_stream(body, what)
+        check_stream(body, what, cut_short)
     elif status == 200 and content_type.startswith("application/json"):
         assert isinstance(orjson.loads(body), dict), what
 
@@ -190,13 +185,17 @@ def check_error(status: int, content_type: str, body: bytes, what: str) -> None:
     assert isinstance(code, str) or code == status, shown
 
 
-def check_stream(body: bytes, what: str) -> None:
-    """Whole events, each a JSON object; ``[DONE]`` last, or an in-band error event."""
+def check_stream(body: bytes, what: str, cut_short: bool = False) -> None:
+    """Whole events, each a JSON object; ``[DONE]`` last, or an in-band error event. A stream
+    the client stopped reading (``cut_short``) has whole events only."""
     events = sse_data(body)
     assert events, what
     for data in events[:-1]:
         assert isinstance(orjson.loads(data), dict), f"{what}\n=> event {data[:300]!r}"
     last = events[-1]
+    if cut_short:
+        assert last == "[DONE]" or isinstance(orjson.loads(last), dict), what
+        return
     assert last == "[DONE]" or "error" in orjson.loads(last), f"{what}\n=> last event {last!r}"
 
 
@@ -216,8 +215,15 @@ SCHEMA = schemathesis.openapi.from_dict(document())
 
 
 def openai_errors(ctx: Any, response: Any, case: Any) -> None:
+    # schemathesis stops reading an event stream after 20 events and closes the connection
+    # (DEFAULT_MAX_STREAM_EVENTS), and says so: the gateway then logs a 499, and the stream
+    # has no [DONE]. This was the "n > 1 stream without [DONE]" of issue 15's note: an n: 5
+    # completions stream with echo is longer than 20 events.
     content_type = response.headers.get("content-type", [""])[0]
-    check_answer(response.status_code, content_type, response.content, case.as_curl_command())
+    check_answer(
+        response.status_code, content_type, response.content, case.as_curl_command(),
+        cut_short=response.stream_cut_short,
+    )  # fmt: skip
 
 
 CHECKS = [
