@@ -55,6 +55,13 @@ class Deadline:
             self._arm(when)
         # else the timer fires first and re-arms then
 
+    def extend(self, when: float) -> None:
+        """Push the deadline out to ``when``; never pull it in (a relay's idle bound, which
+        must not cut short a first-token bound still in force)."""
+        current = self._when
+        if current is None or when > current:
+            self.reschedule(when)
+
     async def __aenter__(self) -> Deadline:
         if self._state != _CREATED:
             raise RuntimeError("a deadline is entered once")

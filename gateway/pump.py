@@ -119,11 +119,7 @@ class Pump:
         now = self._loop.time()
         self._itl.observe(now - self._last)
         self._last = now
-        phase = self._phase
-        deadline = now + self._idle
-        when = phase.when()
-        if when is None or deadline > when:
-            phase.reschedule(deadline)
+        self._phase.extend(now + self._idle)
         observer = self._observer
         observer.feed(data)
         if self._check(observer):
@@ -176,8 +172,5 @@ class Pump:
     def unblock(self) -> None:
         """The client drained: re-arm the idle bound and read the worker again."""
         self.blocked = False
-        deadline = self._loop.time() + self._idle
-        when = self._phase.when()
-        if when is None or deadline > when:
-            self._phase.reschedule(deadline)
+        self._phase.extend(self._loop.time() + self._idle)
         self._response.resume()

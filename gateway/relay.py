@@ -222,7 +222,7 @@ class Relay:
             if splice.first_token:
                 deadline = loop.time() + self._timeouts.idle
                 if idle_armed:
-                    self._extend(phase, deadline)
+                    phase.extend(deadline)
                 else:  # from the first-token bound to the idle one, which may come sooner
                     phase.reschedule(deadline)
                     idle_armed = True
@@ -259,7 +259,7 @@ class Relay:
         head: list[bytes] = []
         size = 0
         while size <= CHECKED_BODY_LIMIT and (chunk := await response.read_chunk()):
-            self._extend(phase, loop.time() + idle)
+            phase.extend(loop.time() + idle)
             head.append(chunk)
             size += len(chunk)
         whole = size <= CHECKED_BODY_LIMIT
@@ -292,7 +292,7 @@ class Relay:
         await self._send(ex, client, data, phase)
         tail = data[-TAIL_BYTES:]
         while chunk := await response.read_chunk():
-            self._extend(phase, loop.time() + idle)
+            phase.extend(loop.time() + idle)
             tail = (tail + chunk)[-TAIL_BYTES:]
             await self._send(ex, client, chunk, phase)
         self.count_usage(ex, usage_from_tail(tail))
@@ -308,14 +308,7 @@ class Relay:
         ex.writing = True
         await client.write(data)
         ex.writing = False
-        self._extend(phase, phase.now() + self._timeouts.idle)
-
-    def _extend(self, phase: Deadline, deadline: float) -> None:
-        """Push the idle deadline out to ``deadline``; never pull it in (before the first
-        token the phase is the first-token bound). Moving a ``Deadline`` later is cheap."""
-        when = phase.when()
-        if when is None or deadline > when:
-            phase.reschedule(deadline)
+        phase.extend(phase.now() + self._timeouts.idle)
 
     async def commit(self, ex: Exchange, response: web.StreamResponse) -> web.StreamResponse:
         ex.response = response
