@@ -3,21 +3,24 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-PYPROJECT_SUM := $(shell cksum pyproject.toml | cut -d' ' -f1)
+# The venv installs the runtime dependencies at the image's pins (deploy/requirements.lock), so a
+# fresh clone tests what the image ships rather than whatever the index holds that day.
+PYPROJECT_SUM := $(shell cat pyproject.toml deploy/requirements.lock | cksum | cut -d' ' -f1)
+PIN := -c deploy/requirements.lock
 RUN_STAMP := $(VENV)/.installed-run-$(PYPROJECT_SUM)
 STAMP := $(VENV)/.installed-dev-$(PYPROJECT_SUM)
 
 .PHONY: run demo lock run-vllm vllm test test-fast lint format check-config clean tools prometheus-tools deploy-tools grafana-tools redis-tools bench bench-quick bench-soak bench-resume bench-routing
 
-$(RUN_STAMP): pyproject.toml
+$(RUN_STAMP): pyproject.toml deploy/requirements.lock
 	rm -f $(VENV)/.installed-*
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e .
+	$(PY) -m pip install --quiet $(PIN) -e .
 	touch $@
 
 $(STAMP): $(RUN_STAMP)
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet $(PIN) -e '.[dev]'
 	touch $@
 
 # The gateway on 127.0.0.1:8080 in front of two simulated vLLM workers (ports 8001, 8002)
@@ -101,10 +104,10 @@ test: $(STAMP) tools prometheus-tools deploy-tools grafana-tools redis-tools vll
 test-fast: $(STAMP) tools prometheus-tools deploy-tools grafana-tools redis-tools
 	$(PY) -m pytest --ignore=tests/vllm
 
-BENCH_STAMP := $(VENV)/.bench-$(shell cksum pyproject.toml | cut -d' ' -f1)
+BENCH_STAMP := $(VENV)/.bench-$(PYPROJECT_SUM)
 
 $(BENCH_STAMP): $(STAMP)
-	$(PY) -m pip install --quiet -e '.[dev,bench]'
+	$(PY) -m pip install --quiet $(PIN) -e '.[dev,bench]'
 	touch $@
 
 # What the gateway adds per request, side by side with direct, a bare pass-through proxy and
@@ -136,8 +139,10 @@ bench-routing: $(STAMP)
 	$(PY) -m tests.bench.routing
 	$(PY) -m tests.bench.kvrouting
 
-# deploy/requirements.lock, the image's pinned dependencies: the runtime closure of this venv.
+# deploy/requirements.lock, the image's pinned dependencies and the venv's constraints: moves the
+# runtime closure to the newest releases the index holds, then pins what it installed.
 lock: $(STAMP)
+	$(PY) -m pip install --quiet --upgrade --upgrade-strategy eager -e '.[tokenizer]'
 	$(PY) deploy/lock.py
 
 lint: $(STAMP)
