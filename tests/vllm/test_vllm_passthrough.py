@@ -144,10 +144,18 @@ async def test_json_equals_direct(
 async def test_special_streams_equal_direct(
     vllm: VLLMFleet, gateway: GatewayFactory, path: str, body: dict[str, Any]
 ) -> None:
-    """n = 2, logprobs, echo and tool calls stream through as vLLM sends them."""
-    direct, through = await both(vllm, gateway, path, body)
-    assert direct[0] == through[0] == 200
+    """n = 2, logprobs, echo and tool calls stream through as vLLM sends them.
+
+    Asked up to three times, as test_stream_shapes_equal_vllm does: vLLM behind on its stream
+    groups tool-call argument pieces and echoed logprobs into chunks differently from run to run
+    (seen once in about twenty runs each), which ``normal_events`` merges only for plain text.
+    A difference the gateway makes is there every time."""
     compare = by_choice if body.get("n", 1) > 1 else normal_events
+    for attempt in range(3):
+        direct, through = await both(vllm, gateway, path, body)
+        assert direct[0] == through[0] == 200
+        if compare(through[1]) == compare(direct[1]) or attempt == 2:
+            break
     assert compare(through[1]) == compare(direct[1]), both_streams(direct, through)
 
 
