@@ -7,9 +7,11 @@ jinja2 in a sandbox configured as transformers configures it).
   tokens (the template writes them), which is what vLLM does for ``/v1/chat/completions``;
 - completions text: encoded with the tokenizer's own special tokens added.
 
-Only requests whose rendering we can reproduce exactly are tokenized: chat messages with a role
-and a string content, no tools, no template arguments. Anything else returns None and the
-configured policy routes it; a wrong guess could only cost a cache miss, never a wrong answer.
+Only requests whose rendering we can reproduce exactly are tokenized: text messages, with
+function tools, tool calls and tool results, rebuilt as vLLM hands them to the template
+(``chatrender``), and vLLM's defaults for the template's arguments. Anything else returns None
+and the configured policy routes it; a wrong guess could only cost a cache miss, never a wrong
+answer.
 
 Cost. Encoding is the expensive part (about 0.6 us per token here, holding the GIL), and
 prompts repeat: a system prompt, the earlier turns of a conversation. The tokenizer splits the
@@ -27,7 +29,7 @@ import json
 import re
 from array import array
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -37,11 +39,23 @@ import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
+from gateway.chatrender import content_format, conversation
+
 MAX_NEW_CHARS = 16_384
 CACHE_PIECES = 4096
 CACHE_CHARS = 8_000_000  # the piece cache's text, at most (ids are kept as 4-byte arrays)
 CUT_MARGIN = 8  # tokens dropped at a cut through text encoded whole
 PROBE_CHARS = 1024  # the head of a new long piece encoded first, to ask whether anyone holds it
+# The named special tokens transformers passes to every chat template.
+_NAMED_TOKENS = (
+    "bos_token",
+    "eos_token",
+    "unk_token",
+    "sep_token",
+    "pad_token",
+    "cls_token",
+    "mask_token",
+)
 _SELF_CHECK = ("hello{0} world", "{0}x{0} y\n z", " a\n\n{0}\tb", "{0}{0}c")
 
 
@@ -62,14 +76,16 @@ class PromptTokenizer:
         try:
             self._tokenizer = Tokenizer.from_file(str(tokenizer_file))
             config = _read_config(model_dir)
-            self._template = _compile(_template_source(model_dir, config))
+            source = _template_source(model_dir, config)
+            self._template = _compile(source)
         except Exception as exc:  # tokenizers raises plain Exceptions for a bad file
             raise TokenizerError(f"{tokenizer_file}: {exc}") from exc
         self._special = {
             name: _token_text(config[name])
-            for name in ("bos_token", "eos_token", "unk_token", "pad_token")
+            for name in _NAMED_TOKENS
             if config.get(name) is not None
         }
+        self._format = content_format(self._template.environment, source)
         added = self._tokenizer.get_added_tokens_decoder().values()
         specials = sorted((t.content for t in added if t.special), key=len, reverse=True)
         self._ids = {text: self._tokenizer.token_to_id(text) for text in specials}
@@ -101,12 +117,23 @@ class PromptTokenizer:
         self._cache_chars = 0
 
     def chat_ids(self, data: dict[str, Any]) -> list[int] | None:
-        messages = data.get("messages")
-        if not isinstance(messages, list) or not messages or not _plain_chat(data, messages):
+        if not _template_defaults(data):
             return None
+        rebuilt = conversation(data, self._format)
+        if rebuilt is None:
+            return None
+        messages, tools = rebuilt
         try:
+            # What transformers passes (messages, tools, documents, add_generation_prompt, the
+            # named special tokens) and what vLLM adds for a chat completion when the template
+            # reads it (reasoning_effort, None unless the request sets it).
             text = self._template.render(
-                messages=messages, add_generation_prompt=True, **self._special
+                messages=messages,
+                tools=tools,
+                documents=None,
+                add_generation_prompt=True,
+                reasoning_effort=None,
+                **self._special,
             )
         except jinja2.TemplateError:
             return None
@@ -184,16 +211,13 @@ class PromptTokenizer:
             self._cache_chars -= len(old)
 
 
-def _plain_chat(data: dict[str, Any], messages: Sequence[object]) -> bool:
-    """Only what we render exactly as vLLM does: vLLM's defaults, string contents."""
-    for name in ("tools", "documents", "chat_template", "chat_template_kwargs"):
-        if data.get(name):
+def _template_defaults(data: dict[str, Any]) -> bool:
+    """Whether the request leaves the template's arguments at vLLM's defaults."""
+    for name in ("documents", "chat_template", "chat_template_kwargs", "reasoning_effort"):
+        if data.get(name) is not None:
             return False
-    if data.get("add_generation_prompt", True) is not True or data.get("continue_final_message"):
-        return False
-    return all(
-        isinstance(m, dict) and set(m) <= {"role", "content"} and isinstance(m.get("content"), str)
-        for m in messages
+    return data.get("add_generation_prompt", True) is True and not data.get(
+        "continue_final_message"
     )
 
 

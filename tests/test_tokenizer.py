@@ -88,17 +88,52 @@ def test_requests_it_cannot_render_exactly_are_left_to_the_policy(tmp_path: Path
     plain = chat("hello")
     assert ours.chat_ids(plain) is not None
     for extra in (
-        {"tools": [{"type": "function", "function": {"name": "f"}}]},
         {"continue_final_message": True},
         {"add_generation_prompt": False},
         {"chat_template_kwargs": {"x": 1}},
+        {"reasoning_effort": "low"},
+        {"documents": [{"title": "a", "text": "b"}]},
+        {"chat_template": "{{ messages }}"},
     ):
         assert ours.chat_ids({**plain, **extra}) is None, extra
-    parts = {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]}
-    named = {"messages": [{"role": "user", "content": "hi", "name": "bob"}]}
-    assert ours.chat_ids(parts) is None
-    assert ours.chat_ids(named) is None
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA=="}}
+    for message in (
+        {"role": "user", "content": [{"type": "text", "text": "hi"}, image]},
+        {"role": "developer", "content": "be brief"},
+        {"role": "assistant", "content": "hm", "reasoning": "because"},
+    ):
+        assert ours.chat_ids({"messages": [message]}) is None, message
     assert ours.chat_ids({"messages": []}) is None
+
+
+def test_tools_and_tool_calls_reach_the_template_as_vllm_passes_them(tmp_path: Path) -> None:
+    """The template sees each tool as vLLM dumps it and each call's arguments as an object."""
+    directory = model_dir(tmp_path)
+    config = json.loads((directory / "tokenizer_config.json").read_text())
+    config["chat_template"] = (
+        "{% for t in tools or [] %}[{{ t | tojson }}]{% endfor %}"
+        "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}"
+        "{% for c in m.tool_calls or [] %}({{ c.function.arguments | tojson }}){% endfor %}"
+        "{% endfor %}<|assistant|>"
+    )
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
+    ours = PromptTokenizer(directory / "tokenizer.json")
+    reference = Tokenizer.from_file(str(directory / "tokenizer.json"))
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}}
+    data = {
+        "messages": [
+            {"role": "user", "content": "the dog"},
+            {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "content": "lazy", "tool_call_id": "c1"},
+        ],
+        "tools": [{"type": "function", "function": {"name": "f", "extra": 1}}],
+    }
+    text = (
+        '[{"type": "function", "function": {"name": "f", "description": null, '
+        '"parameters": null}}]<|user|>the dog<|assistant|>({"x": 1})<|tool|>lazy<|assistant|>'
+    )
+    assert ours.chat_ids(data) == reference.encode(text, add_special_tokens=False).ids
+    assert call["function"]["arguments"] == '{"x": 1}'  # the forwarded body is untouched
 
 
 def test_completion_text_gets_the_tokenizer_s_special_tokens(tmp_path: Path) -> None:
