@@ -258,7 +258,13 @@ def _kv_events(settings: KVEventSettings) -> tuple[KVIndex | None, KVEvents | No
     if not settings.enabled:
         return None, None
     index = KVIndex(settings.max_blocks_per_worker)
-    return index, KVEvents(index, settings.endpoint, settings.replay_endpoint, settings.topic)
+    return index, KVEvents(
+        index,
+        settings.endpoint,
+        settings.replay_endpoint,
+        settings.topic,
+        settings.data_parallel_size,
+    )
 
 
 async def _tokenizers(settings: KVEventSettings, index: KVIndex | None) -> dict[str, Tokenizes]:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from hashlib import blake2b
 from typing import Protocol, TypeVar
 
-from gateway.kvindex import KVIndex
+from gateway.kvindex import KVIndex, source
 from gateway.loadsignals import LoadSignals
 
 POLICIES = ("least_loaded", "round_robin")
@@ -49,13 +49,16 @@ class Pickable(Protocol):
 W = TypeVar("W", bound=Pickable)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Prompt:
     """What cache-aware routing needs of a request: the model and the prompt's token ids, as
-    the worker will see them."""
+    the worker will see them. The cache-aware policy sets ``rank`` when the worker it chose has
+    several data-parallel engines: the one holding most of the prompt, for the worker to be
+    told (``X-data-parallel-rank``)."""
 
     model: str
     token_ids: Sequence[int]
+    rank: int | None = None
 
 
 class Policy(Protocol):
@@ -268,7 +271,12 @@ class CacheAware:
     """
 
     def __init__(
-        self, index: KVIndex, fallback: Policy, weight: float, seq: Sequencer | None = None
+        self,
+        index: KVIndex,
+        fallback: Policy,
+        weight: float,
+        seq: Sequencer | None = None,
+        ranks: int = 1,
     ) -> None:
         if not weight >= 0:
             raise ValueError(f"weight must be at least 0, got {weight}")
@@ -276,6 +284,7 @@ class CacheAware:
         self._fallback = fallback
         self._weight = weight
         self._seq = seq or Sequencer()
+        self._ranks = range(ranks)  # data-parallel engines per worker, each its own source
 
     def pick(
         self, candidates: Sequence[W], key: str | None = None, prompt: Prompt | None = None
@@ -283,34 +292,47 @@ class CacheAware:
         shares = self.cached(candidates, prompt) if prompt is not None else None
         if shares is None:
             return self._fallback.pick(candidates, key)
-        held, size = shares
+        held, size, block = shares
         weight = self._weight
 
         def score(worker: W) -> tuple[float, int]:
-            return load_score(worker) - weight * held.get(worker.url, 0) / size, worker.last_pick
+            blocks = held[worker.url][0] if worker.url in held else 0
+            return load_score(worker) - weight * blocks / size, worker.last_pick
 
         chosen = self._seq.stamp(min(candidates, key=score))
-        block = self._index.block_size([chosen.url])
-        self._index.on_prediction(chosen.url, held.get(chosen.url, 0) * block)
+        blocks, rank = held.get(chosen.url, (0, None))
+        if prompt is not None and len(self._ranks) > 1 and blocks:
+            prompt.rank = rank
+        self._index.on_prediction(chosen.url, blocks * block)
         return chosen
 
     def cached(
         self, candidates: Sequence[Pickable], prompt: Prompt
-    ) -> tuple[dict[str, int], int] | None:
-        """Each live candidate's cached leading blocks of the prompt, and the prompt's full
-        blocks; None when the index cannot tell the candidates apart (no live events, no full
-        block, nobody holds any of it)."""
-        live = [w.url for w in candidates if self._index.live(w.url)]
-        size = self._index.block_size(live) if live else 0
+    ) -> tuple[dict[str, tuple[int, int]], int, int] | None:
+        """Each live candidate's cached leading blocks of the prompt with the rank of its engine
+        holding the most, the prompt's full blocks, and the block size; None when the index
+        cannot tell the candidates apart (no live events, no full block, nobody holds any)."""
+        index = self._index
+        sources = {
+            source(w.url, r): (w.url, r)
+            for w in candidates
+            for r in self._ranks
+            if index.live(source(w.url, r))
+        }
+        size = index.block_size(sources) if sources else 0
         if size == 0:
             return None
-        keys = self._index.keys(prompt.token_ids, size, self._index.lora_of(prompt.model))
+        keys = index.keys(prompt.token_ids, size, index.lora_of(prompt.model))
         if not keys:
             return None
-        matched = self._index.match(keys, live)
-        if not any(matched.values()):
+        held: dict[str, tuple[int, int]] = {}
+        for name, blocks in index.match(keys, sources).items():
+            url, rank = sources[name]
+            if blocks > held.get(url, (-1, 0))[0]:
+                held[url] = (blocks, rank)
+        if not any(blocks for blocks, _ in held.values()):
             return None
-        return matched, len(keys)
+        return held, len(keys), size
 
 
 def make_policy(
@@ -320,6 +342,7 @@ def make_policy(
     load_factor: float = LOAD_FACTOR,
     kv_index: KVIndex | None = None,
     kv_weight: float = 8.0,
+    kv_ranks: int = 1,
 ) -> Policy:
     """The policy for the settings' ``routing.policy``, ``routing.affinity`` and
     ``routing.kv_events``.
@@ -341,5 +364,5 @@ def make_policy(
     if affinity != "none":
         base = ConsistentHash(base, load_factor, seq=seq)
     if kv_index is not None:
-        return CacheAware(kv_index, base, kv_weight, seq)
+        return CacheAware(kv_index, base, kv_weight, seq, kv_ranks)
     return base

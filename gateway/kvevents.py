@@ -14,7 +14,10 @@ are right only while every batch since the engine started has been applied in or
 - a batch already applied (replay and live stream overlap) is dropped by its sequence number;
 - ``AllBlocksCleared`` resets the worker's entries (the index does that itself).
 
-`KVEvents` runs one subscriber per worker of the fleet, added and removed with the fleet.
+`KVEvents` runs one subscriber per worker of the fleet, added and removed with the fleet. A
+worker with several data-parallel engines (``ranks``) has one subscriber per engine, each on the
+worker's endpoints with the port raised by the rank, and each engine is its own source in the
+index: ``source(url, rank)``, the worker's URL for rank 0.
 """
 
 from __future__ import annotations
@@ -32,7 +35,16 @@ import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
-from gateway.kvwire import END_SEQ, Batch, Event, WireError, decode_message, encode_seq
+from gateway.kvindex import source
+from gateway.kvwire import (
+    END_SEQ,
+    Batch,
+    Event,
+    WireError,
+    decode_message,
+    encode_seq,
+    rank_endpoint,
+)
 
 log = logging.getLogger(__name__)
 
@@ -102,8 +114,12 @@ class Subscriber:
         sink: Sink,
         ctx: zmq.asyncio.Context,
         replay_timeout: float = REPLAY_TIMEOUT,
+        rank: int | None = None,
     ) -> None:
         self.worker = worker
+        # With data parallelism, the rank this engine's batches must name: ports that point at
+        # another engine (workers on one host, too close together) must not mix two caches.
+        self.rank = rank
         self.endpoints = endpoints
         self.counts = Counts()
         self.synced = asyncio.Event()  # set after each connect's replay; tests wait on it
@@ -164,6 +180,8 @@ class Subscriber:
             self.counts.bad_messages += 1
             log.warning("kv events: %s sent a bad message: %s", self.worker, exc)
             return
+        if self._foreign(batch):
+            return
         expected = self._expected
         if expected is not None and batch.seq < expected:
             self.counts.duplicates += 1
@@ -179,7 +197,7 @@ class Subscriber:
         """Applies the replayed batches from ``start`` up to ``stop`` (exclusive); when the
         replay does not start at ``start`` the worker is reset first, so what the index holds
         stays a true subset of the cache."""
-        batches = await self._replay(start)
+        batches = [b for b in await self._replay(start) if not self._foreign(b)]
         if stop is not None:
             batches = [b for b in batches if b.seq < stop]
         if stop is not None and (not batches or batches[0].seq != start):
@@ -192,6 +210,19 @@ class Subscriber:
             self._apply(batch)
             if count % YIELD_EVERY == 0:
                 await asyncio.sleep(0)  # a long replay must not hold the loop
+
+    def _foreign(self, batch: Batch) -> bool:
+        """A batch from another data-parallel engine than this subscriber's: counted as bad
+        and left out."""
+        if self.rank is None or batch.rank is None or batch.rank == self.rank:
+            return False
+        self.counts.bad_messages += 1
+        log.warning(
+            "kv events: %s is published by data-parallel rank %d, expected %d: are the "
+            "workers' event ports at least data_parallel_size apart?",
+            self.worker, batch.rank, self.rank,
+        )  # fmt: skip
+        return True
 
     def _apply(self, batch: Batch) -> None:
         self._sink.apply(self.worker, batch.events)
@@ -233,23 +264,32 @@ class Subscriber:
 
 
 class KVEvents:
-    """One subscriber per worker, feeding one sink; `sync` follows the fleet's membership."""
+    """One subscriber per engine of each worker, feeding one sink; `sync` follows the fleet's
+    membership."""
 
-    def __init__(self, sink: Sink, endpoint: str, replay_endpoint: str | None, topic: str) -> None:
+    def __init__(
+        self,
+        sink: Sink,
+        endpoint: str,
+        replay_endpoint: str | None,
+        topic: str,
+        ranks: int = 1,
+    ) -> None:
         self._sink = sink
         self._endpoint = endpoint
         self._replay_endpoint = replay_endpoint
         self._topic = topic
+        self.ranks = ranks
         self._ctx = zmq.asyncio.Context()
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._failures: dict[str, tuple[int, float]] = {}  # url: (in a row, no retry before)
         self.subscribers: dict[str, Subscriber] = {}
 
-    def endpoints(self, worker_url: str) -> Endpoints:
+    def endpoints(self, worker_url: str, rank: int = 0) -> Endpoints:
         replay = self._replay_endpoint
         return Endpoints(
-            endpoint_for(self._endpoint, worker_url),
-            endpoint_for(replay, worker_url) if replay is not None else None,
+            rank_endpoint(endpoint_for(self._endpoint, worker_url), rank),
+            rank_endpoint(endpoint_for(replay, worker_url), rank) if replay is not None else None,
             self._topic,
         )
 
@@ -261,17 +301,24 @@ class KVEvents:
         for url, task in list(self._tasks.items()):
             if task.done():
                 self._failed(url, task, now)
-        wanted = set(worker_urls)
-        for url in self._tasks.keys() - wanted:
-            await self._stop(url)
-            self._failures.pop(url, None)
-            self._sink.forget(url)
-        for url in wanted - self._tasks.keys():
-            if now < self._failures.get(url, (0, 0.0))[1]:
+        wanted = {source(url, r): (url, r) for url in worker_urls for r in range(self.ranks)}
+        for name in self._tasks.keys() - wanted.keys():
+            await self._stop(name)
+            self._failures.pop(name, None)
+            self._sink.forget(name)
+        for name in wanted.keys() - self._tasks.keys():
+            if now < self._failures.get(name, (0, 0.0))[1]:
                 continue
-            subscriber = Subscriber(url, self.endpoints(url), self._sink, self._ctx)
-            self.subscribers[url] = subscriber
-            self._tasks[url] = asyncio.create_task(subscriber.run(), name=f"kv-events {url}")
+            url, rank = wanted[name]
+            subscriber = Subscriber(
+                name,
+                self.endpoints(url, rank),
+                self._sink,
+                self._ctx,
+                rank=rank if self.ranks > 1 else None,
+            )
+            self.subscribers[name] = subscriber
+            self._tasks[name] = asyncio.create_task(subscriber.run(), name=f"kv-events {name}")
 
     def _failed(self, url: str, task: asyncio.Task[None], now: float) -> None:
         del self._tasks[url], self.subscribers[url]

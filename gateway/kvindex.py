@@ -45,6 +45,12 @@ class _WorkerBlocks:
     live: bool = False  # its events are being received and applied in order
 
 
+def source(url: str, rank: int) -> str:
+    """The index's name for data-parallel engine ``rank`` of the worker at ``url`` (its own
+    cache): the URL itself for rank 0, so a worker without data parallelism is its URL."""
+    return url if rank == 0 else f"{url}#dp{rank}"
+
+
 class KVIndex:
     """Router block key → workers holding it, fed by each worker's event batches."""
 

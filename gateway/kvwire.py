@@ -18,6 +18,11 @@ as they come, opaque. The replay socket (ROUTER) answers a request frame holding
 sequence number (8 bytes, big-endian) with every buffered batch from there on, each as
 ``topic, seq, payload``, then an end marker whose sequence frame is -1.
 
+With data parallelism (``--data-parallel-size N`` behind one API server) every engine publishes
+on its own sockets: rank r's endpoints are the configured ones with the TCP port raised by r
+(`rank_endpoint`). The API server sends a request to the rank its ``X-data-parallel-rank``
+header names, else to one its own balancer picks.
+
 The simulator publishes with `encode_batch`, so both sides are tested against one definition.
 """
 
@@ -69,6 +74,7 @@ class Batch:
     seq: int
     ts: float
     events: list[Event]
+    rank: int | None = None  # the publishing engine's data-parallel rank, when the payload says
 
 
 def decode_seq(frame: bytes) -> int:
@@ -85,13 +91,18 @@ def decode_message(frames: Sequence[bytes]) -> Batch:
     """A published (or replayed) message: ``topic, seq, payload``."""
     if len(frames) != 3:
         raise WireError(f"{len(frames)} frames, expected 3 (topic, seq, payload)")
-    ts, events = decode_payload(frames[2])
-    return Batch(decode_seq(frames[1]), ts, events)
+    ts, events, rank = _decode(frames[2])
+    return Batch(decode_seq(frames[1]), ts, events, rank)
 
 
 def decode_payload(payload: bytes) -> tuple[float, list[Event]]:
     """The batch's timestamp and the events we understand; unknown event types are skipped,
     so a newer vLLM that adds one does not stop the index."""
+    ts, events, _ = _decode(payload)
+    return ts, events
+
+
+def _decode(payload: bytes) -> tuple[float, list[Event], int | None]:
     try:
         batch = msgpack.unpackb(payload, raw=False, strict_map_key=False)
     except (ValueError, msgpack.UnpackException) as exc:
@@ -103,7 +114,8 @@ def decode_payload(payload: bytes) -> tuple[float, list[Event]]:
         event = _event(raw)
         if event is not None:
             events.append(event)
-    return float(batch[0]), events
+    rank = batch[2] if len(batch) > 2 and type(batch[2]) is int else None
+    return float(batch[0]), events, rank
 
 
 def _event(raw: object) -> Event | None:
@@ -129,6 +141,19 @@ def _event(raw: object) -> Event | None:
     if kind == "AllBlocksCleared":
         return AllBlocksCleared()
     return None
+
+
+def rank_endpoint(endpoint: str, rank: int) -> str:
+    """Data-parallel rank ``rank``'s endpoint, as vLLM derives it from the configured one: a TCP
+    port raised by the rank (port 0, "any", left alone), an ``inproc`` name suffixed."""
+    if rank == 0:
+        return endpoint
+    if endpoint.startswith("inproc"):
+        return f"{endpoint}_dp{rank}"
+    head, colon, port = endpoint.rpartition(":")
+    if not colon or not port.isdigit() or int(port) == 0:
+        return endpoint
+    return f"{head}:{int(port) + rank}"
 
 
 def encode_batch(ts: float, events: Sequence[Event], rank: int = 0) -> bytes:

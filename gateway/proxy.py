@@ -72,7 +72,7 @@ from gateway.resume import CONTINUATION_PATH, Splice, Transcript, ask_for_token_
 from gateway.retry import RetryBudget
 from gateway.settings import Settings
 from gateway.sse import encode_error_event
-from gateway.upstream import ClientResponse, Upstream, forward_headers
+from gateway.upstream import ClientResponse, Upstream, forward_headers, with_rank
 from gateway.workers import Fleet, Worker
 
 log = logging.getLogger(__name__)
@@ -114,6 +114,7 @@ class Proxy:
             routing.load_factor,
             kv_index,  # cache-aware routing (routing.kv_events)
             routing.kv_events.weight,
+            routing.kv_events.data_parallel_size,
         )
         retry = settings.retry
         self._budget = RetryBudget(
@@ -257,6 +258,11 @@ class Proxy:
         while True:
             prompt = Prompt(step.model, meta.prompt_ids) if meta.prompt_ids else None
             worker = self._pick(step, meta.affinity_key, last, prompt)
+            sent = (
+                headers
+                if prompt is None or prompt.rank is None
+                else with_rank(headers, prompt.rank)
+            )
             if step.model != ex.model and ex.served_model != step.model:
                 self._metrics.fallbacks.labels(self._relay.model_label(ex), step.model).inc()
             ex.served_model = step.model
@@ -264,7 +270,7 @@ class Proxy:
             failover.started(step.model, worker)
             try:
                 await self._attempts.run(
-                    ex, worker, ex.route.path, body, headers, functools.partial(relay, ex), bool
+                    ex, worker, ex.route.path, body, sent, functools.partial(relay, ex), bool
                 )
                 return
             except UpstreamError as err:

@@ -188,6 +188,10 @@ class KVEventSettings(_Frozen):
     # Served model name -> the model's tokenizer.json (its chat template is read beside it), so
     # text and chat prompts are tokenized in the gateway (needs the `tokenizer` extra).
     tokenizers: dict[str, Path] = {}
+    # Engines behind each worker's address (vLLM --data-parallel-size with one API server), each
+    # with its own cache and publisher on the endpoints' port + its rank. A request is sent
+    # to the worker holding most of its prompt with X-data-parallel-rank naming the engine.
+    data_parallel_size: int = Field(1, ge=1, le=256)
 
 
 class RoutingSettings(_Frozen):

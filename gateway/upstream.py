@@ -385,6 +385,17 @@ def forward_headers(raw: RawHeaders, request_id: str) -> bytes:
     return lines + b"X-Request-Id: " + request_id.encode() + b"\r\nAccept-Encoding: identity\r\n"
 
 
+def with_rank(headers: bytes, rank: int) -> bytes:
+    """``forward_headers`` naming the data-parallel engine to serve the request (vLLM's
+    ``X-data-parallel-rank``), in place of any the client sent."""
+    lines = [
+        line
+        for line in headers.split(b"\r\n")
+        if line and not line.lower().startswith(b"x-data-parallel-rank:")
+    ]
+    return b"".join(line + b"\r\n" for line in lines) + b"X-data-parallel-rank: %d\r\n" % rank
+
+
 def passthrough_headers(raw: RawHeaders, request_id: str) -> CIMultiDict[str]:
     """``forward_headers`` for the pass-through client (which takes str): the same headers
     dropped, but Content-Length kept when the body goes as it came (aiohttp's server decodes

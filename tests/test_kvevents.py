@@ -317,7 +317,7 @@ async def test_the_simulator_publishes_its_prefix_cache(aiohttp_server, aiohttp_
         other = list(range(500, 516))
         await complete(other)  # four more blocks: two of the first prompt's are evicted
         await index.until(lambda: held(index, other) == 4)
-        assert index.blocks(WORKER) == len(app[SIM].prefix_cache) == 6
+        assert index.blocks(WORKER) == len(app[SIM].prefix_caches[0]) == 6
         assert held(index, PROMPT) == 2  # the cache drops a prefix's end first
     finally:
         await events.close()

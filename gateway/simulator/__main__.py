@@ -56,6 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--kv-events-replay-endpoint", help="serve event replay here, e.g. tcp://*:5558")
     add("--kv-events-topic", default="", help="topic of the published events")
     add("--tokenizer", help="a model's tokenizer.json: the prefix cache holds its token ids")
+    add(
+        "--data-parallel-size",
+        type=int,
+        default=1,
+        help="engines behind this address, each with its own prefix cache and publisher",
+    )
     add("--log-level", default="INFO")
     return parser
 
@@ -85,6 +91,7 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         kv_events_replay_endpoint=args.kv_events_replay_endpoint,
         kv_events_topic=args.kv_events_topic,
         tokenizer=args.tokenizer,
+        data_parallel_size=args.data_parallel_size,
     )
 
 

@@ -9,6 +9,7 @@ Like vLLM, the worker adopts an incoming `X-Request-Id` as the base of the respo
 from __future__ import annotations
 
 import hashlib
+import itertools
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
@@ -19,6 +20,7 @@ import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from gateway.kvwire import rank_endpoint
 from gateway.prompttokens import Tokenizes, prompt_token_ids
 
 from . import shapes
@@ -58,15 +60,19 @@ def create_app(
     engine = Engine(config.max_num_seqs, config.kv_cache_tokens, config.max_num_queued_reqs)
     metrics = SimMetrics(registry, engine, config.models)
     app = web.Application(middlewares=[_sim_errors])
-    prefix_cache = PrefixCache(config.prefix_cache_blocks, config.block_tokens)
+    caches = tuple(
+        PrefixCache(config.prefix_cache_blocks, config.block_tokens)
+        for _ in range(config.data_parallel_size)
+    )
     shutdown = Shutdown()
     tokenizer = _tokenizer(config.tokenizer) if config.tokenizer is not None else None
-    app[SIM] = Sim(config, engine, metrics, registry, prefix_cache, shutdown, tokenizer)
+    turns = itertools.cycle(range(config.data_parallel_size))
+    app[SIM] = Sim(config, engine, metrics, registry, caches, shutdown, turns, tokenizer)
     app[ENGINE] = engine
     app[CLAIMS] = claims if claims is not None else Claims()
     app.on_shutdown.append(lambda _: _start_shutdown(shutdown))
     if config.kv_events_endpoint is not None:
-        app.cleanup_ctx.append(lambda _: _kv_events(config, prefix_cache))
+        app.cleanup_ctx.append(lambda _: _kv_events(config, caches))
     app.add_routes(
         [
             web.post("/v1/chat/completions", chat_completions),
@@ -97,19 +103,28 @@ def _tokenizer(path: str) -> Tokenizes:
     return PromptTokenizer(Path(path))
 
 
-async def _kv_events(config: SimConfig, cache: PrefixCache) -> AsyncIterator[None]:
-    """Publishes the prefix cache's changes while the app runs (binds at start-up)."""
-    assert config.kv_events_endpoint is not None
-    publisher = EventPublisher(
-        config.kv_events_endpoint, config.kv_events_replay_endpoint, config.kv_events_topic
-    )
-    publisher.start()
-    cache.on_events = publisher.publish
+async def _kv_events(config: SimConfig, caches: tuple[PrefixCache, ...]) -> AsyncIterator[None]:
+    """Publishes each rank's prefix cache changes while the app runs (binds at start-up)."""
+    endpoint, replay = config.kv_events_endpoint, config.kv_events_replay_endpoint
+    assert endpoint is not None
+    publishers = []
     try:
+        for rank, cache in enumerate(caches):
+            publisher = EventPublisher(
+                rank_endpoint(endpoint, rank),
+                rank_endpoint(replay, rank) if replay is not None else None,
+                config.kv_events_topic,
+                rank=rank,
+            )
+            publishers.append(publisher)
+            publisher.start()
+            cache.on_events = publisher.publish
         yield
     finally:
-        cache.on_events = None
-        await publisher.close()
+        for cache in caches:
+            cache.on_events = None
+        for publisher in publishers:
+            await publisher.close()
 
 
 async def _start_shutdown(shutdown: Shutdown) -> None:
@@ -130,7 +145,7 @@ async def _generate(request: web.Request, parse: Parser, prefix: str) -> web.Str
     sim = request.app[SIM]
     fault = await _request_fault(request, sim.config)
     body = await _json_body(request)
-    gen = parse(body, sim.config)
+    gen = replace(parse(body, sim.config), dp_rank=_rank(request, sim))
     if sim.tokenizer is not None:
         ids = prompt_token_ids(body, sim.tokenizer)
         if ids:
@@ -183,7 +198,24 @@ async def prefix_cache_match(request: web.Request) -> web.Response:
         raise bad_request("token_ids must be a list of integers", "token_ids")
     if not isinstance(model, str):
         raise bad_request("model must be a string", "model")
-    return _json({"cached_tokens": request.app[SIM].prefix_cache.match(ids, salt=model)})
+    rank = body.get("rank", 0)
+    caches = request.app[SIM].prefix_caches
+    if type(rank) is not int or not 0 <= rank < len(caches):
+        raise bad_request(f"rank must be an integer in [0, {len(caches)})", "rank")
+    return _json({"cached_tokens": caches[rank].match(ids, salt=model)})
+
+
+def _rank(request: web.Request, sim: Sim) -> int:
+    """The data-parallel rank the request asks for (vLLM ignores a header that is not an
+    integer and refuses one out of range), else the next in turn."""
+    try:
+        rank = int(request.headers.get("X-data-parallel-rank", ""))
+    except ValueError:
+        return next(sim.turns)
+    size = sim.config.data_parallel_size
+    if not 0 <= rank < size:
+        raise bad_request(f"data_parallel_rank {rank} is out of range [0, {size}).", None)
+    return rank
 
 
 def _spec(request: web.Request, config: SimConfig) -> FaultSpec:

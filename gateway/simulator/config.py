@@ -124,6 +124,9 @@ class SimConfig:
     The prefix cache holds `prefix_cache_blocks` blocks of `block_tokens` tokens (0: disabled).
     With `kv_events_endpoint` (a ZeroMQ endpoint to bind, e.g. ``tcp://*:5557``) its changes are
     published as vLLM's KV-cache events, replayed from `kv_events_replay_endpoint` when set.
+    `data_parallel_size` engines, each with its own prefix cache and its own publisher (rank r on
+    the endpoints' port + r, as vLLM's), serve behind the one address: a request goes to the rank
+    its ``X-data-parallel-rank`` header names, else to the next in turn.
     With `tokenizer` (a model's tokenizer.json, its chat template beside it) the prefix cache
     holds the prompt's ids as that model's tokenizer makes them, as a gateway tokenizing with
     the same files computes them (`gateway.tokenizer`); the cached share of those ids sets the
@@ -159,6 +162,7 @@ class SimConfig:
     kv_events_replay_endpoint: str | None = None
     kv_events_topic: str = ""
     tokenizer: str | None = None
+    data_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         if not self.models or len(set(self.models)) != len(self.models):
@@ -190,6 +194,8 @@ class SimConfig:
             raise ValueError(f"slowdown must be a finite number > 0, got {self.slowdown!r}")
         if self.prefix_cache_blocks < 0:
             raise ValueError("prefix_cache_blocks must be >= 0 (0 disables the prefix cache)")
+        if self.data_parallel_size < 1:
+            raise ValueError("data_parallel_size must be >= 1")
         if self.block_tokens < 1:
             raise ValueError("block_tokens must be >= 1")
         if self.stream_interval < 1:

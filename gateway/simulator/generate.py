@@ -49,8 +49,9 @@ class Sim:
     engine: Engine
     metrics: SimMetrics
     registry: CollectorRegistry
-    prefix_cache: PrefixCache
+    prefix_caches: tuple[PrefixCache, ...]  # one per data-parallel rank
     shutdown: Shutdown
+    turns: Iterator[int]  # the rank for each request that names none, in turn
     tokenizer: Tokenizes | None = None  # SimConfig.tokenizer, loaded
 
 
@@ -118,16 +119,17 @@ async def decode(
 
 def _prefix_cache_hit(sim: Sim, gen: GenerationRequest) -> int:
     """Prompt tokens whose prefill the prefix cache saves; the prompt's blocks are cached now."""
-    if not sim.prefix_cache.enabled:
+    cache = sim.prefix_caches[gen.dp_rank]
+    if not cache.enabled:
         return 0
     if gen.cache_ids:
         # Counted in the real tokenizer's tokens (what a gateway predicts); the prefill saved
         # is the same share of the simulator's own prompt.
-        hit = sim.prefix_cache.admit(gen.cache_ids, salt=gen.model)
-        sim.metrics.observe_prefix_cache(gen.model, len(gen.cache_ids), hit)
+        hit = cache.admit(gen.cache_ids, salt=gen.model)
+        sim.metrics.observe_prefix_cache(gen.model, len(gen.cache_ids), hit, gen.dp_rank)
         return gen.prompt_tokens * hit // len(gen.cache_ids)
-    hit = sim.prefix_cache.admit(gen.prompt_ids, salt=gen.model)
-    sim.metrics.observe_prefix_cache(gen.model, gen.prompt_tokens, hit)
+    hit = cache.admit(gen.prompt_ids, salt=gen.model)
+    sim.metrics.observe_prefix_cache(gen.model, gen.prompt_tokens, hit, gen.dp_rank)
     return hit
 
 

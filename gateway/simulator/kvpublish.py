@@ -30,7 +30,9 @@ class EventPublisher:
         replay_endpoint: str | None = None,
         topic: str = "",
         buffer_steps: int = BUFFER_STEPS,
+        rank: int = 0,
     ) -> None:
+        self._rank = rank  # the data-parallel rank each batch names
         self._ctx = zmq.Context()
         self._actx = zmq.asyncio.Context.shadow(self._ctx)
         self._pub = self._ctx.socket(zmq.PUB)
@@ -59,7 +61,7 @@ class EventPublisher:
         """Sends one batch; returns its sequence number."""
         seq = self._next_seq
         self._next_seq += 1
-        payload = encode_batch(time.time(), events)
+        payload = encode_batch(time.time(), events, self._rank)
         self._buffer.append((seq, payload))
         if self.skip_live > 0:
             self.skip_live -= 1

@@ -92,9 +92,12 @@ class SimMetrics:
     def observe_prompt(self, model: str, tokens: int) -> None:
         self.prompt_tokens.labels(model, ENGINE_LABEL).inc(tokens)
 
-    def observe_prefix_cache(self, model: str, queried_tokens: int, hit_tokens: int) -> None:
-        self.prefix_cache_queries.labels(model, ENGINE_LABEL).inc(queried_tokens)
-        self.prefix_cache_hits.labels(model, ENGINE_LABEL).inc(hit_tokens)
+    def observe_prefix_cache(
+        self, model: str, queried_tokens: int, hit_tokens: int, rank: int = 0
+    ) -> None:
+        """Per data-parallel engine, as vLLM labels them (``engine``: the rank)."""
+        self.prefix_cache_queries.labels(model, str(rank)).inc(queried_tokens)
+        self.prefix_cache_hits.labels(model, str(rank)).inc(hit_tokens)
 
     def observe_queue(self, model: str, seconds: float) -> None:
         self.queue_time.labels(model, ENGINE_LABEL).observe(seconds)

@@ -54,6 +54,7 @@ class GenerationRequest:
     echo: bool = False
     echo_only: bool = False
     cache_ids: tuple[int, ...] | None = None  # the prompt as a real tokenizer makes it
+    dp_rank: int = 0  # the data-parallel engine that serves it (its prefix cache)
 
     @property
     def prompt_tokens(self) -> int:
