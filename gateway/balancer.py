@@ -322,9 +322,10 @@ class CacheAware:
         size = index.block_size(sources) if sources else 0
         if size == 0:
             return None
-        keys = index.keys(prompt.token_ids, size, index.lora_of(prompt.model))
-        if not keys:
+        full = len(prompt.token_ids) // size
+        if not full:
             return None
+        keys = index.chained(prompt.token_ids, size, index.lora_of(prompt.model))
         held: dict[str, tuple[int, int]] = {}
         for name, blocks in index.match(keys, sources).items():
             url, rank = sources[name]
@@ -332,7 +333,7 @@ class CacheAware:
                 held[url] = (blocks, rank)
         if not any(blocks for blocks, _ in held.values()):
             return None
-        return held, len(keys), size
+        return held, full, size
 
 
 def make_policy(

@@ -21,7 +21,7 @@ Pure and synchronous: the subscriber (`kvevents`) feeds it, the balancer queries
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from gateway.kvwire import AllBlocksCleared, BlockRemoved, BlockStored, EngineHash, Event
@@ -188,12 +188,22 @@ class KVIndex:
             keys.append(parent)
         return keys
 
-    def match(self, keys: Sequence[int], workers: Collection[str]) -> dict[str, int]:
+    def chained(
+        self, tokens: Sequence[int], block_size: int, lora_name: str | None = None
+    ) -> Iterator[int]:
+        """``keys``, computed as they are read: a lookup that stops at the first block nobody
+        holds (a cold prompt, a prefix no worker shares) hashes no further."""
+        parent = root_key(lora_name)
+        for start in range(0, len(tokens) - block_size + 1, block_size):
+            parent = chain(parent, tokens[start : start + block_size])
+            yield parent
+
+    def match(self, keys: Iterable[int], workers: Collection[str]) -> dict[str, int]:
         """For each of ``workers``, how many of the leading blocks ``keys`` it holds.
 
         Walks down the chain while some worker still holds every block so far; a worker
         holding a later block but not an earlier one gets no credit for it (vLLM's cache only
-        hits a contiguous prefix).
+        hits a contiguous prefix). ``keys`` is read only that far (see ``chained``).
         """
         matched = dict.fromkeys(workers, 0)
         alive = set(workers)

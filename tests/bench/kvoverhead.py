@@ -125,7 +125,7 @@ async def side_by_side(urls: dict[str, str], make: Any, count: int) -> dict[str,
 
 
 async def main() -> None:
-    args, workdir = options("kvoverhead", 0.0, 400)
+    args, workdir = options("kvoverhead", 0.0, 1500)
     sims = [start_sim() for _ in range(2)]
     procs = [proc for _, proc in sims]
     try:
