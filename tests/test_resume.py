@@ -9,6 +9,8 @@ without a resume.
 
 from __future__ import annotations
 
+import random
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -453,3 +455,46 @@ def test_a_roll_back_resends_the_held_back_tokens_and_drops_what_the_client_has(
     assert "".join(c["delta"]["content"] for c in choices) == "ét"
     assert [c["token_ids"] for c in choices] == [[], [14, 15]]
     assert events[-1]["usage"] == {"prompt_tokens": 2, "total_tokens": 7, "completion_tokens": 5}
+
+
+_IDS_PATTERN = re.compile(rb'"(prompt_)?token_ids":\[[0-9,\s]*\]')
+_PIECES = [
+    b'"token_ids":[1,2]', b'"prompt_token_ids":[3, 4]', b'token_ids":[5]', b'"xtoken_ids":[6]',
+    b'"token_ids":[a]', b'"token_ids":[', b"]", b'"prompt_', b"abc", b'"', b'"token_ids":[]',
+    b",", b" ", b"\n", b"\x0b", b"\x1c",
+]  # fmt: skip
+
+
+def test_scrub_token_ids_does_what_the_regular_expression_does() -> None:
+    """The hand-written scan against the expression it replaced, on random adversarial bytes."""
+    rng = random.Random(5)
+    for _ in range(50_000):
+        events = b"".join(rng.choice(_PIECES) for _ in range(rng.randrange(10)))
+        assert scrub_token_ids(events) == _IDS_PATTERN.sub(rb'"\1token_ids":null', events), events
+
+
+def transcript_state(transcript: Transcript) -> tuple[Any, ...]:
+    return (
+        transcript.header, transcript.prompt_ids, transcript.ids, transcript._text,
+        transcript.finished, transcript.tool_calls, transcript.reasoning, transcript.ids_complete,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "events",
+    [
+        [role([1, 2]), chunk({"content": " a"}, ids=[7]), chunk({"content": " b"}, ids=[8])],
+        [role([1]) + chunk({"content": " a"}, ids=[7]), b": keep-alive\n\n", b"data: [DONE]\n\n"],
+        [b"data:" + role([1, 2])[6:], chunk({"content": " a"}).replace(b"\n\n", b"\r\n\r\n")],
+        [b'data: {"choices":[{"index":0,"delta":{"content":"\xff"}}]}\n\n'],  # not UTF-8
+        [b"\xef\xbb\xbf" + role([1, 2]), chunk({"content": " a"}, ids=[7])],  # a BOM
+        [b"event: x\ndata: " + chunk({"content": " a"}, ids=[7])[6:]],
+    ],
+    ids=["plain", "comment-done", "other-line-ends", "bad-utf8", "bom", "two-fields"],
+)
+def test_the_transcript_reads_vllm_s_events_as_the_sse_decoder_does(events: list[bytes]) -> None:
+    fast, slow = Transcript(), Transcript()
+    for data in events:
+        fast.feed(data)
+        slow._decode(data)
+    assert transcript_state(fast) == transcript_state(slow)

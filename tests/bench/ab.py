@@ -21,7 +21,7 @@ import yaml
 
 from tests.bench.loadgen import chat_body, closed_loop, open_loop
 from tests.bench.perf import SCENARIOS
-from tests.bench.systems import CACHE, MODELS, ROOT, System, mock_worker
+from tests.bench.systems import CACHE, FEATURES, MODELS, ROOT, System, mock_worker
 from tests.processes import START_TIMEOUT, Proc, http_status, poll_until
 
 
@@ -36,7 +36,9 @@ def checkout(rev: str) -> Path:
     return path
 
 
-def start(name: str, tree: Path, worker: str, workdir: Path, processes: int = 1) -> System:
+def start(
+    name: str, tree: Path, worker: str, workdir: Path, processes: int = 1, features: bool = False
+) -> System:
     config = workdir / f"{name}.yaml"
     server: dict[str, object] = {"host": "127.0.0.1", "port": 0}
     if "processes" in (tree / "gateway" / "settings.py").read_text():
@@ -46,6 +48,7 @@ def start(name: str, tree: Path, worker: str, workdir: Path, processes: int = 1)
         "workers": [{"url": worker, "models": list(MODELS)}],
         "limits": {"max_in_flight": 4096, "pool_size": 4096, "pool_per_worker": 4096},
         "logging": {"level": "INFO", "format": "json"},
+        **(FEATURES if features else {}),
     }))  # fmt: skip
     args = [sys.executable, "-m", "gateway", "--config", str(config)]
     proc = Proc(args, cwd=tree, name=name, log_file=workdir / f"{name}.log")
@@ -62,16 +65,20 @@ async def main() -> None:
     parser.add_argument("--scenarios", nargs="+", default=["c64-stream", "c64-json", "open-200"])
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--features", action="store_true", help="keys, rate limits, resume, affinity on (perf's)"
+    )
     args = parser.parse_args()
     workdir = CACHE / "ab-run"
     workdir.mkdir(parents=True, exist_ok=True)
     direct, worker = mock_worker()
     systems = [
-        start(rev, checkout(rev), direct.url, workdir, args.processes[0]) for rev in args.revs
+        start(rev, checkout(rev), direct.url, workdir, args.processes[0], args.features)
+        for rev in args.revs
     ]
     for n in args.processes:
         name = "working-tree" if args.processes == [1] else f"working-tree x{n}"
-        systems.append(start(name.replace(" ", "-"), ROOT, direct.url, workdir, n))
+        systems.append(start(name.replace(" ", "-"), ROOT, direct.url, workdir, n, args.features))
     await asyncio.sleep(2)  # first probes done
     table: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
     try:

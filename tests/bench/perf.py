@@ -486,8 +486,8 @@ def checks(results: Results, names: list[str], scenarios: list[Scenario]) -> str
             items.append(Check(f"{key}: req/s, gateway / bare pass-through",
                                ratio(results, gw, "passthrough", key, rate), ">= 0.85",
                                lambda v: v >= 0.85))  # fmt: skip
-    for key in (k for k in ("c1-turns", "c1-stream") if k in ran):
-        items.append(Check(f"{key}: added TTFT p99 (ms)", added(results, gw, key, ms(0.99)),
+    for turns in (k for k in ("c1-turns", "c1-stream") if k in ran):
+        items.append(Check(f"{turns}: added TTFT p99 (ms)", added(results, gw, turns, ms(0.99)),
                            "<= 1", lambda v: v <= 1.0))  # fmt: skip
     if "vllm-router" in names and "slow-2000" in ran:
         rss = [a / b for a, b in zip(
