@@ -45,6 +45,23 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def free_port_with(*offsets: int) -> int:
+    """A free port whose neighbours at these offsets are free too (a worker's HTTP port and the
+    event and replay ports derived from it)."""
+    for _ in range(50):
+        port = free_port()
+        if port + max(offsets) > 65535:
+            continue
+        try:
+            for offset in offsets:
+                with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                    sock.bind((HOST, port + offset))
+        except OSError:
+            continue
+        return port
+    raise AssertionError(f"no free port with free ports at {offsets}")
+
+
 def port_in_use(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.settimeout(1.0)

@@ -6,7 +6,6 @@ engine that holds it, where the worker's own balancer would have taken turns."""
 from __future__ import annotations
 
 import asyncio
-import socket
 
 import aiohttp
 import pytest
@@ -22,7 +21,8 @@ from gateway.simulator.kvpublish import EventPublisher
 from gateway.upstream import with_rank
 from tests.conftest import GatewayFactory
 from tests.helpers import wait_for
-from tests.test_kvevents import BLOCK, PROMPT, WatchedIndex, free_port
+from tests.processes import free_port_with
+from tests.test_kvevents import BLOCK, PROMPT, WatchedIndex
 
 pytestmark = pytest.mark.timeout(20)
 WORKER = "http://127.0.0.1:8001"
@@ -51,26 +51,10 @@ def test_the_gateway_s_rank_replaces_the_client_s() -> None:
     )
 
 
-def ports(*offsets: int) -> int:
-    """An HTTP port with every port at these offsets from it free too."""
-    for _ in range(50):
-        port = free_port()
-        if port + max(offsets) > 65535:
-            continue
-        try:
-            for offset in offsets:
-                with socket.socket() as sock:
-                    sock.bind(("127.0.0.1", port + offset))
-        except OSError:
-            continue
-        return port
-    raise AssertionError("no free ports")
-
-
 async def test_a_prompt_goes_to_the_engine_that_holds_it(
     gateway: GatewayFactory, client: aiohttp.ClientSession
 ) -> None:
-    port = ports(1000, 1001, 2000, 2001)
+    port = free_port_with(1000, 1001, 2000, 2001)
     config = SimConfig(
         prefix_cache_blocks=64,
         block_tokens=BLOCK,
@@ -125,7 +109,7 @@ async def test_a_prompt_goes_to_the_engine_that_holds_it(
 async def test_an_engine_publishing_as_another_rank_is_left_out() -> None:
     """Rank 1's port reaches a publisher of rank 0 (workers on one host whose event ports are
     closer than the data-parallel size): its batches are counted as bad, never indexed."""
-    port = ports(1)
+    port = free_port_with(1)
     wrong = EventPublisher(f"tcp://127.0.0.1:{port + 1}", rank=0)
     index = WatchedIndex()
     events = KVEvents(index, f"tcp://{{host}}:{port}", None, "", ranks=2)

@@ -5,7 +5,6 @@ history from the replay socket, gaps are replayed, a publisher restart resets th
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
 
@@ -36,6 +35,7 @@ from gateway.simulator.app import SIM
 from gateway.simulator.kvpublish import EventPublisher
 from tests.conftest import GatewayFactory
 from tests.helpers import wait_for
+from tests.processes import free_port, free_port_with
 from tests.test_tokenizer import model_dir
 
 pytestmark = pytest.mark.timeout(20)
@@ -282,12 +282,6 @@ def test_wire_format_as_vllm_encodes_it() -> None:
             decode_message(bad)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 async def test_the_simulator_publishes_its_prefix_cache(aiohttp_server, aiohttp_client) -> None:
     """7. A simulated worker's prefix cache, as seen through its events, is what it holds:
     stored blocks with their token ids, then the blocks evicted for a new prompt."""
@@ -323,22 +317,6 @@ async def test_the_simulator_publishes_its_prefix_cache(aiohttp_server, aiohttp_
         await events.close()
 
 
-def event_ports() -> int:
-    """An HTTP port whose +1000 and +2000 neighbours are free too (the events' ports)."""
-    for _ in range(50):
-        port = free_port()
-        if port + 2000 > 65535:
-            continue
-        try:
-            for offset in (1000, 2000):
-                with socket.socket() as sock:
-                    sock.bind(("127.0.0.1", port + offset))
-        except OSError:
-            continue
-        return port
-    raise AssertionError("no free port triple")
-
-
 async def test_the_gateway_routes_a_prefix_to_the_worker_holding_it(
     gateway: GatewayFactory, client: aiohttp.ClientSession
 ) -> None:
@@ -347,7 +325,7 @@ async def test_the_gateway_routes_a_prefix_to_the_worker_holding_it(
     holder is more than `weight` requests busier."""
     servers = []
     for _ in range(2):
-        port = event_ports()
+        port = free_port_with(1000, 2000)
         config = SimConfig(
             prefix_cache_blocks=64,
             block_tokens=BLOCK,
@@ -438,7 +416,7 @@ async def test_chat_prompts_meet_their_prefix_on_simulated_workers(
     tokenizer = model_dir(tmp_path) / "tokenizer.json"
     servers = []
     for _ in range(2):
-        port = event_ports()
+        port = free_port_with(1000, 2000)
         config = SimConfig(
             prefix_cache_blocks=256,
             block_tokens=BLOCK,

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import socket
 import statistics
 import sys
 import time
@@ -30,7 +29,7 @@ from typing import Any
 import aiohttp
 
 from tests.bench.common import machine, options
-from tests.processes import HOST, Proc, free_port, http_status, poll_until, start_gateway
+from tests.processes import HOST, Proc, free_port_with, http_status, poll_until, start_gateway
 from tests.processes import write_config as gateway_yaml
 
 MODEL_DIR = Path(__file__).resolve().parents[2] / ".cache" / "tiny-model"
@@ -40,23 +39,8 @@ RESULTS = Path(__file__).with_name("KVOVERHEAD.md")
 WORDS = ("route", "cache", "block", "token", "prefix", "worker", "gateway", "event", "queue")
 
 
-def event_port() -> int:
-    for _ in range(50):
-        port = free_port()
-        if port + REPLAY > 65535:
-            continue
-        try:
-            for offset in (EVENTS, REPLAY):
-                with socket.socket() as sock:
-                    sock.bind((HOST, port + offset))
-        except OSError:
-            continue
-        return port
-    raise AssertionError("no port with free event ports")
-
-
 def start_sim() -> tuple[str, Proc]:
-    port = event_port()
+    port = free_port_with(EVENTS, REPLAY)
     args = [
         sys.executable, "-m", "gateway.simulator", "--host", HOST, "--port", str(port),
         "--model", MODEL, "--log-level", "WARNING", "--prefix-cache-blocks", "20000",

@@ -54,7 +54,7 @@ import aiohttp
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from tests.bench.common import machine
-from tests.bench.kvoverhead import EVENTS, REPLAY, event_port
+from tests.bench.kvoverhead import EVENTS, REPLAY
 from tests.bench.oracle import Oracle
 from tests.bench.radix import Radix
 from tests.bench.routing import (
@@ -74,7 +74,15 @@ from tests.bench.routing import (
     stop,
 )
 from tests.bench.systems import vllm_router
-from tests.processes import HOST, Proc, http_status, poll_until, start_gateway, write_config
+from tests.processes import (
+    HOST,
+    Proc,
+    free_port_with,
+    http_status,
+    poll_until,
+    start_gateway,
+    write_config,
+)
 
 RESULTS = Path(__file__).with_name("KVROUTING.md")
 MODEL = "sim-model"
@@ -203,7 +211,7 @@ class SimProc:
 
 
 def start_sim(tokenizer: Path) -> SimProc:
-    port = event_port()
+    port = free_port_with(EVENTS, REPLAY)
     args = [
         sys.executable, "-m", "gateway.simulator", "--host", HOST, "--port", str(port),
         "--model", MODEL, "--log-level", "WARNING",

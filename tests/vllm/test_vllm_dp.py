@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import random
 import re
-import socket
 from collections.abc import Iterator
 
 import aiohttp
@@ -19,7 +18,7 @@ from gateway.app import KV_INDEX
 from gateway.kvindex import source
 from tests.conftest import GatewayFactory
 from tests.helpers import wait_for
-from tests.processes import free_port
+from tests.processes import free_port_with
 from tests.vllm.compare import TIMEOUT
 from tests.vllm.fleet import MODEL, VLLMWorker
 
@@ -34,26 +33,9 @@ _COUNTER = re.compile(
 )
 
 
-def free_ports() -> int:
-    """An HTTP port whose event and replay ports for ranks 0 and 1 are free too."""
-    offsets = (EVENTS, EVENTS + 1, REPLAY, REPLAY + 1)
-    for _ in range(50):
-        port = free_port()
-        if port + REPLAY + 1 > 65535:
-            continue
-        try:
-            for offset in offsets:
-                with socket.socket() as sock:
-                    sock.bind(("127.0.0.1", port + offset))
-        except OSError:
-            continue
-        return port
-    raise AssertionError("no HTTP port with free event ports")
-
-
 @pytest.fixture(scope="module")
 def dp_worker() -> Iterator[VLLMWorker]:
-    port = free_ports()
+    port = free_port_with(EVENTS, EVENTS + 1, REPLAY, REPLAY + 1)
     config = {
         "enable_kv_cache_events": True,
         "publisher": "zmq",

@@ -19,7 +19,6 @@ import asyncio
 import json
 import random
 import re
-import socket
 from collections.abc import Iterator
 
 import aiohttp
@@ -31,7 +30,7 @@ from gateway.kvindex import KVIndex
 from gateway.tokenizer import PromptTokenizer
 from tests.conftest import GatewayFactory
 from tests.helpers import wait_for
-from tests.processes import free_port
+from tests.processes import free_port_with
 from tests.vllm.compare import TIMEOUT
 from tests.vllm.fleet import MODEL, MODEL_DIR, VLLMWorker, start_all
 
@@ -43,23 +42,8 @@ PREFIX = 4 * BLOCK
 _HITS = re.compile(r"^vllm:prefix_cache_hits_total(?:\{[^}]*\})? ([0-9.eE+]+)$", re.MULTILINE)
 
 
-def port_with_event_ports() -> int:
-    for _ in range(50):
-        port = free_port()
-        if port + REPLAY > 65535:
-            continue
-        try:
-            for offset in (EVENTS, REPLAY):
-                with socket.socket() as sock:
-                    sock.bind(("127.0.0.1", port + offset))
-        except OSError:
-            continue
-        return port
-    raise AssertionError("no HTTP port with free event ports")
-
-
 def kv_worker(name: str) -> VLLMWorker:
-    port = port_with_event_ports()
+    port = free_port_with(EVENTS, REPLAY)
     config = {
         "enable_kv_cache_events": True,
         "publisher": "zmq",
