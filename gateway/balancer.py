@@ -276,7 +276,6 @@ class CacheAware:
         fallback: Policy,
         weight: float,
         seq: Sequencer | None = None,
-        ranks: int = 1,
     ) -> None:
         if not weight >= 0:
             raise ValueError(f"weight must be at least 0, got {weight}")
@@ -284,7 +283,6 @@ class CacheAware:
         self._fallback = fallback
         self._weight = weight
         self._seq = seq or Sequencer()
-        self._ranks = range(ranks)  # data-parallel engines per worker, each its own source
 
     def pick(
         self, candidates: Sequence[W], key: str | None = None, prompt: Prompt | None = None
@@ -301,7 +299,7 @@ class CacheAware:
 
         chosen = self._seq.stamp(min(candidates, key=score))
         blocks, rank = held.get(chosen.url, (0, None))
-        if prompt is not None and len(self._ranks) > 1 and blocks:
+        if prompt is not None and blocks and self._index.engines(chosen.url) > 1:
             prompt.rank = rank
         self._index.on_prediction(chosen.url, blocks * block)
         return chosen
@@ -316,7 +314,7 @@ class CacheAware:
         sources = {
             source(w.url, r): (w.url, r)
             for w in candidates
-            for r in self._ranks
+            for r in range(index.engines(w.url))
             if index.live(source(w.url, r))
         }
         size = index.block_size(sources) if sources else 0
@@ -343,7 +341,6 @@ def make_policy(
     load_factor: float = LOAD_FACTOR,
     kv_index: KVIndex | None = None,
     kv_weight: float = 8.0,
-    kv_ranks: int = 1,
 ) -> Policy:
     """The policy for the settings' ``routing.policy``, ``routing.affinity`` and
     ``routing.kv_events``.
@@ -365,5 +362,5 @@ def make_policy(
     if affinity != "none":
         base = ConsistentHash(base, load_factor, seq=seq)
     if kv_index is not None:
-        return CacheAware(kv_index, base, kv_weight, seq, kv_ranks)
+        return CacheAware(kv_index, base, kv_weight, seq)
     return base

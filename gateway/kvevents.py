@@ -28,9 +28,10 @@ import logging
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
+import aiohttp
 import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
@@ -52,6 +53,8 @@ REPLAY_TIMEOUT = 2.0  # seconds without a replayed batch before giving the repla
 HEARTBEAT_INTERVAL_MS = 2000
 YIELD_EVERY = 64  # batches applied in a row before letting other tasks run
 RETRY_MAX = 60.0  # seconds between attempts to start a failing subscriber, at most
+ASK_TIMEOUT = 2.0  # seconds for a worker to say where its engines publish (endpoint: auto)
+AUTO = "auto"
 _PLACEHOLDER = re.compile(r"\{(host|port)(?:\+(\d+))?\}")
 
 
@@ -63,6 +66,8 @@ class Sink(Protocol):
     def reset(self, worker: str, live: bool) -> None: ...
 
     def forget(self, worker: str) -> None: ...
+
+    def set_engines(self, url: str, count: int) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -263,9 +268,54 @@ class Subscriber:
             dealer.close(linger=0)
 
 
+class KVSourcesError(ValueError):
+    """A worker's ``/kv_event_sources`` answer names no engine we can subscribe to."""
+
+
+def sources_plan(sources: object, worker_url: str) -> list[Endpoints]:
+    """Each engine's sockets, rank by rank, from a ``/kv_event_sources`` answer."""
+    if not isinstance(sources, dict) or not sources:
+        raise KVSourcesError("the worker publishes no KV-cache events (/kv_event_sources: {})")
+    try:
+        by_rank = {int(rank): config for rank, config in sources.items()}
+    except ValueError:
+        raise KVSourcesError("/kv_event_sources: a rank that is not an integer") from None
+    if sorted(by_rank) != list(range(len(by_rank))):
+        raise KVSourcesError(f"/kv_event_sources: ranks {sorted(by_rank)}, expected 0..n-1")
+    plan = []
+    for rank in range(len(by_rank)):
+        config = by_rank[rank]
+        endpoint = config.get("endpoint") if isinstance(config, dict) else None
+        if not isinstance(endpoint, str) or not endpoint:
+            raise KVSourcesError(f"/kv_event_sources: rank {rank} has no endpoint")
+        replay, topic = config.get("replay_endpoint"), config.get("topic", "")
+        plan.append(
+            Endpoints(
+                _worker_host(endpoint, worker_url),
+                _worker_host(replay, worker_url) if isinstance(replay, str) and replay else None,
+                topic if isinstance(topic, str) else "",
+            )
+        )
+    return plan
+
+
+def _worker_host(endpoint: str, worker_url: str) -> str:
+    """A bound endpoint (``tcp://*:5557``, any address) as a subscriber reaches it: at the
+    worker's host. A concrete host is kept."""
+    scheme, sep, rest = endpoint.partition("://")
+    host, colon, port = rest.rpartition(":")
+    if sep and colon and host in ("*", "0.0.0.0", "[::]", ""):  # noqa: S104 (read, not bound)
+        return f"{scheme}://{endpoint_for('{host}', worker_url)}:{port}"
+    return endpoint
+
+
 class KVEvents:
     """One subscriber per engine of each worker, feeding one sink; `sync` follows the fleet's
-    membership."""
+    membership.
+
+    Each worker's engines and their sockets come from the endpoint templates and ``ranks``, or,
+    with ``endpoint="auto"``, from what the worker itself says at ``GET /kv_event_sources``
+    (vLLM's: each data-parallel rank's publisher settings), asked once per worker."""
 
     def __init__(
         self,
@@ -280,9 +330,13 @@ class KVEvents:
         self._replay_endpoint = replay_endpoint
         self._topic = topic
         self.ranks = ranks
+        self.auto = endpoint == AUTO
         self._ctx = zmq.asyncio.Context()
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._failures: dict[str, tuple[int, float]] = {}  # url: (in a row, no retry before)
+        self._plans: dict[str, list[Endpoints]] = {}  # worker URL: its engines' sockets
+        self._asking: dict[str, asyncio.Task[list[Endpoints]]] = {}  # auto: asked, no answer yet
+        self._http: aiohttp.ClientSession | None = None
         self.subscribers: dict[str, Subscriber] = {}
 
     def endpoints(self, worker_url: str, rank: int = 0) -> Endpoints:
@@ -295,13 +349,20 @@ class KVEvents:
 
     async def sync(self, worker_urls: Sequence[str]) -> None:
         """Subscribers for exactly these workers. One that failed (a bad endpoint, a ZeroMQ
-        error) is started again after a pause that doubles with each failure in a row, and
-        only its first failure is logged as an error."""
+        error, a worker that could not say where it publishes) is started again after a pause
+        that doubles with each failure in a row, and only its first failure is logged as an
+        error."""
         now = asyncio.get_running_loop().time()
-        for url, task in list(self._tasks.items()):
+        for name, task in list(self._tasks.items()):
             if task.done():
-                self._failed(url, task, now)
-        wanted = {source(url, r): (url, r) for url in worker_urls for r in range(self.ranks)}
+                self._failed(name, task, now)
+        urls = set(worker_urls)
+        self._plan(urls, now)
+        wanted = {
+            source(url, rank): (url, rank, endpoints)
+            for url, plan in self._plans.items()
+            for rank, endpoints in enumerate(plan)
+        }
         for name in self._tasks.keys() - wanted.keys():
             await self._stop(name)
             self._failures.pop(name, None)
@@ -309,24 +370,60 @@ class KVEvents:
         for name in wanted.keys() - self._tasks.keys():
             if now < self._failures.get(name, (0, 0.0))[1]:
                 continue
-            url, rank = wanted[name]
+            url, rank, endpoints = wanted[name]
+            several = len(self._plans[url]) > 1
             subscriber = Subscriber(
-                name,
-                self.endpoints(url, rank),
-                self._sink,
-                self._ctx,
-                rank=rank if self.ranks > 1 else None,
+                name, endpoints, self._sink, self._ctx, rank=rank if several else None
             )
             self.subscribers[name] = subscriber
             self._tasks[name] = asyncio.create_task(subscriber.run(), name=f"kv-events {name}")
 
-    def _failed(self, url: str, task: asyncio.Task[None], now: float) -> None:
-        del self._tasks[url], self.subscribers[url]
+    def _plan(self, urls: set[str], now: float) -> None:
+        """Each worker's engines: from the templates, or (auto) from its answer."""
+        for url in self._plans.keys() - urls:
+            del self._plans[url]
+            self._sink.set_engines(url, 0)
+        for url in self._asking.keys() - urls:
+            self._asking.pop(url).cancel()
+        for url in urls - self._plans.keys():
+            if not self.auto:
+                self._planned(url, [self.endpoints(url, r) for r in range(self.ranks)])
+                continue
+            asking = self._asking.get(url)
+            if asking is None:
+                if now >= self._failures.get(url, (0, 0.0))[1]:
+                    self._asking[url] = asyncio.create_task(self._ask(url), name=f"kv-ask {url}")
+            elif asking.done():
+                del self._asking[url]
+                if asking.cancelled() or asking.exception() is not None:
+                    self._failed(url, asking, now)
+                else:
+                    self._failures.pop(url, None)
+                    self._planned(url, asking.result())
+
+    def _planned(self, url: str, plan: list[Endpoints]) -> None:
+        self._plans[url] = plan
+        self._sink.set_engines(url, len(plan))
+
+    async def _ask(self, url: str) -> list[Endpoints]:
+        """The worker's engines' sockets, from vLLM's ``GET /kv_event_sources``: ``{rank:
+        {endpoint, replay_endpoint, topic, ...}}``, a bound wildcard host read as the worker's."""
+        if self._http is None:
+            self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=ASK_TIMEOUT))
+        async with self._http.get(url + "/kv_event_sources") as response:
+            if response.status != 200:
+                raise KVSourcesError(f"GET /kv_event_sources answered {response.status}")
+            sources = await response.json(content_type=None)
+        return sources_plan(sources, url)
+
+    def _failed(self, url: str, task: asyncio.Task[Any], now: float) -> None:
+        if url in self._tasks:
+            del self._tasks[url], self.subscribers[url]
         error = None if task.cancelled() else task.exception()
         count = self._failures.get(url, (0, 0.0))[0] + 1
         self._failures[url] = (count, now + min(RETRY_MAX, 2.0**count))
         level = logging.ERROR if count == 1 else logging.DEBUG
-        log.log(level, "kv events: subscriber for %s stopped (%d in a row): %r", url, count, error)
+        log.log(level, "kv events: %s failed (%d in a row): %r", url, count, error)
 
     async def follow(
         self,
@@ -353,4 +450,9 @@ class KVEvents:
     async def close(self) -> None:
         for url in list(self._tasks):
             await self._stop(url)
+        for asking in self._asking.values():
+            asking.cancel()
+        await asyncio.gather(*self._asking.values(), return_exceptions=True)
+        if self._http is not None:
+            await self._http.close()
         self._ctx.destroy(linger=0)

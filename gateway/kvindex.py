@@ -61,6 +61,7 @@ class KVIndex:
         self._holders: dict[int, set[str]] = {}
         self._workers: dict[str, _WorkerBlocks] = {}
         self._loras: set[str] = set()  # adapter names seen in events
+        self._engines: dict[str, int] = {}  # worker URL: its data-parallel engines, when not 1
         # Told each routing decision made on the index: the worker and the tokens it should hit.
         self.on_prediction: Callable[[str, int], object] = lambda worker, tokens: None
         self.skipped_blocks = 0  # stored blocks not indexed (unknown parent, extra keys, shape)
@@ -75,6 +76,17 @@ class KVIndex:
             for key in blocks.engine.values():
                 self._drop(key, worker)
         self._workers[worker] = _WorkerBlocks(live=live)
+
+    def set_engines(self, url: str, count: int) -> None:
+        """The worker at ``url`` runs ``count`` data-parallel engines, each its own source
+        (``source(url, rank)``); 0 when it left the fleet."""
+        if count == 1 or count == 0:
+            self._engines.pop(url, None)
+        else:
+            self._engines[url] = count
+
+    def engines(self, url: str) -> int:
+        return self._engines.get(url, 1)
 
     def forget(self, worker: str) -> None:
         """The worker left the fleet."""

@@ -114,7 +114,6 @@ class Proxy:
             routing.load_factor,
             kv_index,  # cache-aware routing (routing.kv_events)
             routing.kv_events.weight,
-            routing.kv_events.data_parallel_size,
         )
         retry = settings.retry
         self._budget = RetryBudget(

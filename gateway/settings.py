@@ -179,7 +179,9 @@ class KVEventSettings(_Frozen):
 
     enabled: bool = False
     # ZeroMQ endpoints of each worker's publisher and replay socket; {host} is the worker's
-    # host, {port} its HTTP port, {port+N} that plus N (several workers on one host).
+    # host, {port} its HTTP port, {port+N} that plus N (several workers on one host). "auto":
+    # each worker says (vLLM's GET /kv_event_sources: every engine's sockets and topic), and
+    # replay_endpoint, topic and data_parallel_size are not used.
     endpoint: str = Field("tcp://{host}:5557", min_length=1)
     replay_endpoint: str | None = "tcp://{host}:5558"  # None: a gap resets the worker instead
     topic: str = ""  # vLLM's kv-events-config topic

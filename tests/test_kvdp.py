@@ -12,14 +12,14 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from gateway.app import KV_INDEX
-from gateway.kvevents import KVEvents
+from gateway.kvevents import Endpoints, KVEvents, KVSourcesError, sources_plan
 from gateway.kvindex import source
 from gateway.kvwire import BlockStored, rank_endpoint
 from gateway.simulator import SimConfig, create_app
 from gateway.simulator.app import SIM
 from gateway.simulator.kvpublish import EventPublisher
 from gateway.upstream import with_rank
-from tests.conftest import GatewayFactory
+from tests.conftest import GatewayFactory, SimFactory
 from tests.helpers import wait_for
 from tests.processes import free_port_with
 from tests.test_kvevents import BLOCK, PROMPT, WatchedIndex
@@ -51,9 +51,12 @@ def test_the_gateway_s_rank_replaces_the_client_s() -> None:
     )
 
 
+@pytest.mark.parametrize("endpoint", ["templates", "auto"])
 async def test_a_prompt_goes_to_the_engine_that_holds_it(
-    gateway: GatewayFactory, client: aiohttp.ClientSession
+    gateway: GatewayFactory, client: aiohttp.ClientSession, endpoint: str
 ) -> None:
+    """With the endpoints configured, or (auto) as the worker gives them at
+    /kv_event_sources."""
     port = free_port_with(1000, 1001, 2000, 2001)
     config = SimConfig(
         prefix_cache_blocks=64,
@@ -66,12 +69,14 @@ async def test_a_prompt_goes_to_the_engine_that_holds_it(
     await server.start_server()
     try:
         url = str(server.make_url("")).rstrip("/")
-        kv_events = {
+        kv_events: dict[str, object] = {
             "enabled": True,
             "endpoint": "tcp://{host}:{port+1000}",
             "replay_endpoint": "tcp://{host}:{port+2000}",
             "data_parallel_size": 2,
         }
+        if endpoint == "auto":
+            kv_events = {"enabled": True, "endpoint": "auto"}
         gw = await gateway(url, routing={"kv_events": kv_events})
         index = gw.app[KV_INDEX]
         engines = [source(url, 0), source(url, 1)]
@@ -126,3 +131,42 @@ async def test_an_engine_publishing_as_another_rank_is_left_out() -> None:
     finally:
         await events.close()
         await wrong.close()
+
+
+def test_a_worker_s_own_answer_gives_each_engine_s_sockets() -> None:
+    """vLLM's /kv_event_sources: a bound wildcard host is the worker's; ranks in order."""
+    answer = {
+        "1": {"endpoint": "tcp://*:5558", "replay_endpoint": "tcp://*:5568", "topic": "kv"},
+        "0": {"endpoint": "tcp://0.0.0.0:5557", "replay_endpoint": None, "topic": "kv"},
+    }
+    assert sources_plan(answer, "http://10.0.0.7:8000") == [
+        Endpoints("tcp://10.0.0.7:5557", None, "kv"),
+        Endpoints("tcp://10.0.0.7:5558", "tcp://10.0.0.7:5568", "kv"),
+    ]
+    assert sources_plan({"0": {"endpoint": "tcp://10.1.1.1:5557"}}, "http://[::1]:80") == [
+        Endpoints("tcp://10.1.1.1:5557", None, "")  # a concrete host is kept
+    ]
+    assert sources_plan({"0": {"endpoint": "tcp://*:5557"}}, "http://[::1]:80") == [
+        Endpoints("tcp://[::1]:5557", None, "")
+    ]
+    for bad in ({}, [], {"1": {"endpoint": "tcp://*:1"}}, {"x": {}}, {"0": {"endpoint": ""}}):
+        with pytest.raises(KVSourcesError):
+            sources_plan(bad, "http://10.0.0.7:8000")
+
+
+async def test_a_worker_without_events_gets_no_subscriber(sim: SimFactory) -> None:
+    """Asked with endpoint: auto, a worker whose events are off answers {}: nothing to
+    subscribe to, and it is asked again only after a pause."""
+    worker = await sim()
+    index = WatchedIndex()
+    events = KVEvents(index, "auto", None, "")
+    try:
+        await events.sync([worker.url])
+        asking = events._asking[worker.url]
+        await asyncio.wait([asking], timeout=10)
+        await events.sync([worker.url])
+        assert isinstance(asking.exception(), KVSourcesError)
+        assert events.subscribers == {}
+        assert worker.url not in events._asking  # not asked again at once
+    finally:
+        await events.close()

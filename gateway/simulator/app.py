@@ -82,6 +82,7 @@ def create_app(
             web.get("/health", health),
             web.get("/metrics", metrics_text),
             web.get("/version", version),
+            web.get("/kv_event_sources", kv_event_sources),
             web.post("/sim/prefix_cache/match", prefix_cache_match),
         ]
     )
@@ -186,6 +187,27 @@ async def metrics_text(request: web.Request) -> web.Response:
 
 async def version(request: web.Request) -> web.Response:
     return _json({"version": request.app[SIM].config.version})
+
+
+async def kv_event_sources(request: web.Request) -> web.Response:
+    """As vLLM answers it: each data-parallel rank's publisher settings as configured (its
+    endpoints offset by the rank), keyed by rank; {} when events are off."""
+    config = request.app[SIM].config
+    endpoint, replay = config.kv_events_endpoint, config.kv_events_replay_endpoint
+    if endpoint is None:
+        return _json({})
+    return _json(
+        {
+            str(rank): {
+                "enable_kv_cache_events": True,
+                "publisher": "zmq",
+                "endpoint": rank_endpoint(endpoint, rank),
+                "replay_endpoint": rank_endpoint(replay, rank) if replay is not None else None,
+                "topic": config.kv_events_topic,
+            }
+            for rank in range(config.data_parallel_size)
+        }
+    )
 
 
 async def prefix_cache_match(request: web.Request) -> web.Response:

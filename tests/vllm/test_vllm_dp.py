@@ -1,8 +1,8 @@
 """Cache-aware routing to a real data-parallel vLLM worker (``--data-parallel-size 2`` behind one
 API server): each engine has its own prefix cache and publishes on the event port plus its
-rank. A prompt held by engine 1 is sent there with ``X-data-parallel-rank``, where vLLM's own
-balancer, choosing among idle engines, starts from engine 0. vLLM's per-engine hit counters
-confirm it."""
+rank, which the gateway learns from the worker (``endpoint: auto``). A prompt held by engine 1
+is sent there with ``X-data-parallel-rank``, where vLLM's own balancer, choosing among idle
+engines, starts from engine 0. vLLM's per-engine hit counters confirm it."""
 
 from __future__ import annotations
 
@@ -70,13 +70,8 @@ async def test_a_prefix_goes_to_the_engine_that_holds_it(
 ) -> None:
     rng = random.Random(22)
     prefix = [rng.randrange(10, 2000) for _ in range(PREFIX)]
-    kv_events = {
-        "enabled": True,
-        "endpoint": f"tcp://{{host}}:{{port+{EVENTS}}}",
-        "replay_endpoint": f"tcp://{{host}}:{{port+{REPLAY}}}",
-        "topic": "kv",
-        "data_parallel_size": 2,
-    }
+    # The worker says where each engine publishes (GET /kv_event_sources: tcp://*:port+rank).
+    kv_events = {"enabled": True, "endpoint": "auto"}
     worker = {"url": dp_worker.url, "models": [MODEL]}
     gw = await gateway(worker, routing={"kv_events": kv_events})
     index = gw.app[KV_INDEX]
