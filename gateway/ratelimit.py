@@ -176,6 +176,8 @@ class RateLimiter:
 
     async def close(self) -> None:
         self._closed = True
+        if self._host is not None:
+            await self._host.close()
         if self._settling:  # the last requests' slots, given back if Redis answers in time
             await asyncio.wait(self._settling, timeout=SETTLE_AT_CLOSE)
         for task in self._tasks:

@@ -135,6 +135,26 @@ class LocalLimits:
             else:
                 self._in_flight.pop(scope.key, None)
 
+    def set_aside(self, rate: Rate, units: int, ceiling: float) -> float | None:
+        """Charge ``units`` of ``rate`` ahead of the requests that will spend them, only when
+        the allowance spent stays within ``ceiling`` seconds of it; the seconds spent ahead
+        after the charge, or None (nothing charged)."""
+        now = self._clock()
+        new = max(self._tat.get(rate.key, now), now) + units * rate.interval
+        if new - now > ceiling + SLACK:
+            return None
+        self._tat[rate.key] = new
+        return new - now
+
+    def set_aside_slots(self, scope: Scope, slots: int, ceiling: int) -> bool:
+        """Count ``slots`` of ``scope`` in flight ahead of the requests that will use them,
+        only when the count stays within ``ceiling``."""
+        held = self._in_flight.get(scope.key, 0) + slots
+        if held > ceiling:
+            return False
+        self._in_flight[scope.key] = held
+        return True
+
     def in_flight(self, key: str) -> int:
         return self._in_flight.get(key, 0)
 

@@ -169,3 +169,42 @@ def test_a_gone_process_gives_its_in_flight_slots_back() -> None:
     first.release_all()
     assert keeper.limits.in_flight("{team}:conc") == 0
     assert second.handle(["limit", [], scope])[0] is True
+
+
+@pytest.mark.timeout(90)
+async def test_a_large_rpm_admitted_from_stock_holds(tmp_path: Path, worker: Sim) -> None:
+    """Large enough for the processes to admit from stock (gateway/ratelimit_stock.py): the
+    gateway as a whole still admits no more than the limit (plus what the minute refilled
+    while the test ran), and refuses at most 1/40 of it early."""
+    limit = 1024
+    gw = start(tmp_path, worker, 2, rpm=limit)
+    payload = orjson.dumps(CHAT)
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {KEY}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n"
+    ).encode()
+    statuses: Counter[int] = Counter()
+
+    async def keep_sending(conn: Conn, count: int) -> None:
+        reader, writer = conn
+        for _ in range(count):
+            writer.write(head + payload)
+            status = int((await reader.readline()).split()[1])
+            length = 0
+            while (line := await reader.readline()) != b"\r\n":
+                name, _, value = line.decode().partition(":")
+                if name.lower() == "content-length":
+                    length = int(value)
+            await reader.readexactly(length)
+            statuses[status] += 1
+        writer.close()
+
+    try:
+        conns = await spread_connections(gw, 32)
+        started = asyncio.get_running_loop().time()
+        await asyncio.gather(*(keep_sending(conn, 44) for conn in conns))  # 1408 requests
+        refilled = (asyncio.get_running_loop().time() - started) * limit / 60
+    finally:
+        gw.proc.kill()
+    assert set(statuses) == {200, 429}
+    assert limit - limit // 40 <= statuses[200] <= limit + refilled + 1

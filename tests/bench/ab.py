@@ -1,10 +1,11 @@
 """`python -m tests.bench.ab REV [REV ...]`: the gateway at other commits against the working
-tree, side by side in one run (runs alternate, so machine noise falls on all alike): req/s and
-CPU per request under `make bench`'s scenarios, one serving process each. For checking that a
-change to the hot path pays before it lands. `--processes 1 2` runs the working tree once per
-process count instead (REVs optional): what `server.processes` is worth on this machine; the
-REVs run with the first count (`--processes 2`: every system with two processes).
-"""
+tree, side by side in one run (runs alternate, so machine noise falls on all alike): req/s,
+CPU per request and TTFT p99 (and what it adds over the mock worker, direct) under `make
+bench`'s scenarios (the paced ones in perf's steady window), one serving process each. For
+checking that a change to the hot path pays before it lands. `--processes 1 2` runs the
+working tree once per process count instead (REVs optional): what `server.processes` is worth
+on this machine; the REVs run with the first count (`--processes 2`: every system with two
+processes, as the keeper of per-key limits needs)."""
 
 from __future__ import annotations
 
@@ -19,8 +20,8 @@ from pathlib import Path
 import uvloop
 import yaml
 
-from tests.bench.loadgen import chat_body, closed_loop, open_loop
-from tests.bench.perf import SCENARIOS
+from tests.bench.loadgen import quantile
+from tests.bench.perf import SCENARIOS, measure
 from tests.bench.systems import CACHE, FEATURES, MODELS, ROOT, System, mock_worker
 from tests.processes import START_TIMEOUT, Proc, http_status, poll_until
 
@@ -80,37 +81,37 @@ async def main() -> None:
         name = "working-tree" if args.processes == [1] else f"working-tree x{n}"
         systems.append(start(name.replace(" ", "-"), ROOT, direct.url, workdir, n, args.features))
     await asyncio.sleep(2)  # first probes done
-    table: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
+    systems.insert(0, direct)  # for added TTFT: its figures are the baseline of each repeat
+    table: dict[tuple[str, str], list[tuple[float, float, float, float, int]]] = {}
     try:
         for i in range(args.repeats):
             for key in args.scenarios:
                 sc = next(s for s in SCENARIOS if s.key == key)
                 for system in systems[i % len(systems) :] + systems[: i % len(systems)]:
-                    url = f"{system.url}/v1/chat/completions"
-                    data = chat_body(sc.model, sc.stream)
-                    before, kernel_before = system.cpu_seconds(), system.kernel_seconds()
-                    label = f"#{i + 1} {key} {system.name}"
-                    if sc.rate:
-                        s = await open_loop(url, data, sc.stream, sc.rate, args.seconds, label)
-                    else:
-                        s = await closed_loop(url, data, sc.stream, sc.concurrency,
-                                              args.seconds, label)  # fmt: skip
+                    s = await measure(system, sc, args.seconds, f"#{i + 1} {key} {system.name}")
                     done = max(len(s.total), 1)
-                    cpu = 1000 * (system.cpu_seconds() - before) / done
-                    kernel = 1000 * (system.kernel_seconds() - kernel_before) / done
-                    table.setdefault((key, system.name), []).append((s.rate, cpu, kernel))
+                    p99 = 1000 * quantile(s.ttft, 0.99)
+                    table.setdefault((key, system.name), []).append(
+                        (s.rate, 1000 * s.cpu / done, 1000 * s.kernel / done, p99, s.errors)
+                    )
                     await asyncio.sleep(0.5)
     finally:
         for system in systems:
-            assert system.proc is not None
-            system.proc.kill()
+            if system.proc is not None:
+                system.proc.kill()
         worker.kill()
-    print("| scenario | gateway | req/s | CPU ms / req | of which kernel |\n|---|---|---|---|---|")
+    print("| scenario | gateway | req/s | CPU ms / req | of which kernel | TTFT p99 (ms) per "
+          "repeat | added over direct | errors |\n|---|---|---|---|---|---|---|---|")  # fmt: skip
     for (key, name), runs in table.items():
-        rates, cpus, kernels = ([run[i] for run in runs] for i in range(3))
+        if name == "direct":
+            continue
+        rates, cpus, kernels, p99s, errors = ([run[i] for run in runs] for i in range(5))
+        base = [run[3] for run in table[(key, "direct")]]
+        added = ", ".join(f"{a - b:+.1f}" for a, b in zip(p99s, base, strict=True))
         print(f"| {key} | {name} | {statistics.median(rates):.0f} ({min(rates):.0f}-"
               f"{max(rates):.0f}) | {statistics.median(cpus):.3f} ({min(cpus):.3f}-"
-              f"{max(cpus):.3f}) | {statistics.median(kernels):.3f} |")  # fmt: skip
+              f"{max(cpus):.3f}) | {statistics.median(kernels):.3f} | "
+              f"{', '.join(f'{p:.1f}' for p in p99s)} | {added} | {sum(errors)} |")  # fmt: skip
 
 
 if __name__ == "__main__":
