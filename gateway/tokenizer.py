@@ -3,13 +3,16 @@ routing: the model's own tokenizer files (``tokenizer.json`` for HF ``tokenizers
 the chat template from ``chat_template.jinja`` or ``tokenizer_config.json``, rendered with
 jinja2 in a sandbox configured as transformers configures it).
 
-- chat: the template rendered with ``add_generation_prompt``, encoded without adding special
-  tokens (the template writes them), which is what vLLM does for ``/v1/chat/completions``;
+- chat: the template rendered with ``add_generation_prompt`` (or, with
+  ``continue_final_message``, cut after the final message's text as transformers cuts it),
+  encoded without adding special tokens (the template writes them), which is what vLLM does
+  for ``/v1/chat/completions``;
 - completions text: encoded with the tokenizer's own special tokens added.
 
 Only requests whose rendering we can reproduce exactly are tokenized: text messages, with
 function tools, tool calls and tool results, rebuilt as vLLM hands them to the template
-(``chatrender``), and vLLM's defaults for the template's arguments. Anything else returns None
+(``chatrender``), and of the template's arguments only ``add_generation_prompt`` and
+``continue_final_message`` set by the request. Anything else returns None
 and the configured policy routes it; a wrong guess could only cost a cache miss, never a wrong
 answer.
 
@@ -86,6 +89,7 @@ class PromptTokenizer:
             if config.get(name) is not None
         }
         self._format = content_format(self._template.environment, source)
+        self._source = source
         added = self._tokenizer.get_added_tokens_decoder().values()
         specials = sorted((t.content for t in added if t.special), key=len, reverse=True)
         self._ids = {text: self._tokenizer.token_to_id(text) for text in specials}
@@ -117,12 +121,21 @@ class PromptTokenizer:
         self._cache_chars = 0
 
     def chat_ids(self, data: dict[str, Any]) -> list[int] | None:
-        if not _template_defaults(data):
+        prompt = _prompt_arguments(data)
+        if prompt is None:
             return None
+        add_generation_prompt, continued = prompt
         rebuilt = conversation(data, self._format)
         if rebuilt is None:
             return None
         messages, tools = rebuilt
+        final = None
+        if continued:
+            if "content" not in self._source:
+                return None  # transformers refuses: vLLM answers 400
+            final = _tag_final(messages)
+            if final is None:
+                return None
         try:
             # What transformers passes (messages, tools, documents, add_generation_prompt, the
             # named special tokens) and what vLLM adds for a chat completion when the template
@@ -131,13 +144,16 @@ class PromptTokenizer:
                 messages=messages,
                 tools=tools,
                 documents=None,
-                add_generation_prompt=True,
+                add_generation_prompt=add_generation_prompt,
                 reasoning_effort=None,
                 **self._special,
             )
         except jinja2.TemplateError:
             return None
-        return self._encode(text)
+        if final is None:
+            return self._encode(text)
+        cut = _cut_at_tag(text, final)
+        return self._encode(cut) if cut is not None else None
 
     def completion_ids(self, prompt: str) -> list[int]:
         ids = self._encode(prompt)
@@ -211,14 +227,57 @@ class PromptTokenizer:
             self._cache_chars -= len(old)
 
 
-def _template_defaults(data: dict[str, Any]) -> bool:
-    """Whether the request leaves the template's arguments at vLLM's defaults."""
+def _prompt_arguments(data: dict[str, Any]) -> tuple[bool, bool] | None:
+    """``add_generation_prompt`` and ``continue_final_message`` as vLLM passes them to the
+    template; None when the request sets what we do not reproduce (its own template or
+    template arguments, documents, a reasoning effort) or what vLLM refuses (both true)."""
     for name in ("documents", "chat_template", "chat_template_kwargs", "reasoning_effort"):
         if data.get(name) is not None:
-            return False
-    return data.get("add_generation_prompt", True) is True and not data.get(
-        "continue_final_message"
-    )
+            return None
+    add = data.get("add_generation_prompt", True)
+    continued = data.get("continue_final_message", False)
+    if type(add) is not bool or type(continued) is not bool or (add and continued):
+        return None
+    return add, continued
+
+
+# What transformers (5.x) appends to the final message's text when asked to continue it: the
+# rendered prompt is cut where the tag lands, so whatever the template writes after the
+# message (an end-of-turn token) is left out.
+CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
+
+
+def _tag_final(messages: list[dict[str, Any]]) -> str | None:
+    """Appends the tag to the last message's text (its last text part when it has parts), as
+    transformers does; the text it continued, or None when there is none to continue."""
+    if not messages:
+        return None
+    last = messages[-1] = dict(messages[-1])
+    content = last.get("content")
+    if isinstance(content, str):
+        last["content"] = content + CONTINUE_TAG
+        return content
+    if isinstance(content, list):
+        parts = last["content"] = list(content)
+        for i in range(len(parts) - 1, -1, -1):
+            part = parts[i]
+            if isinstance(part, dict) and "text" in part:
+                parts[i] = {**part, "text": str(part["text"]) + CONTINUE_TAG}
+                return str(part["text"])
+    return None
+
+
+def _cut_at_tag(text: str, final: str) -> str | None:
+    """The rendered prompt up to the tag, as transformers cuts it (the spacing before it
+    trimmed when the template trimmed the tag's own); None when the template dropped the
+    message or the tag (transformers refuses)."""
+    tag = CONTINUE_TAG.strip()
+    if final.strip() not in text or tag not in text:
+        return None
+    at = text.rindex(tag)
+    if text[at : at + len(CONTINUE_TAG)] == CONTINUE_TAG:
+        return text[:at]
+    return text[:at].rstrip()
 
 
 def _read_config(model_dir: Path) -> dict[str, Any]:

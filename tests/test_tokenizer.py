@@ -88,8 +88,8 @@ def test_requests_it_cannot_render_exactly_are_left_to_the_policy(tmp_path: Path
     plain = chat("hello")
     assert ours.chat_ids(plain) is not None
     for extra in (
-        {"continue_final_message": True},
-        {"add_generation_prompt": False},
+        {"continue_final_message": True},  # with add_generation_prompt left true: vLLM's 400
+        {"add_generation_prompt": "no"},
         {"chat_template_kwargs": {"x": 1}},
         {"reasoning_effort": "low"},
         {"documents": [{"title": "a", "text": "b"}]},
@@ -104,6 +104,45 @@ def test_requests_it_cannot_render_exactly_are_left_to_the_policy(tmp_path: Path
     ):
         assert ours.chat_ids({"messages": [message]}) is None, message
     assert ours.chat_ids({"messages": []}) is None
+
+
+def test_continuing_the_final_message_cuts_the_prompt_where_transformers_does(
+    tmp_path: Path,
+) -> None:
+    """``add_generation_prompt: false`` renders without the assistant opener, and
+    ``continue_final_message`` ends the prompt right after the final message's text (its last
+    text part), before the end-of-turn token the template writes after it."""
+    ours = PromptTokenizer(model_dir(tmp_path) / "tokenizer.json")
+    reference = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+
+    def encoded(text: str) -> list[int]:
+        return reference.encode(text, add_special_tokens=False).ids
+
+    data = chat("be brief", "the fox", "the quick ")
+    assert ours.chat_ids({**data, "add_generation_prompt": False}) == encoded(
+        "<s><|system|>be brief</s><|user|>the fox</s><|assistant|>the quick </s>"
+    )
+    continued = {**data, "add_generation_prompt": False, "continue_final_message": True}
+    # The template keeps the text as it is: the trailing space stays.
+    want = encoded("<s><|system|>be brief</s><|user|>the fox</s><|assistant|>the quick ")
+    assert ours.chat_ids(continued) == want
+    # A template that trims the message: the cut drops the spacing before the tag too.
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    config["chat_template"] = TEMPLATE.replace("{{ m.content }}", "{{ m.content | trim }}")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    trimmed = PromptTokenizer(tmp_path / "tokenizer.json")
+    assert trimmed.chat_ids(continued) == encoded(
+        "<s><|system|>be brief</s><|user|>the fox</s><|assistant|>the quick"
+    )
+    # No content is the empty text here (vLLM's "string" format): the prompt ends at the opener.
+    empty = {**continued, "messages": [*data["messages"][:2], {"role": "assistant"}]}  # type: ignore[index]
+    assert ours.chat_ids(empty) == encoded(
+        "<s><|system|>be brief</s><|user|>the fox</s><|assistant|>"
+    )
+    # A template that drops the message: transformers refuses, and so do we.
+    config["chat_template"] = TEMPLATE.replace("{{ m.content }}", "")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    assert PromptTokenizer(tmp_path / "tokenizer.json").chat_ids(continued) is None
 
 
 def test_tools_and_tool_calls_reach_the_template_as_vllm_passes_them(tmp_path: Path) -> None:

@@ -1,6 +1,7 @@
 """The gateway's own token ids for chat prompts (gateway/tokenizer.py with gateway/chatrender.py)
 equal the prompt ids real vLLM renders for the same request (``return_token_ids``): text parts,
-names, function tools, assistant tool calls and tool results, not only plain messages. The tiny
+names, function tools, assistant tool calls and tool results, not only plain messages, and a
+prompt without the generation prompt or continuing the final message. The tiny
 model's template loops over a message's content, so vLLM hands it parts ("openai" format); its
 tools are written with ``tojson`` and each call's arguments as the object vLLM parsed."""
 
@@ -66,6 +67,30 @@ CASES: dict[str, dict[str, Any]] = {
             TURNS[3],
         ],
         "tools": [TOOL],
+    },
+    "no-generation-prompt": {
+        "messages": [*TURNS[:2], {"role": "assistant", "content": "It is a way in."}],
+        "add_generation_prompt": False,
+    },
+    "continue-final-message": {
+        "messages": [TURNS[1], {"role": "assistant", "content": "A gate is "}],
+        "add_generation_prompt": False,
+        "continue_final_message": True,
+    },
+    # The tiny template leaves a final assistant message open; a user message it closes, so
+    # here the cut drops what it writes after the text.
+    "continue-closed-message": {
+        "messages": [{"role": "user", "content": "Look up ga"}],
+        "add_generation_prompt": False,
+        "continue_final_message": True,
+    },
+    "continue-last-text-part": {
+        "messages": [
+            TURNS[1],
+            {"role": "assistant", "content": [{"type": "text", "text": "A gate"}, " is"]},
+        ],
+        "add_generation_prompt": False,
+        "continue_final_message": True,
     },
 }
 
