@@ -112,55 +112,113 @@ def worker_fault(error: dict[str, object]) -> bool:
     return body.get("type") not in ("invalid_request_error", "BadRequestError")
 
 
+# Bytes of events a transcript keeps unread before reading them (see ``Transcript.feed``).
+UNREAD_LIMIT = 32 * 1024
+
+
 class Transcript:
     """The stream as the client has seen it: fed the exact events written to the client,
     before their token ids are scrubbed."""
 
     def __init__(self) -> None:
         self._decoder = SSEDecoder()
-        self.header: dict[str, Any] = {}  # id, created, model of the original stream
-        self.prompt_ids: list[int] | None = None
-        self.ids: list[int] = []  # the answer's tokens sent so far
+        # Events not read yet: reading costs about 3 us an event and is needed only when a
+        # stream breaks, so they are read then, or in batches past UNREAD_LIMIT bytes.
+        self._unread: list[bytes] = []
+        self._unread_size = 0
+        self._header: dict[str, Any] = {}  # id, created, model of the original stream
+        self._prompt_ids: list[int] | None = None
+        self._ids: list[int] = []  # the answer's tokens sent so far
         self._text: list[str] = []  # the answer's text sent so far
         # After ``roll_back``: what the continuation writes again that the client already has.
         self.repeated_text = ""
         self.repeated_ids = 0
-        self.ids_complete = True  # every chunk with text said which tokens it carried
-        self.reasoning = False
-        self.tool_calls = False
-        self.finished = False
+        self._ids_complete = True  # every chunk with text said which tokens it carried
+        self._reasoning = False
+        self._tool_calls = False
+        self._finished = False
+
+    @property
+    def header(self) -> dict[str, Any]:
+        self._catch_up()
+        return self._header
+
+    @property
+    def prompt_ids(self) -> list[int] | None:
+        self._catch_up()
+        return self._prompt_ids
+
+    @property
+    def ids(self) -> list[int]:
+        self._catch_up()
+        return self._ids
+
+    @property
+    def finished(self) -> bool:
+        self._catch_up()
+        return self._finished
+
+    @property
+    def tool_calls(self) -> bool:
+        self._catch_up()
+        return self._tool_calls
+
+    @property
+    def reasoning(self) -> bool:
+        self._catch_up()
+        return self._reasoning
+
+    @property
+    def ids_complete(self) -> bool:
+        self._catch_up()
+        return self._ids_complete
 
     @property
     def tokens(self) -> int:
-        return len(self.ids)
+        self._catch_up()
+        return len(self._ids)
 
     @property
     def resumable(self) -> bool:
         # Mid-reasoning or mid-tool-call, a continuation cannot be made faithful; without the
         # token ids (a worker that ignores return_token_ids) it cannot be made exact.
+        self._catch_up()
         return (
-            bool(self.header)
-            and self.prompt_ids is not None
-            and self.ids_complete
-            and not (self.reasoning or self.tool_calls or self.finished)
+            bool(self._header)
+            and self._prompt_ids is not None
+            and self._ids_complete
+            and not (self._reasoning or self._tool_calls or self._finished)
         )
 
     def roll_back(self, keep: int, kept_text: str) -> bool:
         """Resume after the first ``keep`` answer tokens, whose text is ``kept_text`` (the
         client has it all, and more: the text of the tokens after them it was sent). False,
         and nothing changed, when the text sent does not start with ``kept_text``."""
+        self._catch_up()
         sent = "".join(self._text)
-        if not sent.startswith(kept_text) or not 0 <= keep <= len(self.ids):
+        if not sent.startswith(kept_text) or not 0 <= keep <= len(self._ids):
             return False
         self.repeated_text = sent[len(kept_text) :]
-        self.repeated_ids = len(self.ids) - keep
-        del self.ids[keep:]
+        self.repeated_ids = len(self._ids) - keep
+        del self._ids[keep:]
         return True
 
     def feed(self, data: bytes) -> None:
-        """Whole events, as written to the client. vLLM's are ``data: {...}`` and a blank line:
-        read straight from the bytes, which halves the cost per event; any other shape goes
-        through the SSE decoder."""
+        """Whole events, as written to the client: kept, and read when needed."""
+        self._unread.append(data)
+        self._unread_size += len(data)
+        if self._unread_size > UNREAD_LIMIT:
+            self._catch_up()
+
+    def _catch_up(self) -> None:
+        if self._unread:
+            unread = self._unread
+            self._unread, self._unread_size = [], 0
+            self._read_events(unread[0] if len(unread) == 1 else b"".join(unread))
+
+    def _read_events(self, data: bytes) -> None:
+        """vLLM's events are ``data: {...}`` and a blank line: read straight from the bytes,
+        which halves the cost per event; any other shape goes through the SSE decoder."""
         parts = data.split(b"\n\n")
         if parts[-1] or not self._decoder.at_boundary(data):
             self._decode(data)
@@ -193,41 +251,42 @@ class Transcript:
             self._observe(body)
 
     def _observe(self, body: dict[str, Any]) -> None:
-        if not self.header and isinstance(body.get("id"), str):
-            self.header = {k: body[k] for k in ("id", "object", "created", "model") if k in body}
+        if not self._header and isinstance(body.get("id"), str):
+            self._header = {k: body[k] for k in ("id", "object", "created", "model") if k in body}
         prompt = body.get("prompt_token_ids")
-        if self.prompt_ids is None and _is_ids(prompt):
-            self.prompt_ids = prompt
+        if self._prompt_ids is None and _is_ids(prompt):
+            self._prompt_ids = prompt
         for choice in body.get("choices") or ():
             if isinstance(choice, dict):
                 self._observe_choice(choice)
 
     def _observe_choice(self, choice: dict[str, Any]) -> None:
         if choice.get("finish_reason") is not None:
-            self.finished = True
+            self._finished = True
         ids = choice.get("token_ids")
         if _is_ids(ids):
-            self.ids.extend(ids)
+            self._ids.extend(ids)
         delta = choice.get("delta")
         if not isinstance(delta, dict):
             return
         if delta.get("tool_calls"):
-            self.tool_calls = True
+            self._tool_calls = True
         if delta.get("reasoning") or delta.get("reasoning_content"):
-            self.reasoning = True
+            self._reasoning = True
         content = delta.get("content")
         if content and isinstance(content, str):
             self._text.append(content)
             if not _is_ids(ids):
-                self.ids_complete = False
+                self._ids_complete = False
 
     def continuation(self, original: bytes) -> bytes:
         """The completions request that makes another worker write the rest of the answer."""
-        assert self.prompt_ids is not None
+        self._catch_up()
+        assert self._prompt_ids is not None
         data = orjson.loads(original)
         asked = next((data[n] for n in _TOKEN_LIMIT_FIELDS if isinstance(data.get(n), int)), None)
         out = {k: v for k, v in data.items() if k not in _NOT_CONTINUED}
-        out["prompt"] = self.prompt_ids + self.ids
+        out["prompt"] = self._prompt_ids + self._ids
         out["stream"] = True
         out["stream_options"] = {"include_usage": True}
         out["return_token_ids"] = True

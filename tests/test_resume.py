@@ -19,6 +19,7 @@ import openai
 import orjson
 import pytest
 
+from gateway import resume
 from gateway.resume import Splice, Transcript, resumable_request, scrub_token_ids, worker_fault
 from gateway.simulator import SimConfig, parse_fault
 from tests.conftest import Gateway, GatewayFactory, Sim, SimFactory
@@ -498,3 +499,27 @@ def test_the_transcript_reads_vllm_s_events_as_the_sse_decoder_does(events: list
         fast.feed(data)
         slow._decode(data)
     assert transcript_state(fast) == transcript_state(slow)
+
+
+def test_the_transcript_reads_its_events_only_when_asked_or_in_batches() -> None:
+    """Events are kept unread (about 3 us each saved on every stream that does not break) and
+    read, in order, when the transcript is asked or past ``UNREAD_LIMIT`` bytes: the same
+    state as reading each event at once."""
+    events = [role([1, 2])] + [chunk({"content": f" w{i}"}, ids=[i]) for i in range(600)]
+    lazy, eager = Transcript(), Transcript()
+    most = 0
+    for data in events:
+        lazy.feed(data)
+        eager._read_events(data)
+        most = max(most, lazy._unread_size)
+    assert 0 < most <= resume.UNREAD_LIMIT  # read in batches, never more than the limit held
+    assert lazy._unread  # the last ones are still unread...
+    assert transcript_state(lazy) == transcript_state(eager)  # ...until asked
+    assert not lazy._unread and lazy.tokens == 600
+    # Rolled back, then fed more: the new events are read after the roll-back, as they came.
+    assert lazy.roll_back(590, "".join(f" w{i}" for i in range(590)))
+    assert eager.roll_back(590, "".join(f" w{i}" for i in range(590)))
+    for data in [chunk({"content": " x"}, ids=[9])]:
+        lazy.feed(data)
+        eager._read_events(data)
+    assert lazy.ids == eager.ids and lazy.ids[-2:] == [589, 9]
