@@ -29,6 +29,7 @@ Message = list[Any]
 Handler = Callable[[Message], Message | None]
 
 LINE_LIMIT = 1024 * 1024  # a call carries a few limit names: far below this
+LATE_LIMIT = 10_000  # late answers awaited at most; beyond, they are dropped
 
 
 class ChannelClosed(Exception):
@@ -40,6 +41,8 @@ class Channel:
         self._reader = reader
         self._writer = writer
         self._calls: dict[int, asyncio.Future[Message]] = {}
+        # Calls that outlived their bound, whose answer may still come: what to do with it.
+        self._late: dict[int, Callable[[Message], None]] = {}
         self._next_id = 0
         self._task: asyncio.Task[None] | None = None
         self._out: list[bytes] = []  # lines of this loop turn, written at its end
@@ -58,8 +61,16 @@ class Channel:
     def note(self, op: str, *args: Any) -> None:
         self._write([op, *args])
 
-    async def call(self, timeout: float, op: str, *args: Any) -> Message:  # noqa: ASYNC109 - a bound for one call
-        """The other end's answer; ``ChannelClosed`` if it is gone or slower than ``timeout``."""
+    async def call(
+        self,
+        timeout: float,  # noqa: ASYNC109 - a bound for one call
+        op: str,
+        *args: Any,
+        late: Callable[[Message], None] | None = None,
+    ) -> Message:
+        """The other end's answer; ``ChannelClosed`` if it is gone or slower than ``timeout``.
+        ``late`` is given the answer if it comes after all (the other end may have acted on
+        the call: what it did can then be undone)."""
         if self.closed.is_set():
             raise ChannelClosed("the channel is closed")
         self._next_id += 1
@@ -71,6 +82,8 @@ class Channel:
             async with asyncio.timeout(timeout):
                 return await answer
         except TimeoutError:
+            if late is not None and len(self._late) < LATE_LIMIT:
+                self._late[call_id] = late
             raise ChannelClosed(f"no answer to {op} within {timeout}s") from None
         finally:
             self._calls.pop(call_id, None)
@@ -103,6 +116,8 @@ class Channel:
             answer = self._calls.get(message[1])
             if answer is not None and not answer.done():
                 answer.set_result(message[2:])
+            elif (late := self._late.pop(message[1], None)) is not None:
+                late(message[2:])
         elif op == "call":
             result = handler(message[2:])
             self._write(["re", message[1], *(result or [])])
@@ -124,6 +139,7 @@ class Channel:
 
     def _closed(self) -> None:
         self.closed.set()
+        self._late.clear()
         for answer in self._calls.values():
             if not answer.done():
                 answer.set_exception(ChannelClosed("the other end closed the channel"))

@@ -10,24 +10,27 @@ a key's in-flight slot.
 Operations, as messages on a ``channel.Channel``:
 
 - call ``["limit", rates, scopes]`` -> ``[admitted, ahead, kind, retry_after]``
-- call ``["stock", rates, scopes]`` -> ``[ahead, units, slots]``: stock (below) per rate
-  (its units, and the seconds spent ahead after the charge; 0 and null: none) and per scope
-- note ``["hold", scopes]``, ``["release", keys]``, ``["adjust", rate, delta]``
+- call ``["stock", rates, scopes, rate_wants, scope_wants]`` -> ``[ahead, units, slots]``:
+  stock (below) for the wanted ones of a request's limits, all or none: per rate its units
+  and the seconds spent ahead after them (0 and null: none), per scope its slots
+- note ``["hold", scopes]``, ``["release", keys]``, ``["adjust", rate, delta]``,
+  ``["spend", [[rate, units], ...]]`` (stock spent), ``["unstock", [[key, units], ...]]``
+  (stock given back; slots go back with ``release``)
 
 where a rate is ``[key, kind, limit, cost]`` and a scope ``[key, limit]``.
 
 **Stock.** Asking for every admission put this process in every limited request's path: a
 process the scheduler leaves waiting for milliseconds on busy cores (the p99 TTFT of paced
 streams with limited keys was 40-49 ms against 25-26 without limits). So a serving process
-may take a small stock of a key's allowance (``units`` of each rate, charged here at once)
-and of its in-flight slots (``slots``, counted here at once) and admit from it on its own
-(``ratelimit_stock``). Stock is counted as spent the moment it is given, so a key is never
-admitted beyond its limits. It is given only while the key has more than half of each
-allowance and cap left, a 64th of the limit shared among the serving processes at a time,
-and what a process has not used comes back within ``STOCK_SECONDS``; so the only cost is
-that a key going from half its allowance to none within that time may be refused while
-another process still holds stock it has not used: at most about 1/32 of its limit
-(1.5 shares of units, or 2 of slots, per process).
+may take a small stock of a key's allowance and admit from it on its own
+(``ratelimit_stock``): units of a rate are reserved here, where every check counts them as
+spent and time does not refill them, until the process says it spent them (they are charged
+then) or gives them back; slots are counted in flight here. So a key is never admitted beyond
+its limits. Stock is a 64th of each limit, split among the serving processes; it is given
+only while the key has more than half of each allowance and cap left, and a process keeps at
+most two shares and gives back what it has not topped up within ``STOCK_SECONDS``. The cost:
+a key that goes from half its allowance to none while other processes hold stock they have
+not used is refused up to that stock early, at most 1/32 of the limit.
 """
 
 from __future__ import annotations
@@ -75,6 +78,7 @@ class Holdings:
         self._keeper = keeper
         self._limits = keeper.limits
         self._held: dict[str, int] = {}
+        self._reserved: dict[str, int] = {}  # units of its stock, per rate key
         self._live = True
         keeper.processes += 1
 
@@ -90,8 +94,13 @@ class Holdings:
         if op == "stock":
             rates = [rate_of(r) for r in message[1]]
             scopes = [scope_of(s) for s in message[2]]
-            return list(self._stock(rates, scopes))
-        if op == "hold":
+            wants = [bool(w) for w in message[3]], [bool(w) for w in message[4]]
+            return list(self._stock(rates, scopes, *wants))
+        if op == "spend":
+            self._spend(message[1])
+        elif op == "unstock":
+            self._unstock(message[1])
+        elif op == "hold":
             scopes = [scope_of(s) for s in message[1]]
             self._limits.hold(scopes)
             self._count(scopes)
@@ -102,42 +111,89 @@ class Holdings:
         return None
 
     def release_all(self) -> None:
-        """The process is gone: whatever it held in flight is free again (its stock of slots
-        included; stock of a rate stays spent, as its requests may have been served)."""
+        """The process is gone: whatever it held in flight is free again, and its stock given
+        back (units it spent but had not said so are lost with it: a few requests' worth)."""
         self._release([key for key, count in self._held.items() for _ in range(count)])
+        for key, count in list(self._reserved.items()):
+            self._limits.unreserve(key, count)
+        self._reserved.clear()
         if self._live:
             self._live = False
             self._keeper.processes -= 1
 
     def _stock(
-        self, rates: list[Rate], scopes: list[Scope]
+        self,
+        rates: list[Rate],
+        scopes: list[Scope],
+        rate_wants: list[bool],
+        scope_wants: list[bool],
     ) -> tuple[list[float | None], list[int], list[int]]:
-        """Set stock aside for each rate and scope where the key is far enough from its
-        limit: per rate the seconds spent ahead after the charge (None: no stock) and the
-        units, per scope the slots."""
+        """A share of each wanted rate (reserved) and scope (counted in flight), all or none:
+        none when a limit of the request is too small to share (or its share below the
+        request's cost), or when a wanted one is past ``STOCK_CEILING``. Per rate the seconds
+        spent ahead after it (None: none given) and the units, per scope the slots."""
         limits = self._limits
         split = STOCK_SHARE * max(self._keeper.processes, 1)
-        ahead: list[float | None] = []
-        units: list[int] = []
-        for rate in rates:
-            share = rate.limit // split
-            spent = (
-                limits.set_aside(rate, share, STOCK_CEILING * PERIOD)
-                if share >= STOCK_MIN
-                else None
-            )
-            ahead.append(spent)
-            units.append(share if spent is not None else 0)
-        slots: list[int] = []
-        for scope in scopes:
-            share = scope.limit // split
-            given = share >= STOCK_MIN and limits.set_aside_slots(
-                scope, share, int(scope.limit * STOCK_CEILING)
-            )
+        rate_shares = [rate.limit // split for rate in rates]
+        scope_shares = [scope.limit // split for scope in scopes]
+        ahead: list[float | None] = [None] * len(rates)
+        units = [0] * len(rates)
+        slots = [0] * len(scopes)
+        if any(s < max(STOCK_MIN, r.cost) for r, s in zip(rates, rate_shares, strict=True)) or any(
+            s < STOCK_MIN for s in scope_shares
+        ):
+            return ahead, units, slots
+        for i, rate in enumerate(rates):
+            if rate_wants[i]:
+                spent = limits.set_aside(rate, rate_shares[i], STOCK_CEILING * PERIOD)
+                if spent is None:
+                    break
+                ahead[i], units[i] = spent, rate_shares[i]
+        else:
+            for i, scope in enumerate(scopes):
+                if scope_wants[i]:
+                    ceiling = int(scope.limit * STOCK_CEILING)
+                    if not limits.set_aside_slots(scope, scope_shares[i], ceiling):
+                        break
+                    slots[i] = scope_shares[i]
+            else:
+                for rate, given in zip(rates, units, strict=True):
+                    if given:
+                        self._reserved[rate.key] = self._reserved.get(rate.key, 0) + given
+                for scope, given in zip(scopes, slots, strict=True):
+                    if given:
+                        self._held[scope.key] = self._held.get(scope.key, 0) + given
+                return ahead, units, slots
+        # One of them could not be given: none is.
+        for rate, given in zip(rates, units, strict=True):
             if given:
-                self._held[scope.key] = self._held.get(scope.key, 0) + share
-            slots.append(share if given else 0)
-        return ahead, units, slots
+                limits.unreserve(rate.key, given)
+        for scope, given in zip(scopes, slots, strict=True):
+            if given:
+                limits.release([scope] * given)
+        return [None] * len(rates), [0] * len(rates), [0] * len(scopes)
+
+    def _spend(self, spent: list[Any]) -> None:
+        for fields, count in spent:
+            rate = rate_of(fields)
+            count = min(int(count), self._reserved.get(rate.key, 0))
+            if count > 0:
+                self._limits.spend(rate, count)
+                self._unreserve(rate.key, count)
+
+    def _unstock(self, returned: list[Any]) -> None:
+        for key, count in returned:
+            count = min(int(count), self._reserved.get(str(key), 0))
+            if count > 0:
+                self._limits.unreserve(str(key), count)
+                self._unreserve(str(key), count)
+
+    def _unreserve(self, key: str, count: int) -> None:
+        left = self._reserved[key] - count
+        if left > 0:
+            self._reserved[key] = left
+        else:
+            del self._reserved[key]
 
     def _count(self, scopes: list[Scope]) -> None:
         held = self._held

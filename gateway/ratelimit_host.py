@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from gateway.channel import Channel, ChannelClosed
 from gateway.errors import Overloaded
@@ -39,18 +40,22 @@ class HostLimits:
         self._asking = False  # a stock call is out: one at a time
         self._expiry: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._spent: dict[str, tuple[Rate, int]] = {}  # stock spent this loop turn, per key
 
     async def acquire(self, rates: Sequence[Rate], scopes: Sequence[Scope]) -> Verdict:
         """As ``LocalLimits.acquire``, for the whole host; ``Overloaded`` (503) when the
         supervisor cannot be asked."""
         ahead = self.stock.take(rates, scopes)
+        if ahead is not None:
+            self._note_spent(rates)
         self._restock(rates, scopes)
         if ahead is not None:
             return Verdict(True, ahead)
         try:
             admitted, ahead, kind, retry_after = await self._channel.call(
-                self._timeout, "limit", [_rate(r) for r in rates], [_scope(s) for s in scopes]
-            )
+                self._timeout, "limit", [_rate(r) for r in rates], [_scope(s) for s in scopes],
+                late=lambda answer: self._admitted_late(answer, scopes),
+            )  # fmt: skip
         except ChannelClosed:
             raise Overloaded("Rate limits cannot be checked right now; retry shortly.") from None
         return Verdict(bool(admitted), tuple(ahead), str(kind), float(retry_after))
@@ -69,37 +74,70 @@ class HostLimits:
 
     async def close(self) -> None:
         """Stop asking, and give back all stock (its notes go out before the channel
-        closes)."""
+        closes). A stock call cut short here may still be answered: that stock is freed
+        when this process exits."""
         if self._expiry is not None:
             self._expiry.cancel()
             self._expiry = None
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._flush_spent()
         self._give_back(self.stock.expire(everything=True))
+
+    def _admitted_late(self, answer: list[object], scopes: Sequence[Scope]) -> None:
+        """The keeper admitted a request this process had already refused (503): its slots
+        go back (its charge stays: never more lenient)."""
+        if answer and answer[0] and scopes:
+            self._channel.note("release", [scope.key for scope in scopes])
+
+    def _note_spent(self, rates: Sequence[Rate]) -> None:
+        """Stock spent is told to the keeper once per loop turn, per key."""
+        spent = self._spent
+        if not spent:
+            asyncio.get_running_loop().call_soon(self._flush_spent)
+        for rate in rates:
+            before = spent.get(rate.key)
+            spent[rate.key] = (rate, rate.cost + (before[1] if before else 0))
+
+    def _flush_spent(self) -> None:
+        if self._spent:
+            spent, self._spent = self._spent, {}
+            self._channel.note("spend", [[_rate(rate), units] for rate, units in spent.values()])
 
     def _restock(self, rates: Sequence[Rate], scopes: Sequence[Scope]) -> None:
         """Ask for stock in the background where the request found none or little."""
         if self._asking:
             return
-        low_rates, low_scopes = self.stock.wanted(rates, scopes)
-        if not low_rates and not low_scopes:
+        wants = self.stock.wanted(rates, scopes)
+        if wants is None:
             return
         self._asking = True
-        task = asyncio.create_task(self._ask(low_rates, low_scopes))
+        task = asyncio.create_task(self._ask(list(rates), list(scopes), *wants))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _ask(self, rates: list[Rate], scopes: list[Scope]) -> None:
+    async def _ask(
+        self,
+        rates: list[Rate],
+        scopes: list[Scope],
+        rate_wants: list[bool],
+        scope_wants: list[bool],
+    ) -> None:
         try:
-            ahead, units, slots = await self._channel.call(
-                self._timeout, "stock", [_rate(r) for r in rates], [_scope(s) for s in scopes]
-            )
+            answer = await self._channel.call(
+                self._timeout, "stock", [_rate(r) for r in rates], [_scope(s) for s in scopes],
+                rate_wants, scope_wants, late=lambda late: self._stocked(rates, scopes, late),
+            )  # fmt: skip
         except ChannelClosed:
-            return  # asked again by a later request; meanwhile requests ask one by one
+            return  # requests ask one by one meanwhile; a late answer is still taken
         finally:
             self._asking = False
-        self.stock.add(rates, scopes, ahead, units, slots)
+        self._stocked(rates, scopes, answer)
+
+    def _stocked(self, rates: list[Rate], scopes: list[Scope], answer: list[Any]) -> None:
+        ahead, units, slots = answer
+        self._give_back(self.stock.add(rates, scopes, ahead, units, slots))
         self._arm()
 
     def _arm(self) -> None:
@@ -114,14 +152,15 @@ class HostLimits:
 
     def _expire(self) -> None:
         self._expiry = None
+        self._flush_spent()  # spent before given back: the keeper counts them in that order
         self._give_back(self.stock.expire())
         self._arm()
 
     def _give_back(self, returns: Returns) -> None:
-        for rate, unused in returns.refunds:
-            self._channel.note("adjust", _rate(rate), -unused)
-        if returns.releases:
-            self._channel.note("release", list(returns.releases))
+        if returns.units:
+            self._channel.note("unstock", [list(unit) for unit in returns.units])
+        if returns.slots:
+            self._channel.note("release", list(returns.slots))
 
 
 def _rate(rate: Rate) -> list[object]:

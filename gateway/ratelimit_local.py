@@ -93,6 +93,10 @@ class LocalLimits:
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
         self._tat: dict[str, float] = {}
+        # Units set aside for a serving process's stock (``keeper``): spent as far as every
+        # check is concerned, and not refilled by time, until spent (then charged to the TAT)
+        # or given back.
+        self._reserved: dict[str, int] = {}
         self._in_flight: dict[str, int] = {}
         self._next_prune = clock() + PERIOD
 
@@ -102,15 +106,18 @@ class LocalLimits:
         now = self._clock()
         self._prune(now)
         tats = [max(self._tat.get(rate.key, now), now) for rate in rates]
+        held = [self._reserved.get(rate.key, 0) * rate.interval for rate in rates]
         charged = [tat + rate.cost * rate.interval for rate, tat in zip(rates, tats, strict=True)]
+        ahead = [new + aside - now for new, aside in zip(charged, held, strict=True)]
         full = any(self._in_flight.get(scope.key, 0) >= scope.limit for scope in scopes)
-        kind, wait = refusal(rates, [new - PERIOD - now for new in charged], full)
+        kind, wait = refusal(rates, [spent - PERIOD for spent in ahead], full)
         if kind:
-            return Verdict(False, tuple(tat - now for tat in tats), kind, wait)
+            before = [tat + aside - now for tat, aside in zip(tats, held, strict=True)]
+            return Verdict(False, tuple(before), kind, wait)
         for rate, new in zip(rates, charged, strict=True):
             self._tat[rate.key] = new
         self.hold(scopes)
-        return Verdict(True, tuple(new - now for new in charged))
+        return Verdict(True, tuple(ahead))
 
     def adjust(self, rate: Rate, delta: int) -> None:
         """Charge (``delta > 0``) or refund (``delta < 0``) tokens after the fact; never a
@@ -136,15 +143,34 @@ class LocalLimits:
                 self._in_flight.pop(scope.key, None)
 
     def set_aside(self, rate: Rate, units: int, ceiling: float) -> float | None:
-        """Charge ``units`` of ``rate`` ahead of the requests that will spend them, only when
-        the allowance spent stays within ``ceiling`` seconds of it; the seconds spent ahead
-        after the charge, or None (nothing charged)."""
+        """Reserve ``units`` of ``rate`` for requests to be admitted elsewhere, only when the
+        allowance spent (reserved units included) stays within ``ceiling`` seconds; the
+        seconds spent ahead after it, or None (nothing reserved)."""
         now = self._clock()
-        new = max(self._tat.get(rate.key, now), now) + units * rate.interval
-        if new - now > ceiling + SLACK:
+        reserved = self._reserved.get(rate.key, 0) + units
+        ahead = max(self._tat.get(rate.key, now), now) + reserved * rate.interval - now
+        if ahead > ceiling + SLACK:
             return None
-        self._tat[rate.key] = new
-        return new - now
+        self._reserved[rate.key] = reserved
+        return ahead
+
+    def spend(self, rate: Rate, units: int) -> None:
+        """Reserved units were spent: charged now (never earlier than they were spent, so
+        never more lenient than charging each request as it came)."""
+        self.unreserve(rate.key, units)
+        now = self._clock()
+        self._tat[rate.key] = max(self._tat.get(rate.key, now), now) + units * rate.interval
+
+    def unreserve(self, key: str, units: int) -> None:
+        """Reserved units given back unspent."""
+        left = self._reserved.get(key, 0) - units
+        if left > 0:
+            self._reserved[key] = left
+        else:
+            self._reserved.pop(key, None)
+
+    def reserved(self, key: str) -> int:
+        return self._reserved.get(key, 0)
 
     def set_aside_slots(self, scope: Scope, slots: int, ceiling: int) -> bool:
         """Count ``slots`` of ``scope`` in flight ahead of the requests that will use them,
@@ -159,8 +185,9 @@ class LocalLimits:
         return self._in_flight.get(key, 0)
 
     def __len__(self) -> int:
-        """Entries held (rates with allowance spent, scopes with requests in flight)."""
-        return len(self._tat) + len(self._in_flight)
+        """Entries held (rates with allowance spent or reserved, scopes with requests in
+        flight)."""
+        return len(self._tat) + len(self._reserved) + len(self._in_flight)
 
     def _prune(self, now: float) -> None:
         if now < self._next_prune:

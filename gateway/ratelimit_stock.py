@@ -1,11 +1,15 @@
 """A serving process's stock of per-key allowance, given by the supervisor's ``keeper``: the
 units of each rate and the in-flight slots it may spend without asking. Sync, no I/O, clock
-injected; ``ratelimit_host`` does the asking.
+injected; ``ratelimit_host`` does the asking and sends what this returns.
 
-The keeper charges stock as spent when it gives it, so spending it here never admits a key
-beyond its limits. Stock not topped up for ``STOCK_SECONDS`` goes back (``expire``): rates'
-unused units as a refund, free slots as releases. A slot a request held is kept for the next
-request while its stock lives, and given back to the keeper otherwise.
+Units of a rate are reserved at the keeper, where they count as spent, and are not refilled
+by time, until this process says it spent them (then they are charged, at that moment) or
+gives them back: so admitting from stock is never more lenient than asking for each request.
+Slots are counted in flight at the keeper; a slot a request held is kept for the next request
+while its stock lives. Stock is asked for when a request finds it missing or low, for all the
+limits of that request at once (the keeper gives all or none: stock of one limit is no use
+without the others), and at most twice a share is kept: more goes back at once. Stock not
+topped up within ``STOCK_SECONDS`` goes back.
 """
 
 from __future__ import annotations
@@ -17,15 +21,15 @@ from dataclasses import dataclass
 from gateway.ratelimit_local import Rate, Scope
 
 STOCK_SECONDS = 1.0  # stock not topped up within this long goes back to the keeper
-LOW = 0.5  # a stock below this share of what was given (or of its time) is topped up
+LOW = 0.5  # a stock below this share of what was given last is topped up
+KEEP = 2  # at most this many shares are kept; what is over goes back at once
 REFUSED_PAUSE = 0.25  # seconds before stock the keeper refused for a key is asked for again
 
 
 @dataclass(slots=True)
 class Units:
-    rate: Rate  # the rate the stock was given for (its key, limit and kind)
     left: int
-    size: int  # the last share given: the stock is low below LOW of it
+    size: int  # the last share given
     tat: float  # the keeper's spent-ahead point right after it gave stock (this clock)
     until: float
 
@@ -39,10 +43,13 @@ class Slots:
 
 @dataclass(frozen=True, slots=True)
 class Returns:
-    """What goes back to the keeper: unused units per rate, free slots per scope key."""
+    """What goes back to the keeper: reserved units per rate key, free slots (a key each)."""
 
-    refunds: tuple[tuple[Rate, int], ...] = ()
-    releases: tuple[str, ...] = ()  # one key per slot
+    units: tuple[tuple[str, int], ...] = ()
+    slots: tuple[str, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.units or self.slots)
 
 
 class Stock:
@@ -54,7 +61,8 @@ class Stock:
 
     def take(self, rates: Sequence[Rate], scopes: Sequence[Scope]) -> tuple[float, ...] | None:
         """Admit from stock when every rate and scope has enough; then the seconds spent
-        ahead per rate, as the keeper's verdict gives them. None: ask the keeper."""
+        ahead per rate, as the keeper's verdict gives them (as of the last stock it gave).
+        None: ask the keeper."""
         now = self._clock()
         units = self._units
         slots = self._slots
@@ -77,10 +85,10 @@ class Stock:
 
     def wanted(
         self, rates: Sequence[Rate], scopes: Sequence[Scope]
-    ) -> tuple[list[Rate], list[Scope]]:
-        """The rates and scopes of a request to ask stock for: those without stock or low on
-        it, unless the keeper refused stock for one of the request's keys a moment ago (then
-        none: stock for the rest could not be spent without it)."""
+    ) -> tuple[list[bool], list[bool]] | None:
+        """Which of a request's rates and scopes to ask stock for (those without stock, or
+        low on it); None when none is, or when the keeper refused stock for one of its keys a
+        moment ago."""
         now = self._clock()
         refused = self._refused
         if refused:
@@ -88,24 +96,23 @@ class Stock:
                 until = refused.get(key)
                 if until is not None:
                     if until > now:
-                        return [], []
+                        return None
                     del refused[key]
-        soon = now + STOCK_SECONDS * LOW
-        low_rates = [
-            rate
+        rate_wants = [
+            (held := self._units.get(rate.key)) is None
+            or held.until <= now
+            or held.left < max(held.size * LOW, rate.cost)
             for rate in rates
-            if (held := self._units.get(rate.key)) is None
-            or held.left < held.size * LOW
-            or held.until < soon
         ]
-        low_scopes = [
-            scope
-            for scope in scopes
-            if (free := self._slots.get(scope.key)) is None
+        scope_wants = [
+            (free := self._slots.get(scope.key)) is None
+            or free.until <= now
             or free.free < free.size * LOW
-            or free.until < soon
+            for scope in scopes
         ]
-        return low_rates, low_scopes
+        if not any(rate_wants) and not any(scope_wants):
+            return None
+        return rate_wants, scope_wants
 
     def add(
         self,
@@ -114,36 +121,46 @@ class Stock:
         ahead: Sequence[float | None],
         units: Sequence[int],
         slots: Sequence[int],
-    ) -> None:
-        """The keeper's answer to a stock call; a zero (or None) is a refusal for that key."""
+    ) -> Returns:
+        """The keeper's answer to a stock call (all zero: refused); what is over ``KEEP``
+        shares goes back (returned)."""
         now = self._clock()
+        if not any(units) and not any(slots):
+            for key in [*(r.key for r in rates), *(s.key for s in scopes)]:
+                self._refused[key] = now + REFUSED_PAUSE
+            return Returns()
         until = now + STOCK_SECONDS
+        over_units: list[tuple[str, int]] = []
+        over_slots: list[str] = []
         for rate, spent, given in zip(rates, ahead, units, strict=True):
             if spent is None or given <= 0:
-                self._refused[rate.key] = now + REFUSED_PAUSE
                 continue
             held = self._units.get(rate.key)
             if held is None:
-                self._units[rate.key] = Units(rate, given, given, now + spent, until)
-            else:
-                held.rate, held.size, held.tat, held.until = rate, given, now + spent, until
-                held.left += given
+                held = self._units[rate.key] = Units(0, given, 0.0, until)
+            held.left += given
+            held.size, held.tat, held.until = given, now + spent, until
+            if held.left > KEEP * given:
+                over_units.append((rate.key, held.left - KEEP * given))
+                held.left = KEEP * given
         for scope, given in zip(scopes, slots, strict=True):
             if given <= 0:
-                self._refused[scope.key] = now + REFUSED_PAUSE
                 continue
             free = self._slots.get(scope.key)
             if free is None:
-                self._slots[scope.key] = Slots(given, given, until)
-            else:
-                free.free += given
-                free.size, free.until = given, until
+                free = self._slots[scope.key] = Slots(0, given, until)
+            free.free += given
+            free.size, free.until = given, until
+            if free.free > KEEP * given:
+                over_slots.extend([scope.key] * (free.free - KEEP * given))
+                free.free = KEEP * given
+        return Returns(tuple(over_units), tuple(over_slots))
 
     def give_back(self, scope: Scope) -> bool:
-        """A request's slot is free: kept as stock (True) while its stock lives and is not
-        over twice its size; else it goes back to the keeper (False)."""
+        """A request's slot is free: kept as stock (True) while its stock lives and holds
+        under ``KEEP`` shares; else it goes back to the keeper (False)."""
         free = self._slots.get(scope.key)
-        if free is None or free.until <= self._clock() or free.free >= 2 * free.size:
+        if free is None or free.until <= self._clock() or free.free >= KEEP * free.size:
             return False
         free.free += 1
         return True
@@ -151,18 +168,18 @@ class Stock:
     def expire(self, *, everything: bool = False) -> Returns:
         """Stock whose time is up (or all of it): dropped here, and what is unused returned."""
         now = float("inf") if everything else self._clock()
-        refunds = []
+        units = []
         for key, held in list(self._units.items()):
             if held.until <= now:
                 del self._units[key]
                 if held.left > 0:
-                    refunds.append((held.rate, held.left))
-        releases: list[str] = []
+                    units.append((key, held.left))
+        slots: list[str] = []
         for key, free in list(self._slots.items()):
             if free.until <= now:
                 del self._slots[key]
-                releases.extend([key] * free.free)
-        return Returns(tuple(refunds), tuple(releases))
+                slots.extend([key] * free.free)
+        return Returns(tuple(units), tuple(slots))
 
     def next_expiry(self) -> float | None:
         """When the next stock's time is up (this clock); None when none is held."""
