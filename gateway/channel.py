@@ -69,24 +69,37 @@ class Channel:
         late: Callable[[Message], None] | None = None,
     ) -> Message:
         """The other end's answer; ``ChannelClosed`` if it is gone or slower than ``timeout``.
-        ``late`` is given the answer if it comes after all (the other end may have acted on
-        the call: what it did can then be undone)."""
+        ``late`` is given the answer whenever the caller does not get it (the call timed out
+        or was cancelled) and it comes all the same: the other end may have acted on the call,
+        and what it did can then be undone."""
         if self.closed.is_set():
             raise ChannelClosed("the channel is closed")
         self._next_id += 1
         call_id = self._next_id
         answer: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
         self._calls[call_id] = answer
+        # Registered before anything can go wrong: an answer read in the very loop turn the
+        # bound runs out (or the caller is cancelled) finds it.
+        if late is not None and len(self._late) < LATE_LIMIT:
+            self._late[call_id] = late
         self._write(["call", call_id, op, *args])
+        received = False
         try:
             async with asyncio.timeout(timeout):
-                return await answer
+                result = await answer
+            received = True
+            return result
         except TimeoutError:
-            if late is not None and len(self._late) < LATE_LIMIT:
-                self._late[call_id] = late
             raise ChannelClosed(f"no answer to {op} within {timeout}s") from None
         finally:
             self._calls.pop(call_id, None)
+            if received:
+                self._late.pop(call_id, None)
+            elif answer.done() and not answer.cancelled() and answer.exception() is None:
+                # Answered, but the caller was cancelled before it could take the answer.
+                handler = self._late.pop(call_id, None)
+                if handler is not None:
+                    handler(answer.result())
 
     async def close(self) -> None:
         if self._task is not None:
@@ -117,7 +130,7 @@ class Channel:
             if answer is not None and not answer.done():
                 answer.set_result(message[2:])
             elif (late := self._late.pop(message[1], None)) is not None:
-                late(message[2:])
+                late(message[2:])  # the caller gave up on it (its future is cancelled or gone)
         elif op == "call":
             result = handler(message[2:])
             self._write(["re", message[1], *(result or [])])

@@ -12,8 +12,10 @@ Operations, as messages on a ``channel.Channel``:
 - call ``["limit", rates, scopes]`` -> ``[admitted, ahead, kind, retry_after]``
 - call ``["stock", rates, scopes, rate_wants, scope_wants]`` -> ``[ahead, units, slots]``:
   stock (below) for the wanted ones of a request's limits, all or none: per rate its units
-  and the seconds spent ahead after them (0 and null: none), per scope its slots
-- note ``["hold", scopes]``, ``["release", keys]``, ``["adjust", rate, delta]``,
+  and ``[seconds charged ahead, units reserved in all]`` after them (0 and null: none), per
+  scope its slots
+- note ``["hold", scopes]``, ``["release", keys]`` (or ``[..., keys, counts]``),
+  ``["adjust", rate, delta]``,
   ``["spend", [[rate, units], ...]]`` (stock spent), ``["unstock", [[key, units], ...]]``
   (stock given back; slots go back with ``release``)
 
@@ -105,7 +107,10 @@ class Holdings:
             self._limits.hold(scopes)
             self._count(scopes)
         elif op == "release":
-            self._release([str(key) for key in message[1]])
+            counts = message[2] if len(message) > 2 else [1] * len(message[1])
+            self._release(
+                [str(k) for k, n in zip(message[1], counts, strict=True) for _ in range(int(n))]
+            )
         elif op == "adjust":
             self._limits.adjust(rate_of(message[1]), int(message[2]))
         return None
@@ -127,16 +132,16 @@ class Holdings:
         scopes: list[Scope],
         rate_wants: list[bool],
         scope_wants: list[bool],
-    ) -> tuple[list[float | None], list[int], list[int]]:
+    ) -> tuple[list[tuple[float, int] | None], list[int], list[int]]:
         """A share of each wanted rate (reserved) and scope (counted in flight), all or none:
         none when a limit of the request is too small to share (or its share below the
-        request's cost), or when a wanted one is past ``STOCK_CEILING``. Per rate the seconds
-        spent ahead after it (None: none given) and the units, per scope the slots."""
+        request's cost), or when a wanted one is past ``STOCK_CEILING``. Per rate what
+        ``set_aside`` says of it (None: none given) and the units, per scope the slots."""
         limits = self._limits
         split = STOCK_SHARE * max(self._keeper.processes, 1)
         rate_shares = [rate.limit // split for rate in rates]
         scope_shares = [scope.limit // split for scope in scopes]
-        ahead: list[float | None] = [None] * len(rates)
+        ahead: list[tuple[float, int] | None] = [None] * len(rates)
         units = [0] * len(rates)
         slots = [0] * len(scopes)
         if any(s < max(STOCK_MIN, r.cost) for r, s in zip(rates, rate_shares, strict=True)) or any(
@@ -145,10 +150,10 @@ class Holdings:
             return ahead, units, slots
         for i, rate in enumerate(rates):
             if rate_wants[i]:
-                spent = limits.set_aside(rate, rate_shares[i], STOCK_CEILING * PERIOD)
-                if spent is None:
+                point = limits.set_aside(rate, rate_shares[i], STOCK_CEILING * PERIOD)
+                if point is None:
                     break
-                ahead[i], units[i] = spent, rate_shares[i]
+                ahead[i], units[i] = point, rate_shares[i]
         else:
             for i, scope in enumerate(scopes):
                 if scope_wants[i]:

@@ -41,6 +41,7 @@ class HostLimits:
         self._expiry: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._spent: dict[str, tuple[Rate, int]] = {}  # stock spent this loop turn, per key
+        self._closed = False
 
     async def acquire(self, rates: Sequence[Rate], scopes: Sequence[Scope]) -> Verdict:
         """As ``LocalLimits.acquire``, for the whole host; ``Overloaded`` (503) when the
@@ -74,8 +75,8 @@ class HostLimits:
 
     async def close(self) -> None:
         """Stop asking, and give back all stock (its notes go out before the channel
-        closes). A stock call cut short here may still be answered: that stock is freed
-        when this process exits."""
+        closes); stock that comes after is given back at once."""
+        self._closed = True
         if self._expiry is not None:
             self._expiry.cancel()
             self._expiry = None
@@ -107,7 +108,7 @@ class HostLimits:
 
     def _restock(self, rates: Sequence[Rate], scopes: Sequence[Scope]) -> None:
         """Ask for stock in the background where the request found none or little."""
-        if self._asking:
+        if self._asking or self._closed:
             return
         wants = self.stock.wanted(rates, scopes)
         if wants is None:
@@ -138,7 +139,10 @@ class HostLimits:
     def _stocked(self, rates: list[Rate], scopes: list[Scope], answer: list[Any]) -> None:
         ahead, units, slots = answer
         self._give_back(self.stock.add(rates, scopes, ahead, units, slots))
-        self._arm()
+        if self._closed:
+            self._give_back(self.stock.expire(everything=True))
+        else:
+            self._arm()
 
     def _arm(self) -> None:
         """Return expired stock when the next one's time is up."""
@@ -160,7 +164,10 @@ class HostLimits:
         if returns.units:
             self._channel.note("unstock", [list(unit) for unit in returns.units])
         if returns.slots:
-            self._channel.note("release", list(returns.slots))
+            counts: dict[str, int] = {}
+            for key in returns.slots:
+                counts[key] = counts.get(key, 0) + 1
+            self._channel.note("release", list(counts), list(counts.values()))
 
 
 def _rate(rate: Rate) -> list[object]:

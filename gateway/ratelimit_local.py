@@ -142,17 +142,18 @@ class LocalLimits:
             else:
                 self._in_flight.pop(scope.key, None)
 
-    def set_aside(self, rate: Rate, units: int, ceiling: float) -> float | None:
+    def set_aside(self, rate: Rate, units: int, ceiling: float) -> tuple[float, int] | None:
         """Reserve ``units`` of ``rate`` for requests to be admitted elsewhere, only when the
-        allowance spent (reserved units included) stays within ``ceiling`` seconds; the
-        seconds spent ahead after it, or None (nothing reserved)."""
+        allowance spent (reserved units included) stays within ``ceiling`` seconds; then the
+        seconds the charged part is ahead (which time refills) and the units reserved in all
+        (which it does not), else None (nothing reserved)."""
         now = self._clock()
         reserved = self._reserved.get(rate.key, 0) + units
-        ahead = max(self._tat.get(rate.key, now), now) + reserved * rate.interval - now
-        if ahead > ceiling + SLACK:
+        charged = max(self._tat.get(rate.key, now), now) - now
+        if charged + reserved * rate.interval > ceiling + SLACK:
             return None
         self._reserved[rate.key] = reserved
-        return ahead
+        return charged, reserved
 
     def spend(self, rate: Rate, units: int) -> None:
         """Reserved units were spent: charged now (never earlier than they were spent, so

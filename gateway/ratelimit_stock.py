@@ -30,7 +30,8 @@ REFUSED_PAUSE = 0.25  # seconds before stock the keeper refused for a key is ask
 class Units:
     left: int
     size: int  # the last share given
-    tat: float  # the keeper's spent-ahead point right after it gave stock (this clock)
+    tat: float  # the keeper's charged-ahead point when it last gave stock (this clock)
+    reserved: int  # the units reserved there in all then, ours included
     until: float
 
 
@@ -61,8 +62,8 @@ class Stock:
 
     def take(self, rates: Sequence[Rate], scopes: Sequence[Scope]) -> tuple[float, ...] | None:
         """Admit from stock when every rate and scope has enough; then the seconds spent
-        ahead per rate, as the keeper's verdict gives them (as of the last stock it gave).
-        None: ask the keeper."""
+        ahead per rate, as the keeper's verdict gives them (as of the last stock it gave, and
+        less what this process holds unspent). None: ask the keeper."""
         now = self._clock()
         units = self._units
         slots = self._slots
@@ -78,7 +79,8 @@ class Stock:
         for rate in rates:
             held = units[rate.key]
             held.left -= rate.cost
-            ahead.append(max(held.tat - now - held.left * rate.interval, 0.0))
+            unspent = held.reserved - held.left  # reserved there, but not ours to spend
+            ahead.append(max(held.tat - now, 0.0) + unspent * rate.interval)
         for scope in scopes:
             slots[scope.key].free -= 1
         return tuple(ahead)
@@ -118,7 +120,7 @@ class Stock:
         self,
         rates: Sequence[Rate],
         scopes: Sequence[Scope],
-        ahead: Sequence[float | None],
+        ahead: Sequence[Sequence[float] | None],
         units: Sequence[int],
         slots: Sequence[int],
     ) -> Returns:
@@ -132,17 +134,21 @@ class Stock:
         until = now + STOCK_SECONDS
         over_units: list[tuple[str, int]] = []
         over_slots: list[str] = []
-        for rate, spent, given in zip(rates, ahead, units, strict=True):
-            if spent is None or given <= 0:
+        for rate, point, given in zip(rates, ahead, units, strict=True):
+            if point is None or given <= 0:
                 continue
+            charged, reserved = point
             held = self._units.get(rate.key)
             if held is None:
-                held = self._units[rate.key] = Units(0, given, 0.0, until)
+                held = self._units[rate.key] = Units(0, given, 0.0, 0, until)
             held.left += given
-            held.size, held.tat, held.until = given, now + spent, until
+            held.size, held.until = given, until
+            held.tat, held.reserved = now + charged, int(reserved)
             if held.left > KEEP * given:
-                over_units.append((rate.key, held.left - KEEP * given))
-                held.left = KEEP * given
+                over = held.left - KEEP * given
+                over_units.append((rate.key, over))
+                held.left -= over
+                held.reserved -= over
         for scope, given in zip(scopes, slots, strict=True):
             if given <= 0:
                 continue

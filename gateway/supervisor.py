@@ -68,6 +68,7 @@ log = logging.getLogger("gateway.supervisor")
 
 METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus_client reads it at import
 RESTART_DELAY = 1.0
+LAST_WORDS = 1.0  # seconds a gone child's channel is read for what it wrote before it went
 # A child imports aiohttp, reads its files and probes every worker (each probe bounded by
 # health.timeout) before it is ready; one slower than this is taken as failed to start.
 START_TIMEOUT = 120.0
@@ -359,6 +360,10 @@ class _Slot:
         """A gone child's channel is closed, its in-flight slots are free again, and its live
         gauges (in flight) no longer count; its counters stay."""
         if self._channel is not None:
+            # What the child wrote before it went (its last stock spent, slots released) is
+            # read to the end first, so that its holdings are settled from all of it.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._channel.closed.wait(), LAST_WORDS)
             await self._channel.close()
             self._channel = None
         if self._holdings is not None:

