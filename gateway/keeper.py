@@ -148,27 +148,27 @@ class Holdings:
             s < STOCK_MIN for s in scope_shares
         ):
             return ahead, units, slots
+        whole = True
         for i, rate in enumerate(rates):
-            if rate_wants[i]:
+            if whole and rate_wants[i]:
                 point = limits.set_aside(rate, rate_shares[i], STOCK_CEILING * PERIOD)
-                if point is None:
-                    break
-                ahead[i], units[i] = point, rate_shares[i]
-        else:
-            for i, scope in enumerate(scopes):
-                if scope_wants[i]:
-                    ceiling = int(scope.limit * STOCK_CEILING)
-                    if not limits.set_aside_slots(scope, scope_shares[i], ceiling):
-                        break
+                whole = point is not None
+                if point is not None:
+                    ahead[i], units[i] = point, rate_shares[i]
+        for i, scope in enumerate(scopes):
+            if whole and scope_wants[i]:
+                ceiling = int(scope.limit * STOCK_CEILING)
+                whole = limits.set_aside_slots(scope, scope_shares[i], ceiling)
+                if whole:
                     slots[i] = scope_shares[i]
-            else:
-                for rate, given in zip(rates, units, strict=True):
-                    if given:
-                        self._reserved[rate.key] = self._reserved.get(rate.key, 0) + given
-                for scope, given in zip(scopes, slots, strict=True):
-                    if given:
-                        self._held[scope.key] = self._held.get(scope.key, 0) + given
-                return ahead, units, slots
+        if whole:
+            for rate, given in zip(rates, units, strict=True):
+                if given:
+                    self._reserved[rate.key] = self._reserved.get(rate.key, 0) + given
+            for scope, given in zip(scopes, slots, strict=True):
+                if given:
+                    self._held[scope.key] = self._held.get(scope.key, 0) + given
+            return ahead, units, slots
         # One of them could not be given: none is.
         for rate, given in zip(rates, units, strict=True):
             if given:
