@@ -437,7 +437,7 @@ async def test_slow_first_token_delays_content_not_headers(make_client: MakeClie
     async with client.post(CHAT, json=chat(stream=True, max_tokens=2), headers=headers) as resp:
         assert time.monotonic() - started < 0.25
         await resp.content.readline()
-        assert time.monotonic() - started >= 0.3
+        assert time.monotonic() - started >= 0.3 - 0.002  # timers may round to the millisecond
         assert data_of(await read_events(resp))[-1] == "[DONE]"
 
 
@@ -718,7 +718,7 @@ async def test_shared_prefix_hits_the_cache_and_skips_its_prefill(
     warm = await seconds_to_first_token(client, longer)
     assert await metric_value(client, "vllm:prefix_cache_hits_total") == 400
     assert await metric_value(client, "vllm:prefix_cache_queries_total") == 400 + 408
-    assert cold >= 0.4
+    assert cold >= 0.4 - 0.002  # timers may round to the millisecond
     assert warm < cold - 0.2  # 8 ms of prefill left; the margin absorbs a loaded machine
 
 
