@@ -85,12 +85,18 @@ def load_score(worker: Pickable) -> float:
     if load is None:
         return float(worker.in_flight)
     # The worker's own counts include other gateway replicas' requests but are up to one scrape
-    # old; our in-flight count is fresh but sees only ours: trust whichever is larger.
+    # old; our in-flight count is fresh but sees only ours. So the scraped total is moved by
+    # what ours did since the scrape (``LoadSignals.ours``), and never taken below ours.
     # Queued requests count twice: they are what delays first tokens, and a queue means the
-    # worker is already at its batch or KV limit, so one more request waits too.
+    # worker is already at its batch or KV limit, so one more request waits too. The scraped
+    # queue shrinks with the total (requests that finished since freed slots for it) but is not
+    # grown past what was seen: the worker's batch limit is not known.
     # KV usage is below one request: it only breaks ties, against a nearly full cache
     # (preemption ahead).
-    return max(worker.in_flight, load.running + load.waiting) + load.waiting + load.kv_cache
+    moved = 0 if load.ours is None else worker.in_flight - load.ours
+    total = max(float(worker.in_flight), load.running + load.waiting + moved)
+    waiting = max(0.0, min(load.waiting, total - load.running))
+    return total + waiting + load.kv_cache
 
 
 class LeastLoaded:

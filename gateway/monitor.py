@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
 
 from gateway.loadsignals import LoadSignals
 from gateway.workers import Fleet, ProbeResult, Worker
@@ -49,7 +50,8 @@ async def scrape_all(
 
     async def scrape_one(worker: Worker) -> None:
         try:
-            worker.load = await scrape(worker)
+            load = await scrape(worker)
+            worker.load = load if load is None else replace(load, ours=worker.in_flight)
         except Exception:
             log.exception("scrape of %s failed unexpectedly", worker.url)
             worker.load = None

@@ -99,6 +99,11 @@ def test_score_without_signals_is_our_in_flight() -> None:
         (2, signals(waiting=3, running=4), 10.0),  # other replicas' requests: 7, then queue again
         (9, signals(waiting=1, running=2), 10.0),
         (0, signals(kv_cache=0.9), 0.9),  # KV only breaks ties
+        # Moved by what ours did since the scrape (``ours``: our in-flight count then):
+        (7, LoadSignals(waiting=2, running=8, kv_cache=0, ours=10), 7.0),  # 3 of ours finished
+        (11, LoadSignals(waiting=1, running=8, kv_cache=0, ours=9), 12.0),  # 2 more: queue kept
+        (3, LoadSignals(waiting=0, running=5, kv_cache=0, ours=1), 7.0),  # others' 4 stay
+        (0, LoadSignals(waiting=3, running=4, kv_cache=0, ours=7), 0.0),  # all were ours
     ],
 )
 def test_score_with_signals(in_flight: int, load: LoadSignals, score: float) -> None:

@@ -380,6 +380,7 @@ async def test_scrape_round_sets_each_workers_load_and_clears_failures() -> None
         while len(seen) < 2:  # w1 and w2 report while w0 is still held
             await asyncio.sleep(0)
     assert (w1.load, w2.load) == (None, None)
+    w0.in_flight = 4  # sent while its scrape was out: counted as ours at the answer
     release.set()
     await asyncio.wait_for(task, DEADLINE)
-    assert w0.load == LoadSignals(waiting=1, running=2, kv_cache=0.5)
+    assert w0.load == LoadSignals(waiting=1, running=2, kv_cache=0.5, ours=4)

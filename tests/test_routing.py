@@ -70,7 +70,7 @@ async def test_a_worker_that_cannot_be_scraped_has_no_load_series(
         )
         is None
     )
-    assert wa.load == LoadSignals(waiting=0, running=0, kv_cache=0.0)
+    assert wa.load == LoadSignals(waiting=0, running=0, kv_cache=0.0, ours=0)
 
 
 async def test_session_affinity_keeps_a_conversation_on_one_worker(
