@@ -26,7 +26,7 @@ import statistics
 import sys
 import textwrap
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,6 +108,7 @@ class Tally:
 
     sent: int = 0
     ttft: list[float] = field(default_factory=list)
+    numbers: list[int] = field(default_factory=list)  # each ``ttft``'s request, by arrival
     errors: dict[str, int] = field(default_factory=dict)
     lag: float = 0.0  # worst lateness of a send against its arrival time
 
@@ -140,9 +141,16 @@ class Run:
     home_keys: list[int] = field(default_factory=list)  # (b): prompts whose ring home is each
     cpu: dict[str, float] = field(default_factory=dict)  # share of one core, by process kind
     predicted: float = math.nan  # hit tokens the router expected of the workers it chose
+    firsts: set[int] = field(default_factory=set)  # requests that first sent their shared prefix
 
-    def quantile(self, q: float) -> float:
-        return quantile(self.tally.ttft, q)
+    def quantile(self, q: float, leaving: Collection[int] = ()) -> float:
+        """TTFT quantile over the completed requests, but those numbered in ``leaving``."""
+        if not leaving:
+            return quantile(self.tally.ttft, q)
+        kept = [
+            t for n, t in zip(self.tally.numbers, self.tally.ttft, strict=True) if n not in leaving
+        ]
+        return quantile(kept, q)
 
     @property
     def hit_rate(self) -> float:
@@ -254,7 +262,12 @@ def arrivals(rate: float, seconds: float, seed: int) -> list[float]:
 
 
 async def stream(
-    session: aiohttp.ClientSession, url: str, body: dict[str, Any], tokens: int, tally: Tally
+    session: aiohttp.ClientSession,
+    url: str,
+    body: dict[str, Any],
+    tokens: int,
+    tally: Tally,
+    number: int = -1,
 ) -> None:
     started = time.perf_counter()
     first: float | None = None
@@ -283,6 +296,7 @@ async def stream(
         tally.fail("incomplete stream")
         return
     tally.ttft.append(first - started)
+    tally.numbers.append(number)
 
 
 def has_content(line: bytes) -> bool:
@@ -309,7 +323,8 @@ async def open_loop(
                 await asyncio.sleep(delay)
             tally.lag = max(tally.lag, -delay)
             body = scenario.body(n, rng)
-            tasks.append(asyncio.create_task(send(session, url, body, scenario.tokens, tally)))
+            sending = send(session, url, body, scenario.tokens, tally, n)
+            tasks.append(asyncio.create_task(sending))
             tally.sent += 1
         await asyncio.gather(*tasks)
 
@@ -320,12 +335,13 @@ async def send(
     body: dict[str, Any],
     tokens: int,
     tally: Tally,
+    number: int = -1,
 ) -> None:
     if isinstance(url, str):
-        await stream(session, url, body, tokens, tally)
+        await stream(session, url, body, tokens, tally, number)
         return
     async with url(session, body) as chosen:
-        await stream(session, chosen, body, tokens, tally)
+        await stream(session, chosen, body, tokens, tally, number)
 
 
 async def progress(label: str, total: int, tally: Tally) -> None:
