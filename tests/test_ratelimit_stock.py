@@ -266,6 +266,31 @@ async def test_unused_stock_and_free_slots_go_back(connect: Connect) -> None:
     assert keeper.limits._tat[rate.key] == charged  # nothing refunded from the charge
 
 
+async def test_token_corrections_of_requests_from_stock_reach_the_keeper(
+    connect: Connect,
+) -> None:
+    """A tpm is charged an estimate at admission and corrected once the answer's tokens are
+    known (``adjust``, as ``RateLimiter.settle`` sends it). For requests admitted from stock,
+    the keeper's charge ends where an exact limiter's does, given the same requests and
+    corrections at the same moments (the stock still reserved is counted apart)."""
+    clock = Clock()
+    keeper = Keeper(clock)
+    process = await connect(keeper, clock)
+    exact = LocalLimits(clock)
+    rate = Rate("{team}:tpm", "tokens", 64000, 100)
+    for delta in (50, -30, -100, 7, 0, -99):
+        clock.now += 0.01
+        assert (await process.acquire([rate], [])).admitted
+        assert exact.acquire([rate], []).admitted
+        if delta:
+            process.host.adjust(rate, delta)
+            exact.adjust(rate, delta)
+        await process.settle()
+        assert keeper.limits._tat[rate.key] == pytest.approx(exact._tat[rate.key])
+    assert process.ops["spend"] == 5  # all but the first admitted from stock
+    assert keeper.limits.reserved(rate.key) > 0
+
+
 async def test_a_dead_process_gives_its_stock_back(connect: Connect) -> None:
     clock = Clock()
     keeper = Keeper(clock)
