@@ -38,26 +38,40 @@ def poll_until(predicate: Callable[[], bool], timeout: float, what: str) -> None
         time.sleep(POLL)
 
 
+# Ports this process has handed out. A port is only free until its user binds it, so two
+# callers in a row (worker processes started from threads at once) could each be given the
+# other's event port; handed ports are never given again. (The kernel's pick for port 0 cycles
+# through the whole range before reusing one, so this set stays small.)
+_handed: set[int] = set()
+_handing = threading.Lock()
+
+
 def free_port() -> int:
-    """A port nobody listens on right now (the kernel's pick for port 0)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
+    """A port nobody listens on right now (the kernel's pick for port 0), never one handed out
+    before by this process."""
+    return free_port_with(0)
 
 
 def free_port_with(*offsets: int) -> int:
     """A free port whose neighbours at these offsets are free too (a worker's HTTP port and the
     event and replay ports derived from it)."""
     for _ in range(50):
-        port = free_port()
-        if port + max(offsets) > 65535:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind((HOST, 0))
+            port = int(sock.getsockname()[1])
+        ports = {port, *(port + offset for offset in offsets)}
+        if max(ports) > 65535:
             continue
-        try:
-            for offset in offsets:
-                with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-                    sock.bind((HOST, port + offset))
-        except OSError:
-            continue
+        with _handing:
+            if ports & _handed:
+                continue
+            try:
+                for each in ports - {port}:
+                    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                        sock.bind((HOST, each))
+            except OSError:
+                continue
+            _handed.update(ports)
         return port
     raise AssertionError(f"no free port with free ports at {offsets}")
 

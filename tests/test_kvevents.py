@@ -211,10 +211,12 @@ async def test_all_blocks_cleared_and_bad_messages(publisher, ctx) -> None:
     """5. AllBlocksCleared empties the worker; a malformed message is counted and skipped."""
     index = WatchedIndex()
     subscriber, task = await subscribe(publisher, index, ctx)
+    await asyncio.wait_for(wait_joined(publisher, index), 10)  # ZeroMQ drops until joined
     publisher.publish([stored(1, PROMPT)])
     await index.until(lambda: held(index, PROMPT) == 4)
-    publisher._pub.send_multipart([b"kv", encode_seq(1), b"\xc1"])  # never valid msgpack
-    publisher._next_seq = 2
+    seq = publisher._next_seq  # after the batches wait_joined sent
+    publisher._pub.send_multipart([b"kv", encode_seq(seq), b"\xc1"])  # never valid msgpack
+    publisher._next_seq = seq + 1
     publisher.publish([AllBlocksCleared()])
     await index.until(lambda: held(index, PROMPT) == 0)
     assert subscriber.counts.bad_messages == 1
