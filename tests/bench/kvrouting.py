@@ -8,8 +8,13 @@ subprocesses, fresh for every run; the open-loop client of ``tests.bench.routing
 streaming chat requests at Poisson arrival times from a seed per repeat, so every variant of a
 repeat sees the same arrivals and the same bodies. Workers and gateway share one tokenizer,
 trained at start on the benchmark's own words (about one token per word), so the gateway's
-ids are the workers' cache ids. A worker's prefix cache holds CACHED_TOKENS tokens; a miss
-costs PREFILL seconds per uncached token before the first token.
+ids are the workers' cache ids. A worker's prefix cache holds CACHED_TOKENS[workload] tokens
+(``--cache-tokens`` for all): on shared, about five of the sixteen documents, so a hot
+document spills and the cache churns; on chat and agent, a worker's share of the live sessions
+with room to spare, as a GPU worker's cache of 100k+ tokens holds them. With chat and agent at
+6,000 tokens the live sessions do not fit: later turns find their history evicted on every
+policy, the oracle's included, and the p99 is a cold prefill for all (KVROUTING.md says by how
+much). A miss costs PREFILL seconds per uncached token before the first token.
 
 Workloads:
 - shared: many users, PREFIXES long system prompts (about PREFIX_WORDS words each), a new short
@@ -56,6 +61,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tests.bench.common import machine
 from tests.bench.kvoverhead import EVENTS, REPLAY
 from tests.bench.oracle import Oracle
+from tests.bench.perf import kept
 from tests.bench.radix import Radix
 from tests.bench.routing import (
     CpuClock,
@@ -92,7 +98,8 @@ REPEATS = 3
 SEQS, TTFT, PREFILL, ITL, TOKENS = 8, 0.01, 0.0002, 0.02, 32
 RATE = 40.0  # requests/s: about 80% of the fleet's slots with the hits a good router gets
 BLOCK = 16
-CACHED_TOKENS = 6000  # per worker: about five shared prompts
+# Per worker, by workload (see the docstring).
+CACHED_TOKENS = {"shared": 6000, "chat": 24000, "agent": 24000, "unique": 6000}
 PREFIXES, PREFIX_WORDS = 16, 1000
 CONVERSATIONS, TURN_WORDS, MAX_TURNS = 48, 120, 10
 AGENTS, AGENT_WORDS, STEP_WORDS, MAX_STEPS = 24, 1500, 60, 12
@@ -234,13 +241,13 @@ class SimProc:
     proc: Proc
 
 
-def start_sim(tokenizer: Path) -> SimProc:
+def start_sim(tokenizer: Path, cached_tokens: int) -> SimProc:
     port = free_port_with(EVENTS, REPLAY)
     args = [
         sys.executable, "-m", "gateway.simulator", "--host", HOST, "--port", str(port),
         "--model", MODEL, "--log-level", "WARNING",
         *sim_flags(SEQS, TTFT, PREFILL, ITL, TOKENS),
-        "--prefix-cache-blocks", str(CACHED_TOKENS // BLOCK), "--block-tokens", str(BLOCK),
+        "--prefix-cache-blocks", str(cached_tokens // BLOCK), "--block-tokens", str(BLOCK),
         "--kv-events-endpoint", f"tcp://{HOST}:{port + EVENTS}",
         "--kv-events-replay-endpoint", f"tcp://{HOST}:{port + REPLAY}",
         "--tokenizer", str(tokenizer),
@@ -269,10 +276,18 @@ def routing_for(variant: Variant, tokenizer: Path) -> dict[str, Any]:
 
 
 async def one_run(
-    body: Workload, variant: Variant, seed: int, seconds: float, label: str, workdir: Path
+    body: Workload,
+    variant: Variant,
+    seed: int,
+    seconds: float,
+    label: str,
+    workdir: Path,
+    cached_tokens: int,
 ) -> Run:
     tokenizer = workdir / "tokenizer.json"
-    sims = await asyncio.gather(*(asyncio.to_thread(start_sim, tokenizer) for _ in range(WORKERS)))
+    sims = await asyncio.gather(
+        *(asyncio.to_thread(start_sim, tokenizer, cached_tokens) for _ in range(WORKERS))
+    )
     procs = [s.proc for s in sims]
     try:
         urls = [s.url for s in sims]
@@ -437,6 +452,11 @@ async def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=REPEATS)
     parser.add_argument("--only", help="one workload: shared, chat, agent or unique")
     parser.add_argument("--variants", help="comma-separated variant labels (default: all)")
+    parser.add_argument(
+        "--cache-tokens", type=int,
+        help=f"each worker's prefix cache, in tokens, on every workload (default {CACHED_TOKENS})",
+    )  # fmt: skip
+    parser.add_argument("--out", type=Path, default=RESULTS, help=f"default: {RESULTS.name}")
     args = parser.parse_args(argv)
     chosen = args.variants.split(",") if args.variants else DEFAULT_VARIANTS
     variants = tuple(v for v in VARIANTS if v.label in chosen)
@@ -454,13 +474,18 @@ async def main(argv: Sequence[str] | None = None) -> None:
                 label = f"{name} {variant.label} {repeat + 1}/{args.repeats}"
                 # Every variant of a repeat gets the same bodies: a fresh workload each time.
                 fresh = workloads()[name]
-                run = await one_run(fresh, variant, repeat, args.seconds, label, workdir)
+                cached = args.cache_tokens or CACHED_TOKENS[name]
+                run = await one_run(fresh, variant, repeat, args.seconds, label, workdir, cached)
                 results[name][variant.label].append(run)
     report = "\n\n".join(
         [
             "# Cache-aware routing on simulated workers (tests/bench/kvrouting.py)",
             f"{machine()}; {WORKERS} workers, {RATE:g} requests/s for {args.seconds:g} s, "
-            f"{args.repeats} repeats; medians, then each repeat in brackets.",
+            f"{args.repeats} repeats; each worker's prefix cache, in tokens: "
+            + ", ".join(
+                f"{name} {args.cache_tokens or tokens}" for name, tokens in CACHED_TOKENS.items()
+            )
+            + "; medians, then each repeat in brackets.",
             table(results),
             "Per repeat (issue 20: hit rate within 0.05 of the oracle; TTFT p99 below prefix's "
             "and vllm-router's (and radix's) on the prefix workloads; not above least_loaded's on "
@@ -474,7 +499,7 @@ async def main(argv: Sequence[str] | None = None) -> None:
             ratios(results, ("kv", "kv+prefix"), repeats=True),
         ]
     )
-    RESULTS.write_text(report + "\n", encoding="utf-8")
+    args.out.write_text(report + "\n" + kept(args.out), encoding="utf-8")
     print(report)
 
 
