@@ -166,6 +166,7 @@ class Attempts:
             raise IdleTimeout() from None
         finally:
             worker.in_flight -= 1
+            worker.finished += 1
             gauge.dec()
             if response is not None:
                 worker.reading.discard(response)

@@ -37,9 +37,9 @@ class LoadSignals:
     waiting: float  # vllm:num_requests_waiting, summed over label sets (engines, models)
     running: float  # vllm:num_requests_running, summed
     kv_cache: float  # vllm:kv_cache_usage_perc, the max over label sets, 0..1; 0.0 if absent
-    # The gateway's own requests in flight to the worker when these were read (the scraper
-    # sets it): what ours have added or finished since is the part of the worker's counts the
-    # gateway knows fresher than the scrape. None: not known, the counts are taken as they are.
+    # The gateway process's own requests in flight to the worker when these were read (the
+    # scraper sets it): what ours have added or finished since is the part of the worker's
+    # counts the gateway knows fresher than the scrape. None: not known, taken as they are.
     ours: int | None = None
 
 

@@ -49,9 +49,15 @@ async def scrape_all(
     balancer falls back to the gateway's own in-flight count rather than stale numbers."""
 
     async def scrape_one(worker: Worker) -> None:
+        # Ours in the worker's counts: those in flight when the scrape went out, less those
+        # that ended before its answer came. One that started meanwhile is taken as not counted
+        # yet, and one that ended meanwhile as already gone: either way the balancer's score
+        # errs towards busier (balancer.load_score).
+        in_flight, finished = worker.in_flight, worker.finished
         try:
             load = await scrape(worker)
-            worker.load = load if load is None else replace(load, ours=worker.in_flight)
+            ours = in_flight - (worker.finished - finished)
+            worker.load = load if load is None else replace(load, ours=ours)
         except Exception:
             log.exception("scrape of %s failed unexpectedly", worker.url)
             worker.load = None

@@ -163,6 +163,7 @@ class Passthrough:
             raise
         finally:
             worker.in_flight -= 1
+            worker.finished += 1
 
     async def _relay(
         self,

@@ -41,6 +41,7 @@ class Worker:
     source: str = ""  # "" for a configured worker, else the discovery service's URL
     discovered: tuple[ModelCard, ...] = ()
     in_flight: int = 0
+    finished: int = 0  # requests this gateway process has ended with it, ever (see monitor.py)
     last_pick: int = 0
     load: LoadSignals | None = None  # the last scrape of its /metrics; None: unknown or stale
     healthy: bool = True  # the last active probe's verdict

@@ -104,6 +104,8 @@ def test_score_without_signals_is_our_in_flight() -> None:
         (11, LoadSignals(waiting=1, running=8, kv_cache=0, ours=9), 12.0),  # 2 more: queue kept
         (3, LoadSignals(waiting=0, running=5, kv_cache=0, ours=1), 7.0),  # others' 4 stay
         (0, LoadSignals(waiting=3, running=4, kv_cache=0, ours=7), 0.0),  # all were ours
+        (5, LoadSignals(waiting=3, running=4, kv_cache=0, ours=7), 6.0),  # the queue shrinks
+        (5, LoadSignals(waiting=0, running=2, kv_cache=0, ours=6), 5.0),  # never below ours
     ],
 )
 def test_score_with_signals(in_flight: int, load: LoadSignals, score: float) -> None:

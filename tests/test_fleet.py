@@ -375,12 +375,15 @@ async def test_scrape_round_sets_each_workers_load_and_clears_failures() -> None
             raise RuntimeError("scrape bug")
         return None
 
+    w0.in_flight = 3  # when the scrape goes out
     task = asyncio.create_task(scrape_all(f, scrape, lambda w: seen.append(w.url)))
     async with asyncio.timeout(DEADLINE):
         while len(seen) < 2:  # w1 and w2 report while w0 is still held
             await asyncio.sleep(0)
     assert (w1.load, w2.load) == (None, None)
-    w0.in_flight = 4  # sent while its scrape was out: counted as ours at the answer
+    # While its scrape is out, 2 of w0's 3 requests end and 4 start: ours, in the worker's
+    # counts, is the one left (the new ones count as moved since: busier, the safe side).
+    w0.in_flight, w0.finished = 1 + 4, 2
     release.set()
     await asyncio.wait_for(task, DEADLINE)
-    assert w0.load == LoadSignals(waiting=1, running=2, kv_cache=0.5, ours=4)
+    assert w0.load == LoadSignals(waiting=1, running=2, kv_cache=0.5, ours=1)

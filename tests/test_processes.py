@@ -113,8 +113,9 @@ async def chat_on_fresh_connections(gw: GatewayProc, count: int) -> None:
 
 async def metric(gw: GatewayProc, series: str) -> float:
     connector = aiohttp.TCPConnector(force_close=True)
+    timeout = aiohttp.ClientTimeout(total=5)
     async with (
-        aiohttp.ClientSession(connector=connector) as session,
+        aiohttp.ClientSession(connector=connector, timeout=timeout) as session,
         session.get(f"{gw.url}/metrics") as r,
     ):
         text = await r.text()

@@ -165,7 +165,8 @@ def text(rng: random.Random, words: int) -> str:
 class Workload:
     """Request bodies by number; ``firsts`` are the requests that were the first in the run to
     send their shared prefix (a new document, a session's first request, any unique prompt):
-    no cache can hold it yet, whatever the router does."""
+    no cache can hold it yet, whatever the router does. (A repeat sent while the first is
+    still being admitted can be cold too; it counts as a repeat.)"""
 
     def __init__(self, body: Callable[[int, random.Random, set[int]], dict[str, Any]]) -> None:
         self._body = body
