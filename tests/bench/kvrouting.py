@@ -120,6 +120,8 @@ VARIANTS = (
     Variant("kv", {"policy": "least_loaded", "kv_events": {}}),
     Variant("kv+prefix", {"policy": "least_loaded", "affinity": "prefix", "kv_events": {}}),
     Variant("kv w=2", {"policy": "least_loaded", "kv_events": {"weight": 2.0}}),
+    Variant("kv w=16", {"policy": "least_loaded", "kv_events": {"weight": 16.0}}),
+    Variant("kv w=32", {"policy": "least_loaded", "kv_events": {"weight": 32.0}}),
     # The load from our own in-flight count only: what stale scraped counts cost the routing.
     Variant("kv unscraped", {"policy": "least_loaded", "kv_events": {}, "scrape_interval": 0}),
     # Not the gateway: vllm-router as shipped, our radix-tree approximation of its policy
