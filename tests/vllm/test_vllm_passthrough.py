@@ -7,12 +7,14 @@ times and the chunking vLLM varies on its own are masked; every other key and va
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import aiohttp
 import orjson
 import pytest
 
+from gateway.balancer import load_score
 from tests.conftest import GatewayFactory
 from tests.helpers import wait_for
 from tests.vllm.compare import TIMEOUT, by_choice, mask, normal_events, post, text_of, usage_of
@@ -236,7 +238,9 @@ async def test_models_discovered_from_the_worker_equal_its_own_list(
 async def test_load_is_read_from_real_vllm_metrics(
     vllm: VLLMFleet, gateway: GatewayFactory
 ) -> None:
-    """The scrape finds vLLM's own gauges, and a request running there shows in them."""
+    """The scrape finds vLLM's own gauges, and a request running there shows in them: it is
+    the request the gateway counts as its own (``LoadSignals.ours``), so the load score counts
+    it once, and not at all once it has ended, whatever the last scrape said."""
     gw = await gateway(worker_entry(vllm.plain), routing={"scrape_interval": 0.1})
     worker = gw.fleet.pool(MODEL)[0]
     await wait_for(lambda: worker.load is not None, 10, "a first scrape")
@@ -245,8 +249,14 @@ async def test_load_is_read_from_real_vllm_metrics(
     async with aiohttp.ClientSession() as session:
         async with session.post(gw.url + "/v1/chat/completions", json=body, timeout=TIMEOUT) as r:
             async for _ in r.content.iter_any():
-                if worker.load is not None and worker.load.running >= 1:
+                load = worker.load
+                if load is not None and load.running >= 1 and load.ours == 1:
                     break
             else:
                 raise AssertionError("the running request never showed in vLLM's metrics")
-        assert worker.load.kv_cache > 0.0
+            assert load.kv_cache > 0.0
+            assert load_score(replace(worker, load=load)) == pytest.approx(1 + load.kv_cache)
+        # Ended (the client left: the gateway aborts it), and the scrape that saw it running
+        # is still the one used here.
+        await wait_for(lambda: worker.in_flight == 0, 10, "the request ended at the gateway")
+        assert load_score(replace(worker, load=load)) == pytest.approx(load.kv_cache)
