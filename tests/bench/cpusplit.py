@@ -26,7 +26,7 @@ import yaml
 
 from tests.bench import loadgen
 from tests.bench.loadgen import chat_body
-from tests.bench.systems import MODELS, System, mock_worker, vllm_router
+from tests.bench.systems import MODELS, System, mock_worker, tree, vllm_router
 from tests.processes import start_gateway
 
 EVENTS = 52  # a mock answer's SSE events: the role chunk, 50 tokens, [DONE]
@@ -66,14 +66,9 @@ def _task(path: Path) -> Counts:
 
 
 def counts(pid: int) -> Counts:
-    """Summed over every thread of ``pid`` and of its children."""
+    """Summed over every thread of ``pid`` and of its descendants."""
     total = Counts()
-    pids = [pid]
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        children = task / "children"
-        if children.exists():
-            pids += [int(child) for child in children.read_text().split()]
-    for each in pids:
+    for each in tree(pid):
         for task in Path(f"/proc/{each}/task").iterdir():
             try:
                 one = _task(task)

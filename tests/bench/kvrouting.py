@@ -28,8 +28,9 @@ Workloads:
 Variants (the default set: least_loaded, prefix, kv, kv+prefix, vllm-router cache_aware, radix,
 oracle; ``--variants`` for others): round_robin, least_loaded, prefix (least_loaded with prefix
 affinity), kv (least_loaded behind routing.kv_events, default weight), kv+prefix (prefix
-affinity as kv's fallback), kv w=2 (a holder spills once 2 requests busier than another
-worker); vllm-router with ``--policy cache_aware`` and its own defaults, as shipped; radix
+affinity as kv's fallback), kv w=2, w=16, w=32 (a holder spills once 2, 16 or 32 requests
+busier than another worker), kv unscraped (kv with our own in-flight count as the only load
+signal); vllm-router with ``--policy cache_aware`` and its own defaults, as shipped; radix
 (tests/bench/radix.py: the radix-tree approximation of each worker's cache from request text,
 built the way cache_aware works, the third level of routing); the oracle
 (tests/bench/oracle.py: the same rule as kv with every cache and load known exactly). radix

@@ -46,9 +46,7 @@ class VLLMFleet:
 def vllm_session() -> Iterator[VLLMFleet]:
     # chunky gets the lower port, so the lower URL: round-robin picks it first, which makes it
     # the worker a resume test kills.
-    low, high = sorted((free_port(), free_port()))
-    while low == high:
-        low, high = sorted((free_port(), free_port()))
+    low, high = sorted((free_port(), free_port()))  # never the same port twice
     fleet = VLLMFleet(
         plain=VLLMWorker("plain", port=high),
         chunky=VLLMWorker("chunky", ["--stream-interval", "3"], port=low),
