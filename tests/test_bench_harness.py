@@ -29,7 +29,8 @@ async def test_closed_loop_records_first_token_every_gap_and_total(worker: Syste
     s = await loadgen.closed_loop(url, loadgen.chat_body("sim-realistic", True), True, 4, 0.5, "t")
     pace = PACES["sim-realistic"]
     assert s.errors == 0 and len(s.total) >= 4
-    assert all(pace.ttft <= t for t in s.ttft)  # the worker's prefill is inside TTFT
+    # The worker's prefill is inside TTFT; its timer may fire up to 1 ms early (libuv rounds to ms).
+    assert all(pace.ttft - 0.002 <= t for t in s.ttft)
     assert all(t > f for t, f in zip(s.total, s.ttft, strict=True))
     # One chunk per engine step: about tokens - 1 gaps per stream, none far below the step.
     assert len(s.gaps) >= len(s.total) * (pace.tokens - 1) // 2
