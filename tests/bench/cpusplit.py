@@ -26,9 +26,18 @@ import yaml
 
 from tests.bench import loadgen
 from tests.bench.loadgen import chat_body
-from tests.bench.systems import MODELS, System, mock_worker, tree, vllm_router
-from tests.processes import start_gateway
+from tests.bench.systems import FEATURES, MODELS, System, mock_worker, tree, vllm_router
+from tests.processes import Proc, start_gateway
 
+# The gateway's configurations beside the shipped one (``--variants``): each production feature
+# alone, and all of them as ``make bench``'s vllm-gateway+features runs them.
+VARIANTS: dict[str, dict[str, object]] = {
+    "vllm-gateway": {},
+    "keys": {"auth": FEATURES["auth"]},
+    "resume": {"resume": FEATURES["resume"]},
+    "affinity": {"routing": FEATURES["routing"]},
+    "vllm-gateway+features": FEATURES,
+}
 EVENTS = 52  # a mock answer's SSE events: the role chunk, 50 tokens, [DONE]
 STREAMS = 64
 TICK = os.sysconf("SC_CLK_TCK")
@@ -103,24 +112,32 @@ async def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m tests.bench.cpusplit")
     parser.add_argument("--seconds", type=float, default=6.0)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument(
+        "--variants", nargs="+", choices=list(VARIANTS), default=["vllm-gateway"],
+        help="gateway configurations to run beside vllm-router, each its own process",
+    )  # fmt: skip
     args = parser.parse_args()
     direct, worker = mock_worker()
     workdir = Path(f"/tmp/bench-cpusplit-{os.getpid()}")
     workdir.mkdir(exist_ok=True)
-    config = workdir / "gateway.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
+    systems: list[System] = []
+    try:
+        for name in args.variants:
+            config = workdir / f"{name}.yaml"
+            settings: dict[str, object] = {
                 "server": {"host": "127.0.0.1", "port": 0, "processes": 1},
                 "workers": [{"url": direct.url, "models": list(MODELS)}],
                 "limits": {"max_in_flight": 4096, "pool_size": 4096, "pool_per_worker": 4096},
                 "logging": {"level": "INFO", "format": "json"},
+                **VARIANTS[name],
             }
-        )
-    )
-    gateway = start_gateway(config, log_file=workdir / "gateway.log")
-    router = vllm_router(direct.url)
-    systems = [System("vllm-gateway", gateway.url, gateway.proc), router]
+            config.write_text(yaml.safe_dump(settings))
+            gw = start_gateway(config, log_file=workdir / f"{name}.log")
+            systems.append(System(name, gw.url, gw.proc))
+        systems.append(vllm_router(direct.url))
+    except BaseException:
+        _stop(systems, worker)
+        raise
     rows = [
         "| system | worker | req/s | user µs / event | kernel µs / event | reads / event | "
         "writes / event | waits / event | preempted / event |",
@@ -133,11 +150,15 @@ async def main() -> None:
                     rate, per_event = await measure(system, model, args.seconds)
                     rows.append(line(system.name, model, rate, per_event))
     finally:
-        gateway.proc.kill()
-        if router.proc is not None:
-            router.proc.kill()
-        worker.kill()
+        _stop(systems, worker)
     print("\n".join(rows))
+
+
+def _stop(systems: list[System], worker: Proc) -> None:
+    for system in systems:
+        if system.proc is not None:
+            system.proc.kill()
+    worker.kill()
 
 
 if __name__ == "__main__":
