@@ -64,12 +64,24 @@ class EventFramer:
 
     def _strip(self, complete: bytes) -> bytes:
         out: list[bytes] = []
+        head, complete = _plain_head(complete)
+        if head:
+            if self._held:
+                out.append(self._held)
+                self._held = b""
+            out.append(head)
         for event in _events(complete):
+            if self._held and not event.strip(b"\r\n"):
+                self._held += event  # a stray blank line waits behind the held event
+                continue
             if b'"usage"' in event and _NO_CHOICES.search(event):
                 fingerprint = _fingerprint_of(event)
                 if self._held:
                     out.append(_with_fingerprint(self._held, fingerprint))
                     self._held = b""
+                # Stray blank lines ahead of it are not the event's: they go on, as they would
+                # have had the read ended between them and it.
+                out.append(event[: len(event) - len(event.lstrip(b"\r\n"))])
                 continue
             if self._held:
                 out.append(self._held)
@@ -81,9 +93,35 @@ class EventFramer:
         return b"".join(out)
 
 
+def _plain_head(complete: bytes) -> tuple[bytes, bytes]:
+    """``complete`` cut after its last event ahead of the first that may carry usage or a
+    finish, when its events end in LF LF (as vLLM writes them): those go out as they are, so a
+    read of a whole answer is split into events only at its end. Each scan is a C-speed search
+    of the whole run; a match that spans two events only moves the cut earlier. A separator
+    preceded by one more LF (``_SPLIT`` would have cut one byte earlier) or any CR leaves the
+    whole run to the event-by-event path."""
+    if b"\r" in complete:
+        return b"", complete
+    first = complete.find(b'"usage"')
+    if first < 0:
+        first = len(complete)
+    finished = _FINISHED.search(complete, 0, first)
+    if finished is not None:
+        first = finished.start()
+    cut = complete.rfind(b"\n\n", 0, first)
+    if cut < 0 or complete[cut - 1 : cut] == b"\n":
+        return b"", complete
+    return complete[: cut + 2], complete[cut + 2 :]
+
+
 def _events(complete: bytes) -> list[bytes]:
     parts = _SPLIT.split(complete)
-    return [event + sep for event, sep in zip(parts[0::2], parts[1::2], strict=False)]
+    events = [event + sep for event, sep in zip(parts[0::2], parts[1::2], strict=False)]
+    if parts[-1]:
+        # A stray LF that ``_end_of_last_event`` counted into the last blank line (LF LF LF):
+        # forwarded as it came, not dropped.
+        events.append(parts[-1])
+    return events
 
 
 def _fingerprint_of(event: bytes) -> bytes | None:

@@ -264,7 +264,11 @@ class StreamObserver:
         # them), split here instead of by the decoder. Event by event until the first token...
         start = 0
         while not self.first_token and start < len(chunk):
-            stop = chunk.index(b"\n\n", start)  # there is one: the chunk ends with it
+            stop = chunk.find(b"\n\n", start)
+            if stop < 0:  # one LF left: a stray blank line after the last event (no event)
+                for event in self._decoder.feed(chunk[start:]):
+                    self._on_event(event)
+                return
             self._feed_block(chunk[start:stop])
             start = stop + 2
         if start < len(chunk):
@@ -276,12 +280,13 @@ class StreamObserver:
         counted, by C-speed scans of the whole run (a stream read in one chunk under load is
         split only there). The cost: a broken token event that says ``"finish_reason":null``,
         or one next to an n > 1 event with two such matches, is not reported as malformed."""
-        if chunk.count(b"\n\n") == 1:  # one event a chunk, as a worker under light load sends
-            self._feed_block(chunk[:-2])
+        if chunk.find(b"\n\n") == len(chunk) - 2:  # one event a chunk, as a worker under
+            self._feed_block(chunk[:-2])  # light load sends (a find stops at the first end)
             return
         news = _news_start(chunk)
-        if news and _only_token_events(chunk[:news]):
-            self.events += chunk.count(b"\n\n", 0, news)
+        tokens = _token_events(chunk[:news]) if news else 0
+        if tokens:
+            self.events += tokens
             if news == len(chunk):
                 return
             chunk = chunk[news:]
@@ -388,18 +393,22 @@ def _news_start(chunk: bytes) -> int:
     return 0 if end_before < 0 else end_before + 2
 
 
-def _only_token_events(events: bytes) -> bool:
-    """Whole events at once, by C-speed counts instead of a split: each is one ``data:`` line
-    holding ``"finish_reason":null``. As many matches as events keeps a role-only or other odd
-    event (no ``finish_reason``) from slipping through behind a match of its own. The caller
-    has checked that none holds a news marker."""
-    count = events.count(b"\n\n")
-    return (
+def _token_events(events: bytes) -> int:
+    """How many events ``events`` holds when each is one ``data:`` line holding
+    ``"finish_reason":null``, else 0: whole events at once, by C-speed counts instead of a
+    split. Every line break must belong to a ``\\n\\ndata: `` between two events or to the
+    final blank line, so the events are single lines, one more than those separators. As many
+    matches as events keeps a role-only or other odd event (no ``finish_reason``) from
+    slipping through behind a match of its own. The caller has checked that none holds a news
+    marker and that ``events`` ends with a blank line."""
+    between = events.count(b"\n\ndata: ")
+    if (
         events.startswith(b"data: ")
-        and events.count(b"\n") == 2 * count
-        and events.count(b"\n\ndata: ") == count - 1
-        and events.count(_UNEVENTFUL) == count
-    )
+        and events.count(b"\n") == 2 * between + 2
+        and events.count(_UNEVENTFUL) == between + 1
+    ):
+        return between + 1
+    return 0
 
 
 def _plain_events(chunk: bytes) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from types import MappingProxyType
 
 import orjson
@@ -614,3 +615,48 @@ def test_hot_path_counts_the_events_ahead_of_the_news_and_still_sees_a_broken_on
     observer.feed(_chunk({"content": "a"}, None))
     observer.feed(tokens + b'data: {"id":"c","choices":[{"index":0,"delta":{}}]}\n\n')
     assert observer.events == 12 and not observer.malformed
+
+
+def test_a_read_ending_in_a_stray_blank_line_is_no_event() -> None:
+    """An LF after an event's blank line, at the end of a read: an empty line, not an error."""
+    observer = StreamObserver()
+    observer.feed(b": keep-alive\n\n\n")
+    observer.feed(_chunk({"content": "a"}, None) + b"\n")
+    observer.feed(_chunk({"content": "b"}, None))
+    assert (observer.keepalives, observer.events, observer.first_token) == (1, 2, True)
+
+
+# Events a stream may hold. The malformed ones do not say "finish_reason":null, and no event
+# has two choices still going: the hot path does not promise to report a broken event in those
+# (StreamObserver._feed_after_first_token).
+_POOL = (
+    _chunk({"role": "assistant", "content": ""}, None),
+    _chunk({"content": "a"}, None),
+    _chunk({"content": "b"}, None),
+    _chunk({}, "stop"),
+    _chunk({"content": "d"}, None, "length"),
+    b'data: {"id":"c","choices":[{"index":0,"delta":{"content":"e"}}]}\n\n',  # no finish key
+    b'data: {"id":"c","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":5}}\n\n',
+    b'data: {"id":"c","choices":[{"index":0,"delta":{"content":"u"},"finish_reason":null}],'
+    b'"usage":{"prompt_tokens":1}}\n\n',
+    b'data: {"error":{"message":"boom","type":"x","code":500}}\n\n',
+    b'data: {"id":"c",\ndata: "choices":[{"delta":{"content":"m"},"finish_reason":null}]}\n\n',
+    b": keep-alive\n\n",
+    b"data: {not json\n\n",
+    b"data: [1, 2]\n\n",
+    b"\n",  # a stray blank line: no event
+    b"data: [DONE]\n\n",
+)
+
+
+@pytest.mark.timeout(60)
+def test_whole_reads_and_single_bytes_observe_the_same_on_random_streams() -> None:
+    """The counting hot paths (a read of many events at once) against the decoder (a byte at a
+    time, where no read is a whole event): the same state on 3,000 random streams."""
+    rng = random.Random(7)
+    for _ in range(3000):
+        events = rng.choices(_POOL[:-1], k=rng.randint(1, 40))
+        stream = b"".join(events) + (_POOL[-1] if rng.random() < 0.7 else b"")
+        cut = rng.randint(0, len(stream))
+        whole = observe([stream[:cut], stream[cut:]] if rng.random() < 0.5 else [stream])
+        assert state(whole) == state(observe(bytewise(stream))), stream
