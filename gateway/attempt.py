@@ -18,7 +18,6 @@ reading, no first token yet, or a silent worker).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -141,7 +140,7 @@ class Attempts:
         headers: bytes,
         read: Reader[T],
     ) -> T:
-        loop = asyncio.get_running_loop()
+        loop = ex.loop
         worker.in_flight += 1
         gauge = self._metrics.worker_in_flight_of(worker.url)
         gauge.inc()
@@ -149,7 +148,7 @@ class Attempts:
         finished = False
         first_token = loop.time() + self._timeouts.first_token if ex.stream else None
         try:
-            async with Deadline(first_token) as phase:
+            async with Deadline(first_token, loop) as phase:
                 response = await self._upstream.send(worker, path, body, headers)
                 worker.reading.add(response)
                 if response.status != 200:
@@ -177,7 +176,7 @@ class Attempts:
         return result
 
     async def _raise_status(self, response: ClientResponse, phase: Deadline) -> None:
-        phase.reschedule(asyncio.get_running_loop().time() + self._timeouts.idle)
+        phase.reschedule(phase.now() + self._timeouts.idle)
         try:
             data = await self._upstream.read_body(response, ERROR_BODY_LIMIT)
         except UpstreamDisconnected:

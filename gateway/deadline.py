@@ -24,16 +24,23 @@ class Deadline:
     """``async with Deadline(when):`` bounds the block by ``when`` (the loop's clock; None:
     no bound until ``reschedule``)."""
 
-    __slots__ = ("_armed", "_cancelling", "_handle", "_loop", "_state", "_task", "_when")
+    __slots__ = ("_armed", "_cancelling", "_given", "_handle", "_loop", "_state", "_task", "_when")
 
-    def __init__(self, when: float | None) -> None:
+    def __init__(self, when: float | None, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        """``loop``: the running loop, when the caller has it (asking costs a getpid() call)."""
         self._when = when
+        self._given = loop
         self._state = _CREATED
         self._handle: asyncio.Handle | None = None
         self._armed = math.inf  # when the timer fires
 
     def when(self) -> float | None:
         return self._when
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The loop this deadline runs on (inside the block)."""
+        return self._loop
 
     def now(self) -> float:
         """The clock of the loop this deadline runs on (inside the block), without asking
@@ -65,7 +72,7 @@ class Deadline:
     async def __aenter__(self) -> Deadline:
         if self._state != _CREATED:
             raise RuntimeError("a deadline is entered once")
-        self._loop = loop = asyncio.get_running_loop()
+        self._loop = loop = self._given or asyncio.get_running_loop()
         task = asyncio.current_task(loop)
         if task is None:
             raise RuntimeError("a deadline bounds a task")

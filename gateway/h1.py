@@ -230,9 +230,10 @@ class Response:
 class _Connection(asyncio.Protocol):
     """One keep-alive connection to a worker and the state of the response being read on it."""
 
-    def __init__(self, pool: Pool, key: str) -> None:
+    def __init__(self, pool: Pool, key: str, loop: asyncio.AbstractEventLoop) -> None:
         self.pool = pool
         self.key = key
+        self.loop = loop  # asking for the running loop costs a getpid() call on Python 3.11
         self.transport: asyncio.Transport = None  # type: ignore[assignment]  # set on connect
         self.parser = httptools.HttpResponseParser(self)
         self.busy = False  # a request is written and its response not yet released
@@ -276,7 +277,7 @@ class _Connection(asyncio.Protocol):
 
     async def wait(self) -> None:
         """Until the next callback that changes what a reader sees."""
-        self._waiter = waiter = asyncio.get_running_loop().create_future()
+        self._waiter = waiter = self.loop.create_future()
         try:
             await waiter
         finally:
@@ -321,7 +322,7 @@ class _Connection(asyncio.Protocol):
             self.close()
             return
         self.unpause()
-        self._drain_timer = asyncio.get_running_loop().call_later(DRAIN_TIMEOUT, self.close)
+        self._drain_timer = self.loop.call_later(DRAIN_TIMEOUT, self.close)
 
     def unpause(self) -> None:
         if self.paused:
@@ -572,10 +573,10 @@ class Pool:
             return
         conn.busy = False
         conn.served += 1
-        conn.idle_since = asyncio.get_running_loop().time()
+        conn.idle_since = conn.loop.time()
         self._idle.setdefault(conn.key, []).append(conn)
         if self._sweep is None:
-            self._sweep = asyncio.get_running_loop().call_later(self._keepalive, self._expire)
+            self._sweep = conn.loop.call_later(self._keepalive, self._expire)
         self._wake(conn.key)
 
     def forget(self, conn: _Connection) -> None:
@@ -663,7 +664,7 @@ class Pool:
         if to.https and tls is None:
             raise ValueError(f"{key}: an https worker needs its TLS settings")
         loop = asyncio.get_running_loop()
-        conn = _Connection(self, key)
+        conn = _Connection(self, key, loop)
         self._open[key] += 1  # counted from now: forget() takes it back off
         self._total += 1
         self._live.add(conn)

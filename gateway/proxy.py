@@ -130,7 +130,9 @@ class Proxy:
 
     async def handle(self, request: web.Request, route: Route) -> web.StreamResponse:
         loop = asyncio.get_running_loop()
-        ex = Exchange(request=request, route=route, started=loop.time(), client=request[CLIENT])
+        ex = Exchange(
+            request=request, route=route, started=loop.time(), loop=loop, client=request[CLIENT]
+        )
         task = asyncio.current_task()
         assert task is not None
         self._lifecycle.enter(task)
@@ -184,7 +186,7 @@ class Proxy:
             await grant.settle(_total_tokens(ex.usage))
 
     async def _admitted(self, ex: Exchange, meta: RequestMeta) -> web.StreamResponse:
-        loop = asyncio.get_running_loop()
+        loop = ex.loop
         queued = loop.time()
         async with self._admission.slot():
             self._metrics.queue_wait_batched.observe(loop.time() - queued)
@@ -227,8 +229,8 @@ class Proxy:
             raise InvalidRequest("The request body could not be read as sent.") from None
 
     async def _within_deadline(self, ex: Exchange, work: Coroutine[Any, Any, None]) -> None:
-        ex.deadline = asyncio.get_running_loop().time() + self._timeouts.total
-        deadline = Deadline(ex.deadline)
+        ex.deadline = ex.loop.time() + self._timeouts.total
+        deadline = Deadline(ex.deadline, ex.loop)
         try:
             async with deadline:
                 await work
@@ -238,7 +240,10 @@ class Proxy:
             raise
 
     def _serves(self, model: str) -> bool:
-        return any(self._fleet.serves(m) for m in self._chain(model))
+        fleet = self._fleet
+        if fleet.serves(model):  # the usual answer, without a generator per request
+            return True
+        return any(fleet.serves(m) for m in self._settings.fallbacks.get(model, ()))
 
     def _chain(self, model: str) -> tuple[str, ...]:
         return (model, *self._settings.fallbacks.get(model, ()))
@@ -332,7 +337,7 @@ class Proxy:
 
     def _left(self, ex: Exchange) -> float:
         """Seconds left before the request's deadline."""
-        return ex.deadline - asyncio.get_running_loop().time()
+        return ex.deadline - ex.loop.time()
 
     def _final_for(self, model: str, err: UpstreamError) -> UpstreamError:
         """``err`` as the client gets it: a busy worker's 429 or 503 always with a
@@ -474,7 +479,7 @@ class Proxy:
 
     async def _read_shard(self, response: ClientResponse, phase: Deadline) -> bytes:
         """One whole embeddings answer, read into memory (bounded) to be merged."""
-        phase.reschedule(asyncio.get_running_loop().time() + self._timeouts.idle)
+        phase.reschedule(phase.now() + self._timeouts.idle)
         data = await self._upstream.read_body(response, SHARD_BODY_LIMIT + 1)
         if len(data) > SHARD_BODY_LIMIT:
             raise UpstreamBadResponse("The model worker sent an oversized answer.")

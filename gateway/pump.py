@@ -94,7 +94,7 @@ class Pump:
         self._phase = phase
         self._idle = idle
         self._max_event = max_event
-        self._loop = asyncio.get_running_loop()
+        self._loop = phase.loop
         self._last = self._loop.time()
         self.blocked = False  # the client's buffer is past HIGH_WATER: the worker is paused
         self.failure: BaseException | None = None

@@ -62,6 +62,9 @@ class Exchange:
     request: web.Request
     route: Route
     started: float
+    # The running loop, asked for once: on Python 3.11 each ``asyncio.get_running_loop()``
+    # is a getpid() system call, and a request made about a dozen of them.
+    loop: asyncio.AbstractEventLoop
     client: Client = OPEN_CLIENT  # whose key; its name goes to metrics and logs
     extra_headers: dict[str, str] = field(default_factory=dict)  # x-ratelimit-*, on success
     model: str = ""
@@ -101,7 +104,7 @@ class Relay:
         self._fleet = fleet
 
     async def stream(self, ex: Exchange, response: ClientResponse, phase: Deadline) -> bool:
-        loop = asyncio.get_running_loop()
+        loop = ex.loop
         observer = StreamObserver()
         sick = False
         held: list[bytes] = []
@@ -202,7 +205,7 @@ class Relay:
         self, ex: Exchange, response: ClientResponse, phase: Deadline, splice: Splice
     ) -> bool:
         """Relay a continuation as more chunks of the committed stream (see ``resume.py``)."""
-        loop = asyncio.get_running_loop()
+        loop = ex.loop
         assert ex.response is not None and ex.transcript is not None
         client, transcript = ex.response, ex.transcript
         observer = StreamObserver()
@@ -253,7 +256,7 @@ class Relay:
         """A JSON answer. vLLM sends it whole once generated, so up to ``CHECKED_BODY_LIMIT`` it
         is read before the commit and must parse: a broken answer fails over instead of
         reaching the client as a 200. A larger one (embeddings) is relayed as it arrives."""
-        loop = asyncio.get_running_loop()
+        loop = ex.loop
         idle = self._timeouts.idle
         phase.reschedule(loop.time() + idle)
         head: list[bytes] = []
