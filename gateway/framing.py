@@ -57,6 +57,11 @@ class EventFramer:
             return complete
         return self._strip(complete)
 
+    @property
+    def idle(self) -> bool:
+        """Nothing held: a whole event with no usage and no finish goes out as it came."""
+        return not self._tail and not self._held
+
     def flush(self) -> bytes:
         """The stream ended: a held event goes out as it was."""
         held, self._held = self._held, b""

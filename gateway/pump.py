@@ -121,10 +121,15 @@ class Pump:
         self._last = now
         self._phase.extend(now + self._idle)
         observer = self._observer
-        observer.feed(data)
-        if self._check(observer):
-            self.sick = True
-        out = self._framer.feed(data)
+        framer = self._framer
+        if observer.feed(data) and framer.idle:
+            # One plain token event: nothing new to check, nothing for the framer to hold or
+            # strip (it would scan for the same markers the observer just ruled out).
+            out = data
+        else:
+            if self._check(observer):
+                self.sick = True
+            out = framer.feed(data)
         if out:
             if self._transcript is not None:
                 self._transcript.feed(out)

@@ -241,25 +241,29 @@ class StreamObserver:
         """The stream ended (``finish``) inside an event, which was therefore discarded."""
         return self._decoder.has_partial
 
-    def feed(self, chunk: bytes) -> None:
+    def feed(self, chunk: bytes) -> bool:
+        """Observe ``chunk``; True when it was one plain token event after the first token,
+        which only counted: nothing else about the stream changed."""
         if (
             self.first_token
             and chunk.endswith(b"\n\n")
             and chunk.find(b"\n") == len(chunk) - 2  # one line: a memchr to its end, not a
             and chunk.startswith(b"data: ")  # count over a read of forty events
             and _UNEVENTFUL in chunk
-            and not _eventful(chunk)
+            and b'"usage"' not in chunk  # _eventful, spelled out: this runs per event
+            and b'"error"' not in chunk
+            and b'"finish_reason":"' not in chunk
             and b"\r" not in chunk
             and self._decoder.at_boundary(chunk)
         ):
             # One plain token event, as vLLM sends them after the first: only counted. (The
             # same test as the path below, without its calls and copies: it runs per chunk.)
             self.events += 1
-            return
+            return True
         if not (_plain_events(chunk) and self._decoder.at_boundary(chunk)):
             for event in self._decoder.feed(chunk):
                 self._on_event(event)
-            return
+            return False
         # The hot path: whole single-line ``data:`` events ending in LF LF (how vLLM writes
         # them), split here instead of by the decoder. Event by event until the first token...
         start = 0
@@ -268,11 +272,12 @@ class StreamObserver:
             if stop < 0:  # one LF left: a stray blank line after the last event (no event)
                 for event in self._decoder.feed(chunk[start:]):
                     self._on_event(event)
-                return
+                return False
             self._feed_block(chunk[start:stop])
             start = stop + 2
         if start < len(chunk):
             self._feed_after_first_token(chunk[start:] if start else chunk)
+        return False
 
     def _feed_after_first_token(self, chunk: bytes) -> None:
         """...then a token chunk with no usage, no error and a null finish_reason tells nothing

@@ -660,3 +660,25 @@ def test_whole_reads_and_single_bytes_observe_the_same_on_random_streams() -> No
         cut = rng.randint(0, len(stream))
         whole = observe([stream[:cut], stream[cut:]] if rng.random() < 0.5 else [stream])
         assert state(whole) == state(observe(bytewise(stream))), stream
+
+
+@pytest.mark.timeout(60)
+def test_feed_says_true_only_when_nothing_but_the_count_changed() -> None:
+    """The relay skips its checks and the framer when ``feed`` says True: on random streams
+    read an event at a time, a True leaves every other field as it was, and a plain token
+    after the first one does get a True."""
+    rng = random.Random(5)
+    trues = 0
+    for _ in range(1000):
+        observer = StreamObserver()
+        for event in rng.choices(_POOL, k=rng.randint(1, 30)):
+            before = state(observer)
+            plain = observer.feed(event)
+            after = state(observer)
+            if plain:
+                trues += 1
+                assert after[:7] + after[8:] == before[:7] + before[8:]
+                assert after[7] == before[7] + 1  # events
+            elif event == _POOL[1] and before[0]:
+                pytest.fail("a plain token event after the first token was not said to be plain")
+    assert trues > 1000
