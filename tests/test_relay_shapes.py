@@ -3,8 +3,9 @@ the worker wrote, byte for byte (usage stripped by the module's rule when the ga
 for it), whatever the events look like and wherever the worker's writes end.
 
 A worker on a real socket writes each request's stream as the test scripted it: vLLM's
-compact events, comment lines, CRLF and stray blank lines, multi-line ``data:`` events, the
-finishing event, usage, ``[DONE]``, cut into writes at random places. The first token may come
+compact events, comment lines, CRLF and stray blank lines, multi-line ``data:`` events, ``id``,
+``event`` and ``retry`` fields, ``data:`` with no space, a BOM, the finishing event, usage,
+``[DONE]``, cut into writes at random places. The first token may come
 after any of the odd shapes, so the hold-back before the commit and the pump after it both see
 them.
 """
@@ -46,6 +47,9 @@ MIDDLE = (
     b'data: {"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"m",\n'
     b'data: "choices":[{"index":0,"delta":{"content":"m"},"finish_reason":null}]}',
     b"id: 7\nevent: message\n" + _event({"content": "x"}),
+    b"data:" + _event({"content": "y"})[6:],  # no space after the colon
+    b"retry: 1000\n" + _event({"content": "z"}),
+    b":" + b"p" * 300,  # a long comment
 )
 
 
@@ -62,7 +66,8 @@ def _stream(rng: random.Random, usage: bool) -> bytes:
         if end == b"\r\n\r\n":
             event = event.replace(b"\n", b"\r\n")
         out += event + end
-    return out[:-1] if out.endswith(b"\n\n\n") else out  # the stray LF between events only
+    out = out[:-1] if out.endswith(b"\n\n\n") else out  # the stray LF between events only
+    return (b"\xef\xbb\xbf" if rng.random() < 0.1 else b"") + out  # a BOM may open the stream
 
 
 def _writes(rng: random.Random, data: bytes) -> list[bytes]:
