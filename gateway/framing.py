@@ -69,11 +69,10 @@ class EventFramer:
 
     def _strip(self, complete: bytes) -> bytes:
         out: list[bytes] = []
-        head, complete = _plain_head(complete)
+        # With an event held, what follows is judged event by event: a blank event ahead of
+        # the usage chunk must wait behind the held event, not release it.
+        head, complete = (b"", complete) if self._held else _plain_head(complete)
         if head:
-            if self._held:
-                out.append(self._held)
-                self._held = b""
             out.append(head)
         for event in _events(complete):
             if self._held and not event.strip(b"\r\n"):
@@ -123,8 +122,8 @@ def _events(complete: bytes) -> list[bytes]:
     parts = _SPLIT.split(complete)
     events = [event + sep for event, sep in zip(parts[0::2], parts[1::2], strict=False)]
     if parts[-1]:
-        # A stray LF that ``_end_of_last_event`` counted into the last blank line (LF LF LF):
-        # forwarded as it came, not dropped.
+        # Line breaks that ``_end_of_last_event`` counted into the last blank line (LF LF LF,
+        # or LF CR LF after CR CR): forwarded as they came, not dropped.
         events.append(parts[-1])
     return events
 

@@ -128,7 +128,9 @@ class SSEDecoder:
         """Between events with nothing held, so the caller may split ``chunk`` into events
         itself (unless it starts the stream with a BOM, which ``feed`` strips)."""
         if not self._bom_checked:
-            if chunk.startswith(_BOM):
+            # The stream's first bytes, held or in ``chunk``, may hold a BOM: only ``feed``
+            # sees them all, and it strips the BOM. (A chunk that is part of one counts too.)
+            if self._buffer or chunk[:3] == _BOM[: len(chunk[:3])]:
                 return False
             self._bom_checked = True
         return (

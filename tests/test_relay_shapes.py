@@ -35,8 +35,9 @@ def _event(delta: dict[str, object], finish: str | None = None) -> bytes:
 ROLE = _event({"role": "assistant", "content": ""})
 USAGE = (
     b'data: {"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"m",'
-    b'"choices":[],"usage":{"prompt_tokens":3,"total_tokens":7,"completion_tokens":4}}'
-)
+    b'"choices":[],"usage":{"prompt_tokens":3,"total_tokens":7,"completion_tokens":4},'
+    b'"system_fingerprint":"fp-1"}'
+)  # the fingerprint moves onto the finishing event when the gateway drops this chunk
 DONE = b"data: [DONE]"
 # What may come between the role chunk and the finish: tokens, and the odd shapes.
 MIDDLE = (
@@ -62,11 +63,12 @@ def _stream(rng: random.Random, usage: bool) -> bytes:
     events += [DONE]
     out = b""
     for event in events:
-        end = rng.choice([b"\n\n"] * 6 + [b"\n\n\n", b"\r\n\r\n"])
+        end = rng.choice([b"\n\n"] * 6 + [b"\n\n\n", b"\n\n\n\n", b"\r\n\r\n"])
         if end == b"\r\n\r\n":
             event = event.replace(b"\n", b"\r\n")
         out += event + end
-    out = out[:-1] if out.endswith(b"\n\n\n") else out  # the stray LF between events only
+    while out.endswith(b"\n\n\n"):
+        out = out[:-1]  # stray line breaks between events only, not after the last
     return (b"\xef\xbb\xbf" if rng.random() < 0.1 else b"") + out  # a BOM may open the stream
 
 
