@@ -67,13 +67,7 @@ class Deadline:
         must not cut short a first-token bound still in force)."""
         current = self._when
         if current is None or when > current:
-            # ``reschedule`` for a later ``when``, spelled out: a relay calls this per event.
-            if self._state != _ENTERED:
-                raise RuntimeError("a deadline moves only inside its block")
-            self._when = when
-            if when < self._armed:
-                self._disarm()
-                self._arm(when)
+            self.reschedule(when)
 
     async def __aenter__(self) -> Deadline:
         if self._state != _CREATED:

@@ -240,10 +240,7 @@ class Proxy:
             raise
 
     def _serves(self, model: str) -> bool:
-        fleet = self._fleet
-        if fleet.serves(model):  # the usual answer, without a generator per request
-            return True
-        return any(fleet.serves(m) for m in self._settings.fallbacks.get(model, ()))
+        return any(self._fleet.serves(m) for m in self._chain(model))
 
     def _chain(self, model: str) -> tuple[str, ...]:
         return (model, *self._settings.fallbacks.get(model, ()))

@@ -252,9 +252,7 @@ class StreamObserver:
             and chunk.find(b"\n") == len(chunk) - 2  # one line: a memchr to its end, not a
             and chunk.startswith(b"data: ")  # count over a read of forty events
             and _UNEVENTFUL in chunk
-            and b'"usage"' not in chunk  # _eventful, spelled out: this runs per event
-            and b'"error"' not in chunk
-            and b'"finish_reason":"' not in chunk
+            and not _eventful(chunk)
             and b"\r" not in chunk
             and self._decoder.at_boundary(chunk)
         ):

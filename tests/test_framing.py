@@ -161,36 +161,6 @@ async def test_cut_inside_an_event_ends_with_a_clean_error_event(
     assert TOKEN[:20] + b"data" not in raw
 
 
-async def test_a_stray_blank_line_after_an_event_passes_through(
-    gateway: GatewayFactory, client: aiohttp.ClientSession
-) -> None:
-    """An extra LF after an event's blank line is an empty line to SSE, not an event: a worker
-    that writes one (as some OpenAI-compatible servers do after keep-alives) streams as usual,
-    and the client gets its bytes unchanged."""
-    sent = b": keep-alive\n\n\n" + ROLE + b"\n\n\n" + TOKEN + b"\n\n" + FINISH + b"\n\n" + DONE
-    sent += b"\n\n"
-
-    async def stray_lines(request: web.Request) -> web.StreamResponse:
-        await request.read()
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await resp.prepare(request)
-        # The first read ends in the stray LF when it comes alone (the pause makes that
-        # likely; the unit case in test_sse.py makes it certain).
-        first = sent.index(ROLE)
-        await resp.write(sent[:first])
-        await asyncio.sleep(0.05)
-        await resp.write(sent[first:])
-        await resp.write_eof()
-        return resp
-
-    async with TestServer(scripted_worker(stray_lines)) as upstream:
-        gw = await gateway({"url": str(upstream.make_url("")), "models": ["m"]})
-        body = {"model": "m", "messages": [], "stream": True}
-        async with client.post(f"{gw.url}/v1/chat/completions", json=body) as resp:
-            assert resp.status == 200
-            assert await resp.read() == sent
-
-
 def _one_at_a_time(data: bytes) -> bytes:
     """What a usage-stripping framer sends for a stream of whole events, judged event by event
     (the rule in the module docstring, without its cut for runs of plain events)."""
