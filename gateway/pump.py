@@ -63,6 +63,7 @@ class Pump:
         "_transport",
         "blocked",
         "failure",
+        "last",
         "sick",
     )
 
@@ -99,6 +100,9 @@ class Pump:
         self.blocked = False  # the client's buffer is past HIGH_WATER: the worker is paused
         self.failure: BaseException | None = None
         self.sick = False
+        # The bytes that carried ``[DONE]``, not written here: the task sends them with the
+        # chunked body's terminator, in one write (``StreamResponse.write_eof``).
+        self.last = b""
 
     def start(self) -> None:
         """Divert the worker's body here; what was already buffered is handled first."""
@@ -135,6 +139,10 @@ class Pump:
                 self._transcript.feed(out)
             if self._scrub:
                 out = scrub_token_ids(out)
+            if observer.done:
+                self.last = out
+                self._response.wake()
+                return
             transport = self._transport
             if transport.is_closing():
                 raise ConnectionResetError("Cannot write to closing transport")

@@ -46,6 +46,7 @@ SSE_HEADERS = {
     "X-Accel-Buffering": "no",
 }
 DONE_EVENT = b"data: [DONE]\n\n"
+
 # Bytes held back before a stream's first token (role chunk, keep-alive comments); past this
 # the stream commits anyway so a chatty worker cannot make the gateway buffer without end.
 HOLD_LIMIT = 64 * 1024
@@ -53,6 +54,15 @@ HOLD_LIMIT = 64 * 1024
 MAX_EVENT_BYTES = 1024 * 1024
 # A JSON answer up to this size is read and checked before it is relayed (see ``Relay.body``).
 CHECKED_BODY_LIMIT = 8 * 1024 * 1024
+
+
+class EventStream(web.StreamResponse):
+    """The client's SSE response. Its head leaves with the held events in one write, not in a
+    write of its own at ``prepare`` (aiohttp's default for a ``StreamResponse``): one system
+    call and one wake-up of the client fewer per stream. Should a later aiohttp drop this class
+    attribute, the head is sent at ``prepare`` again: one write more, the same bytes."""
+
+    _send_headers_immediately = False
 
 
 @dataclass(slots=True, eq=False)
@@ -123,39 +133,46 @@ class Relay:
         )
         idle = self._timeouts.idle
         phase.reschedule(loop.time() + idle)
-        client = await self.commit(ex, web.StreamResponse(status=200, headers=SSE_HEADERS))
+        client = await self.commit(ex, EventStream(status=200, headers=SSE_HEADERS))
         framer = EventFramer(strip_usage=ex.strip_usage)
         transcript = ex.transcript
         out = framer.feed(b"".join(held))
         if transcript is not None:
             transcript.feed(out)
-        await self._send(ex, client, self._scrubbed(ex, out), phase)
-        pump = Pump(
-            response,
-            self._transport(ex),
-            chunked=self._writer(ex).chunked,
-            observer=observer,
-            framer=framer,
-            transcript=transcript,
-            scrub=ex.scrub_ids,
-            check=functools.partial(self._check_events, ex),
-            itl=self._metrics.inter_token_latency_of(self.model_label(ex)),
-            phase=phase,
-            idle=idle,
-            max_event=MAX_EVENT_BYTES,
-        )
-        pump.start()
-        try:
-            while not await pump.settle():
-                ex.writing = True  # the client is not reading: a stall now is its own
-                await self._writer(ex).drain()
-                ex.writing = False
-                pump.unblock()
-        except Closed as exc:
-            if observer.finish_reason is None or not ex.single_choice:
-                raise UpstreamStreamTruncated() from exc
-            # else cut after the answer was complete: finished below
-        sick |= pump.sick
+        out = self._scrubbed(ex, out)
+        if observer.done:  # the whole answer was held: it leaves with the end, in one write
+            last = out
+        else:
+            await self._send(ex, client, out, phase)
+            self._writer(ex).send_headers()  # sent with ``out`` unless it was empty: the pump
+            # writes to the transport itself, after the head
+            pump = Pump(
+                response,
+                self._transport(ex),
+                chunked=self._writer(ex).chunked,
+                observer=observer,
+                framer=framer,
+                transcript=transcript,
+                scrub=ex.scrub_ids,
+                check=functools.partial(self._check_events, ex),
+                itl=self._metrics.inter_token_latency_of(self.model_label(ex)),
+                phase=phase,
+                idle=idle,
+                max_event=MAX_EVENT_BYTES,
+            )
+            pump.start()
+            try:
+                while not await pump.settle():
+                    ex.writing = True  # the client is not reading: a stall now is its own
+                    await self._writer(ex).drain()
+                    ex.writing = False
+                    pump.unblock()
+            except Closed as exc:
+                if observer.finish_reason is None or not ex.single_choice:
+                    raise UpstreamStreamTruncated() from exc
+                # else cut after the answer was complete: finished below
+            sick |= pump.sick
+            last = pump.last
         observer.finish()
         self.count_usage(ex, observer.usage)
         if not observer.done:
@@ -163,9 +180,11 @@ class Relay:
             if not finished and observer.error is None:
                 raise UpstreamStreamTruncated()
             # The answer was complete; only the marker was lost.
-            await self._send(ex, client, self._scrubbed(ex, framer.flush()) + DONE_EVENT, phase)
+            last = self._scrubbed(ex, framer.flush()) + DONE_EVENT
         ex.ending = True
-        await client.write_eof()
+        ex.writing = True  # the last events and the terminator, one write
+        await client.write_eof(last)
+        ex.writing = False
         return sick
 
     @staticmethod

@@ -8,8 +8,10 @@ import asyncio
 
 import orjson
 from aiohttp import web
+from aiohttp.http_writer import StreamWriter
 from aiohttp.test_utils import TestServer
 
+from gateway.relay import SSE_HEADERS, EventStream
 from tests.conftest import GatewayFactory
 from tests.helpers import scripted_worker
 
@@ -77,3 +79,38 @@ async def test_what_one_read_brought_leaves_as_one_chunk(gateway: GatewayFactory
     # waits for its end.
     assert burst == b"".join(event(t) for t in tokens)
     assert rest == [half + b"data: [DONE]\n\n"]
+
+
+async def test_an_event_streams_head_leaves_with_its_first_events() -> None:
+    """``EventStream`` keeps its head until the first events, so both leave in one write
+    (aiohttp's ``StreamResponse`` writes the head alone at ``prepare``). The writer's count of
+    bytes handed to the transport says which: none after ``prepare``, the head and the event
+    after the first write. Should aiohttp stop honouring the attribute, this fails."""
+    sizes: list[int] = []
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        resp = EventStream(status=200, headers=SSE_HEADERS)
+        await resp.prepare(request)
+        writer = request.writer
+        assert isinstance(writer, StreamWriter)
+        sizes.append(writer.output_size)
+        await resp.write(event("first"))
+        sizes.append(writer.output_size)
+        await resp.write_eof(b"data: [DONE]\n\n")
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/", handler)
+    async with TestServer(app) as server:
+        reader, writer = await asyncio.open_connection(server.host, server.port)
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            assert b"text/event-stream" in head
+            assert await next_chunk(reader) == event("first")
+            assert await next_chunk(reader) == b"data: [DONE]\n\n"
+            assert await next_chunk(reader) == b""
+        finally:
+            writer.close()
+    assert sizes[0] == 0, "the head was written at prepare"
+    assert sizes[1] > len(head)

@@ -26,7 +26,15 @@ import yaml
 
 from tests.bench import loadgen
 from tests.bench.loadgen import chat_body
-from tests.bench.systems import FEATURES, MODELS, System, mock_worker, tree, vllm_router
+from tests.bench.systems import (
+    FEATURES,
+    MODELS,
+    System,
+    mock_worker,
+    start_system,
+    tree,
+    vllm_router,
+)
 from tests.processes import Proc, start_gateway
 
 # The gateway's configurations beside the shipped one (``--variants``): each production feature
@@ -116,7 +124,16 @@ async def main() -> None:
         "--variants", nargs="+", choices=list(VARIANTS), default=["vllm-gateway"],
         help="gateway configurations to run beside vllm-router, each its own process",
     )  # fmt: skip
+    parser.add_argument(
+        "--peers", nargs="*", choices=["python-floor", "passthrough"], default=[],
+        help="Python relays without features to run beside (each one process)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--processes", default="1",
+        help="the gateway's serving processes (make bench runs 'auto')",
+    )  # fmt: skip
     args = parser.parse_args()
+    processes: int | str = int(args.processes) if args.processes.isdigit() else args.processes
     direct, worker = mock_worker()
     workdir = Path(f"/tmp/bench-cpusplit-{os.getpid()}")
     workdir.mkdir(exist_ok=True)
@@ -125,7 +142,7 @@ async def main() -> None:
         for name in args.variants:
             config = workdir / f"{name}.yaml"
             settings: dict[str, object] = {
-                "server": {"host": "127.0.0.1", "port": 0, "processes": 1},
+                "server": {"host": "127.0.0.1", "port": 0, "processes": processes},
                 "workers": [{"url": direct.url, "models": list(MODELS)}],
                 "limits": {"max_in_flight": 4096, "pool_size": 4096, "pool_per_worker": 4096},
                 "logging": {"level": "INFO", "format": "json"},
@@ -134,6 +151,7 @@ async def main() -> None:
             config.write_text(yaml.safe_dump(settings))
             gw = start_gateway(config, log_file=workdir / f"{name}.log")
             systems.append(System(name, gw.url, gw.proc))
+        systems += [start_system(name, direct.url, workdir) for name in args.peers]
         systems.append(vllm_router(direct.url))
     except BaseException:
         _stop(systems, worker)

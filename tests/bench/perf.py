@@ -1,5 +1,8 @@
 """`make bench`: what the gateway adds to every request, side by side with the limit (direct to
-the worker), the Python floor (a bare pass-through proxy) and the peers (vllm-router, LiteLLM).
+the worker), two Python floors and the peers (vllm-router, LiteLLM). The floors do nothing but
+carry bytes: `passthrough` is a bare aiohttp proxy, `python-floor` a relay with no framework
+(uvloop and httptools, each worker read written to the client inside its callback): the least
+a request and an SSE event can cost in Python.
 
 The headline is paced streams (`paced*`): the worker sends each token as its own SSE event, one
 engine step apart (5 or 20 ms, after 20 ms to the first token), as vLLM does, so every token is
@@ -24,7 +27,7 @@ worker scraping, every timeout, the JSON access log, `processes: auto`); only it
 raised so it does not shed the benchmark's own load, as are vllm-router's.
 
 `c1-turns` measures what one request adds at c=1 with the systems taking turns request by
-request (direct, pass-through, gateway, vllm-router; LiteLLM, at 20 ms a request, is left out):
+request (direct, the floors, the gateways, vllm-router; LiteLLM, at 20 ms a request, is left out):
 runs one after another see different moments of these shared machines, which moves a p99 by
 more than the 1 ms it is held to; taking turns, every system sees the same moments.
 `c1-stream` runs each system alone as the other scenarios do. Its req/s has no meaning (it is
@@ -53,7 +56,14 @@ from tests.bench.systems import RssSampler, System, started
 
 HERE = Path(__file__).parent
 RESULTS = HERE / "RESULTS.md"
-SYSTEMS = ["passthrough", "vllm-gateway", "vllm-gateway+features", "vllm-router", "litellm"]
+SYSTEMS = [
+    "passthrough",
+    "python-floor",
+    "vllm-gateway",
+    "vllm-gateway+features",
+    "vllm-router",
+    "litellm",
+]
 GATEWAYS = ("vllm-gateway", "vllm-gateway+features")
 QUICK_OUT = HERE / "PACED.md"
 # A report's text below this line is written by hand (analyses, profiles) and kept across runs.

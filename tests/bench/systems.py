@@ -138,6 +138,15 @@ def passthrough(worker: str) -> System:
     return System("passthrough", url, proc, notes="bare aiohttp + uvloop, 1 process")
 
 
+def floor(worker: str) -> System:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    args = [PY, "-m", "tests.bench.floor", "--port", str(port), "--upstream", worker]
+    proc = Proc(args, name="python-floor")
+    _up(proc, url, "/health", "python-floor", ok=(200, 404, 405))  # it forwards as a POST
+    return System("python-floor", url, proc, notes="uvloop + httptools, no framework, 1 process")
+
+
 # What ``vllm-gateway+features`` turns on over the defaults: the benchmark's key (loadgen's
 # ``AUTH``) with every kind of rate limit set (high: each is checked, none sheds), resume for
 # every stream (the worker is asked for token ids and the transcript reads every event), and
@@ -262,7 +271,7 @@ def started(names: list[str], workdir: Path) -> Iterator[list[System]]:
     try:
         for name in names:
             t0 = time.monotonic()
-            system = _start(name, direct.url, workdir)
+            system = start_system(name, direct.url, workdir)
             assert system.proc is not None
             procs.append(system.proc)
             systems.append(system)
@@ -273,9 +282,11 @@ def started(names: list[str], workdir: Path) -> Iterator[list[System]]:
             proc.kill()
 
 
-def _start(name: str, worker: str, workdir: Path) -> System:
+def start_system(name: str, worker: str, workdir: Path) -> System:
     if name == "passthrough":
         return passthrough(worker)
+    if name == "python-floor":
+        return floor(worker)
     if name == "vllm-gateway":
         return gateway(worker, workdir)
     if name == "vllm-gateway+features":
