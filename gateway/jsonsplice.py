@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
@@ -85,10 +86,14 @@ def member_span(body: bytes, name: str) -> tuple[int, int] | None:
     return found
 
 
-def replace_member(body: bytes, name: str, value: bytes) -> bytes:
+def replace_member(
+    body: bytes, name: str, value: bytes, parsed: Mapping[str, Any] | None = None
+) -> bytes:
     """``body`` with member ``name`` set to the JSON ``value``: its old value's bytes replaced
-    when it has one, else the member appended before the closing brace."""
-    span = member_span(body, name)
+    when it has one, else the member appended before the closing brace. ``parsed``: ``body``
+    parsed, when the caller has it: a member it lacks is appended without the scan of the
+    whole body that finds a member's bytes (about 190 µs for a 23 KB chat body)."""
+    span = None if parsed is not None and name not in parsed else member_span(body, name)
     if span is not None:
         return body[: span[0]] + value + body[span[1] :]
     end = body.rstrip().rfind(b"}")

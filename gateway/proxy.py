@@ -173,7 +173,7 @@ class Proxy:
         ex.single_choice = meta.single_choice
         if meta.resumable and self._resume_wanted(ex.request):
             ex.transcript = Transcript()
-            with_ids = ask_for_token_ids(meta.body)
+            with_ids = ask_for_token_ids(meta.body, meta.data)
             if with_ids is not None:
                 meta, ex.scrub_ids = replace(meta, body=with_ids), True
         if not self._serves(meta.model):

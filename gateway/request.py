@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.affinity import prefix_key, session_key
@@ -76,6 +76,8 @@ class RequestMeta:
     # The prompt's token ids when routing.kv_events is on and the body gives them (see
     # prompttokens.py), for cache-aware routing; None otherwise.
     prompt_ids: list[int] | None = None
+    # The client's body parsed, for the splices made later (resume's token ids).
+    data: dict[str, Any] = field(default_factory=dict)
 
 
 _TOKEN_LIMIT_FIELDS = ("max_tokens", "max_completion_tokens")
@@ -114,6 +116,7 @@ def parse_request(
             affinity_key=key,
             token_estimate=estimate,
             prompt_ids=prompt_ids,
+            data=data,
         )
     n = lax_int(data.get("n"))
     single = n is None or n == 1
@@ -130,6 +133,7 @@ def parse_request(
         resumable=resumable,
         token_estimate=estimate,
         prompt_ids=prompt_ids,
+        data=data,
     )
 
 

@@ -29,7 +29,7 @@ from typing import Any, TypeGuard
 
 import orjson
 
-from gateway.jsonsplice import loads, replace_member
+from gateway.jsonsplice import replace_member
 from gateway.sse import SSEDecoder
 
 DONE = b"data: [DONE]\n\n"
@@ -64,12 +64,12 @@ def resumable_request(data: dict[str, Any]) -> bool:
     return isinstance(data.get("messages"), list)
 
 
-def ask_for_token_ids(body: bytes) -> bytes | None:
-    """The body with ``return_token_ids``; None when the client asked for them itself."""
-    data, _ = loads(body)
+def ask_for_token_ids(body: bytes, data: dict[str, Any]) -> bytes | None:
+    """The body with ``return_token_ids``; None when the client asked for them itself.
+    ``data``: the client's body parsed (``body`` may have had usage asked for since)."""
     if data.get("return_token_ids") is True:
         return None
-    return replace_member(body, "return_token_ids", b"true")
+    return replace_member(body, "return_token_ids", b"true", data)
 
 
 def scrub_token_ids(events: bytes) -> bytes:

@@ -43,7 +43,7 @@ def ask_for_usage(body: bytes, data: dict[str, Any]) -> bytes | None:
     asked = {**options, "include_usage": True}
     if options.get("continuous_usage_stats"):
         asked["continuous_usage_stats"] = False
-    return replace_member(body, "stream_options", dumps(asked))
+    return replace_member(body, "stream_options", dumps(asked), data)
 
 
 def usage_from_tail(tail: bytes) -> dict[str, int] | None:

@@ -21,7 +21,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from gateway.jsonsplice import item_spans, member_span, slice_member
+from gateway.jsonsplice import item_spans, loads, member_span, replace_member, slice_member
 from gateway.resume import ask_for_token_ids
 from tests.conftest import GatewayFactory, SimFactory
 
@@ -58,10 +58,24 @@ def test_a_slice_of_an_array_member_keeps_every_other_byte() -> None:
 
 def test_asking_for_token_ids_appends_one_member() -> None:
     body = b'{ "temperature" : 1.50, "seed": ' + WIDE_INT + b', "messages": [] }'
-    assert ask_for_token_ids(body) == body[:-1] + b',"return_token_ids":true}'
+    assert ask_for_token_ids(body, loads(body)[0]) == body[:-1] + b',"return_token_ids":true}'
     no = b'{"return_token_ids": false, "messages": []}'
-    assert ask_for_token_ids(no) == b'{"return_token_ids": true, "messages": []}'
-    assert ask_for_token_ids(b'{"return_token_ids": true}') is None
+    assert ask_for_token_ids(no, loads(no)[0]) == b'{"return_token_ids": true, "messages": []}'
+    assert ask_for_token_ids(b'{"return_token_ids": true}', {"return_token_ids": True}) is None
+
+
+def test_a_member_the_parsed_body_lacks_is_appended_and_one_it_has_is_replaced() -> None:
+    """With the parsed body at hand, a member it lacks is appended without scanning the bytes
+    (its name inside a string is no member); one it has, under an escaped name too, has its
+    value's bytes replaced, every other byte the client's."""
+    body = b'{"a": "\\"stream_options\\": 1", "messages": []}'
+    assert replace_member(body, "stream_options", b"{}", loads(body)[0]) == (
+        body[:-1] + b',"stream_options":{}}'
+    )
+    escaped = b'{"stream\\u005foptions" : {"x": 1} , "n": 1}'
+    assert replace_member(escaped, "stream_options", b"{}", loads(escaped)[0]) == (
+        b'{"stream\\u005foptions" : {} , "n": 1}'
+    )
 
 
 # --- through the gateway -----------------------------------------------------------------------

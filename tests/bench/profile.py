@@ -54,6 +54,7 @@ async def main() -> None:
     parser.add_argument("scenario", choices=[s.key for s in SCENARIOS])
     parser.add_argument("--seconds", type=float, default=12.0)
     parser.add_argument("--top", type=int, default=30)
+    parser.add_argument("--rate", type=int, default=250, help="py-spy's samples per second")
     parser.add_argument("--out", type=Path, default=Path("/tmp/vllm-gateway-profile.txt"))
     parser.add_argument(
         "--features",
@@ -83,7 +84,7 @@ async def main() -> None:
         url = f"{gw.url}/v1/chat/completions"
         await drive(url, args.scenario, 2.0)  # warm up
         spy = subprocess.Popen(
-            [str(Path(sys.executable).with_name("py-spy")), "record", "--rate", "250",
+            [str(Path(sys.executable).with_name("py-spy")), "record", "--rate", str(args.rate),
              "--format", "raw", "--output", str(args.out), "--duration", str(int(args.seconds)),
              "--pid", str(gw.proc.popen.pid), *(["--native"] if args.native else [])],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
