@@ -11,7 +11,7 @@ accepts is never refused here: fields are read the way vLLM's pydantic models re
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
@@ -212,15 +212,21 @@ def _too_deep(body: bytes, data: object, limit: int) -> bool:
     # Fast path (C speed): fewer brackets in the whole body than the limit cannot nest deeper.
     if body.count(b"[") + body.count(b"{") <= limit:
         return False
-    stack: list[tuple[object, int]] = [(data, 1)]
-    while stack:
-        node, depth = stack.pop()
-        if depth > limit:
-            return True
-        children = node.values() if isinstance(node, dict) else node
-        assert isinstance(children, Iterable)
-        stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
-    return False
+    # Level by level: after k rounds ``level`` holds the containers at depth k + 1 (the body is
+    # at depth 1). A plain loop over each container's items, without a generator or tuples:
+    # a 24 KB chat body with tools took 86 µs with a stack of (node, depth), 14 µs so.
+    level = [data]
+    for _ in range(limit):
+        deeper: list[object] = []
+        for node in level:
+            for child in node.values() if type(node) is dict else node:  # type: ignore[attr-defined]
+                kind = type(child)
+                if kind is dict or kind is list:
+                    deeper.append(child)
+        if not deeper:
+            return False
+        level = deeper
+    return True
 
 
 def _affinity_key(data: dict[str, object], routing: RoutingSettings) -> str | None:

@@ -4,12 +4,14 @@ headers never reach a worker; only the OpenAI routes are forwarded at all."""
 from __future__ import annotations
 
 import asyncio
+import random
 from typing import Any
 
 import aiohttp
 import orjson
 import pytest
 
+from gateway.errors import InvalidRequest
 from gateway.request import CHAT, check_input_limits, parse_request
 from gateway.settings import InputLimitSettings, RoutingSettings
 from tests.conftest import GatewayFactory, SimFactory
@@ -85,6 +87,42 @@ def test_depth_check_counts_nesting_not_size() -> None:
     deep = {"model": "m", "x": nested(3)}
     with pytest.raises(Exception, match="nested deeper than 3"):
         check_input_limits(deep, orjson.dumps(deep), InputLimitSettings(max_json_depth=3))
+
+
+def _depth(value: object) -> int:
+    """The nesting depth by definition: a container is one deeper than its deepest child."""
+    if isinstance(value, dict):
+        return 1 + max((_depth(v) for v in value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max((_depth(v) for v in value), default=0)
+    return 0
+
+
+def _random_nest(rng: random.Random, budget: int) -> object:
+    roll = rng.random()
+    if budget <= 0 or roll < 0.3:
+        return rng.choice([1, "s", None, True, 2.5, "[{"])
+    items = [_random_nest(rng, budget - rng.randint(1, 3)) for _ in range(rng.randint(0, 4))]
+    if roll < 0.65:
+        return items
+    return {f"k{i}": item for i, item in enumerate(items)}
+
+
+def test_depth_check_agrees_with_the_definition_on_random_bodies() -> None:
+    """3,000 random nests of dicts, lists and scalars (strings holding brackets among them),
+    each held to limits around its own depth: refused exactly when deeper than the limit."""
+    rng = random.Random(21)
+    for _ in range(3000):
+        data = {"model": "m", "x": _random_nest(rng, rng.randint(1, 14))}
+        depth = _depth(data)
+        body = orjson.dumps(data)
+        for limit in (max(depth - 1, 1), depth, depth + 1):
+            refused = False
+            try:
+                check_input_limits(data, body, InputLimitSettings(max_json_depth=limit))
+            except InvalidRequest:
+                refused = True
+            assert refused == (depth > limit), (data, limit)
 
 
 def test_token_estimate_is_body_bytes_over_four_plus_the_completion_asked() -> None:
