@@ -58,10 +58,48 @@ def quantile(values: array[float] | list[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, int(p * len(ordered)))]
 
 
-def chat_body(model: str, stream: bool) -> bytes:
-    return orjson.dumps(
-        {"model": model, "messages": [{"role": "user", "content": "hi"}], "stream": stream}
-    )
+def chat_body(model: str, stream: bool, size: int = 0) -> bytes:
+    """A chat request: one short message, or with ``size`` a conversation of about that many
+    bytes as agents and chat front-ends send them (a system prompt, ten tools with JSON
+    schemas, turns of user and assistant text with a tool call and its result)."""
+    if not size:
+        return orjson.dumps(
+            {"model": model, "messages": [{"role": "user", "content": "hi"}], "stream": stream}
+        )
+    words = " ".join(f"word{i % 97}" for i in range(size // 8))
+    tools = [
+        {"type": "function", "function": {
+            "name": f"tool_{i}", "description": f"Does thing {i} to the given path.",
+            "parameters": {"type": "object", "required": ["path"], "properties": {
+                "path": {"type": "string", "description": "Where."},
+                "depth": {"type": "integer", "minimum": 0},
+            }},
+        }}
+        for i in range(10)
+    ]  # fmt: skip
+    messages: list[dict[str, object]] = [{"role": "system", "content": words[: size // 4]}]
+    arguments = '{"path": "/tmp", "depth": 2}'
+    call = {
+        "id": "call_0",
+        "type": "function",
+        "function": {"name": "tool_0", "arguments": arguments},
+    }
+    messages += [
+        {"role": "user", "content": "Look at /tmp."},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_0", "content": "a b c"},
+    ]
+    body: dict[str, object] = {
+        "model": model, "messages": messages, "tools": tools, "stream": stream,
+        "temperature": 0.7, "max_tokens": 512,
+    }  # fmt: skip
+    turn = 0
+    while len(orjson.dumps(body)) < size:
+        role = "user" if turn % 2 == 0 else "assistant"
+        messages.append({"role": role, "content": words[turn * 97 % 500 :][: size // 16]})
+        turn += 1
+    messages.append({"role": "user", "content": "And now?"})
+    return orjson.dumps(body)
 
 
 async def one(

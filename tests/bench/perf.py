@@ -85,6 +85,7 @@ class Scenario:
     # c=1 with the systems taking turns request by request (``loadgen.taking_turns``), LiteLLM
     # left out (at 20 ms a request it would leave the others a few hundred samples).
     turns: bool = False
+    prompt: int = 0  # the request's size in bytes (``loadgen.chat_body``); 0: one short message
 
     @property
     def paced(self) -> bool:
@@ -106,6 +107,8 @@ class Scenario:
 SCENARIOS = [
     Scenario("paced5-c64", "64 paced streams, a token every 5 ms", "sim-realistic", True,
              concurrency=64, seconds=0.75),
+    Scenario("paced5-c64-24k", "64 paced streams of 24 KB conversations, a token every 5 ms",
+             "sim-realistic", True, concurrency=64, seconds=0.75, prompt=24_000),
     Scenario("paced5-c256", "256 paced streams, a token every 5 ms", "sim-realistic", True,
              concurrency=256, seconds=0.75, ramp=0.5),
     Scenario("paced20-c64", "64 paced streams, a token every 20 ms", "sim-itl20", True,
@@ -167,7 +170,7 @@ async def settle(systems: list[System], quiet: float = 0.05, limit: float = 15.0
 
 async def measure(system: System, sc: Scenario, seconds: float, label: str) -> Sample:
     url = f"{system.url}/v1/chat/completions"
-    data = chat_body(sc.model, sc.stream)
+    data = chat_body(sc.model, sc.stream, sc.prompt)
     before, kernel = system.cpu_seconds(), system.kernel_seconds()
     with RssSampler(system) as rss:
         if sc.rate:
@@ -197,7 +200,7 @@ async def measure_turns(
     before = [s.cpu_seconds() for s in taking]
     urls = [f"{s.url}/v1/chat/completions" for s in taking]
     label = f"#{repeat + 1} {sc.key} (all taking turns)"
-    samples = await loadgen.taking_turns(urls, chat_body(sc.model, sc.stream), sc.stream,
+    samples = await loadgen.taking_turns(urls, chat_body(sc.model, sc.stream, sc.prompt), sc.stream,
                                          seconds, label)  # fmt: skip
     for system, s, cpu in zip(taking, samples, before, strict=True):
         s.cpu = system.cpu_seconds() - cpu

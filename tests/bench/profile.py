@@ -24,7 +24,7 @@ from tests.processes import start_gateway
 
 async def drive(url: str, key: str, seconds: float) -> loadgen.Sample:
     sc = next(s for s in SCENARIOS if s.key == key)
-    data = chat_body(sc.model, sc.stream)
+    data = chat_body(sc.model, sc.stream, sc.prompt)
     if sc.rate:
         return await loadgen.open_loop(url, data, sc.stream, sc.rate, seconds, key)
     return await loadgen.closed_loop(url, data, sc.stream, sc.concurrency, seconds, key)
