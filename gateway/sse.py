@@ -11,6 +11,7 @@ It also owns the one in-band error the gateway writes after it has committed a s
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -213,6 +214,8 @@ class StreamObserver:
 
     __slots__ = (
         "_decoder",
+        "_prefix",
+        "_suffix",
         "done",
         "error",
         "events",
@@ -237,6 +240,10 @@ class StreamObserver:
         self.events = 0
         self.keepalives = 0
         self.finished = False
+        # A plain content event of this stream cut around its content string (``_learn``):
+        # later events with the same bytes around one JSON string are plain too.
+        self._prefix = b""
+        self._suffix = b""
 
     @property
     def has_partial(self) -> bool:
@@ -246,6 +253,26 @@ class StreamObserver:
     def feed(self, chunk: bytes) -> bool:
         """Observe ``chunk``; True when it was one plain token event after the first token,
         which only counted: nothing else about the stream changed."""
+        prefix = self._prefix
+        if prefix and chunk.startswith(prefix) and chunk.endswith(self._suffix):
+            # The stream's own plain event around another content string. Everything but the
+            # string is bytes already judged plain, so the string is all there is to check:
+            # one JSON string (two quotes, at its ends, the last not escaped) on one line.
+            # About 0.3 µs against 1 µs for the scans below, most of which run over bytes
+            # that never change within a stream.
+            start = len(prefix)
+            end = len(chunk) - len(self._suffix)
+            if (
+                chunk.count(b'"', start, end) == 2
+                and chunk[start] == 0x22
+                and chunk[end - 1] == 0x22
+                and chunk[end - 2] != 0x5C
+                and chunk.find(b"\n", start, end) < 0
+                and chunk.find(b"\r", start, end) < 0
+                and self._decoder.at_boundary(chunk)
+            ):
+                self.events += 1
+                return True
         if (
             self.first_token
             and chunk.endswith(b"\n\n")
@@ -259,6 +286,8 @@ class StreamObserver:
             # One plain token event, as vLLM sends them after the first: only counted. (The
             # same test as the path below, without its calls and copies: it runs per chunk.)
             self.events += 1
+            if not prefix:
+                self._learn(chunk[:-2])
             return True
         if not (_plain_events(chunk) and self._decoder.at_boundary(chunk)):
             for event in self._decoder.feed(chunk):
@@ -304,8 +333,26 @@ class StreamObserver:
                 self._on_event(event)
         elif self.first_token and _UNEVENTFUL in block and not _eventful(block):
             self.events += 1
+            if not self._prefix:
+                self._learn(block)
         else:
             self._on_data(block[6:].decode("utf-8", "replace"))
+
+    def _learn(self, block: bytes) -> None:
+        """Keep the bytes around the content string of ``block``, one plain token event (a
+        single ``data:`` line, its blank line cut off), as the stream's template. Only a
+        compact ``"delta":{"content":"...`` (vLLM's) whose string is followed by ``}`` or
+        ``,`` makes one: then bytes equal to it but for that string are the same JSON with
+        another string value. Learnt once a stream: with n > 1 each choice's events differ."""
+        at = block.find(_CONTENT)
+        if at < 0:
+            return
+        start = at + len(_CONTENT) - 1  # the string's opening quote
+        string = _JSON_STRING.match(block, start)
+        if string is None or block[string.end() : string.end() + 1] not in (b"}", b","):
+            return
+        self._prefix = block[:start]
+        self._suffix = block[string.end() :] + b"\n\n"
 
     def finish(self) -> None:
         """Upstream EOF: an unterminated event is discarded, not observed."""
@@ -372,6 +419,8 @@ class StreamObserver:
 
 
 _UNEVENTFUL = b'"finish_reason":null'
+_CONTENT = b'"delta":{"content":"'
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
 # Any of these in an event means it may carry news: usage, an error, a finish (of any choice).
 _EVENTFUL = (b'"usage"', b'"error"', b'"finish_reason":"')
 _NEWS_MARKERS = (*_EVENTFUL, b"[DONE]")

@@ -112,11 +112,17 @@ class RssSampler:
 
 
 def _up(proc: Proc, url: str, path: str, what: str, ok: tuple[int, ...] = (200,)) -> None:
-    poll_until(
-        lambda: proc.popen.poll() is not None or http_status(url, path) in ok,
-        START_TIMEOUT,
-        what,
-    )
+    """Returns once ``path`` answers one of ``ok``; else the process is killed, not left
+    behind (the caller has no ``System`` to stop yet)."""
+    try:
+        poll_until(
+            lambda: proc.popen.poll() is not None or http_status(url, path) in ok,
+            START_TIMEOUT,
+            what,
+        )
+    except BaseException:
+        proc.kill()
+        raise
     if proc.popen.poll() is not None:
         raise RuntimeError(f"{what}: exited\n{proc.output[-3000:]}")
 
