@@ -126,7 +126,8 @@ class Pump:
         self._phase.extend(now + self._idle)
         observer = self._observer
         framer = self._framer
-        if observer.feed(data) and framer.idle:
+        plain = observer.feed(data) and framer.idle
+        if plain:
             # One plain token event: nothing new to check, nothing for the framer to hold or
             # strip (it would scan for the same markers the observer just ruled out).
             out = data
@@ -138,7 +139,9 @@ class Pump:
             if self._transcript is not None:
                 self._transcript.feed(out)
             if self._scrub:
-                out = scrub_token_ids(out)
+                # Where the observer found the event's one token id list, it is nulled there.
+                start, end = observer.ids_at
+                out = out[:start] + b"null" + out[end:] if plain and end else scrub_token_ids(out)
             if observer.done:
                 self.last = out
                 self._response.wake()

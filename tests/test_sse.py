@@ -8,6 +8,7 @@ from types import MappingProxyType
 import orjson
 import pytest
 
+from gateway.resume import scrub_token_ids
 from gateway.sse import SSEDecoder, SSEEvent, StreamObserver, encode_error_event
 
 ENDINGS = {"lf": b"\n", "crlf": b"\r\n", "cr": b"\r"}
@@ -736,3 +737,41 @@ def test_a_streams_template_judges_each_event_as_the_decoder_does() -> None:
         learnt += bool(observer._prefix)
         assert state(observer) == state(observe(bytewise(stream))), stream
     assert learnt > 1000  # the template was in use on most streams
+
+
+def _with_ids(rng: random.Random, event: bytes, where: int) -> bytes:
+    """``event`` as vLLM sends it when asked for token ids: ``"token_ids":[...]`` after each
+    choice's finish_reason; now and then two ids, spaces or what is no id list, which only
+    the scans judge. ``where`` puts prompt ids on every event too: 1 after the choices, 2
+    before them (their list is scrubbed as well)."""
+    ids = rng.choice([b"[7]", b"[123456]", b"[1,2]", b"[ 3 ]", b"[]", b"[1.5]", b'["t"]'])
+    event = event.replace(b'"finish_reason":null', b'"finish_reason":null,"token_ids":' + ids)
+    if where == 1:
+        return event.replace(b"}]}\n\n", b'}],"prompt_token_ids":[1,2]}\n\n')
+    if where == 2:
+        return event.replace(b'"choices":[', b'"prompt_token_ids":[1],"choices":[')
+    return event
+
+
+@pytest.mark.timeout(60)
+def test_a_template_with_token_ids_judges_and_scrubs_as_the_scans_do() -> None:
+    """With token ids on every event (resume asks for them), the template also skips the one
+    id between its ends. On 2,000 random streams the state is the decoder's, a byte at a time,
+    and where ``feed`` gives the id list's place, nulling it there is what
+    ``scrub_token_ids`` does to the event."""
+    rng = random.Random(13)
+    placed = 0
+    for _ in range(2000):
+        where = rng.choice([0, 0, 0, 1, 2])
+        first = _with_ids(rng, sse(chat_chunk({"role": "assistant", "content": ""})), where)
+        events = [first]
+        events += [_with_ids(rng, _tricky_event(rng), where) for _ in range(rng.randint(1, 30))]
+        observer = StreamObserver()
+        for event in events:
+            if observer.feed(event) and observer.ids_at[1]:
+                start, end = observer.ids_at
+                assert event[:start] + b"null" + event[end:] == scrub_token_ids(event), event
+                placed += 1
+        observer.finish()
+        assert state(observer) == state(observe(bytewise(b"".join(events)))), events
+    assert placed > 500  # the template placed the ids in a good share of the events
