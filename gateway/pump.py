@@ -136,11 +136,15 @@ class Pump:
                 self.sick = True
             out = framer.feed(data)
         if out:
+            ids_at = observer.ids_at
             if self._transcript is not None:
-                self._transcript.feed(out)
+                if plain and ids_at[1] and observer.simple:
+                    self._transcript.token(out, ids_at)
+                else:
+                    self._transcript.feed(out)
             if self._scrub:
                 # Where the observer found the event's one token id list, it is nulled there.
-                start, end = observer.ids_at
+                start, end = ids_at[0], ids_at[1]
                 out = out[:start] + b"null" + out[end:] if plain and end else scrub_token_ids(out)
             if observer.done:
                 self.last = out

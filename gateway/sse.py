@@ -227,6 +227,7 @@ class StreamObserver:
         "ids_at",
         "keepalives",
         "malformed",
+        "simple",
         "usage",
     )
 
@@ -247,9 +248,13 @@ class StreamObserver:
         self._prefix = b""
         self._suffix = b""
         self._ids = b""  # the bytes before a token's id, when the stream carries them
-        # Where the token ids' list (``[`` to ``]``) of the last event that ``feed`` said was
-        # plain lies in it, when the stream carries them: resume's scrub nulls it there.
+        # Where the token ids' list (``[`` to past ``]``) and the content string (its quotes
+        # included) of the last event that ``feed`` said was plain lie in it, when the stream
+        # carries ids: resume's scrub nulls the list there, its transcript keeps the two.
         self.ids_at = _NO_IDS
+        # The template is vLLM's shape: one choice with its token ids; such an event tells a
+        # transcript its text and id, nothing it had not read from the template's own event.
+        self.simple = False
 
     @property
     def has_partial(self) -> bool:
@@ -275,7 +280,7 @@ class StreamObserver:
                 if at < 0 or not chunk[at + len(ids) : end].isdigit():
                     end = start  # no match: the checks below fail
                 else:
-                    ids_at = (at + len(ids) - 1, end + 1)
+                    ids_at = (at + len(ids) - 1, end + 1, start, at)
                     end = at
             if (
                 chunk.count(b'"', start, end) == 2
@@ -378,6 +383,10 @@ class StreamObserver:
                 return
             self._ids = rest[: at + len(_IDS)]
             rest = rest[close:]
+            # vLLM's own shape: one choice, so the content string and the id are all that
+            # accumulates. (What the fixed bytes say, a tool call or reasoning, was read from
+            # this event, which a transcript reads whole.)
+            self.simple = prefix.count(b'"delta"') == 1 and rest == b"]}]}"
         elif _IDS_KEY in rest:
             return
         self._prefix = prefix
@@ -449,7 +458,7 @@ class StreamObserver:
 
 _UNEVENTFUL = b'"finish_reason":null'
 _CONTENT = b'"delta":{"content":"'
-_NO_IDS = (0, 0)
+_NO_IDS = (0, 0, 0, 0)
 _IDS = b',"token_ids":['  # where vLLM puts a chat event's token ids, after finish_reason
 _IDS_KEY = b'token_ids":['  # any list of token ids (resume.scrub_token_ids nulls them)
 _JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')

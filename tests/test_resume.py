@@ -22,6 +22,7 @@ import pytest
 from gateway import resume
 from gateway.resume import Splice, Transcript, resumable_request, scrub_token_ids, worker_fault
 from gateway.simulator import SimConfig, parse_fault
+from gateway.sse import StreamObserver
 from tests.conftest import Gateway, GatewayFactory, Sim, SimFactory
 from tests.helpers import sse_data
 
@@ -523,3 +524,59 @@ def test_the_transcript_reads_its_events_only_when_asked_or_in_batches() -> None
         lazy.feed(data)
         eager._read_events(data)
     assert lazy.ids == eager.ids and lazy.ids[-2:] == [589, 9]
+
+
+def _relayed(rng: random.Random, i: int, shape: str) -> bytes:
+    """An event of a stream of one ``shape``: vLLM's ("plain"), a tool call's index beside
+    the content ("tool"), or a second choice after the first ("two") or before it
+    ("before")."""
+    roll = rng.random()
+    if roll < 0.8:  # a plain token event, now and then of bytes that are no UTF-8
+        text = rng.choice(["a", " b", "é", '"q"', "\\", "\n", "", "~~"]) + str(i)
+        text = "" if rng.random() < 0.05 else text
+        delta: dict[str, Any] = {"content": text}
+        if shape == "tool":
+            delta["tool_calls"] = [{"index": 0}]
+        data = chunk(delta, ids=[i])
+        if shape == "two":
+            second = b',{"index":1,"delta":{"content":"z"},"finish_reason":null}]}\n\n'
+            data = data[: -len(b"]}\n\n")] + second
+        elif shape == "before":
+            first = b'"choices":[{"index":1,"delta":{"role":"assistant","content":"z"}},'
+            data = data.replace(b'"choices":[', first)
+        return data.replace(b"~~", b"\xff") if rng.random() < 0.3 else data
+    if roll < 0.85:
+        return b": keep-alive\n\n"
+    if roll < 0.9:
+        return chunk({"content": "x", "role": "assistant"}, ids=[i])
+    if roll < 0.95:
+        return chunk({"content": "y"}, ids=[i, i + 1])
+    return chunk({"reasoning_content": "r"}, ids=[i])
+
+
+def test_a_transcript_keeps_vllm_s_plain_events_as_their_text_and_id() -> None:
+    """On the relay's path, once its header is read, a transcript keeps the events the
+    observer found plain and of vLLM's shape (``StreamObserver.simple``) as their text and
+    token id alone. On 300 random streams (tricky text, bytes that are no UTF-8, comments and
+    events of other shapes between them, streams whose every event has a tool call or a second
+    choice), asked at random moments (each read catches up): the same state as reading every
+    event."""
+    rng = random.Random(17)
+    kept = 0
+    for _ in range(300):
+        shape = rng.choice(["plain", "plain", "plain", "tool", "two", "before"])
+        events = [role([1, 2])]
+        events += [_relayed(rng, i, shape) for i in range(rng.randint(1, 400))]
+        events.append(chunk({"content": "!"}, "stop", ids=[0]))
+        observer, relayed, read = StreamObserver(), Transcript(), Transcript()
+        for data in events:
+            read._read_events(data)
+            if observer.feed(data) and observer.ids_at[1] and observer.simple:
+                relayed.token(data, observer.ids_at)
+                kept += 1
+            else:
+                relayed.feed(data)
+            if rng.random() < 0.02:
+                assert transcript_state(relayed) == transcript_state(read)
+        assert transcript_state(relayed) == transcript_state(read)
+    assert kept > 10_000  # most plain events were kept as text and id

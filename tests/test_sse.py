@@ -769,7 +769,7 @@ def test_a_template_with_token_ids_judges_and_scrubs_as_the_scans_do() -> None:
         observer = StreamObserver()
         for event in events:
             if observer.feed(event) and observer.ids_at[1]:
-                start, end = observer.ids_at
+                start, end = observer.ids_at[:2]
                 assert event[:start] + b"null" + event[end:] == scrub_token_ids(event), event
                 placed += 1
         observer.finish()
