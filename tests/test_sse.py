@@ -720,6 +720,48 @@ def _tricky_event(rng: random.Random) -> bytes:
     return sse(chat_chunk({"reasoning_content": text}))
 
 
+def _completion(text: str, finish: str | None = None, **top: object) -> bytes:
+    choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish,
+              "stop_reason": None}  # fmt: skip
+    body = {"id": "cmpl-1", "object": "text_completion", "created": 1, "model": "m", **top}
+    return sse({**body, "choices": [choice]})
+
+
+def _tricky_completion(rng: random.Random) -> bytes:
+    """A completions stream's event: mostly text, the rest as ``_tricky_event``'s."""
+    text = "".join(rng.choice([*_TRICKY, "a", " b"]) for _ in range(rng.randint(0, 5)))
+    roll = rng.random()
+    if roll < 0.7:
+        return _completion(text)
+    if roll < 0.75:  # two choices, the first finishing: the template's bytes around other ones
+        body = orjson.loads(_completion(text)[6:])
+        first = {**body["choices"][0], "finish_reason": "stop"}
+        body["choices"] = [first, {**body["choices"][0], "index": 1}]
+        return sse(body)
+    if roll < 0.8:
+        return _completion(text, "length")
+    if roll < 0.85:
+        return _completion(text, usage={"prompt_tokens": 2})
+    if roll < 0.9:
+        return _completion("ab").replace(b'"ab"', b'"a' + rng.choice([b"\n", b"\r"]) + b'b"')
+    if roll < 0.95:
+        return sse({"error": {"message": text, "type": "x", "code": 500}})
+    return b": keep-alive\n\n"
+
+
+@pytest.mark.timeout(60)
+def test_a_completion_streams_template_judges_each_event_as_the_decoder_does() -> None:
+    """The same on completions streams, whose template is cut around ``"text"``."""
+    rng = random.Random(12)
+    learnt = 0
+    for _ in range(2000):
+        events = [_completion("")] + [_tricky_completion(rng) for _ in range(rng.randint(1, 30))]
+        observer = observe(events)
+        learnt += bool(observer._prefix)
+        assert state(observer) == state(observe(bytewise(b"".join(events)))), events
+    assert learnt > 1000
+
+
 @pytest.mark.timeout(60)
 def test_a_streams_template_judges_each_event_as_the_decoder_does() -> None:
     """Read an event at a time, a stream learns its plain event's bytes around the content

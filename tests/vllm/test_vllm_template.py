@@ -69,3 +69,22 @@ async def test_vllm_s_token_events_fit_the_template(vllm: VLLMFleet, ids: bool) 
         assert placed >= TOKENS - 4, placed  # all but the first few and the finishing one
         assert relayed.ids == read.ids and len(read.ids) == TOKENS
         assert relayed._text == read._text and relayed.header == read.header
+
+
+async def test_vllm_s_completion_events_fit_the_template(vllm: VLLMFleet) -> None:
+    body = {
+        "model": MODEL, "prompt": "A gateway is", "max_tokens": TOKENS, "temperature": 0,
+        "ignore_eos": True, "stream": True,
+    }  # fmt: skip
+    async with aiohttp.ClientSession() as session:
+        status, raw, _ = await post(session, vllm.plain.url, "/v1/completions", body)
+    assert status == 200, raw[:500]
+    observer, bytewise = StreamObserver(), StreamObserver()
+    plain = sum(observer.feed(event) for event in events_of(raw))
+    for i in range(len(raw)):
+        bytewise.feed(raw[i : i + 1])
+    assert observer._prefix, raw[:300]  # learnt around "text"
+    assert plain >= TOKENS - 4
+    assert (observer.events, observer.done, observer.finish_reason) == (
+        bytewise.events, bytewise.done, bytewise.finish_reason,
+    )  # fmt: skip
