@@ -239,11 +239,14 @@ class Transcript:
                 self._read_events(events[0] if len(events) == 1 else b"".join(events))
                 events = []
             text, token = item
-            self._ids.append(int(token))
             try:
                 content = orjson.loads(text)
-            except orjson.JSONDecodeError:  # as _read does: invalid UTF-8 replaced
-                content = orjson.loads(text.decode("utf-8", "replace"))
+            except orjson.JSONDecodeError:
+                try:  # as _read does: invalid UTF-8 replaced, and what still fails dropped
+                    content = orjson.loads(text.decode("utf-8", "replace"))
+                except orjson.JSONDecodeError:
+                    continue
+            self._ids.append(int(token))
             if content:
                 self._text.append(content)
         if events:

@@ -384,14 +384,18 @@ class StreamObserver:
         at = rest.find(_IDS)
         if at >= 0:  # the worker sends token ids (resume asked for them): they vary too
             close = rest.find(b"]", at)
-            if not rest[at + len(_IDS) : close].isdigit() or _IDS_KEY in rest[close:]:
-                return
+            if (
+                not rest[at + len(_IDS) : close].isdigit()
+                or _IDS_KEY in rest[:at]
+                or _IDS_KEY in rest[close:]
+            ):
+                return  # another id list among the fixed bytes: the scrub would miss it
             self._ids = rest[: at + len(_IDS)]
             rest = rest[close:]
             # vLLM's own shape: one choice, so the content string and the id are all that
             # accumulates. (What the fixed bytes say, a tool call or reasoning, was read from
             # this event, which a transcript reads whole.)
-            self.simple = prefix.count(b'"delta"') == 1 and rest == b"]}]}"
+            self.simple = marker is _CONTENT and prefix.count(b'"delta"') == 1 and rest == b"]}]}"
         elif _IDS_KEY in rest:
             return
         self._prefix = prefix

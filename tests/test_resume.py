@@ -528,8 +528,8 @@ def test_the_transcript_reads_its_events_only_when_asked_or_in_batches() -> None
 
 def _relayed(rng: random.Random, i: int, shape: str) -> bytes:
     """An event of a stream of one ``shape``: vLLM's ("plain"), a tool call's index beside
-    the content ("tool"), or a second choice after the first ("two") or before it
-    ("before")."""
+    the content ("tool"), a second choice after the first ("two") or before it ("before"),
+    or a delta's "text" instead of its content ("text")."""
     roll = rng.random()
     if roll < 0.8:  # a plain token event, now and then of bytes that are no UTF-8
         text = rng.choice(["a", " b", "é", '"q"', "\\", "\n", "", "~~"]) + str(i)
@@ -537,6 +537,8 @@ def _relayed(rng: random.Random, i: int, shape: str) -> bytes:
         delta: dict[str, Any] = {"content": text}
         if shape == "tool":
             delta["tool_calls"] = [{"index": 0}]
+        elif shape == "text":  # a delta's "text" is no content: a completion's marker
+            delta = {"text": text}
         data = chunk(delta, ids=[i])
         if shape == "two":
             second = b',{"index":1,"delta":{"content":"z"},"finish_reason":null}]}\n\n'
@@ -544,7 +546,10 @@ def _relayed(rng: random.Random, i: int, shape: str) -> bytes:
         elif shape == "before":
             first = b'"choices":[{"index":1,"delta":{"role":"assistant","content":"z"}},'
             data = data.replace(b'"choices":[', first)
-        return data.replace(b"~~", b"\xff") if rng.random() < 0.3 else data
+        # Bytes that are no UTF-8, or no JSON string (a raw tab, a bad escape, a lone
+        # surrogate): the whole event's read replaces the first and drops the rest.
+        bad = rng.choice([b"\xff", b"\t", b"\\q", b"\\ud800"])
+        return data.replace(b"~~", bad) if rng.random() < 0.3 else data
     if roll < 0.85:
         return b": keep-alive\n\n"
     if roll < 0.9:
@@ -555,16 +560,16 @@ def _relayed(rng: random.Random, i: int, shape: str) -> bytes:
 
 
 def test_a_transcript_keeps_vllm_s_plain_events_as_their_text_and_id() -> None:
-    """On the relay's path, once its header is read, a transcript keeps the events the
-    observer found plain and of vLLM's shape (``StreamObserver.simple``) as their text and
-    token id alone. On 300 random streams (tricky text, bytes that are no UTF-8, comments and
-    events of other shapes between them, streams whose every event has a tool call or a second
-    choice), asked at random moments (each read catches up): the same state as reading every
-    event."""
+    """On the relay's path a transcript keeps the events the observer found plain and of
+    vLLM's shape (``StreamObserver.simple``) as their text and token id alone. On 300 random
+    streams (tricky text, bytes that are no UTF-8 or no JSON string, comments and events of
+    other shapes between them, streams whose every event has a tool call, a second choice
+    before or after, or a delta's "text"), asked at random moments (each read catches up):
+    the same state as reading every event."""
     rng = random.Random(17)
     kept = 0
     for _ in range(300):
-        shape = rng.choice(["plain", "plain", "plain", "tool", "two", "before"])
+        shape = rng.choice(["plain", "plain", "plain", "tool", "two", "before", "text"])
         events = [role([1, 2])]
         events += [_relayed(rng, i, shape) for i in range(rng.randint(1, 400))]
         events.append(chunk({"content": "!"}, "stop", ids=[0]))

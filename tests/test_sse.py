@@ -785,13 +785,15 @@ def _with_ids(rng: random.Random, event: bytes, where: int) -> bytes:
     """``event`` as vLLM sends it when asked for token ids: ``"token_ids":[...]`` after each
     choice's finish_reason; now and then two ids, spaces or what is no id list, which only
     the scans judge. ``where`` puts prompt ids on every event too: 1 after the choices, 2
-    before them (their list is scrubbed as well)."""
+    before them, 3 in the choice before its token ids (their list is scrubbed as well)."""
     ids = rng.choice([b"[7]", b"[123456]", b"[1,2]", b"[ 3 ]", b"[]", b"[1.5]", b'["t"]'])
     event = event.replace(b'"finish_reason":null', b'"finish_reason":null,"token_ids":' + ids)
     if where == 1:
         return event.replace(b"}]}\n\n", b'}],"prompt_token_ids":[1,2]}\n\n')
     if where == 2:
         return event.replace(b'"choices":[', b'"prompt_token_ids":[1],"choices":[')
+    if where == 3:  # another id list between the string and the token ids
+        return event.replace(b',"token_ids":', b',"prompt_token_ids":[1,2],"token_ids":')
     return event
 
 
@@ -804,7 +806,7 @@ def test_a_template_with_token_ids_judges_and_scrubs_as_the_scans_do() -> None:
     rng = random.Random(13)
     placed = 0
     for _ in range(2000):
-        where = rng.choice([0, 0, 0, 1, 2])
+        where = rng.choice([0, 0, 0, 1, 2, 3])
         first = _with_ids(rng, sse(chat_chunk({"role": "assistant", "content": ""})), where)
         events = [first]
         events += [_with_ids(rng, _tricky_event(rng), where) for _ in range(rng.randint(1, 30))]
