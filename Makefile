@@ -118,7 +118,7 @@ bench: $(BENCH_STAMP)
 	$(PY) -m tests.bench.perf
 
 # The paced scenarios at c=64 and 256, 2 repeats of 3 s windows, no LiteLLM: tests/bench/PACED.md
-# (about 4 minutes).
+# (about 6 minutes).
 bench-quick: $(BENCH_STAMP)
 	$(PY) -m tests.bench.perf --quick
 

@@ -225,7 +225,7 @@ def more_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--quick", action="store_true",
         help="the paced scenarios at c=64 and 256 only, 3 s windows, 2 repeats, no LiteLLM "
-        "(about 4 minutes); "
+        "(about 6 minutes); "
         f"writes {QUICK_OUT.name} instead of {RESULTS.name}",
     )  # fmt: skip
     parser.add_argument("--out", type=Path, help="the report's file (default: see --quick)")
