@@ -9,6 +9,7 @@ that the shortcuts apply to vLLM's events and agree with the decoder and the ful
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import aiohttp
@@ -66,7 +67,11 @@ async def test_vllm_s_token_events_fit_the_template(vllm: VLLMFleet, ids: bool) 
     assert observer.finish_reason == "length" and observer.usage is not None
     if ids:
         assert observer.simple  # vLLM's shape: one choice, its ids last
-        assert placed >= TOKENS - 4, placed  # all but the first few and the finishing one
+        # vLLM now and then puts two tokens in one event, which the template leaves to the
+        # scans; of the others all are placed but the role's, the first token's and the one
+        # the template is learnt from.
+        single = [e for e in events if re.search(rb'"finish_reason":null,"token_ids":\[\d+\]', e)]
+        assert placed >= len(single) - 3 >= TOKENS // 2, (placed, len(single))
         assert relayed.ids == read.ids and len(read.ids) == TOKENS
         assert relayed._text == read._text and relayed.header == read.header
 
@@ -80,11 +85,14 @@ async def test_vllm_s_completion_events_fit_the_template(vllm: VLLMFleet) -> Non
         status, raw, _ = await post(session, vllm.plain.url, "/v1/completions", body)
     assert status == 200, raw[:500]
     observer, bytewise = StreamObserver(), StreamObserver()
-    plain = sum(observer.feed(event) for event in events_of(raw))
+    events = events_of(raw)
+    plain = sum(observer.feed(event) for event in events)
     for i in range(len(raw)):
         bytewise.feed(raw[i : i + 1])
     assert observer._prefix, raw[:300]  # learnt around "text"
-    assert plain >= TOKENS - 4
+    # All token events but the first (the first token) and the finishing one are plain.
+    going = [e for e in events if b'"finish_reason":null' in e]
+    assert plain >= len(going) - 1 >= TOKENS // 2, (plain, len(going))
     assert (observer.events, observer.done, observer.finish_reason) == (
         bytewise.events, bytewise.done, bytewise.finish_reason,
     )  # fmt: skip
