@@ -11,7 +11,7 @@ accepts is never refused here: fields are read the way vLLM's pydantic models re
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
@@ -55,10 +55,14 @@ JSON_ROUTES = tuple(
     )
 )
 
-# The model a request without one is served by: set per request by the handler when the
-# fleet serves exactly one model (vLLM serves a model-less request with its one model). A
-# context variable because the proxy calls ``parse_request`` with the body alone.
-default_model_var: ContextVar[str | None] = ContextVar("default_model", default=None)
+# What finds the model a request without one is served by, set per request by the handler:
+# the fleet's one model when it serves exactly one (vLLM serves a model-less request with its
+# one model). A context variable because the proxy calls ``parse_request`` with the body
+# alone; a function, called only for a request without a model, because finding it walks
+# every worker's models (about 1 µs a worker).
+default_model_var: ContextVar[Callable[[], str | None] | None] = ContextVar(
+    "default_model", default=None
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,7 +148,8 @@ def request_model(data: dict[str, Any]) -> str:
     model = data.get("model")
     if isinstance(model, str) and model:
         return model
-    default = default_model_var.get()
+    find = default_model_var.get()
+    default = find() if find is not None else None
     if default is not None:
         return default
     raise InvalidField("'model' is required and must be a non-empty string.", param="model")

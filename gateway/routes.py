@@ -14,6 +14,7 @@ handlers that read what routing needs (the model, a stored response's id) and ha
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import orjson
@@ -82,7 +83,7 @@ def default_model(fleet: Fleet) -> str | None:
 
 def proxied(route: Route) -> Handler:
     async def handler(request: web.Request) -> web.StreamResponse:
-        token = default_model_var.set(default_model(request.app[keys.FLEET]))
+        token = default_model_var.set(functools.partial(default_model, request.app[keys.FLEET]))
         try:
             return await request.app[keys.PROXY].handle(request, route)
         finally:
@@ -134,7 +135,7 @@ async def json_body(request: web.Request) -> tuple[bytes, dict[str, object]]:
 
 
 def model_of(request: web.Request, data: dict[str, object]) -> str:
-    token = default_model_var.set(default_model(request.app[keys.FLEET]))
+    token = default_model_var.set(functools.partial(default_model, request.app[keys.FLEET]))
     try:
         return request_model(data)
     finally:
