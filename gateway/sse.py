@@ -363,17 +363,16 @@ class StreamObserver:
     def _learn(self, block: bytes) -> None:
         """Keep the bytes around the content string of ``block``, one plain token event (a
         single ``data:`` line, its blank line cut off), as the stream's template. Only a
-        compact ``"delta":{"content":"...`` or a completion's ``"text":"...`` (vLLM's) whose
-        string is followed by ``}`` or ``,`` makes one: then bytes equal to it but for that
+        compact ``"delta":{"content":"...`` (or a completion's text, or reasoning: ``_MARKERS``)
+        whose string is followed by ``}`` or ``,`` makes one: then bytes equal to it but for that
         string are the same JSON with another string value. Learnt once a stream: with n > 1
         each choice's events differ."""
-        marker = _CONTENT
-        at = block.find(marker)
-        if at < 0:
-            marker = _TEXT
+        for marker in _MARKERS:
             at = block.find(marker)
-            if at < 0:
-                return
+            if at >= 0:
+                break
+        else:
+            return
         start = at + len(marker) - 1  # the string's opening quote
         string = _JSON_STRING.match(block, start)
         if string is None or block[string.end() : string.end() + 1] not in (b"}", b","):
@@ -467,7 +466,15 @@ class StreamObserver:
 
 _UNEVENTFUL = b'"finish_reason":null'
 _CONTENT = b'"delta":{"content":"'
-_TEXT = b'"text":"'  # a completion's
+# Where a template is cut, in the order tried: chat's content, a completion's text, and a
+# reasoning model's thinking (vLLM's "reasoning", older servers' "reasoning_content"), which
+# may run for thousands of events before the content.
+_MARKERS = (
+    _CONTENT,
+    b'"text":"',
+    b'"delta":{"reasoning":"',
+    b'"delta":{"reasoning_content":"',
+)
 _NO_IDS = (0, 0, 0, 0)
 _IDS = b',"token_ids":['  # where vLLM puts a chat event's token ids, after finish_reason
 _IDS_KEY = b'token_ids":['  # any list of token ids (resume.scrub_token_ids nulls them)

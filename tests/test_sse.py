@@ -693,27 +693,28 @@ def test_feed_says_true_only_when_nothing_but_the_count_changed() -> None:
 _TRICKY = ['"', "\\", "\n", "\r", "usage", '"usage"', "error", '"finish_reason":"', "}", ",", "é"]
 
 
-def _tricky_event(rng: random.Random) -> bytes:
+def _tricky_event(rng: random.Random, key: str = "content") -> bytes:
+    """An event of a chat stream whose tokens come in delta's ``key``."""
     text = "".join(rng.choice([*_TRICKY, "a", " b"]) for _ in range(rng.randint(0, 5)))
     roll = rng.random()
     if roll < 0.6:
-        return sse(chat_chunk({"content": text}))
+        return sse(chat_chunk({key: text}))
     if roll < 0.7:  # two choices, the first finishing: the template's bytes around other ones
-        body = chat_chunk({"content": text})
+        body = chat_chunk({key: text})
         choices = body["choices"]
         assert isinstance(choices, list)
         body["choices"] = [{**choices[0], "finish_reason": "stop"}, {**choices[0], "index": 1}]
         return sse(body)
     if roll < 0.75:
-        return sse(chat_chunk({"content": text}, finish_reason="length"))
+        return sse(chat_chunk({key: text}, finish_reason="length"))
     if roll < 0.8:
-        return sse({**chat_chunk({"content": text}), "usage": {"prompt_tokens": 2}})
+        return sse({**chat_chunk({key: text}), "usage": {"prompt_tokens": 2}})
     if roll < 0.85:
-        return sse(chat_chunk({"content": text, "role": "assistant"}))
+        return sse(chat_chunk({key: text, "role": "assistant"}))
     if roll < 0.88:
         return sse({"error": {"message": text, "type": "x", "code": 500}})
     if roll < 0.9:  # a raw line break in the string: no longer one line, a broken event
-        event = sse(chat_chunk({"content": "ab"}))
+        event = sse(chat_chunk({key: "ab"}))
         return event.replace(b'"ab"', b'"a' + rng.choice([b"\n", b"\r"]) + b'b"')
     if roll < 0.95:
         return b": keep-alive\n\n"
@@ -763,7 +764,8 @@ def test_a_completion_streams_template_judges_each_event_as_the_decoder_does() -
 
 
 @pytest.mark.timeout(60)
-def test_a_streams_template_judges_each_event_as_the_decoder_does() -> None:
+@pytest.mark.parametrize("key", ["content", "reasoning", "reasoning_content"])
+def test_a_streams_template_judges_each_event_as_the_decoder_does(key: str) -> None:
     """Read an event at a time, a stream learns its plain event's bytes around the content
     string and counts later events matching them without its scans. On 2,000 random streams
     of tricky content (quotes, backslashes, markers inside the string, line breaks) and
@@ -773,7 +775,7 @@ def test_a_streams_template_judges_each_event_as_the_decoder_does() -> None:
     learnt = 0
     for _ in range(2000):
         events = [sse(chat_chunk({"role": "assistant", "content": ""}))]
-        events += [_tricky_event(rng) for _ in range(rng.randint(1, 30))]
+        events += [_tricky_event(rng, key) for _ in range(rng.randint(1, 30))]
         stream = b"".join(events)
         observer = observe(events)
         learnt += bool(observer._prefix)
