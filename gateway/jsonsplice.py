@@ -25,7 +25,8 @@ import orjson
 
 # A JSON string (escapes skipped whole, so a quote or bracket inside one is never structure),
 # or a structural character. Numbers, literals and whitespace need no token of their own.
-_TOKEN = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[{}\[\],:]')
+JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')  # one string, its escapes included
+_TOKEN = re.compile(JSON_STRING.pattern + rb"|[{}\[\],:]")
 _OPEN = frozenset(b"{[")
 _CLOSE = frozenset(b"}]")
 

@@ -2,7 +2,9 @@
 body is handled inside the worker connection's own callback (``h1.Response.divert``): whole
 SSE events are framed, observed, added to the transcript and written straight to the client's
 transport as an HTTP/1.1 chunk. The relay's task sleeps meanwhile and wakes only when the
-stream ends or fails, or when the client stops taking bytes and the worker must be paused.
+stream ends or fails, or when the client stops taking bytes and the worker must be paused. The
+bytes that carry ``[DONE]`` are left to the task (``last``), which sends them with the chunked
+terminator in one write.
 
 Why: relaying through the task cost a future, a task step, a read call, aiohttp's
 ``StreamResponse.write`` and its drain check per event. On paced streams (a token every few
@@ -136,14 +138,14 @@ class Pump:
                 self.sick = True
             out = framer.feed(data)
         if out:
-            ids_at = observer.ids_at
             if self._transcript is not None:
-                if plain and ids_at[1] and observer.simple:
-                    self._transcript.token(out, ids_at)
+                if plain and observer.ids_at[1] and observer.simple:
+                    self._transcript.token(out, observer.ids_at)
                 else:
                     self._transcript.feed(out)
             if self._scrub:
                 # Where the observer found the event's one token id list, it is nulled there.
+                ids_at = observer.ids_at
                 start, end = ids_at[0], ids_at[1]
                 out = out[:start] + b"null" + out[end:] if plain and end else scrub_token_ids(out)
             if observer.done:

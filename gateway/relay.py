@@ -46,7 +46,6 @@ SSE_HEADERS = {
     "X-Accel-Buffering": "no",
 }
 DONE_EVENT = b"data: [DONE]\n\n"
-
 # Bytes held back before a stream's first token (role chunk, keep-alive comments); past this
 # the stream commits anyway so a chatty worker cannot make the gateway buffer without end.
 HOLD_LIMIT = 64 * 1024
@@ -144,8 +143,9 @@ class Relay:
             last = out
         else:
             await self._send(ex, client, out, phase)
-            self._writer(ex).send_headers()  # sent with ``out`` unless it was empty: the pump
-            # writes to the transport itself, after the head
+            # The head left with ``out``, unless that was empty: the pump writes to the
+            # transport itself, so the head must be out first.
+            self._writer(ex).send_headers()
             pump = Pump(
                 response,
                 self._transport(ex),

@@ -220,8 +220,9 @@ class Transcript:
         its other bytes say, the header among it, was read from the event the observer learnt
         them from, which came whole before it.)"""
         ids_open, ids_close, start, end = at
-        self._unread.append((event[start:end], event[ids_open + 1 : ids_close - 1]))
-        self._unread_size += end - start + 16
+        text, token = event[start:end], event[ids_open + 1 : ids_close - 1]
+        self._unread.append((text, token))
+        self._unread_size += len(text) + len(token)
         if self._unread_size > UNREAD_LIMIT:
             self._catch_up()
 

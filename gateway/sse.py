@@ -11,11 +11,12 @@ It also owns the one in-band error the gateway writes after it has committed a s
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import orjson
+
+from gateway.jsonsplice import JSON_STRING
 
 __all__ = ["SSEDecoder", "SSEEvent", "StreamObserver", "encode_error_event"]
 
@@ -374,7 +375,7 @@ class StreamObserver:
         else:
             return
         start = at + len(marker) - 1  # the string's opening quote
-        string = _JSON_STRING.match(block, start)
+        string = JSON_STRING.match(block, start)
         if string is None or block[string.end() : string.end() + 1] not in (b"}", b","):
             return
         prefix, rest = block[:start], block[string.end() :]
@@ -478,7 +479,6 @@ _MARKERS = (
 _NO_IDS = (0, 0, 0, 0)
 _IDS = b',"token_ids":['  # where vLLM puts a chat event's token ids, after finish_reason
 _IDS_KEY = b'token_ids":['  # any list of token ids (resume.scrub_token_ids nulls them)
-_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
 # Any of these in an event means it may carry news: usage, an error, a finish (of any choice).
 _EVENTFUL = (b'"usage"', b'"error"', b'"finish_reason":"')
 _NEWS_MARKERS = (*_EVENTFUL, b"[DONE]")
