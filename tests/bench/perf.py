@@ -271,7 +271,7 @@ async def main() -> None:
                     await settle(systems)
         text = report(results, systems, scenarios, args)
     out.write_text(text + kept(out), encoding="utf-8")
-    plot(results, [s.name for s in systems], scenarios)
+    plot(results, [s.name for s in systems], scenarios, out.parent)
     print(text)
 
 
@@ -574,7 +574,9 @@ def report(
 """
 
 
-def plot(results: Results, names: list[str], scenarios: list[Scenario]) -> None:
+def plot(results: Results, names: list[str], scenarios: list[Scenario], folder: Path) -> None:
+    """The zero-sleep sweep's plots, beside the report (a run written elsewhere with ``--out``
+    leaves the committed ones alone)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -601,7 +603,7 @@ def plot(results: Results, names: list[str], scenarios: list[Scenario]) -> None:
         ax.grid(True, alpha=0.3)
         ax.legend()
         fig.tight_layout()
-        fig.savefig(HERE / filename, dpi=110)
+        fig.savefig(folder / filename, dpi=110)
         plt.close(fig)
 
 

@@ -135,22 +135,15 @@ def mock_worker() -> tuple[System, Proc]:
     return System("direct", url, None), proc
 
 
-def passthrough(worker: str) -> System:
+def python_relay(name: str, module: str, worker: str, notes: str) -> System:
+    """A bare relay of ours (``tests.bench.passthrough``, ``tests.bench.floor``) in front of
+    ``worker``: it serves POSTs only, so any answer to a GET says it is up."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    args = [PY, "-m", "tests.bench.passthrough", "--port", str(port), "--upstream", worker]
-    proc = Proc(args, name="passthrough")
-    _up(proc, url, "/v1/models", "passthrough", ok=(404, 405))  # it serves POSTs only
-    return System("passthrough", url, proc, notes="bare aiohttp + uvloop, 1 process")
-
-
-def floor(worker: str) -> System:
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    args = [PY, "-m", "tests.bench.floor", "--port", str(port), "--upstream", worker]
-    proc = Proc(args, name="python-floor")
-    _up(proc, url, "/health", "python-floor", ok=(200, 404, 405))  # it forwards as a POST
-    return System("python-floor", url, proc, notes="uvloop + httptools, no framework, 1 process")
+    args = [PY, "-m", f"tests.bench.{module}", "--port", str(port), "--upstream", worker]
+    proc = Proc(args, name=name)
+    _up(proc, url, "/health", name, ok=(200, 404, 405))
+    return System(name, url, proc, notes=notes)
 
 
 # What ``vllm-gateway+features`` turns on over the defaults: the benchmark's key (loadgen's
@@ -290,9 +283,9 @@ def started(names: list[str], workdir: Path) -> Iterator[list[System]]:
 
 def start_system(name: str, worker: str, workdir: Path) -> System:
     if name == "passthrough":
-        return passthrough(worker)
+        return python_relay(name, "passthrough", worker, "bare aiohttp + uvloop, 1 process")
     if name == "python-floor":
-        return floor(worker)
+        return python_relay(name, "floor", worker, "uvloop + httptools, no framework, 1 process")
     if name == "vllm-gateway":
         return gateway(worker, workdir)
     if name == "vllm-gateway+features":
