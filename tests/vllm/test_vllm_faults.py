@@ -245,7 +245,7 @@ async def test_a_killed_worker_is_ejected_and_taken_back_after_its_restart(
     body = {"model": MODEL, "messages": PROMPT, "max_tokens": 4, "temperature": 0}
     victim = next(w for w in gw.fleet.pool(MODEL) if w.url == vllm.chunky.url)
     async with aiohttp.ClientSession() as session:
-        vllm.chunky.stop()
+        await asyncio.to_thread(vllm.chunky.stop)
         for _ in range(6):  # every request is served: the dead worker is failed over
             async with session.post(
                 gw.url + "/v1/chat/completions", json=body, timeout=TIMEOUT
