@@ -216,7 +216,7 @@ async def test_batched_updates_add_up_to_what_direct_ones_would_have() -> None:
     )
 
     registry = CollectorRegistry()
-    batch = Batch()
+    batch = Batch(interval=0.05)
     hist = Histogram("h", "h", ["s"], buckets=SHORT_BUCKETS, registry=registry)
     count = Counter("c", "c", registry=registry)
     level = Gauge("g", "g", registry=registry)
@@ -231,7 +231,11 @@ async def test_batched_updates_add_up_to_what_direct_ones_would_have() -> None:
         levelled.dec()
     assert registry.get_sample_value("h_count", {"s": "batched"}) == 0  # all pending
     assert registry.get_sample_value("c_total") == 0
-    await asyncio.sleep(0)  # one turn of the loop: the batch is flushed at its end
+    await asyncio.sleep(0)  # a turn of the loop is no flush: the interval is
+    assert registry.get_sample_value("c_total") == 0
+    started = time.monotonic()
+    await wait_for(lambda: registry.get_sample_value("c_total") != 0, 5, "the batch's flush")
+    assert time.monotonic() - started < 1.0
     assert registry.get_sample_value("c_total") == 2 * len(values)
     assert registry.get_sample_value("g") == 2 * len(values)
 
