@@ -49,13 +49,14 @@ class EventFramer:
             data = self._tail + chunk if self._tail else chunk
             end = _end_of_last_event(data)
             complete, self._tail = data[:end], data[end:]
-        if not self._strip_usage or not (
-            # Token chunks say "finish_reason":null; a finish is a string. (vLLM writes compact
-            # JSON; a worker that does not has its fingerprint left on the dropped chunk.)
-            self._held or b'"usage"' in complete or b'"finish_reason":"' in complete
-        ):
+        if not self._strip_usage:
             return complete
-        return self._strip(complete)
+        if self._held:
+            return self._strip(complete, 0)
+        news = _first_news(complete)
+        if news == len(complete):
+            return complete  # no usage and no finish: nothing to strip or hold
+        return self._strip(complete, news)
 
     @property
     def idle(self) -> bool:
@@ -67,11 +68,11 @@ class EventFramer:
         held, self._held = self._held, b""
         return held
 
-    def _strip(self, complete: bytes) -> bytes:
+    def _strip(self, complete: bytes, news: int) -> bytes:
         out: list[bytes] = []
         # With an event held, what follows is judged event by event: a blank event ahead of
         # the usage chunk must wait behind the held event, not release it.
-        head, complete = (b"", complete) if self._held else _plain_head(complete)
+        head, complete = (b"", complete) if self._held else _plain_head(complete, news)
         if head:
             out.append(head)
         for event in _events(complete):
@@ -97,22 +98,27 @@ class EventFramer:
         return b"".join(out)
 
 
-def _plain_head(complete: bytes) -> tuple[bytes, bytes]:
-    """``complete`` cut after its last event ahead of the first that may carry usage or a
-    finish, when its events end in LF LF (as vLLM writes them): those go out as they are, so a
-    read of a whole answer is split into events only at its end. Each scan is a C-speed search
-    of the whole run; a match that spans two events only moves the cut earlier. A separator
-    preceded by one more LF (``_SPLIT`` would have cut one byte earlier) or any CR leaves the
-    whole run to the event-by-event path."""
-    if b"\r" in complete:
-        return b"", complete
+def _first_news(complete: bytes) -> int:
+    """Where the first mention of usage or a finish (``"finish_reason"`` with a string, in
+    JSON compact or not: token chunks say null) starts in ``complete``; its length when there
+    is none. Two C-speed searches of the whole run: a match that spans two events only moves
+    the cut (``_plain_head``) earlier."""
     first = complete.find(b'"usage"')
     if first < 0:
         first = len(complete)
     finished = _FINISHED.search(complete, 0, first)
-    if finished is not None:
-        first = finished.start()
-    cut = complete.rfind(b"\n\n", 0, first)
+    return first if finished is None else finished.start()
+
+
+def _plain_head(complete: bytes, news: int) -> tuple[bytes, bytes]:
+    """``complete`` cut after its last event ahead of ``news`` (``_first_news``), when its
+    events end in LF LF (as vLLM writes them): those go out as they are, so a read of a whole
+    answer is split into events only at its end. A separator preceded by one more LF
+    (``_SPLIT`` would have cut one byte earlier) or any CR leaves the whole run to the
+    event-by-event path."""
+    if b"\r" in complete:
+        return b"", complete
+    cut = complete.rfind(b"\n\n", 0, news)
     if cut < 0 or complete[cut - 1 : cut] == b"\n":
         return b"", complete
     return complete[: cut + 2], complete[cut + 2 :]

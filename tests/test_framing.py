@@ -185,10 +185,10 @@ def _one_at_a_time(data: bytes) -> bytes:
     return b"".join(out) + held
 
 
-# A finish in JSON that is not compact is left out: it is held only when its read has other news
-# (the module docstring's exception), so what happens to it depends on where reads end.
+# A finish in JSON that is not compact is among them: it is found wherever reads end.
 _EVENTS = (
     ROLE, TOKEN, FINISH, USAGE, FINGERPRINTED_USAGE, DONE, b": keep-alive",
+    b'data: {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}',
     b'data: {"choices":[{"delta":{"content":"a"}}],"usage":{"x":1}}',  # continuous usage
     b'data: {"choices":[{"delta":{"content":"\\"finish_reason\\""}}]}',
 )  # fmt: skip
