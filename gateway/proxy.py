@@ -95,6 +95,9 @@ class Proxy:
         kv_index: KVIndex | None = None,
         tokenizers: Mapping[str, Tokenizes] | None = None,  # by model, for cache-aware routing
     ) -> None:
+        # Built on the loop that serves it. Asked for here once: on Python 3.11 each
+        # ``get_running_loop()`` (and ``current_task()`` without a loop) is a getpid() call.
+        self._loop = asyncio.get_running_loop()
         self._settings = settings
         self._timeouts = settings.timeouts
         self._fleet = fleet
@@ -129,11 +132,11 @@ class Proxy:
         return self._admission
 
     async def handle(self, request: web.Request, route: Route) -> web.StreamResponse:
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         ex = Exchange(
             request=request, route=route, started=loop.time(), loop=loop, client=request[CLIENT]
         )
-        task = asyncio.current_task()
+        task = asyncio.current_task(loop)
         assert task is not None
         self._lifecycle.enter(task)
         try:
