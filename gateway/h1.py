@@ -400,12 +400,16 @@ class _Connection(asyncio.Protocol):
                 self._fail(BadHTTP("The model worker sent oversized headers."))
             elif self.complete and self._drain_timer is not None:
                 self._drained()  # after the parser is done with this read
-        sink = self.sink
-        if sink is not None and self.chunks:
+        if self.chunks:
             # One call per read, not per HTTP chunk: a read holding a whole answer (a worker
-            # that does not pace) is one write to the client, not one per event.
-            chunks, self.chunks = self.chunks, []
-            sink(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+            # that does not pace) is one write to the client, not one per event, and one
+            # wake-up of the reader, not one per event.
+            sink = self.sink
+            if sink is None:
+                self._wake()
+            else:
+                chunks, self.chunks = self.chunks, []
+                sink(chunks[0] if len(chunks) == 1 else b"".join(chunks))
 
     def eof_received(self) -> bool | None:
         return None  # close the transport: connection_lost settles the response
@@ -457,7 +461,7 @@ class _Connection(asyncio.Protocol):
         if self.buffered > HIGH_WATER and not self.paused:
             self.paused = True
             self.transport.pause_reading()
-        self._wake()
+        # The reader is woken at the end of the read (``data_received``).
 
     def on_message_complete(self) -> None:
         if self.informational:
