@@ -148,7 +148,10 @@ class Proxy:
             task.uncancel()
             return await self._fail(ex, ShuttingDown())
         except GatewayError as err:
-            return await self._fail(ex, err)
+            try:
+                return await self._fail(ex, err)
+            finally:
+                _drop_tracebacks(err)
         except ConnectionError:
             # Writing to our own client failed: it went away (upstream errors are mapped).
             ex.status, ex.code = 499, "client_disconnected"
@@ -551,6 +554,18 @@ class Proxy:
                 "completion_tokens": ex.usage.get("completion_tokens") if ex.usage else None,
             },
         )
+
+
+def _drop_tracebacks(err: BaseException | None) -> None:
+    """Cut ``err`` and what it was raised from off the frames they went through. Those frames
+    hold the request (its body too) and, where an error was kept (a retry keeps the last one),
+    the error itself: a reference cycle, which only the cyclic collector frees, request body
+    and all. Once the error is answered nothing reads its traceback."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        err.__traceback__ = None
+        err = err.__cause__ or err.__context__
 
 
 def _close(request: web.Request) -> None:

@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 
 ABORT_WAIT = 2.0  # for aborted requests to write their last error event
 CLEANUP_TIMEOUT = 2.0
-YOUNG_GC_THRESHOLD = 10_000  # allocations between collections of the youngest generation
+YOUNG_GC_THRESHOLD = 10_000  # tracked objects allocated, net of those freed, per young collection
 HANG_HOOK = "GATEWAY_TEST_HANG_ON_SIGUSR1"
 
 
@@ -138,9 +138,11 @@ async def _serve_until_stopped(
     gc.collect()
     gc.freeze()
     # A request allocates hundreds of tracked objects, nearly all freed by reference counting.
-    # At the default threshold (700) the youngest generation was collected every few requests,
-    # each time walking what the in-flight requests hold: about 2 % of the serving thread's
-    # time under 64 paced streams. A higher threshold makes that walk rarer.
+    # At the default threshold (700 more allocated than freed) the youngest generation was
+    # collected every few requests, each time walking the young objects the in-flight requests
+    # hold: about 2 % of the serving thread's time under 64 paced streams. A higher threshold
+    # makes that walk rarer; what it would leave waiting longer is cyclic garbage, and a
+    # request leaves none that holds its body (tests/test_cycles.py).
     gc.set_threshold(YOUNG_GC_THRESHOLD, *gc.get_threshold()[1:])
     log.info("listening on %s", " ".join(_addresses(runner)))
 
