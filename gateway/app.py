@@ -316,7 +316,7 @@ async def _loop_lag_timer(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         await _stop(task)
-        app[keys.METRICS].flush()  # the last requests' batched updates
+        app[keys.METRICS].close()  # the last requests' batched updates, and any made later
 
 
 async def measure_loop_lag(metrics: GatewayMetrics, interval: float) -> None:

@@ -402,8 +402,8 @@ class _Connection(asyncio.Protocol):
                 self._drained()  # after the parser is done with this read
         if self.chunks:
             # One call per read, not per HTTP chunk: a read holding a whole answer (a worker
-            # that does not pace) is one write to the client, not one per event, and one
-            # wake-up of the reader, not one per event.
+            # that does not pace) is one write to the client, not one per event, and one call
+            # to wake the reader, not one per event.
             sink = self.sink
             if sink is None:
                 self._wake()

@@ -70,35 +70,46 @@ class Batch:
 
     This process's collections (``flush``, on the loop's thread: ``/metrics``, a test reading
     the registry) see every update. Another serving process's updates reach the shared files
-    within ``interval``, and a process that is killed loses at most that much of them; a
-    graceful stop flushes."""
+    about ``interval`` after they were made (later when its loop lags), and a process that is
+    killed loses those. At a graceful stop the app's cleanup calls ``close``: what is pending
+    is added, and every later update at once."""
 
-    __slots__ = ("_dirty", "_interval", "_scheduled", "_thread")
+    __slots__ = ("_closed", "_dirty", "_interval", "_thread", "_timer")
 
     def __init__(self, interval: float = FLUSH_INTERVAL) -> None:
         self._dirty: list[Pending] = []
         self._interval = interval
-        self._scheduled = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._closed = False
         self._thread: int | None = None  # the event loop's, from the first update
 
     def mark(self, item: Pending) -> None:
         self._dirty.append(item)
-        if self._scheduled:
+        if self._timer is not None:
+            return
+        if self._closed:
+            self.flush()  # stopping: nothing may wait for a timer that will not fire
             return
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             self.flush()  # no loop to come back to: at once
             return
-        self._scheduled = True
         self._thread = threading.get_ident()
-        loop.call_later(self._interval, self.flush)
+        self._timer = loop.call_later(self._interval, self.flush)
 
     def flush(self) -> None:
-        self._scheduled = False
+        timer, self._timer = self._timer, None
+        if timer is not None:
+            timer.cancel()  # a flush from outside: the next update starts a new interval
         dirty, self._dirty = self._dirty, []
         for item in dirty:
             item.push()
+
+    def close(self) -> None:
+        """Add what is pending; from now on every update is added at once."""
+        self._closed = True
+        self.flush()
 
     def collect(self) -> list[Metric]:
         """As a collector registered before the series: a collection on the loop's thread (a
@@ -482,6 +493,11 @@ class GatewayMetrics:
     def flush(self) -> None:
         """Every pending update into its series (on the event loop's thread)."""
         self.batch.flush()
+
+    def close(self) -> None:
+        """The app is stopping: what is pending, and every later update, goes into its series
+        at once (``Batch.close``)."""
+        self.batch.close()
 
     def exposition(self) -> bytes:
         """The text ``/metrics`` serves: this process's metrics, or every serving process's.

@@ -41,8 +41,10 @@ grace period short, nor die of it mid-import with a traceback.
 
 ``/metrics`` in any child reads every child's files, so it is correct for the whole gateway
 (counters and histograms summed, in-flight gauges summed over live children, health and load
-from the latest writer). prometheus_client cannot remove a series in multiprocess mode: a
-worker that leaves the fleet keeps its series until the gateway restarts.
+from the latest writer), but for the other children's last tenth of a second: each adds its
+updates to its files every ``metrics.FLUSH_INTERVAL``. prometheus_client cannot remove a series
+in multiprocess mode: a worker that leaves the fleet keeps its series until the gateway
+restarts.
 """
 
 from __future__ import annotations

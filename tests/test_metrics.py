@@ -250,6 +250,22 @@ async def test_batched_updates_add_up_to_what_direct_ones_would_have() -> None:
     assert samples("batched") == samples("observed")
 
 
+async def test_a_closed_batch_adds_what_is_pending_and_every_later_update_at_once() -> None:
+    from prometheus_client import CollectorRegistry, Counter
+
+    from gateway.metrics import Batch, PendingCounter
+
+    registry = CollectorRegistry()
+    batch = Batch(interval=3600.0)  # no timer fires in this test
+    counted = PendingCounter(batch, Counter("c", "c", registry=registry))
+    counted.inc()
+    assert registry.get_sample_value("c_total") == 0  # pending
+    batch.close()  # the app's cleanup, at a graceful stop
+    assert registry.get_sample_value("c_total") == 1
+    counted.inc()  # an update made after it (a handler cancelled last)
+    assert registry.get_sample_value("c_total") == 2
+
+
 async def test_a_collection_on_the_loop_sees_every_batched_update_at_once() -> None:
     from prometheus_client import CollectorRegistry
 
