@@ -240,15 +240,11 @@ class Transcript:
                 self._read_events(events[0] if len(events) == 1 else b"".join(events))
                 events = []
             text, token = item
-            try:
-                content = orjson.loads(text)
-            except orjson.JSONDecodeError:
-                try:  # as _read does: invalid UTF-8 replaced, and what still fails dropped
-                    content = orjson.loads(text.decode("utf-8", "replace"))
-                except orjson.JSONDecodeError:
-                    continue
+            content = _loads(text)
+            if content is _UNREADABLE:
+                continue  # as a whole event that does not read is dropped
             self._ids.append(int(token))
-            if content:
+            if isinstance(content, str) and content:
                 self._text.append(content)
         if events:
             self._read_events(events[0] if len(events) == 1 else b"".join(events))
@@ -276,14 +272,7 @@ class Transcript:
                 self._read(event.data)
 
     def _read(self, payload: bytes | str) -> None:
-        try:
-            body = orjson.loads(payload)
-        except orjson.JSONDecodeError:
-            if not isinstance(payload, bytes):
-                return
-            # What the SSE decoder would have read: invalid UTF-8 replaced, not refused.
-            self._read(payload.decode("utf-8", "replace"))
-            return
+        body = _loads(payload)
         if isinstance(body, dict):
             self._observe(body)
 
@@ -465,3 +454,20 @@ def _event(body: dict[str, Any]) -> bytes:
 
 def _is_ids(value: object) -> TypeGuard[list[int]]:
     return isinstance(value, list) and all(type(v) is int for v in value)
+
+
+_UNREADABLE = object()
+
+
+def _loads(payload: bytes | str) -> object:
+    """``payload`` as JSON, read as the SSE decoder would have read it (invalid UTF-8
+    replaced, not refused); ``_UNREADABLE`` when it still does not read."""
+    try:
+        return orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        if isinstance(payload, bytes):
+            try:
+                return orjson.loads(payload.decode("utf-8", "replace"))
+            except orjson.JSONDecodeError:
+                pass
+        return _UNREADABLE
