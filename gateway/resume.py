@@ -25,6 +25,9 @@ The pieces, all pure; the proxy decides when and sends the request:
 
 from __future__ import annotations
 
+import contextlib
+from array import array
+from collections.abc import Iterable
 from typing import Any, TypeGuard
 
 import orjson
@@ -114,6 +117,12 @@ def worker_fault(error: dict[str, object]) -> bool:
 
 # Bytes of events a transcript keeps unread before reading them (see ``Transcript.feed``).
 UNREAD_LIMIT = 32 * 1024
+# What a kept token event costs beyond its text's and id's bytes while unread (a tuple and two
+# bytes objects), counted against UNREAD_LIMIT so that the limit bounds memory, not payload.
+TOKEN_OVERHEAD = 120
+# A token's text kept as a str of its own costs about 55 bytes: the texts read are joined into
+# one str per this many tokens.
+TEXT_RUN = 256
 
 
 class Transcript:
@@ -129,9 +138,12 @@ class Transcript:
         self._unread: list[bytes | tuple[bytes, bytes]] = []
         self._unread_size = 0
         self._header: dict[str, Any] = {}  # id, created, model of the original stream
-        self._prompt_ids: list[int] | None = None
-        self._ids: list[int] = []  # the answer's tokens sent so far
-        self._text: list[str] = []  # the answer's text sent so far
+        # Token ids as 8-byte integers (a list holds 36 bytes an id): a long prompt's and a
+        # long answer's ids are most of what a resumable stream keeps.
+        self._prompt_ids: array[int] | None = None
+        self._ids: array[int] = array("q")  # the answer's tokens sent so far
+        self._runs: list[str] = []  # the answer's text sent so far: runs of TEXT_RUN texts,
+        self._text: list[str] = []  # then the texts since
         # After ``roll_back``: what the continuation writes again that the client already has.
         self.repeated_text = ""
         self.repeated_ids = 0
@@ -148,12 +160,18 @@ class Transcript:
     @property
     def prompt_ids(self) -> list[int] | None:
         self._catch_up()
-        return self._prompt_ids
+        return None if self._prompt_ids is None else self._prompt_ids.tolist()
 
     @property
     def ids(self) -> list[int]:
         self._catch_up()
-        return self._ids
+        return self._ids.tolist()
+
+    @property
+    def text(self) -> str:
+        """The answer's text sent so far."""
+        self._catch_up()
+        return "".join(self._runs) + "".join(self._text)
 
     @property
     def finished(self) -> bool:
@@ -196,8 +214,7 @@ class Transcript:
         """Resume after the first ``keep`` answer tokens, whose text is ``kept_text`` (the
         client has it all, and more: the text of the tokens after them it was sent). False,
         and nothing changed, when the text sent does not start with ``kept_text``."""
-        self._catch_up()
-        sent = "".join(self._text)
+        sent = self.text
         if not sent.startswith(kept_text) or not 0 <= keep <= len(self._ids):
             return False
         self.repeated_text = sent[len(kept_text) :]
@@ -222,7 +239,7 @@ class Transcript:
         ids_open, ids_close, start, end = at
         text, token = event[start:end], event[ids_open + 1 : ids_close - 1]
         self._unread.append((text, token))
-        self._unread_size += len(text) + len(token)
+        self._unread_size += len(text) + len(token) + TOKEN_OVERHEAD
         if self._unread_size > UNREAD_LIMIT:
             self._catch_up()
 
@@ -232,22 +249,55 @@ class Transcript:
         unread = self._unread
         self._unread, self._unread_size = [], 0
         events: list[bytes] = []
+        tokens: list[tuple[bytes, bytes]] = []
         for item in unread:
             if isinstance(item, bytes):
+                if tokens:
+                    self._read_tokens(tokens)
+                    tokens = []
                 events.append(item)
                 continue
             if events:
                 self._read_events(events[0] if len(events) == 1 else b"".join(events))
                 events = []
-            text, token = item
-            content = _loads(text)
-            if content is _UNREADABLE:
-                continue  # as a whole event that does not read is dropped
-            self._ids.append(int(token))
-            if isinstance(content, str) and content:
-                self._text.append(content)
+            tokens.append(item)
+        if tokens:
+            self._read_tokens(tokens)
         if events:
             self._read_events(events[0] if len(events) == 1 else b"".join(events))
+
+    def _read_tokens(self, tokens: list[tuple[bytes, bytes]]) -> None:
+        """A run of kept token events. Each text is one JSON string with no quote inside it
+        (``StreamObserver.feed`` checked), so the run's texts joined by commas are one JSON
+        array: read in one call, not one a token. A text that does not read as it is (invalid
+        UTF-8, a bad escape) sends the run through the reading of one text at a time."""
+        try:
+            texts = orjson.loads(b"[%b]" % b",".join([text for text, _ in tokens]))
+        except orjson.JSONDecodeError:
+            texts = None
+        if isinstance(texts, list) and len(texts) == len(tokens):
+            ids = [token for _, token in tokens]
+        else:
+            texts, ids = [], []
+            for text, token in tokens:
+                content = _loads(text)
+                if content is not _UNREADABLE:  # as a whole event that does not read is dropped
+                    texts.append(content)
+                    ids.append(token)
+        self._add_ids(map(int, ids))
+        self._add_texts([text for text in texts if isinstance(text, str) and text])
+
+    def _add_ids(self, ids: Iterable[int]) -> None:
+        try:
+            self._ids.extend(array("q", ids))
+        except OverflowError:
+            self._ids_complete = False  # no model has such a token: no exact continuation
+
+    def _add_texts(self, texts: list[str]) -> None:
+        self._text += texts
+        if len(self._text) >= TEXT_RUN:
+            self._runs.append("".join(self._text))
+            self._text = []
 
     def _read_events(self, data: bytes) -> None:
         """vLLM's events are ``data: {...}`` and a blank line: read straight from the bytes,
@@ -281,7 +331,8 @@ class Transcript:
             self._header = {k: body[k] for k in ("id", "object", "created", "model") if k in body}
         prompt = body.get("prompt_token_ids")
         if self._prompt_ids is None and _is_ids(prompt):
-            self._prompt_ids = prompt
+            with contextlib.suppress(OverflowError):  # no model has such a token: no resume
+                self._prompt_ids = array("q", prompt)
         for choice in body.get("choices") or ():
             if isinstance(choice, dict):
                 self._observe_choice(choice)
@@ -291,7 +342,7 @@ class Transcript:
             self._finished = True
         ids = choice.get("token_ids")
         if _is_ids(ids):
-            self._ids.extend(ids)
+            self._add_ids(ids)
         delta = choice.get("delta")
         if not isinstance(delta, dict):
             return
@@ -301,7 +352,7 @@ class Transcript:
             self._reasoning = True
         content = delta.get("content")
         if content and isinstance(content, str):
-            self._text.append(content)
+            self._add_texts([content])
             if not _is_ids(ids):
                 self._ids_complete = False
 
@@ -312,7 +363,7 @@ class Transcript:
         data = orjson.loads(original)
         asked = next((data[n] for n in _TOKEN_LIMIT_FIELDS if isinstance(data.get(n), int)), None)
         out = {k: v for k, v in data.items() if k not in _NOT_CONTINUED}
-        out["prompt"] = self._prompt_ids + self._ids
+        out["prompt"] = (self._prompt_ids + self._ids).tolist()
         out["stream"] = True
         out["stream_options"] = {"include_usage": True}
         out["return_token_ids"] = True

@@ -477,7 +477,7 @@ def test_scrub_token_ids_does_what_the_regular_expression_does() -> None:
 
 def transcript_state(transcript: Transcript) -> tuple[Any, ...]:
     return (
-        transcript.header, transcript.prompt_ids, transcript.ids, transcript._text,
+        transcript.header, transcript.prompt_ids, transcript.ids, transcript.text,
         transcript.finished, transcript.tool_calls, transcript.reasoning, transcript.ids_complete,
     )  # fmt: skip
 

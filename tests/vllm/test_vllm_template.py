@@ -73,7 +73,7 @@ async def test_vllm_s_token_events_fit_the_template(vllm: VLLMFleet, ids: bool) 
         single = [e for e in events if re.search(rb'"finish_reason":null,"token_ids":\[\d+\]', e)]
         assert placed >= len(single) - 3 >= TOKENS // 2, (placed, len(single))
         assert relayed.ids == read.ids and len(read.ids) == TOKENS
-        assert relayed._text == read._text and relayed.header == read.header
+        assert relayed.text == read.text and relayed.header == read.header
 
 
 async def test_vllm_s_completion_events_fit_the_template(vllm: VLLMFleet) -> None:
