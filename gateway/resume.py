@@ -105,6 +105,19 @@ def scrub_token_ids(events: bytes) -> bytes:
     return b"".join(out)
 
 
+class _Tokens:
+    """Unread token events (``Transcript.token``): their texts, each one JSON string, and
+    their ids, each followed by a comma after an opening bracket: two JSON arrays once the
+    last comma is made a closing bracket, read in one call each."""
+
+    __slots__ = ("count", "ids", "texts")
+
+    def __init__(self) -> None:
+        self.texts = bytearray(b"[")
+        self.ids = bytearray(b"[")
+        self.count = 0
+
+
 def worker_fault(error: dict[str, object]) -> bool:
     """An in-band error event the worker is to blame for (not the request's fault)."""
     inner = error.get("error")
@@ -117,9 +130,6 @@ def worker_fault(error: dict[str, object]) -> bool:
 
 # Bytes of events a transcript keeps unread before reading them (see ``Transcript.feed``).
 UNREAD_LIMIT = 32 * 1024
-# What a kept token event costs beyond its text's and id's bytes while unread (a tuple and two
-# bytes objects), counted against UNREAD_LIMIT so that the limit bounds memory, not payload.
-TOKEN_OVERHEAD = 120
 # A token's text kept as a str of its own costs about 55 bytes: the texts read are joined into
 # one str per this many tokens.
 TEXT_RUN = 256
@@ -133,10 +143,12 @@ class Transcript:
         self._decoder = SSEDecoder()
         # Events not read yet: reading costs about 3 us an event and is needed only when a
         # stream breaks, so they are read then, or in batches past UNREAD_LIMIT bytes.
-        # A plain token event of vLLM's shape (``token``) is kept as its text (a JSON
-        # string) and token id, in order among the other events.
-        self._unread: list[bytes | tuple[bytes, bytes]] = []
+        # Plain token events of vLLM's shape (``token``) are kept as their texts (JSON
+        # strings) and token ids, a run of them in two flat buffers (``_Tokens``), in order
+        # among the other events.
+        self._unread: list[bytes | _Tokens] = []
         self._unread_size = 0
+        self._run: _Tokens | None = None  # the last of ``_unread``, while tokens come
         self._header: dict[str, Any] = {}  # id, created, model of the original stream
         # Token ids as 8-byte integers (a list holds 36 bytes an id): a long prompt's and a
         # long answer's ids are most of what a resumable stream keeps.
@@ -226,6 +238,7 @@ class Transcript:
         """Whole events, as written to the client: kept, and read when needed."""
         self._unread.append(data)
         self._unread_size += len(data)
+        self._run = None
         if self._unread_size > UNREAD_LIMIT:
             self._catch_up()
 
@@ -237,9 +250,16 @@ class Transcript:
         its other bytes say, the header among it, was read from the event the observer learnt
         them from, which came whole before it.)"""
         ids_open, ids_close, start, end = at
-        text, token = event[start:end], event[ids_open + 1 : ids_close - 1]
-        self._unread.append((text, token))
-        self._unread_size += len(text) + len(token) + TOKEN_OVERHEAD
+        run = self._run
+        if run is None:
+            run = self._run = _Tokens()
+            self._unread.append(run)
+        run.texts += event[start:end]
+        run.texts.append(0x2C)  # a comma
+        run.ids += event[ids_open + 1 : ids_close - 1]
+        run.ids.append(0x2C)
+        run.count += 1
+        self._unread_size += end - start + ids_close - ids_open
         if self._unread_size > UNREAD_LIMIT:
             self._catch_up()
 
@@ -247,44 +267,39 @@ class Transcript:
         if not self._unread:
             return
         unread = self._unread
-        self._unread, self._unread_size = [], 0
+        self._unread, self._unread_size, self._run = [], 0, None
         events: list[bytes] = []
-        tokens: list[tuple[bytes, bytes]] = []
         for item in unread:
             if isinstance(item, bytes):
-                if tokens:
-                    self._read_tokens(tokens)
-                    tokens = []
                 events.append(item)
                 continue
             if events:
                 self._read_events(events[0] if len(events) == 1 else b"".join(events))
                 events = []
-            tokens.append(item)
-        if tokens:
-            self._read_tokens(tokens)
+            self._read_tokens(item)
         if events:
             self._read_events(events[0] if len(events) == 1 else b"".join(events))
 
-    def _read_tokens(self, tokens: list[tuple[bytes, bytes]]) -> None:
-        """A run of kept token events. Each text is one JSON string with no quote inside it
-        (``StreamObserver.feed`` checked), so the run's texts joined by commas are one JSON
-        array: read in one call, not one a token. A text that does not read as it is (invalid
-        UTF-8, a bad escape) sends the run through the reading of one text at a time."""
+    def _read_tokens(self, run: _Tokens) -> None:
+        """A run of kept token events, each read as a whole event would be: one that does not
+        read (invalid UTF-8, a bad escape) is dropped, id and all."""
+        run.texts[-1] = run.ids[-1] = 0x5D  # the last comma becomes the arrays' "]"
         try:
-            texts = orjson.loads(b"[%b]" % b",".join([text for text, _ in tokens]))
+            texts: list[Any] = orjson.loads(run.texts)
+            ids: list[Any] = orjson.loads(run.ids)
+            whole = len(texts) == len(ids) == run.count
         except orjson.JSONDecodeError:
-            texts = None
-        if isinstance(texts, list) and len(texts) == len(tokens):
-            ids = [token for _, token in tokens]
-        else:
+            whole = False
+        if not whole:
+            # One at a time. No text has a quote inside it, so '","' is only ever between two.
             texts, ids = [], []
-            for text, token in tokens:
-                content = _loads(text)
-                if content is not _UNREADABLE:  # as a whole event that does not read is dropped
+            pieces = bytes(run.texts[2:-2]).split(b'","')
+            for piece, token in zip(pieces, bytes(run.ids[1:-1]).split(b","), strict=True):
+                content = _loads(b'"%b"' % piece)
+                if content is not _UNREADABLE:
                     texts.append(content)
-                    ids.append(token)
-        self._add_ids(map(int, ids))
+                    ids.append(int(token))
+        self._add_ids(ids)
         self._add_texts([text for text in texts if isinstance(text, str) and text])
 
     def _add_ids(self, ids: Iterable[int]) -> None:
