@@ -105,19 +105,6 @@ def scrub_token_ids(events: bytes) -> bytes:
     return b"".join(out)
 
 
-class _Tokens:
-    """Unread token events (``Transcript.token``): their texts, each one JSON string, and
-    their ids, each followed by a comma after an opening bracket: two JSON arrays once the
-    last comma is made a closing bracket, read in one call each."""
-
-    __slots__ = ("count", "ids", "texts")
-
-    def __init__(self) -> None:
-        self.texts = bytearray(b"[")
-        self.ids = bytearray(b"[")
-        self.count = 0
-
-
 def worker_fault(error: dict[str, object]) -> bool:
     """An in-band error event the worker is to blame for (not the request's fault)."""
     inner = error.get("error")
@@ -133,6 +120,25 @@ UNREAD_LIMIT = 32 * 1024
 # A token's text kept as a str of its own costs about 55 bytes: the texts read are joined into
 # one str per this many tokens.
 TEXT_RUN = 256
+# What a run of unread token events costs besides its bytes (the object, its two bytearrays):
+# tokens between keep-alive comments start a run each.
+RUN_OVERHEAD = 200
+# A token id has at most this many digits (int64); a longer one is no model's token.
+ID_DIGITS = 19
+
+
+class _Tokens:
+    """A run of unread token events (``Transcript.token``): their texts, each one JSON string,
+    and their ids, each followed by a comma after an opening bracket: two JSON arrays once the
+    last comma is made a closing bracket, read in one call each. Counted against
+    ``UNREAD_LIMIT`` as its bytes and ``RUN_OVERHEAD``."""
+
+    __slots__ = ("count", "ids", "texts")
+
+    def __init__(self) -> None:
+        self.texts = bytearray(b"[")
+        self.ids = bytearray(b"[")
+        self.count = 0
 
 
 class Transcript:
@@ -254,6 +260,7 @@ class Transcript:
         if run is None:
             run = self._run = _Tokens()
             self._unread.append(run)
+            self._unread_size += RUN_OVERHEAD
         run.texts += event[start:end]
         run.texts.append(0x2C)  # a comma
         run.ids += event[ids_open + 1 : ids_close - 1]
@@ -284,29 +291,41 @@ class Transcript:
         """A run of kept token events, each read as a whole event would be: one that does not
         read (invalid UTF-8, a bad escape) is dropped, id and all."""
         run.texts[-1] = run.ids[-1] = 0x5D  # the last comma becomes the arrays' "]"
+        texts: list[Any]
+        ids: list[Any]
         try:
-            texts: list[Any] = orjson.loads(run.texts)
-            ids: list[Any] = orjson.loads(run.ids)
+            texts, ids = orjson.loads(run.texts), orjson.loads(run.ids)
+            # Always true once both read (each text is one string, each id digits): a guard.
             whole = len(texts) == len(ids) == run.count
         except orjson.JSONDecodeError:
-            whole = False
+            whole = False  # a text that does not read as it is, or an id with leading zeros
         if not whole:
-            # One at a time. No text has a quote inside it, so '","' is only ever between two.
-            texts, ids = [], []
+            # One at a time. A text has exactly two quotes, at its ends, so scanning from the
+            # left the first quote after a cut is always a text's closing one: '","' splits
+            # at the separators, even where a text is '","' itself.
+            texts, tokens = [], []
             pieces = bytes(run.texts[2:-2]).split(b'","')
             for piece, token in zip(pieces, bytes(run.ids[1:-1]).split(b","), strict=True):
                 content = _loads(b'"%b"' % piece)
                 if content is not _UNREADABLE:
                     texts.append(content)
-                    ids.append(int(token))
+                    tokens.append(token)
+            ids = [int(t) if len(t) <= ID_DIGITS else -1 for t in tokens]
         self._add_ids(ids)
         self._add_texts([text for text in texts if isinstance(text, str) and text])
 
-    def _add_ids(self, ids: Iterable[int]) -> None:
+    def _add_ids(self, ids: Iterable[Any]) -> None:
+        """Ids as the worker sent them; one that is no int64 (past 64 bits orjson gives a
+        float, and a negative is no token) leaves the answer's ids incomplete: no resume."""
         try:
-            self._ids.extend(array("q", ids))
-        except OverflowError:
-            self._ids_complete = False  # no model has such a token: no exact continuation
+            more = array("q", ids)  # array checks each: an int, within 64 bits
+        except (OverflowError, TypeError):
+            self._ids_complete = False
+            return
+        if more and min(more) < 0:
+            self._ids_complete = False
+            return
+        self._ids.extend(more)
 
     def _add_texts(self, texts: list[str]) -> None:
         self._text += texts

@@ -559,6 +559,30 @@ def _relayed(rng: random.Random, i: int, shape: str) -> bytes:
     return chunk({"reasoning_content": "r"}, ids=[i])
 
 
+@pytest.mark.parametrize("big", [b"18446744073709551616", b"9223372036854775808", b"9" * 5000])
+def test_an_id_no_model_has_makes_a_stream_not_resumable_on_either_path(big: bytes) -> None:
+    """An id past 64 bits (which orjson reads as a float), past int64, or longer than Python
+    reads as an int: the stream is not resumed, whichever way its events were kept, and
+    keeping them never raises (it would fail a stream that was working)."""
+    events = [role([1, 2]), chunk({"content": " a"}, ids=[3]), chunk({"content": " b"}, ids=[4])]
+    events.append(chunk({"content": " c"}, ids=[777]).replace(b"[777]", b"[%b]" % big))
+    events += [chunk({"content": " d"}, ids=[5]), chunk({"content": " e"}, ids=[6])]
+    observer, relayed, read = StreamObserver(), Transcript(), Transcript()
+    kept = 0
+    for data in events:
+        read.feed(data)
+        if observer.feed(data) and observer.ids_at[1] and observer.simple:
+            relayed.token(data, observer.ids_at)
+            kept += 1
+        else:
+            relayed.feed(data)
+    assert kept >= 3  # the big id among them: the observer only asks for digits
+    assert not relayed.resumable
+    assert relayed.text == " a b c d e"
+    if len(big) < 4300:  # longer, orjson cannot read the event at all: the read drops it
+        assert not read.resumable and read.text == relayed.text
+
+
 def test_a_transcript_keeps_vllm_s_plain_events_as_their_text_and_id() -> None:
     """On the relay's path a transcript keeps the events the observer found plain and of
     vLLM's shape (``StreamObserver.simple``) as their text and token id alone. On 300 random
