@@ -559,6 +559,16 @@ def _relayed(rng: random.Random, i: int, shape: str) -> bytes:
     return chunk({"reasoning_content": "r"}, ids=[i])
 
 
+def keep_as_the_pump_does(observer: StreamObserver, transcript: Transcript, data: bytes) -> bool:
+    """``data`` into ``transcript`` as ``Pump._feed`` hands it over: a plain event of vLLM's
+    shape as its text and id (True), anything else whole."""
+    if observer.feed(data) and observer.ids_at[1] and observer.simple:
+        transcript.token(data, observer.ids_at)
+        return True
+    transcript.feed(data)
+    return False
+
+
 @pytest.mark.parametrize("big", [b"18446744073709551616", b"9223372036854775808", b"9" * 5000])
 def test_an_id_no_model_has_makes_a_stream_not_resumable_on_either_path(big: bytes) -> None:
     """An id past 64 bits (which orjson reads as a float), past int64, or longer than Python
@@ -571,11 +581,7 @@ def test_an_id_no_model_has_makes_a_stream_not_resumable_on_either_path(big: byt
     kept = 0
     for data in events:
         read.feed(data)
-        if observer.feed(data) and observer.ids_at[1] and observer.simple:
-            relayed.token(data, observer.ids_at)
-            kept += 1
-        else:
-            relayed.feed(data)
+        kept += keep_as_the_pump_does(observer, relayed, data)
     assert kept >= 3  # the big id among them: the observer only asks for digits
     assert not relayed.resumable
     assert relayed.text == " a b c d e"
@@ -600,11 +606,7 @@ def test_a_transcript_keeps_vllm_s_plain_events_as_their_text_and_id() -> None:
         observer, relayed, read = StreamObserver(), Transcript(), Transcript()
         for data in events:
             read._read_events(data)
-            if observer.feed(data) and observer.ids_at[1] and observer.simple:
-                relayed.token(data, observer.ids_at)
-                kept += 1
-            else:
-                relayed.feed(data)
+            kept += keep_as_the_pump_does(observer, relayed, data)
             if rng.random() < 0.02:
                 assert transcript_state(relayed) == transcript_state(read)
         assert transcript_state(relayed) == transcript_state(read)
