@@ -3,9 +3,9 @@
 Method: one simulated vLLM worker (a subprocess; a token every ITL seconds, as fast as its CPU
 lets it on these cores) behind a one-process gateway, resume on and then off. STREAMS chat
 streams of TOKENS tokens run at once, each read to its end; the gateway's resident memory
-(VmRSS) is sampled every 0.2 s. Printed: RSS before the load, its peak, and the difference,
-for each setting. The difference between the two settings is what the resumable streams'
-transcripts held at their largest (``gateway.resume.Transcript``).
+(VmRSS) is sampled every 50 ms (``systems.RssSampler``). Printed: RSS before the load, its
+peak, and the difference, for each setting. The difference between the two settings is what
+the resumable streams' transcripts held at their largest (``gateway.resume.Transcript``).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from pathlib import Path
 import aiohttp
 import uvloop
 
+from tests.bench.systems import RssSampler, System
 from tests.processes import start_gateway, start_simulator, write_config
 
 STREAMS = 100
@@ -26,43 +27,23 @@ TOKENS = 2000
 ITL = 0.01
 
 
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError(f"no VmRSS for {pid}")
-
-
-async def peak_during_load(url: str, pid: int, streams: int, tokens: int) -> tuple[float, float]:
-    """RSS before the streams and at their peak, in MiB."""
+async def peak_during_load(system: System, streams: int, tokens: int) -> tuple[float, float]:
+    """The gateway's RSS before the streams and at their peak, in MiB."""
     body = {"model": "sim-model", "messages": [{"role": "user", "content": "Tell a story."}],
             "stream": True, "max_tokens": tokens}  # fmt: skip
-    before = peak = rss_mib(pid)
-    ended = 0
 
     async def one(session: aiohttp.ClientSession) -> None:
-        nonlocal ended
-        async with session.post(f"{url}/v1/chat/completions", json=body) as response:
+        async with session.post(f"{system.url}/v1/chat/completions", json=body) as response:
             assert response.status == 200, await response.text()
             async for _ in response.content.iter_any():
                 pass
-        ended += 1
 
-    async def sample() -> None:
-        nonlocal peak
-        while True:
-            peak = max(peak, rss_mib(pid))
-            await asyncio.sleep(0.2)
-
+    before = system.rss_mb()
     timeout = aiohttp.ClientTimeout(total=900)
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout) as s:
-        sampler = asyncio.create_task(sample())
-        try:
+        with RssSampler(system) as rss:
             await asyncio.gather(*(one(s) for _ in range(streams)))
-        finally:
-            sampler.cancel()
-    assert ended == streams
-    return before, peak
+    return before, rss.peak
 
 
 def main() -> None:
@@ -83,10 +64,8 @@ def main() -> None:
                 gateway = start_gateway(config, log_file=Path(tmp) / f"resume-{resume}.log")
                 try:
                     started = time.monotonic()
-                    before, peak = uvloop.run(
-                        peak_during_load(gateway.url, gateway.proc.popen.pid, args.streams,
-                                         args.tokens)
-                    )  # fmt: skip
+                    system = System("vllm-gateway", gateway.url, gateway.proc)
+                    before, peak = uvloop.run(peak_during_load(system, args.streams, args.tokens))
                 finally:
                     gateway.proc.kill()
                 print(
