@@ -133,12 +133,11 @@ class _Tokens:
     last comma is made a closing bracket, read in one call each. Counted against
     ``UNREAD_LIMIT`` as its bytes and ``RUN_OVERHEAD``."""
 
-    __slots__ = ("count", "ids", "texts")
+    __slots__ = ("ids", "texts")
 
     def __init__(self) -> None:
         self.texts = bytearray(b"[")
         self.ids = bytearray(b"[")
-        self.count = 0
 
 
 class Transcript:
@@ -265,7 +264,6 @@ class Transcript:
         run.texts.append(0x2C)  # a comma
         run.ids += event[ids_open + 1 : ids_close - 1]
         run.ids.append(0x2C)
-        run.count += 1
         self._unread_size += end - start + ids_close - ids_open
         if self._unread_size > UNREAD_LIMIT:
             self._catch_up()
@@ -294,13 +292,11 @@ class Transcript:
         texts: list[Any]
         ids: list[Any]
         try:
+            # One JSON string a text and digits an id: when both read, one item a token each.
             texts, ids = orjson.loads(run.texts), orjson.loads(run.ids)
-            # Always true once both read (each text is one string, each id digits): a guard.
-            whole = len(texts) == len(ids) == run.count
         except orjson.JSONDecodeError:
-            whole = False  # a text that does not read as it is, or an id with leading zeros
-        if not whole:
-            # One at a time. A text has exactly two quotes, at its ends, so scanning from the
+            # A text that does not read as it is, or an id with leading zeros: one token at a
+            # time. A text has exactly two quotes, at its ends, so scanning from the
             # left the first quote after a cut is always a text's closing one: '","' splits
             # at the separators, even where a text is '","' itself.
             texts, tokens = [], []
