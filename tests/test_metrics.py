@@ -233,9 +233,7 @@ async def test_batched_updates_add_up_to_what_direct_ones_would_have() -> None:
     assert registry.get_sample_value("c_total") == 0
     await asyncio.sleep(0)  # a turn of the loop is no flush: the interval is
     assert registry.get_sample_value("c_total") == 0
-    started = time.monotonic()
     await wait_for(lambda: registry.get_sample_value("c_total") != 0, 5, "the batch's flush")
-    assert time.monotonic() - started < 1.0
     assert registry.get_sample_value("c_total") == 2 * len(values)
     assert registry.get_sample_value("g") == 2 * len(values)
 
