@@ -5,12 +5,14 @@ bench`'s scenarios (the paced ones in perf's steady window), one serving process
 checking that a change to the hot path pays before it lands. `--processes 1 2` runs the
 working tree once per process count instead (REVs optional): what `server.processes` is worth
 on this machine; the REVs run with the first count (`--processes 2`: every system with two
-processes, as the keeper of per-key limits needs)."""
+processes, as the keeper of per-key limits needs). `--patches FILE ...` runs HEAD with each patch
+applied (``tests/bench/ablations``): what taking a piece of the request path out would save."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import os
 import statistics
 import subprocess
@@ -37,8 +39,27 @@ def checkout(rev: str) -> Path:
     return path
 
 
+def patched(patch: Path) -> Path:
+    """A worktree of HEAD with ``patch`` applied, made once per commit and patch."""
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+                          check=True, capture_output=True, text=True).stdout.strip()  # fmt: skip
+    digest = hashlib.sha256(patch.read_bytes()).hexdigest()[:8]
+    path = CACHE / f"ab-{head}-{patch.stem}-{digest}"
+    if not path.exists():
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(path), head],
+                       check=True, capture_output=True)  # fmt: skip
+        # A patch that no longer applies to HEAD fails here, by name, not as a quiet no-op.
+        subprocess.run(["git", "-C", str(path), "apply", str(patch.resolve())], check=True)
+    return path
+
+
 def start(
-    name: str, tree: Path, worker: str, workdir: Path, processes: int = 1, features: bool = False
+    name: str,
+    tree: Path,
+    worker: str,
+    workdir: Path,
+    processes: int | str = 1,
+    features: bool = False,
 ) -> System:
     config = workdir / f"{name}.yaml"
     server: dict[str, object] = {"host": "127.0.0.1", "port": 0}
@@ -69,6 +90,8 @@ async def main() -> None:
     parser.add_argument(
         "--features", action="store_true", help="keys, rate limits, resume, affinity on (perf's)"
     )
+    parser.add_argument("--patches", type=Path, nargs="+", default=[],
+                        help="HEAD with each patch applied, one system a patch")  # fmt: skip
     args = parser.parse_args()
     workdir = CACHE / "ab-run"
     workdir.mkdir(parents=True, exist_ok=True)
@@ -76,6 +99,10 @@ async def main() -> None:
     systems = [
         start(rev, checkout(rev), direct.url, workdir, args.processes[0], args.features)
         for rev in args.revs
+    ]
+    systems += [
+        start(p.stem, patched(p), direct.url, workdir, args.processes[0], args.features)
+        for p in args.patches
     ]
     for n in args.processes:
         name = "working-tree" if args.processes == [1] else f"working-tree x{n}"

@@ -10,6 +10,10 @@ with its shipped settings; vllm-router as in ``make bench``. Each system runs a 
 same 52 events, so the zero-sleep run's CPU is what a request costs apart from its events, and
 the difference between the two, over the 50 extra reads, is what one more event costs.
 
+``--patches FILE ...`` adds HEAD with each patch applied (``tests/bench/ablations``), as
+``tests.bench.ab`` runs them: with ``pump-writes-only.patch`` it says how much of an event's CPU
+is the pump's own work and how much is left with none of it.
+
 /proc's ``syscr`` and ``syscw`` count read- and write-class calls (``recvfrom`` is not one:
 vllm-router's reads show as 0).
 """
@@ -25,6 +29,7 @@ import uvloop
 import yaml
 
 from tests.bench import loadgen
+from tests.bench.ab import patched, start
 from tests.bench.loadgen import chat_body
 from tests.bench.systems import (
     FEATURES,
@@ -128,6 +133,8 @@ async def main() -> None:
         "--peers", nargs="*", choices=["python-floor", "passthrough"], default=[],
         help="Python relays without features to run beside (each one process)",
     )  # fmt: skip
+    parser.add_argument("--patches", type=Path, nargs="+", default=[],
+                        help="HEAD with each patch applied, shipped settings")  # fmt: skip
     parser.add_argument(
         "--processes", default="1",
         help="the gateway's serving processes (make bench runs 'auto')",
@@ -151,6 +158,9 @@ async def main() -> None:
             config.write_text(yaml.safe_dump(settings))
             gw = start_gateway(config, log_file=workdir / f"{name}.log")
             systems.append(System(name, gw.url, gw.proc))
+        for patch in args.patches:
+            tree = patched(patch)
+            systems.append(start(patch.stem, tree, direct.url, workdir, processes))
         systems += [start_system(name, direct.url, workdir) for name in args.peers]
         systems.append(vllm_router(direct.url))
     except BaseException:
