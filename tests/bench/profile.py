@@ -30,6 +30,17 @@ async def drive(url: str, key: str, seconds: float) -> loadgen.Sample:
     return await loadgen.closed_loop(url, data, sc.stream, sc.concurrency, seconds, key)
 
 
+def py_spy() -> Path:
+    """py-spy beside this interpreter; `make bench` installs it (the ``bench`` extra), and a
+    checkout that only ran `make test` gets the extra's pin here, on first use."""
+    exe = Path(sys.executable).with_name("py-spy")
+    if not exe.exists():
+        print("installing py-spy ...", file=sys.stderr, flush=True)
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "py-spy>=0.4"],
+                       check=True)  # fmt: skip
+    return exe
+
+
 def top(raw: Path, n: int) -> str:
     own: collections.Counter[str] = collections.Counter()
     inclusive: collections.Counter[str] = collections.Counter()
@@ -67,6 +78,7 @@ async def main() -> None:
         help="py-spy --native: C frames too (aiohttp's, uvloop's, the kernel's)",
     )
     args = parser.parse_args()
+    spy_exe = py_spy()
     direct, worker = mock_worker()
     config = args.out.with_suffix(".yaml")
     settings: dict[str, object] = {
@@ -84,7 +96,7 @@ async def main() -> None:
         url = f"{gw.url}/v1/chat/completions"
         await drive(url, args.scenario, 2.0)  # warm up
         spy = subprocess.Popen(
-            [str(Path(sys.executable).with_name("py-spy")), "record", "--rate", str(args.rate),
+            [str(spy_exe), "record", "--rate", str(args.rate),
              "--format", "raw", "--output", str(args.out), "--duration", str(int(args.seconds)),
              "--pid", str(gw.proc.popen.pid), *(["--native"] if args.native else [])],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
