@@ -48,8 +48,14 @@ def patched(patch: Path) -> Path:
     if not path.exists():
         subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(path), head],
                        check=True, capture_output=True)  # fmt: skip
-        # A patch that no longer applies to HEAD fails here, by name, not as a quiet no-op.
-        subprocess.run(["git", "-C", str(path), "apply", str(patch.resolve())], check=True)
+        try:
+            # A patch that no longer applies to HEAD fails here, by name, not as a quiet no-op;
+            # the worktree goes with it, so a later run does not take it for a patched one.
+            subprocess.run(["git", "-C", str(path), "apply", str(patch.resolve())], check=True)
+        except subprocess.CalledProcessError:
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(path)],
+                           check=True)  # fmt: skip
+            raise
     return path
 
 
