@@ -24,10 +24,13 @@ $(STAMP): $(RUN_STAMP)
 	touch $@
 
 # The gateway on 127.0.0.1:8080 in front of two simulated vLLM workers (ports 8001, 8002)
-# serving `sim-model`. Ctrl-C stops all three. FAULTS gives one worker a fault on every request:
-# `make run FAULTS=8001=cut_after=3` (see gateway/simulator/config.py for the fault language).
+# serving `sim-model` (`make run PORT=9000`: another port for the gateway). Ctrl-C stops the
+# gateway first, which drains what is in flight, then the workers. FAULTS gives one worker a
+# fault on every request: `make run FAULTS=8001=cut_after=3` (see gateway/simulator/config.py
+# for the fault language).
 FAULTS ?=
-FLEET = $(PY) -m gateway.simulator.fleet $(foreach f,$(FAULTS),--fault $(f))
+PORT ?=
+FLEET = $(PY) -m gateway.simulator.fleet $(if $(PORT),--port $(PORT)) $(foreach f,$(FAULTS),--fault $(f))
 run: $(RUN_STAMP)
 	@$(FLEET) --config config/local.yaml
 

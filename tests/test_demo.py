@@ -11,6 +11,7 @@ demo commands run word for word against that fleet, so the README cannot drift f
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -225,3 +226,69 @@ def test_ctrl_c_stops_the_fleet_cleanly() -> None:
         assert "Terminated" not in fleet.output, fleet.output
     finally:
         fleet.kill()
+
+
+def _children(pid: int) -> list[int]:
+    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (an orphan's reaper may be slow, or absent in a container)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"
+
+
+def _fleet(*extra: str) -> tuple[int, Proc]:
+    port = free_port()
+    workers = f"{free_port()},{free_port()}"
+    command = [sys.executable, "-m", "gateway.simulator.fleet", "--port", str(port)]
+    return port, Proc([*command, "--workers", workers, *extra], cwd=REPO, name="fleet")
+
+
+def test_ctrl_c_lets_a_stream_in_flight_end_whole() -> None:
+    """A terminal's Ctrl-C reaches the fleet alone (its children have sessions of their own);
+    it stops the gateway first, which drains the stream while the workers still answer."""
+    port, fleet = _fleet("--worker-arg=--itl=0.1")
+    stream: Proc | None = None
+    try:
+        fleet.wait_line(r"listening on", 20)
+        poll_until(lambda: _healthy_workers(port) == 2, 20, "both workers healthy")
+        body = json.dumps({
+            "model": "sim-model", "stream": True, "max_tokens": 20,
+            "messages": [{"role": "user", "content": "hi"}],
+        })  # fmt: skip
+        url = f"http://{HOST}:{port}/v1/chat/completions"
+        curl = f"curl -sN --max-time 60 -H 'content-type: application/json' -d '{body}' {url}"
+        stream = Proc(["sh", "-c", curl + " 1>&2"], name="stream")
+        stream.wait_line(r'"content":"[^"]', 20)  # a token, 2 s before the last
+        os.killpg(fleet.popen.pid, signal.SIGINT)
+        assert stream.wait_exit(30) == 0, stream.output
+        whole_stream(stream.output, 20)
+        assert fleet.wait_exit(30) == 0, fleet.output
+    finally:
+        fleet.kill()
+        if stream is not None:
+            stream.kill()
+
+
+def test_the_fleets_children_stop_when_it_is_killed() -> None:
+    """SIGKILL gives the fleet no chance to stop its children: the kernel's parent-death
+    signal does, so a killed `make run` leaves no worker holding its port."""
+    _, fleet = _fleet()
+    children: list[int] = []
+    try:
+        fleet.wait_line(r"listening on", 20)
+        children = _children(fleet.popen.pid)
+        assert len(children) == 3, children  # two workers and the gateway
+        os.kill(fleet.popen.pid, signal.SIGKILL)
+        poll_until(
+            lambda: not any(_running(pid) for pid in children), 30, "the fleet's children gone"
+        )
+    finally:
+        fleet.kill()
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGKILL)

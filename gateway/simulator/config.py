@@ -157,7 +157,7 @@ class SimConfig:
     block_tokens: int = 16
     slowdown: float = 1.0
     stream_interval: int = 1
-    version: str = "0.33.0+sim"
+    version: str = "0.32.0+sim"  # the vLLM it imitates (the pin in pyproject.toml), marked
     kv_events_endpoint: str | None = None
     kv_events_replay_endpoint: str | None = None
     kv_events_topic: str = ""

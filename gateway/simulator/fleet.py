@@ -5,13 +5,17 @@
 Each worker is `python -m gateway.simulator` on its own port; the gateway is `python -m gateway`
 with its port and worker list set through the environment, so the config file holds everything
 else. The workers share a claims directory, so a `once` fault strikes only a request's first
-attempt. Ctrl-C or SIGTERM stops every child (each within `STOP_TIMEOUT`, then killed) and
-exits 0: a normal stop prints no error.
+attempt. Ctrl-C or SIGTERM stops the gateway first, so it drains what is in flight while the
+workers still answer, then the workers (each within `STOP_TIMEOUT`, then killed), and exits 0:
+a normal stop prints no error. On Linux the children run in sessions of their own, so a
+terminal's Ctrl-C (sent to the whole foreground group) reaches the fleet alone, and the kernel
+sends each child SIGTERM if the fleet dies without stopping them.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import signal
@@ -35,7 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add = parser.add_argument
     add("--config", default="config/local.yaml", help="the gateway's settings file")
-    add("--port", type=int, default=8080, help="the gateway's port")
+    # The gateway's own environment override, if the caller set one: the fleet sets the port
+    # through that variable, which would otherwise overrule it.
+    port = int(os.environ.get("VLLM_GATEWAY_SERVER__PORT", "8080"))
+    add("--port", type=int, default=port, help="the gateway's port (8080)")
     add("--workers", default="8001,8002", help="comma-separated worker ports")
     add("--model", default="sim-model", help="the model every worker serves")
     add(
@@ -80,12 +87,33 @@ def gateway_env(port: int, worker_ports: Sequence[int]) -> dict[str, str]:
     return env
 
 
+PR_SET_PDEATHSIG = 1
+OWN_SESSIONS = sys.platform == "linux"  # elsewhere no parent-death signal: the children stay
+# in the fleet's group, and a terminal's Ctrl-C stops them all at once
+
+
+def _own_session(parent: int) -> None:
+    """In the child before exec: a session of its own, SIGTERM when the fleet dies."""
+    os.setsid()
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # the fleet died before the signal was set up
+        os._exit(1)
+
+
+def spawn(command: Sequence[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    if not OWN_SESSIONS:
+        return subprocess.Popen(command, env=env)  # noqa: S603
+    parent = os.getpid()
+    # The commands are this interpreter and its own modules, with the caller's arguments.
+    return subprocess.Popen(command, env=env, preexec_fn=lambda: _own_session(parent))  # noqa: S603
+
+
 def stop(children: Sequence[subprocess.Popen[bytes]]) -> None:
-    """SIGTERM to every child still running, then wait for each; kill one that outstays."""
+    """SIGTERM to each child still running, one after another in the order given (the gateway
+    first: it drains while the workers answer); kill one that outstays ``STOP_TIMEOUT``."""
     for child in children:
         if child.poll() is None:
             child.send_signal(signal.SIGTERM)
-    for child in children:
         try:
             child.wait(STOP_TIMEOUT)
         except subprocess.TimeoutExpired:
@@ -98,17 +126,15 @@ def run(args: argparse.Namespace, claims: Path) -> int:
     ports = [int(p) for p in args.workers.split(",")]
     faults = worker_faults(args.fault, ports)
     stopping = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    # SIGHUP too: with the children in sessions of their own, a closed terminal reaches the
+    # fleet alone, and the fleet must still stop them.
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, lambda *_: stopping.set())
-    # The commands are this interpreter and its own modules, with the caller's arguments.
-    children = [
-        subprocess.Popen(  # noqa: S603
-            worker_command(p, args.model, claims, faults.get(p), args.worker_arg)
-        )
-        for p in ports
+    workers = [
+        spawn(worker_command(p, args.model, claims, faults.get(p), args.worker_arg)) for p in ports
     ]
     gateway = [sys.executable, "-m", "gateway", "--config", args.config]
-    children.append(subprocess.Popen(gateway, env=gateway_env(args.port, ports)))  # noqa: S603
+    children = [spawn(gateway, gateway_env(args.port, ports)), *workers]
     try:
         while not stopping.wait(0.2):
             if any(child.poll() is not None for child in children):
