@@ -25,12 +25,13 @@ $(STAMP): $(RUN_STAMP)
 
 # The gateway on 127.0.0.1:8080 in front of two simulated vLLM workers (ports 8001, 8002)
 # serving `sim-model` (`make run PORT=9000`: another port for the gateway). Ctrl-C stops the
-# gateway first, which drains what is in flight, then the workers. FAULTS gives one worker a
+# gateway first, which drains what is in flight (on Linux), then the workers. FAULTS gives one worker a
 # fault on every request: `make run FAULTS=8001=cut_after=3` (see gateway/simulator/config.py
 # for the fault language).
 FAULTS ?=
-PORT ?=
-FLEET = $(PY) -m gateway.simulator.fleet $(if $(PORT),--port $(PORT)) $(foreach f,$(FAULTS),--fault $(f))
+# Only from make's command line: a PORT exported for something else must not move the gateway.
+FLEET = $(PY) -m gateway.simulator.fleet \
+	$(if $(filter command line,$(origin PORT)),--port $(PORT)) $(foreach f,$(FAULTS),--fault $(f))
 run: $(RUN_STAMP)
 	@$(FLEET) --config config/local.yaml
 

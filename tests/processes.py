@@ -187,15 +187,40 @@ class Proc:
         self.popen.send_signal(sig)
 
     def kill(self) -> None:
-        """SIGKILL the whole process group and reap; safe to call twice."""
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.popen.pid, signal.SIGKILL)
+        """SIGKILL the whole process group, and the groups of any descendants that left it
+        (the simulated fleet's children run in sessions of their own), then reap; safe to call
+        twice."""
+        groups = {self.popen.pid}
+        for pid in descendants(self.popen.pid):
+            with contextlib.suppress(ProcessLookupError):
+                groups.add(os.getpgid(pid))
+        for group in groups:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(group, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.popen.wait(10)
         if self._reader.is_alive():
             self._reader.join(5)
         if self.popen.stderr is not None:
             self.popen.stderr.close()
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (Linux's /proc; nothing elsewhere or once it is gone)."""
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        parent = todo.pop()
+        try:
+            tasks = list(Path(f"/proc/{parent}/task").iterdir())
+        except OSError:
+            continue
+        for task in tasks:
+            with contextlib.suppress(OSError):
+                children = [int(c) for c in (task / "children").read_text().split()]
+                found += children
+                todo += children
+    return found
 
 
 def start_simulator(*args: str, model: str = "sim-model") -> Sim:

@@ -6,7 +6,9 @@ demo commands run word for word against that fleet, so the README cannot drift f
 2. The README's commands between `<!-- demo:start -->` and `<!-- demo:end -->`, each run by bash
    against `python -m gateway.simulator.fleet --config config/demo.yaml` (the `make demo`
    command) on free ports: each shows what its comment says, within the time it states.
-3. Ctrl-C to the fleet's process group stops every process and exits 0 with no traceback.
+3. Ctrl-C to the fleet's process group (as a terminal sends it) stops every process and exits
+   0 with no traceback; the gateway stops first, so a stream in flight ends whole; a second
+   Ctrl-C does not wait for it; a killed fleet leaves no child running.
 """
 
 from __future__ import annotations
@@ -172,6 +174,9 @@ def demo_fleet() -> Iterator[tuple[int, Proc]]:
     try:
         poll_until(lambda: _healthy_workers(port) == 2, 20, "both demo workers healthy")
         yield port, fleet
+        # Stopped as Ctrl-C stops it, so it removes its claims directory (a kill cannot).
+        os.killpg(fleet.popen.pid, signal.SIGINT)
+        fleet.wait_exit(30)
     finally:
         fleet.kill()
 
@@ -220,7 +225,7 @@ def test_ctrl_c_stops_the_fleet_cleanly() -> None:
     fleet = Proc([*command, "--workers", workers], cwd=REPO, name="fleet")
     try:
         fleet.wait_line(r"listening on", 20)
-        os.killpg(fleet.popen.pid, signal.SIGINT)  # a terminal's Ctrl-C reaches the whole group
+        os.killpg(fleet.popen.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the whole group
         assert fleet.wait_exit(30) == 0, fleet.output
         assert "Traceback" not in fleet.output, fleet.output
         assert "Terminated" not in fleet.output, fleet.output
@@ -232,6 +237,17 @@ def _children(pid: int) -> list[int]:
     return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
 
 
+def _stream(port: int, tokens: int) -> Proc:
+    """A streamed chat request by curl, its output on the Proc's lines."""
+    body = json.dumps({
+        "model": "sim-model", "stream": True, "max_tokens": tokens,
+        "messages": [{"role": "user", "content": "hi"}],
+    })  # fmt: skip
+    url = f"http://{HOST}:{port}/v1/chat/completions"
+    curl = f"curl -sN --max-time 90 -H 'content-type: application/json' -d '{body}' {url}"
+    return Proc(["sh", "-c", curl + " 1>&2"], name="stream")
+
+
 def _running(pid: int) -> bool:
     """Alive and not a zombie (an orphan's reaper may be slow, or absent in a container)."""
     try:
@@ -241,13 +257,16 @@ def _running(pid: int) -> bool:
     return state != "Z"
 
 
-def _fleet(*extra: str) -> tuple[int, Proc]:
+def _fleet(*extra: str, tmp: Path | None = None) -> tuple[int, Proc]:
+    """``tmp``: where the fleet's claims directory goes (a killed fleet cannot remove it)."""
     port = free_port()
     workers = f"{free_port()},{free_port()}"
     command = [sys.executable, "-m", "gateway.simulator.fleet", "--port", str(port)]
-    return port, Proc([*command, "--workers", workers, *extra], cwd=REPO, name="fleet")
+    env = {"TMPDIR": str(tmp)} if tmp is not None else None
+    return port, Proc([*command, "--workers", workers, *extra], cwd=REPO, name="fleet", env=env)
 
 
+@pytest.mark.timeout(150)
 def test_ctrl_c_lets_a_stream_in_flight_end_whole() -> None:
     """A terminal's Ctrl-C reaches the fleet alone (its children have sessions of their own);
     it stops the gateway first, which drains the stream while the workers still answer."""
@@ -256,13 +275,7 @@ def test_ctrl_c_lets_a_stream_in_flight_end_whole() -> None:
     try:
         fleet.wait_line(r"listening on", 20)
         poll_until(lambda: _healthy_workers(port) == 2, 20, "both workers healthy")
-        body = json.dumps({
-            "model": "sim-model", "stream": True, "max_tokens": 20,
-            "messages": [{"role": "user", "content": "hi"}],
-        })  # fmt: skip
-        url = f"http://{HOST}:{port}/v1/chat/completions"
-        curl = f"curl -sN --max-time 60 -H 'content-type: application/json' -d '{body}' {url}"
-        stream = Proc(["sh", "-c", curl + " 1>&2"], name="stream")
+        stream = _stream(port, 20)
         stream.wait_line(r'"content":"[^"]', 20)  # a token, 2 s before the last
         os.killpg(fleet.popen.pid, signal.SIGINT)
         assert stream.wait_exit(30) == 0, stream.output
@@ -274,10 +287,36 @@ def test_ctrl_c_lets_a_stream_in_flight_end_whole() -> None:
             stream.kill()
 
 
-def test_the_fleets_children_stop_when_it_is_killed() -> None:
+@pytest.mark.timeout(120)
+def test_a_second_ctrl_c_does_not_wait_for_the_drain() -> None:
+    port, fleet = _fleet("--worker-arg=--itl=0.5")
+    stream: Proc | None = None
+    try:
+        fleet.wait_line(r"listening on", 20)
+        poll_until(lambda: _healthy_workers(port) == 2, 20, "both workers healthy")
+        children = _children(fleet.popen.pid)
+        stream = _stream(port, 60)  # 30 s at 0.5 s a token: the drain would wait it out
+        stream.wait_line(r'"content":"[^"]', 20)
+        os.killpg(fleet.popen.pid, signal.SIGINT)
+        fleet.wait_line(r"draining", 10)
+        started = time.monotonic()
+        os.killpg(fleet.popen.pid, signal.SIGINT)
+        fleet.wait_exit(15)
+        assert time.monotonic() - started < 10, "the second Ctrl-C waited for the drain"
+        poll_until(
+            lambda: not any(_running(pid) for pid in children), 10, "the fleet's children gone"
+        )
+    finally:
+        fleet.kill()
+        if stream is not None:
+            stream.kill()
+
+
+@pytest.mark.timeout(120)
+def test_the_fleets_children_stop_when_it_is_killed(tmp_path: Path) -> None:
     """SIGKILL gives the fleet no chance to stop its children: the kernel's parent-death
     signal does, so a killed `make run` leaves no worker holding its port."""
-    _, fleet = _fleet()
+    _, fleet = _fleet(tmp=tmp_path)
     children: list[int] = []
     try:
         fleet.wait_line(r"listening on", 20)

@@ -6,15 +6,17 @@ Each worker is `python -m gateway.simulator` on its own port; the gateway is `py
 with its port and worker list set through the environment, so the config file holds everything
 else. The workers share a claims directory, so a `once` fault strikes only a request's first
 attempt. Ctrl-C or SIGTERM stops the gateway first, so it drains what is in flight while the
-workers still answer, then the workers (each within `STOP_TIMEOUT`, then killed), and exits 0:
-a normal stop prints no error. On Linux the children run in sessions of their own, so a
-terminal's Ctrl-C (sent to the whole foreground group) reaches the fleet alone, and the kernel
-sends each child SIGTERM if the fleet dies without stopping them.
+workers still answer (within its own grace and drain time), then the workers (each within
+`STOP_TIMEOUT`), and exits 0: a normal stop prints no error. A second Ctrl-C kills what is
+left. On Linux the children run in sessions of their own, so a terminal's Ctrl-C (sent to the
+whole foreground group) reaches the fleet alone, and the kernel sends each child SIGTERM if the
+fleet dies without stopping them.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import json
 import os
@@ -23,13 +25,16 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+
+from gateway.settings import load_settings
 
 from .config import FaultSpecError, parse_fault
 
 HOST = "127.0.0.1"
-STOP_TIMEOUT = 15.0  # seconds a child gets to exit after SIGTERM: the gateway drains first
+STOP_TIMEOUT = 15.0  # seconds a worker gets to exit after SIGTERM (the gateway: its drain)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,10 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add = parser.add_argument
     add("--config", default="config/local.yaml", help="the gateway's settings file")
-    # The gateway's own environment override, if the caller set one: the fleet sets the port
-    # through that variable, which would otherwise overrule it.
-    port = int(os.environ.get("VLLM_GATEWAY_SERVER__PORT", "8080"))
-    add("--port", type=int, default=port, help="the gateway's port (8080)")
+    add(
+        "--port",
+        type=int,
+        help="the gateway's port (default: VLLM_GATEWAY_SERVER__PORT, else 8080)",
+    )
     add("--workers", default="8001,8002", help="comma-separated worker ports")
     add("--model", default="sim-model", help="the model every worker serves")
     add(
@@ -87,61 +93,119 @@ def gateway_env(port: int, worker_ports: Sequence[int]) -> dict[str, str]:
     return env
 
 
+def port_of(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    """``--port``, else the gateway's own override (the fleet sets the port through that
+    variable, which would otherwise overrule the caller's), else 8080."""
+    if args.port is not None:
+        return int(args.port)
+    raw = environ.get("VLLM_GATEWAY_SERVER__PORT", "8080")
+    if not raw.isdigit() or not 0 < int(raw) < 65536:
+        raise ValueError(f"VLLM_GATEWAY_SERVER__PORT={raw!r}: not a port")
+    return int(raw)
+
+
+def drain_limit(config: str, environ: Mapping[str, str]) -> float:
+    """How long the gateway may take to stop: its grace and drain, with the supervisor's own
+    margin and ours (settings it cannot read fail it at start, so any bound does then)."""
+    try:
+        server = load_settings(Path(config), environ).server
+    except Exception:
+        return STOP_TIMEOUT
+    return server.shutdown_grace + server.drain_timeout + 10.0
+
+
 PR_SET_PDEATHSIG = 1
-OWN_SESSIONS = sys.platform == "linux"  # elsewhere no parent-death signal: the children stay
-# in the fleet's group, and a terminal's Ctrl-C stops them all at once
+# Elsewhere no parent-death signal: the children stay in the fleet's group, and a terminal's
+# Ctrl-C stops them all at once (a stream in flight is cut).
+OWN_SESSIONS = sys.platform == "linux"
+# Looked up here, not in the forked child, where only the call itself should run.
+_PRCTL = ctypes.CDLL(None, use_errno=True).prctl if OWN_SESSIONS else None
 
 
-def _own_session(parent: int) -> None:
-    """In the child before exec: a session of its own, SIGTERM when the fleet dies."""
-    os.setsid()
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+def _die_with(parent: int) -> None:
+    """In the child before exec: SIGTERM when the fleet dies."""
+    assert _PRCTL is not None
+    _PRCTL(PR_SET_PDEATHSIG, signal.SIGTERM)
     if os.getppid() != parent:  # the fleet died before the signal was set up
         os._exit(1)
 
 
 def spawn(command: Sequence[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    # The commands are this interpreter and its own modules, with the caller's arguments.
     if not OWN_SESSIONS:
         return subprocess.Popen(command, env=env)  # noqa: S603
     parent = os.getpid()
-    # The commands are this interpreter and its own modules, with the caller's arguments.
-    return subprocess.Popen(command, env=env, preexec_fn=lambda: _own_session(parent))  # noqa: S603
+    return subprocess.Popen(  # noqa: S603
+        command, env=env, start_new_session=True, preexec_fn=lambda: _die_with(parent)
+    )
 
 
-def stop(children: Sequence[subprocess.Popen[bytes]]) -> None:
-    """SIGTERM to each child still running, one after another in the order given (the gateway
-    first: it drains while the workers answer); kill one that outstays ``STOP_TIMEOUT``."""
-    for child in children:
-        if child.poll() is None:
-            child.send_signal(signal.SIGTERM)
-        try:
-            child.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
+def kill(child: subprocess.Popen[bytes]) -> None:
+    """SIGKILL to the child and, in its own session, everything it started (the gateway's
+    serving processes)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        if OWN_SESSIONS:
+            os.killpg(child.pid, signal.SIGKILL)
+        else:
             child.kill()
-            child.wait()
+    child.wait()
+
+
+class StopSignals:
+    """Ctrl-C, SIGTERM or SIGHUP: the first stops the fleet in order, a second hurries it."""
+
+    def __init__(self) -> None:
+        self.asked = threading.Event()
+        self.hurry = threading.Event()
+
+    def install(self) -> None:
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            # An ignored signal stays ignored: `nohup make run` must outlive its terminal.
+            if signal.getsignal(signum) is not signal.SIG_IGN:
+                signal.signal(signum, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        (self.hurry if self.asked.is_set() else self.asked).set()
+
+
+def stop(
+    children: Sequence[subprocess.Popen[bytes]], limits: Sequence[float], hurry: threading.Event
+) -> None:
+    """SIGTERM to each child still running, one after another in the order given (the gateway
+    first: it drains while the workers answer); one that outstays its limit is killed, and
+    after a second stop signal every one left is."""
+    for child, limit in zip(children, limits, strict=True):
+        if child.poll() is None and not hurry.is_set():
+            child.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + limit
+        while child.poll() is None:
+            if hurry.wait(0.1) or time.monotonic() > deadline:
+                kill(child)
 
 
 def run(args: argparse.Namespace, claims: Path) -> int:
     """Start the fleet, wait for a stop signal or a child's exit; the exit status."""
     ports = [int(p) for p in args.workers.split(",")]
     faults = worker_faults(args.fault, ports)
-    stopping = threading.Event()
+    signals = StopSignals()
     # SIGHUP too: with the children in sessions of their own, a closed terminal reaches the
     # fleet alone, and the fleet must still stop them.
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, lambda *_: stopping.set())
+    signals.install()
+    port = port_of(args, os.environ)
     workers = [
         spawn(worker_command(p, args.model, claims, faults.get(p), args.worker_arg)) for p in ports
     ]
     gateway = [sys.executable, "-m", "gateway", "--config", args.config]
-    children = [spawn(gateway, gateway_env(args.port, ports)), *workers]
+    env = gateway_env(port, ports)
+    children = [spawn(gateway, env), *workers]
+    limits = [drain_limit(args.config, env), *(STOP_TIMEOUT for _ in workers)]
     try:
-        while not stopping.wait(0.2):
+        while not signals.asked.wait(0.2):
             if any(child.poll() is not None for child in children):
                 return 1  # a child died on its own: its output says why
         return 0
     finally:
-        stop(children)
+        stop(children, limits, signals.hurry)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -28,34 +28,49 @@ from tests.bench.systems import CACHE, FEATURES, MODELS, ROOT, System, mock_work
 from tests.processes import START_TIMEOUT, Proc, http_status, poll_until
 
 
+def _git(*args: str) -> str:
+    """``git -C ROOT args``; its own message, not only a status, when it fails."""
+    done = subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"git {' '.join(args)}: {done.stderr.strip()}")
+    return done.stdout.strip()
+
+
+def _worktree(path: Path, sha: str) -> None:
+    _git("worktree", "prune")  # a worktree deleted by hand is still registered until then
+    _git("worktree", "add", "--detach", str(path), sha)
+
+
 def checkout(rev: str) -> Path:
     # By commit, not by name: a worktree made for `HEAD` must not stand for a later HEAD.
-    sha = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", rev],
-                         check=True, capture_output=True, text=True).stdout.strip()  # fmt: skip
+    sha = _git("rev-parse", "--short", rev)
     path = CACHE / f"ab-{sha}"
     if not path.exists():
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(path), sha],
-                       check=True, capture_output=True)  # fmt: skip
+        _worktree(path, sha)
     return path
 
 
+APPLIED = ".ablation-applied"  # written in a patched worktree once the patch is in
+
+
 def patched(patch: Path) -> Path:
-    """A worktree of HEAD with ``patch`` applied, made once per commit and patch."""
-    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-                          check=True, capture_output=True, text=True).stdout.strip()  # fmt: skip
+    """A worktree of HEAD with ``patch`` applied, made once per commit and patch. A patch that
+    no longer applies fails here, by name; a worktree left half made (the patch refused, or
+    the run interrupted) is made again, never measured as if patched."""
+    head = _git("rev-parse", "--short", "HEAD")
     digest = hashlib.sha256(patch.read_bytes()).hexdigest()[:8]
     path = CACHE / f"ab-{head}-{patch.stem}-{digest}"
-    if not path.exists():
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(path), head],
-                       check=True, capture_output=True)  # fmt: skip
-        try:
-            # A patch that no longer applies to HEAD fails here, by name, not as a quiet no-op;
-            # the worktree goes with it, so a later run does not take it for a patched one.
-            subprocess.run(["git", "-C", str(path), "apply", str(patch.resolve())], check=True)
-        except subprocess.CalledProcessError:
-            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(path)],
-                           check=True)  # fmt: skip
-            raise
+    if (path / APPLIED).exists():
+        return path
+    if path.exists():
+        _git("worktree", "remove", "--force", str(path))
+    _worktree(path, head)
+    try:
+        subprocess.run(["git", "-C", str(path), "apply", str(patch.resolve())], check=True)
+        (path / APPLIED).touch()
+    except BaseException:
+        _git("worktree", "remove", "--force", str(path))
+        raise
     return path
 
 
@@ -101,18 +116,25 @@ async def main() -> None:
     args = parser.parse_args()
     workdir = CACHE / "ab-run"
     workdir.mkdir(parents=True, exist_ok=True)
+    # Every tree first: a commit or patch that fails leaves no process behind.
+    trees = [(rev, checkout(rev)) for rev in args.revs]
+    trees += [(p.stem, patched(p)) for p in args.patches]
     direct, worker = mock_worker()
-    systems = [
-        start(rev, checkout(rev), direct.url, workdir, args.processes[0], args.features)
-        for rev in args.revs
-    ]
-    systems += [
-        start(p.stem, patched(p), direct.url, workdir, args.processes[0], args.features)
-        for p in args.patches
-    ]
-    for n in args.processes:
-        name = "working-tree" if args.processes == [1] else f"working-tree x{n}"
-        systems.append(start(name.replace(" ", "-"), ROOT, direct.url, workdir, n, args.features))
+    systems: list[System] = []
+    try:
+        for name, tree in trees:
+            systems.append(start(name, tree, direct.url, workdir, args.processes[0], args.features))
+        for n in args.processes:
+            name = "working-tree" if args.processes == [1] else f"working-tree x{n}"
+            systems.append(
+                start(name.replace(" ", "-"), ROOT, direct.url, workdir, n, args.features)
+            )
+    except BaseException:
+        for system in systems:
+            if system.proc is not None:
+                system.proc.kill()
+        worker.kill()
+        raise
     await asyncio.sleep(2)  # first probes done
     systems.insert(0, direct)  # for added TTFT: its figures are the baseline of each repeat
     table: dict[tuple[str, str], list[tuple[float, float, float, float, int]]] = {}

@@ -141,6 +141,7 @@ async def main() -> None:
     )  # fmt: skip
     args = parser.parse_args()
     processes: int | str = int(args.processes) if args.processes.isdigit() else args.processes
+    trees = [(patch.stem, patched(patch)) for patch in args.patches]  # before any process
     direct, worker = mock_worker()
     workdir = Path(f"/tmp/bench-cpusplit-{os.getpid()}")
     workdir.mkdir(exist_ok=True)
@@ -158,9 +159,8 @@ async def main() -> None:
             config.write_text(yaml.safe_dump(settings))
             gw = start_gateway(config, log_file=workdir / f"{name}.log")
             systems.append(System(name, gw.url, gw.proc))
-        for patch in args.patches:
-            tree = patched(patch)
-            systems.append(start(patch.stem, tree, direct.url, workdir, processes))
+        for name, tree in trees:
+            systems.append(start(name, tree, direct.url, workdir, processes))
         systems += [start_system(name, direct.url, workdir) for name in args.peers]
         systems.append(vllm_router(direct.url))
     except BaseException:
