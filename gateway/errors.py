@@ -354,9 +354,9 @@ class UpstreamStatusError(UpstreamError):
     Whether it is retried is the retry policy's (``retry.statuses``, ``gateway/failover.py``).
     When it reaches the client, the status is the worker's. A client error (4xx but 429) keeps
     the worker's own body when that is OpenAI-shaped (vLLM's is: a context-length 400 reaches
-    the client unchanged). A 429 or 5xx gets this error's body, with a stable ``code`` and the
-    worker's message when it had one, and ``Retry-After`` when the worker sent one or the proxy
-    set one.
+    the client unchanged), else gets this error's body with the status and the worker's message
+    in it. A 429 or 5xx gets this error's body, with a stable ``code`` and the worker's message
+    when it had one, and ``Retry-After`` when the worker sent one or the proxy set one.
     """
 
     UNAVAILABLE_STATUSES = frozenset({429, 502, 503, 504})
@@ -364,7 +364,12 @@ class UpstreamStatusError(UpstreamError):
     default_message = "The model worker answered with an error."
 
     def __init__(self, status: int, body: bytes, headers: dict[str, str]) -> None:
-        super().__init__(_worker_message(body) if status >= 500 or status == 429 else None)
+        message = _worker_message(body)
+        if message is not None and status < 500 and status != 429:
+            # Only a body that is not OpenAI-shaped is wrapped (a 404 for a route the worker
+            # does not serve, say): the status and the worker's word say what went wrong.
+            message = f"The model worker answered {status}: {message}"
+        super().__init__(message)
         self.status = status
         self.retryable = status in self.UNAVAILABLE_STATUSES
         self.code = "upstream_unavailable" if self.retryable else f"upstream_http_{status}"
@@ -464,7 +469,9 @@ def _without_surrogates(value: Any) -> Any:
 
 
 def _worker_message(body: bytes) -> str | None:
-    """The message of a worker's OpenAI-shaped error body, if it is one (bounded)."""
+    """The message in a worker's JSON error body, if it has one (bounded): OpenAI's
+    ``error.message``, vLLM's older flat ``message``, ``{"error": "..."}``, or the ``detail``
+    FastAPI answers a route or method it does not serve with."""
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError:
@@ -472,7 +479,12 @@ def _worker_message(body: bytes) -> str | None:
     if not isinstance(data, dict):
         return None
     inner = data.get("error")
-    message = inner.get("message") if isinstance(inner, dict) else data.get("message")
+    if isinstance(inner, dict):
+        message = inner.get("message")
+    elif isinstance(inner, str):
+        message = inner
+    else:
+        message = data.get("message", data.get("detail"))
     return message[:2000] if isinstance(message, str) and message else None
 
 

@@ -252,24 +252,34 @@ def test_upstream_openai_body_passes_through_unchanged(body: bytes) -> None:
     assert response.content_type == "application/json"
 
 
+DEFAULT = "The model worker answered with an error."
+
+
 @pytest.mark.parametrize(
-    ("status", "body", "code", "kind"),
+    ("status", "body", "code", "kind", "message"),
     [
-        (502, HTML, "upstream_unavailable", "upstream_error"),
-        (401, b'{"error": "Unauthorized"}', "upstream_http_401", "invalid_request_error"),
-        (500, b'{"detail": "Internal Server Error"}', "upstream_http_500", "upstream_error"),
-        (400, b'{"error": {"message": 5}}', "upstream_http_400", "invalid_request_error"),
-        (404, b"", "upstream_http_404", "invalid_request_error"),
+        (502, HTML, "upstream_unavailable", "upstream_error", DEFAULT),
+        (401, b'{"error": "Unauthorized"}', "upstream_http_401", "invalid_request_error",
+         "The model worker answered 401: Unauthorized"),
+        (500, b'{"detail": "Internal Server Error"}', "upstream_http_500", "upstream_error",
+         "Internal Server Error"),
+        # FastAPI's answer (vLLM's server) to a route it does not serve.
+        (404, b'{"detail": "Not Found"}', "upstream_http_404", "invalid_request_error",
+         "The model worker answered 404: Not Found"),
+        (422, b'{"detail": [{"loc": ["body"]}]}', "upstream_http_422", "invalid_request_error",
+         DEFAULT),
+        (400, b'{"error": {"message": 5}}', "upstream_http_400", "invalid_request_error", DEFAULT),
+        (404, b"", "upstream_http_404", "invalid_request_error", DEFAULT),
     ],
-)
+)  # fmt: skip
 def test_upstream_other_body_is_wrapped_with_the_workers_status(
-    status: int, body: bytes, code: str, kind: str
+    status: int, body: bytes, code: str, kind: str, message: str
 ) -> None:
     err = UpstreamStatusError(status, body, {})
     assert err.status == status
     assert orjson.loads(err.body_bytes()) == {
         "error": {
-            "message": "The model worker answered with an error.",
+            "message": message,
             "type": kind,
             "param": None,
             "code": code,

@@ -151,3 +151,18 @@ async def test_version_and_an_unknown_stored_response(
     direct, through = await _both(vllm, gateway, "GET", "/v1/responses/resp_unknown", None)
     assert direct[0] == through[0] == 404
     assert orjson.loads(through[1])["error"]["param"] == "response_id"
+
+
+async def test_a_route_the_worker_does_not_serve_says_so(
+    vllm: VLLMFleet, gateway: GatewayFactory
+) -> None:
+    """vLLM answers a route it does not serve (rerank, on a generative model) with FastAPI's
+    ``{"detail": "Not Found"}``: through the gateway the status is the same, and the OpenAI-
+    shaped error it becomes carries the worker's word, not only a generic message."""
+    body = {"model": MODEL, "query": "a", "documents": ["b", "c"]}
+    direct, through = await _both(vllm, gateway, "POST", "/v1/rerank", body)
+    assert direct[0] == through[0] == 404
+    assert orjson.loads(direct[1]) == {"detail": "Not Found"}
+    error = orjson.loads(through[1])["error"]
+    assert error["code"] == "upstream_http_404"
+    assert error["message"] == "The model worker answered 404: Not Found"
