@@ -196,7 +196,9 @@ async def _upstream_and_probes(app: web.Application) -> AsyncIterator[None]:
         settings, fleet, upstream, metrics, app[keys.LIFECYCLE], limiter, kv_index, tokenizers
     )
     app[keys.PROXY] = proxy
-    app[routes.PASSTHROUGH] = Passthrough(settings, fleet, upstream, metrics, proxy.admission)
+    app[routes.PASSTHROUGH] = Passthrough(
+        settings, fleet, upstream, metrics, proxy.admission, limiter
+    )
     watchers = [
         ServiceWatcher(
             fleet, service, app[keys.RESOLVER], upstream.probe, settings.limits.pool_per_worker

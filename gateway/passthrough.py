@@ -7,12 +7,14 @@ should stream, and ``/version`` is a GET. These go through here: one worker is c
 request goes as it came (headers filtered as for the proxy), and the answer comes back as the
 worker sent it, status and bytes.
 
-What holds here as in the proxy: an admission slot, the worker's in-flight count, a connect
-bound, an idle bound between chunks, the total bound, the worker's error status relayed (an
-OpenAI-shaped 4xx as it is), a failure after the commit ending a stream with one in-band error
-event in the stream's own format, and a gone client closing the upstream request at once (the
-handler's task is cancelled). What does not: retries (a streamed upload cannot be re-sent, a
-stored response exists on one worker only) and per-key rate limits.
+What holds here as in the proxy: the key's rate limits (requests, tokens at an estimate of
+the body's bytes / 4 plus the output tokens asked for, concurrency; the estimate stands, as no
+usage is read here), an admission slot, the worker's in-flight count, a connect bound, an idle
+bound between chunks, the total bound, the worker's error status relayed (an OpenAI-shaped 4xx
+as it is), a failure after the commit ending a stream with one in-band error event in the
+stream's own format, and a gone client closing the upstream request at once (the handler's
+task is cancelled). What does not: retries (a streamed upload cannot be re-sent, a stored
+response exists on one worker only).
 """
 
 from __future__ import annotations
@@ -39,7 +41,8 @@ from gateway.errors import (
 )
 from gateway.limits import Admission
 from gateway.metrics import GatewayMetrics
-from gateway.middleware import REQUEST_ID
+from gateway.middleware import CLIENT, REQUEST_ID
+from gateway.ratelimit import Grant, RateLimiter
 from gateway.settings import Settings
 from gateway.upstream import PassResponse, Upstream, passthrough_headers
 from gateway.workers import Fleet, Worker
@@ -72,12 +75,14 @@ class Passthrough:
         upstream: Upstream,
         metrics: GatewayMetrics,
         admission: Admission,
+        limiter: RateLimiter,
     ) -> None:
         self._settings = settings
         self._fleet = fleet
         self._upstream = upstream
         self._metrics = metrics
         self._admission = admission
+        self._limiter = limiter
         self._rng = random.Random()  # noqa: S311 (tie-breaking, not secrets)
 
     @property
@@ -107,15 +112,26 @@ class Passthrough:
         path: str | None = None,
         body: Body = None,
         on_answer: OnAnswer | None = None,
+        tokens: int | None = 0,
     ) -> web.StreamResponse:
-        """Send the request to ``worker`` and relay its answer; ``route`` is the metric label."""
+        """Send the request to ``worker`` and relay its answer; ``route`` is the metric label.
+        ``tokens``: the request's token estimate for its key's limits (None: not limited, for
+        what asks no model for anything, such as ``/version``)."""
         started = time.monotonic()
         status, code = 0, ""
         try:
-            async with self._admission.slot():
-                response = await self._bounded(
-                    request, worker, method, path or request.path_qs, body, on_answer
-                )
+            if tokens is None:
+                grant = Grant()
+            else:
+                grant = await self._limiter.acquire(request[CLIENT], model, tokens)
+            try:
+                async with self._admission.slot():
+                    response = await self._bounded(
+                        request, worker, method, path or request.path_qs, body, on_answer,
+                        grant.headers,
+                    )  # fmt: skip
+            finally:
+                await grant.settle(None)
             status = response.status
             return response
         except GatewayError as err:
@@ -137,6 +153,7 @@ class Passthrough:
         path: str,
         body: Body,
         on_answer: OnAnswer | None,
+        limit_headers: dict[str, str],
     ) -> web.StreamResponse:
         headers = passthrough_headers(request.raw_headers, request[REQUEST_ID])
         out: web.StreamResponse | None = None
@@ -145,7 +162,7 @@ class Passthrough:
             async with asyncio.timeout(self._settings.timeouts.total) as bound:
                 answer = await self._upstream.open(method, worker, path, headers, body)
                 try:
-                    out = await self._relay(request, answer, worker, on_answer)
+                    out = await self._relay(request, answer, worker, on_answer, limit_headers)
                     return out
                 finally:
                     answer.close()
@@ -171,12 +188,14 @@ class Passthrough:
         answer: PassResponse,
         worker: Worker,
         on_answer: OnAnswer | None,
+        limit_headers: dict[str, str],
     ) -> web.StreamResponse:
         if answer.status >= 400:
             data = await answer.read_all(ERROR_BODY_LIMIT)
             after = {k: v for k, v in answer.headers.items() if k.lower() == "retry-after"}
             raise UpstreamStatusError(answer.status, data, after)
         headers = CIMultiDict((k, v) for k, v in answer.headers.items() if k.lower() not in _HOP)
+        headers.update(limit_headers)  # x-ratelimit-*, as the proxy's answers carry them
         if "text/event-stream" not in answer.headers.get("Content-Type", ""):
             head = await answer.read_all(WHOLE_BODY_LIMIT + 1)
             if len(head) <= WHOLE_BODY_LIMIT:

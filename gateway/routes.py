@@ -134,6 +134,14 @@ async def json_body(request: web.Request) -> tuple[bytes, dict[str, object]]:
     return body, data
 
 
+def token_estimate(body: bytes, data: dict[str, object], field: str) -> int:
+    """For the key's token limits, as the proxy estimates: the body's bytes / 4 plus the
+    output tokens asked for (``field``: the route's name for them), when a plain count."""
+    asked = data.get(field)
+    extra = asked if isinstance(asked, int) and not isinstance(asked, bool) and asked > 0 else 0
+    return len(body) // 4 + extra
+
+
 def model_of(request: web.Request, data: dict[str, object]) -> str:
     token = default_model_var.set(functools.partial(default_model, request.app[keys.FLEET]))
     try:
@@ -156,8 +164,9 @@ async def create_response(request: web.Request) -> web.StreamResponse:
         worker = passthrough.pick(model)
     holders = request.app[HOLDERS]
     return await passthrough.forward(
-        request, worker, "responses", model, body=body, on_answer=_remember(holders)
-    )
+        request, worker, "responses", model, body=body, on_answer=_remember(holders),
+        tokens=token_estimate(body, data, "max_output_tokens"),
+    )  # fmt: skip
 
 
 async def get_response(request: web.Request) -> web.StreamResponse:
@@ -237,7 +246,9 @@ async def messages(request: web.Request) -> web.StreamResponse:
     body, data = await json_body(request)
     model = model_of(request, data)
     passthrough = request.app[PASSTHROUGH]
-    return await passthrough.forward(request, passthrough.pick(model), "messages", model, body=body)
+    worker = passthrough.pick(model)
+    tokens = token_estimate(body, data, "max_tokens")
+    return await passthrough.forward(request, worker, "messages", model, body=body, tokens=tokens)
 
 
 async def audio(request: web.Request) -> web.StreamResponse:
@@ -300,7 +311,9 @@ async def version(request: web.Request) -> web.StreamResponse:
         worker = min(workers, key=lambda w: w.in_flight)
         passthrough = request.app[PASSTHROUGH]
         model = worker.models[0] if worker.models else ""
-        response = await passthrough.forward(request, worker, "version", model, method="GET")
+        response = await passthrough.forward(
+            request, worker, "version", model, method="GET", tokens=None
+        )
     response.headers[GATEWAY_VERSION_HEADER] = __version__
     return response
 

@@ -357,3 +357,43 @@ async def test_cors_off_leaves_preflights_unanswered(
     async with client.options(f"{gw.url}/v1/chat/completions", headers=preflight) as resp:
         assert resp.status == 405
         assert "Access-Control-Allow-Origin" not in resp.headers
+
+
+async def test_pass_through_routes_count_against_the_keys_limits(
+    fakes: list[FakeVllm], gateway: GatewayFactory, client: aiohttp.ClientSession
+) -> None:
+    """A key's rpm holds across the proxy's routes and the pass-through ones alike: once it is
+    spent, a Responses request is refused by the gateway and never reaches the worker."""
+    keys = [{"name": "user", "key": USER_KEY, "rpm": 2}]
+    gw = await gateway(fakes[0].url, auth={"keys": keys})
+    auth = {"Authorization": f"Bearer {USER_KEY}"}
+    body = {"model": MODEL, "input": "hi"}
+    async with client.post(f"{gw.url}/v1/responses", json=body, headers=auth) as resp:
+        assert resp.status == 200
+        assert resp.headers["x-ratelimit-limit-requests"] == "2"
+        assert resp.headers["x-ratelimit-remaining-requests"] == "1"
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+    async with client.post(f"{gw.url}/v1/chat/completions", json=chat, headers=auth) as resp:
+        assert resp.status == 400  # the fake worker's own answer: admitted, and counted
+    sent = len(fakes[0].bodies)
+    async with client.post(f"{gw.url}/v1/responses", json=body, headers=auth) as resp:
+        assert resp.status == 429
+        assert "Retry-After" in resp.headers
+        assert (await resp.json())["error"]["code"] == "rate_limit_exceeded"
+    assert len(fakes[0].bodies) == sent
+
+
+async def test_a_pass_through_requests_tokens_are_estimated_as_the_proxys(
+    fakes: list[FakeVllm], gateway: GatewayFactory, client: aiohttp.ClientSession
+) -> None:
+    """tpm: a Responses request asking for more output tokens than the key's minute holds is
+    refused, as a chat request asking for them would be."""
+    keys = [{"name": "user", "key": USER_KEY, "tpm": 1000}]
+    gw = await gateway(fakes[0].url, auth={"keys": keys})
+    auth = {"Authorization": f"Bearer {USER_KEY}"}
+    small = {"model": MODEL, "input": "hi", "max_output_tokens": 10}
+    async with client.post(f"{gw.url}/v1/responses", json=small, headers=auth) as resp:
+        assert resp.status == 200
+    large = {"model": MODEL, "input": "hi", "max_output_tokens": 5000}
+    async with client.post(f"{gw.url}/v1/responses", json=large, headers=auth) as resp:
+        assert resp.status == 429, await resp.text()
