@@ -19,12 +19,14 @@ import socket
 import subprocess
 import sys
 import threading
+import typing
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from pydantic import BaseModel
 
 from gateway.settings import Settings, load_settings
 from tests.processes import free_port
@@ -820,3 +822,54 @@ def test_worker_tls_settings_reach_the_gateways_config() -> None:
     )  # fmt: skip
     assert result.returncode != 0
     assert "'ca' not allowed" in result.stderr
+
+
+# --- the chart's `config` and the gateway's settings --------------------------------------------
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _keys_missing(model: type[BaseModel], node: dict[str, Any], path: str) -> list[str]:
+    """Settings keys (``model``'s, recursively) the schema ``node`` does not name."""
+    if node.get("type") == "array":
+        node = node.get("items", {})
+    props = node.get("properties")
+    if props is None:
+        return []  # a free-form object (a map of models, say): nothing to name
+    missing = []
+    for name, field in model.model_fields.items():
+        key = field.alias or name
+        where = f"{path}.{key}" if path else key
+        if key not in props:
+            missing.append(where)
+            continue
+        sub = _model_in(field.annotation)
+        if sub is not None:
+            missing += _keys_missing(sub, props[key], where)
+    return missing
+
+
+def test_the_charts_schema_names_every_setting() -> None:
+    """values.schema.json is written by hand and refuses what it does not name: a setting
+    added to the gateway and not to the schema could not be set through the chart."""
+    schema = json.loads((CHART / "values.schema.json").read_text(encoding="utf-8"))
+    assert _keys_missing(Settings, schema["properties"]["config"], "") == []
+
+
+def test_the_chart_takes_the_documented_settings_file_whole(tmp_path: Path) -> None:
+    """The README says the chart's `config` is shaped exactly like config/gateway.yaml: every
+    key of that file (set to its documented value) passes the schema and the gateway's check."""
+    config = yaml.safe_load((REPO / "config" / "gateway.yaml").read_text(encoding="utf-8"))
+    config["server"]["host"] = "0.0.0.0"  # the chart's one constraint: Services must reach it
+    values = tmp_path / "values.yaml"
+    values.write_text(yaml.safe_dump({"config": config}), encoding="utf-8")
+    manifests = render("-f", str(values))
+    assert settings_of(manifests, tmp_path).server.host == "0.0.0.0"
