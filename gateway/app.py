@@ -25,6 +25,7 @@ from gateway.lifecycle import Lifecycle
 from gateway.metrics import GatewayMetrics
 from gateway.middleware import (
     CORS,
+    COUNT_REFUSAL,
     KEYRING,
     add_cors_headers,
     add_request_id_header,
@@ -95,6 +96,7 @@ def create_app(
     app[handlers.OPENAPI] = handlers.openapi_bytes(settings)
     app[keys.RESOLVER] = resolver
     app[keys.METRICS] = metrics
+    app[COUNT_REFUSAL] = lambda code: metrics.rejections.labels(code).inc()
     app[keys.FLEET] = fleet
     app[keys.LIFECYCLE] = lifecycle if lifecycle is not None else Lifecycle()
     if host_limits is not None:

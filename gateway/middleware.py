@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import random
 import re
+from collections.abc import Callable
 
 from aiohttp import HttpVersion11, web
 from aiohttp.typedefs import Handler
@@ -27,7 +28,7 @@ from gateway.errors import (
     RouteNotFound,
     UnsupportedContentEncoding,
 )
-from gateway.logs import request_id_var
+from gateway.logs import AccessLog, request_id_var
 from gateway.request import JSON_ROUTES
 from gateway.settings import CorsSettings
 
@@ -35,6 +36,14 @@ log = logging.getLogger(__name__)
 
 REQUEST_ID = web.RequestKey("request_id", str)
 CLIENT = web.RequestKey("client", Client)
+# Set once a request's access-log line is written (the proxy and the pass-through write their
+# own, with what they know): an error answered here for a request neither wrote gets one.
+ACCESS_LOGGED = web.RequestKey("access_logged", bool)
+PATH_IN_LOG = 200  # characters of a path no route matched, in its access-log line
+access_log = AccessLog("gateway.access")
+# What counts a refusal by its code (``gateway_rejections_total``; set by the app, which holds
+# the metrics: this module sits below the modules that know them).
+COUNT_REFUSAL: web.AppKey[Callable[[str], None]] = web.AppKey("count_refusal")
 KEYRING = web.AppKey("keyring", KeyRing)
 CORS = web.AppKey("cors", CorsSettings)
 # The routes that need a key: the OpenAI API and vLLM's routes outside /v1. Health, readiness,
@@ -181,14 +190,38 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except GatewayError as err:
-        return error_response(err)
+        error = err
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return error_response(_from_http_exception(exc))
+        error = _from_http_exception(exc)
     except Exception:
         log.exception("unhandled error")
-        return error_response(InternalError())
+        error = InternalError()
+    if not request.get(ACCESS_LOGGED):
+        _observe_refusal(request, error)
+    return error_response(error)
+
+
+def _observe_refusal(request: web.Request, error: GatewayError) -> None:
+    """Refused before any handler of ours observed it: a bad or missing key, an unknown route,
+    a body the route cannot read. Counted by its code (a bounded set) and logged: failed
+    logins must show in both."""
+    count = request.app.get(COUNT_REFUSAL)
+    if count is not None:
+        count(error.code)
+    if access_log.enabled():
+        client = request.get(CLIENT)
+        access_log.write(
+            request.get(REQUEST_ID, "-"),
+            {
+                "key": client.name if client is not None else None,
+                "method": request.method,
+                "path": request.path[:PATH_IN_LOG],
+                "status": error.status,
+                "code": error.code,
+            },
+        )
 
 
 def _from_http_exception(exc: web.HTTPException) -> GatewayError:

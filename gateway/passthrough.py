@@ -41,7 +41,7 @@ from gateway.errors import (
 )
 from gateway.limits import Admission
 from gateway.metrics import GatewayMetrics
-from gateway.middleware import CLIENT, REQUEST_ID
+from gateway.middleware import ACCESS_LOGGED, CLIENT, REQUEST_ID, access_log
 from gateway.ratelimit import Grant, RateLimiter
 from gateway.settings import Settings
 from gateway.upstream import PassResponse, Upstream, passthrough_headers
@@ -141,9 +141,40 @@ class Passthrough:
             status, code = 499, "client_disconnected"
             raise
         finally:
-            label = model if self._fleet.serves(model) else "unknown"
-            self._metrics.requests_of(label, route, str(status), code).inc()
-            self._metrics.request_duration_of(label, route).observe(time.monotonic() - started)
+            self._observe(request, worker, route, model, status, code, started)
+
+    def _observe(
+        self,
+        request: web.Request,
+        worker: Worker,
+        route: str,
+        model: str,
+        status: int,
+        code: str,
+        started: float,
+    ) -> None:
+        """Metrics and the access-log line, as the proxy's (what the pass-through does not
+        read, tokens and the first token's time, left out)."""
+        label = model if self._fleet.serves(model) else "unknown"
+        duration = time.monotonic() - started
+        client = request[CLIENT]
+        self._metrics.requests_of(label, route, str(status), code).inc()
+        self._metrics.client_requests_of(client.name, str(status)).inc()
+        self._metrics.request_duration_of(label, route).observe(duration)
+        request[ACCESS_LOGGED] = True
+        if access_log.enabled():
+            access_log.write(
+                request.get(REQUEST_ID, "-"),
+                {
+                    "key": client.name,
+                    "route": route,
+                    "model": label,
+                    "worker": worker.url,
+                    "status": status,
+                    "code": code,
+                    "duration": round(duration, 4),
+                },
+            )
 
     async def _bounded(
         self,

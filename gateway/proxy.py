@@ -63,7 +63,7 @@ from gateway.lifecycle import Lifecycle
 from gateway.limits import Admission
 from gateway.logs import AccessLog
 from gateway.metrics import GatewayMetrics
-from gateway.middleware import CLIENT, REQUEST_ID, error_response
+from gateway.middleware import ACCESS_LOGGED, CLIENT, REQUEST_ID, error_response
 from gateway.prompttokens import Tokenizes
 from gateway.ratelimit import RateLimiter
 from gateway.relay import Exchange, Relay
@@ -533,6 +533,7 @@ class Proxy:
         self._metrics.requests_of(model, ex.route.name, str(ex.status), ex.code).inc()
         self._metrics.client_requests_of(ex.client.name, str(ex.status)).inc()
         self._metrics.request_duration_of(model, ex.route.name).observe(duration)
+        ex.request[ACCESS_LOGGED] = True
         if not access_log.enabled():
             return  # don't build the line's fields for nothing
         access_log.write(

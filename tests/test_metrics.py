@@ -278,3 +278,51 @@ async def test_a_collection_on_the_loop_sees_every_batched_update_at_once() -> N
     assert registry.get_sample_value("gateway_requests_total", labels) == 1
     assert registry.get_sample_value("gateway_requests_in_flight") == 1
     assert b"gateway_requests_in_flight 1.0" in metrics.exposition()
+
+
+def _access_lines(caplog: pytest.LogCaptureFixture) -> list[dict[str, object]]:
+    formatter = JsonFormatter()
+    return [orjson.loads(formatter.format(r)) for r in caplog.records if r.name == "gateway.access"]
+
+
+async def test_a_refused_key_gets_an_access_line_and_a_rejection_count(
+    sim: SimFactory,
+    gateway: GatewayFactory,
+    client: aiohttp.ClientSession,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A request refused before any handler (a wrong key here) shows in the access log and in
+    gateway_rejections_total by its code: failed logins are not invisible."""
+    gw = await gateway(await sim(), auth={"keys": [{"name": "a", "key": "sk-right-key"}]})
+    caplog.set_level(logging.INFO, logger="gateway.access")
+    headers = {"Authorization": "Bearer sk-wrong-guess", "X-Request-Id": "req-refused-1"}
+    async with client.post(f"{gw.url}/v1/chat/completions", json=chat(), headers=headers) as resp:
+        assert resp.status == 401
+    [line] = _access_lines(caplog)
+    assert line["request_id"] == "req-refused-1"
+    assert (line["status"], line["code"]) == (401, "invalid_api_key")
+    assert line["path"] == "/v1/chat/completions"
+    assert "sk-wrong-guess" not in str(line)
+    assert gw.metric("gateway_rejections_total", reason="invalid_api_key") == 1
+
+
+async def test_a_pass_through_request_gets_one_access_line(
+    sim: SimFactory,
+    gateway: GatewayFactory,
+    client: aiohttp.ClientSession,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The pass-through routes log as the proxy's do, once a request, their errors too (the
+    simulator serves no /v1/responses: the worker's 404 is the line's status)."""
+    gw = await gateway(await sim())
+    caplog.set_level(logging.INFO, logger="gateway.access")
+    async with client.get(f"{gw.url}/version") as resp:
+        assert resp.status == 200
+    body = {"model": MODEL, "input": "hi"}
+    async with client.post(f"{gw.url}/v1/responses", json=body) as resp:
+        assert resp.status == 404
+    version, responses = _access_lines(caplog)
+    assert (version["route"], version["status"], version["code"]) == ("version", 200, "")
+    assert version["worker"] == gw.fleet.workers[0].url
+    assert (responses["route"], responses["status"]) == ("responses", 404)
+    assert (responses["code"], responses["model"]) == ("upstream_http_404", MODEL)
