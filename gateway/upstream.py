@@ -233,11 +233,10 @@ class Upstream:
         return b"".join(parts)[:limit]
 
     async def probe(self, worker: Worker) -> ProbeResult:
-        """``GET /health``, and ``GET /v1/models`` when the worker's models are not configured."""
-        health, models = await asyncio.gather(
-            self._health(worker),
-            self._models(worker) if not worker.configured_models else _none(),
-        )
+        """``GET /health`` and ``GET /v1/models``, at once. A worker with configured models is
+        asked too: its cards (``max_model_len``, ``root``, ...) are what ``/v1/models``
+        shows for those models, as vLLM would; routing keeps to the configured names."""
+        health, models = await asyncio.gather(self._health(worker), self._models(worker))
         return ProbeResult(healthy=health is True, models=models, refused=health is None)
 
     async def scrape(self, worker: Worker) -> LoadSignals | None:
@@ -307,10 +306,6 @@ def _authorization(api_key: str) -> bytes:
     if "\r" in api_key or "\n" in api_key:
         raise ValueError("a line break in a worker's api_key")
     return f"Authorization: Bearer {api_key}\r\n".encode()
-
-
-async def _none() -> None:
-    return None
 
 
 class PassResponse:

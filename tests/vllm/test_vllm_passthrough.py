@@ -221,11 +221,13 @@ async def test_usage_counters_equal_usage(vllm: VLLMFleet, gateway: GatewayFacto
         assert counted == stream_usage[f"{kind}_tokens"] + json_usage[f"{kind}_tokens"]
 
 
+@pytest.mark.parametrize("configured", [False, True])
 async def test_models_discovered_from_the_worker_equal_its_own_list(
-    vllm: VLLMFleet, gateway: GatewayFactory
+    vllm: VLLMFleet, gateway: GatewayFactory, configured: bool
 ) -> None:
-    """A worker listed without ``models``: the gateway's /v1/models shows vLLM's own cards."""
-    gw = await gateway({"url": vllm.plain.url})
+    """The gateway's /v1/models shows vLLM's own cards (``max_model_len`` and all), whether the
+    worker is listed without ``models`` or with them."""
+    gw = await gateway(worker_entry(vllm.plain) if configured else {"url": vllm.plain.url})
     async with aiohttp.ClientSession() as session:
         async with session.get(vllm.plain.url + "/v1/models", timeout=TIMEOUT) as response:
             direct = await response.json()
