@@ -39,7 +39,7 @@ from gateway.jsonsplice import BodyError, loads
 from gateway.middleware import REQUEST_ID
 from gateway.multipart import FieldFinder, boundary_of
 from gateway.passthrough import Passthrough
-from gateway.request import JSON_ROUTES, Route, default_model_var, request_model
+from gateway.request import JSON_ROUTES, Route, default_model_var, lax_int, request_model
 from gateway.upstream import passthrough_headers
 from gateway.workers import Fleet, Worker
 
@@ -136,10 +136,8 @@ async def json_body(request: web.Request) -> tuple[bytes, dict[str, object]]:
 
 def token_estimate(body: bytes, data: dict[str, object], field: str) -> int:
     """For the key's token limits, as the proxy estimates: the body's bytes / 4 plus the
-    output tokens asked for (``field``: the route's name for them), when a plain count."""
-    asked = data.get(field)
-    extra = asked if isinstance(asked, int) and not isinstance(asked, bool) and asked > 0 else 0
-    return len(body) // 4 + extra
+    output tokens asked for (``field``: the route's name for them), read as the worker would."""
+    return len(body) // 4 + max(lax_int(data.get(field)) or 0, 0)
 
 
 def model_of(request: web.Request, data: dict[str, object]) -> str:

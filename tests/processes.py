@@ -191,7 +191,7 @@ class Proc:
         (the simulated fleet's children run in sessions of their own), then reap; safe to call
         twice."""
         groups = {self.popen.pid}
-        for pid in descendants(self.popen.pid):
+        for pid in tree(self.popen.pid)[1:]:
             with contextlib.suppress(ProcessLookupError):
                 groups.add(os.getpgid(pid))
         for group in groups:
@@ -205,22 +205,17 @@ class Proc:
             self.popen.stderr.close()
 
 
-def descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` (Linux's /proc; nothing elsewhere or once it is gone)."""
-    found: list[int] = []
-    todo = [pid]
+def tree(root: int) -> list[int]:
+    """``root`` and all its descendants, from /proc/PID/task/*/children (Linux; ``root`` alone
+    elsewhere or once it is gone)."""
+    out, todo = [], [root]
     while todo:
-        parent = todo.pop()
-        try:
-            tasks = list(Path(f"/proc/{parent}/task").iterdir())
-        except OSError:
-            continue
-        for task in tasks:
-            with contextlib.suppress(OSError):
-                children = [int(c) for c in (task / "children").read_text().split()]
-                found += children
-                todo += children
-    return found
+        pid = todo.pop()
+        out.append(pid)
+        with contextlib.suppress(OSError):
+            for task in Path(f"/proc/{pid}/task").iterdir():
+                todo.extend(int(c) for c in (task / "children").read_text().split())
+    return out
 
 
 def start_simulator(*args: str, model: str = "sim-model") -> Sim:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from tests.processes import Proc, free_port, http_status, poll_until, start_gateway
+from tests.processes import Proc, free_port, http_status, poll_until, start_gateway, tree
 
 ROOT = Path(__file__).resolve().parents[2]
 CACHE = ROOT / ".cache" / "bench"
@@ -56,18 +56,6 @@ class System:
 
     def rss_mb(self) -> float:
         return sum(_rss(pid) for pid in self.pids())
-
-
-def tree(root: int) -> list[int]:
-    """``root`` and all its descendants, from /proc/PID/task/*/children."""
-    out, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        out.append(pid)
-        with contextlib.suppress(OSError):
-            for task in Path(f"/proc/{pid}/task").iterdir():
-                todo.extend(int(c) for c in (task / "children").read_text().split())
-    return out
 
 
 def _cpu(pid: int, user: bool = True) -> float:
