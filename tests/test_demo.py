@@ -219,10 +219,7 @@ def test_readme_demo_command(index: int, demo_fleet: tuple[int, Proc]) -> None:
 
 @pytest.mark.timeout(60)
 def test_ctrl_c_stops_the_fleet_cleanly() -> None:
-    port = free_port()
-    workers = f"{free_port()},{free_port()}"
-    command = [sys.executable, "-m", "gateway.simulator.fleet", "--port", str(port)]
-    fleet = Proc([*command, "--workers", workers], cwd=REPO, name="fleet")
+    _, fleet = _fleet()
     try:
         fleet.wait_line(r"listening on", 20)
         os.killpg(fleet.popen.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the whole group
@@ -234,6 +231,7 @@ def test_ctrl_c_stops_the_fleet_cleanly() -> None:
 
 
 def _children(pid: int) -> list[int]:
+    """The direct children only (``tests.processes.tree`` has the gateway's own too)."""
     return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
 
 
